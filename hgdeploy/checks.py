@@ -81,26 +81,63 @@ def parity(engine: list[dict[str, np.ndarray]], reference: list[dict[str, np.nda
     return Parity(cmin, amax, cmin >= cosine_min and amax <= max_abs, cosine_min, max_abs, per_output)
 
 
+def _f64(a: np.ndarray) -> np.ndarray:
+    return a.astype(np.float64)
+
+
+def tokens_metrics(p: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    return {"cosine": token_cosine(p, b)}
+
+
+def heatmap_metrics(p: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    return {"heatmap_iou": heatmap_iou(p, b), "heatmap_mae": float(np.mean(np.abs(_f64(p) - b)))}
+
+
+def segmentation_metrics(p: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Per-pixel logit cosine and the share of pixels whose predicted class is unchanged."""
+    pixels_p, pixels_b = (x.reshape(x.shape[0], x.shape[1], -1).transpose(0, 2, 1) for x in (p, b))
+    return {"cosine": token_cosine(pixels_p, pixels_b),
+            "label_agreement": float(np.mean(p.argmax(1) == b.argmax(1)))}
+
+
+def depth_metrics(p: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Cosine of the depth maps and their mean relative difference (AbsRel against the unpatched map)."""
+    denom = np.maximum(np.abs(_f64(b)), 1e-6 * max(float(np.abs(b).max()), 1e-12))
+    return {"cosine": cosine(p, b), "depth_absrel": float(np.mean(np.abs(_f64(p) - b) / denom))}
+
+
+def classification_metrics(p: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    return {"cosine": token_cosine(p, b), "top1_agreement": float(np.mean(p.argmax(-1) == b.argmax(-1)))}
+
+
+# kind -> per-image metrics of (patched, baseline); every metric is "higher is better" except *_mae, *_absrel.
+METRICS = {"tokens": tokens_metrics, "heatmap": heatmap_metrics, "segmentation": segmentation_metrics,
+           "depth": depth_metrics, "classification": classification_metrics}
+LOWER_IS_BETTER = ("_mae", "_absrel")
+
+
 def fidelity(patched: list[dict[str, np.ndarray]], baseline: list[dict[str, np.ndarray]],
              kinds: dict[str, str], names: list[str]) -> dict[str, Any]:
-    """Patched vs unpatched outputs per image: token cosine; heatmap IoU@0.5 and mean abs error."""
+    """Patched vs unpatched outputs per image, with the metrics of each output's kind.
+
+    The summary has the mean of every metric ("cosine" -> cosine_mean, others by their own name, as
+    the reports have always used) and the worst image ("_min", or "_max" where lower is better).
+    """
     per_image: list[dict[str, Any]] = []
     for name, p, b in zip(names, patched, baseline):
         row: dict[str, Any] = {"image": name}
         for out, kind in kinds.items():
-            if kind == "tokens":
-                row["cosine"] = token_cosine(p[out], b[out])
-            elif kind == "heatmap":
-                row["heatmap_iou"] = heatmap_iou(p[out], b[out])
-                row["heatmap_mae"] = float(np.mean(np.abs(p[out].astype(np.float64) - b[out])))
+            for metric, value in METRICS[kind](p[out], b[out]).items():
+                row.setdefault(metric, value)  # the first output of a kind names the metric
         per_image.append(row)
     summary: dict[str, Any] = {"images": len(per_image)}
-    if any("cosine" in r for r in per_image):
-        cos = [r["cosine"] for r in per_image]
-        summary |= {"cosine_mean": float(np.mean(cos)), "cosine_min": float(np.min(cos))}
-    if any("heatmap_iou" in r for r in per_image):
-        iou = [r["heatmap_iou"] for r in per_image]
-        summary |= {"heatmap_iou": float(np.mean(iou)), "heatmap_iou_min": float(np.min(iou)),
-                    "heatmap_mae": float(np.mean([r["heatmap_mae"] for r in per_image]))}
+    metrics = [k for k in (per_image[0] if per_image else {}) if k != "image"]
+    for metric in metrics:
+        values = [r[metric] for r in per_image]
+        mean_key = "cosine_mean" if metric == "cosine" else metric
+        lower = metric.endswith(LOWER_IS_BETTER)
+        summary[mean_key] = float(np.mean(values))
+        if not metric.endswith("_mae"):
+            summary[f"{metric}_{'max' if lower else 'min'}"] = float(np.max(values) if lower else np.min(values))
     summary["per_image"] = per_image
     return summary

@@ -14,6 +14,7 @@ from hgdeploy.errors import UserError
 
 RECONSTRUCTIONS = ("softmax", "official")
 FORMS = ("auto", "dense", "local")
+RECONSTRUCT_ON = ("features", "logits")
 
 
 def parse_grid(value: Any, what: str = "grid") -> tuple[int, int]:
@@ -43,6 +44,8 @@ class ClusterPlan:
     k: nearest clustering-time centres each token is rebuilt from.
     reconstruction: "softmax" (log-space, cannot underflow) or "official" (exp, top-k, L2-norm).
     form: clustering layout, "dense" (official [N, M] matrix), "local" (gathers) or "auto" (fewer MACs).
+    reconstruct_on: "features" rebuilds the N tokens after `reconstruct_after` layers; "logits" lets the
+    head run on the clusters and rebuilds its per-token logits (Segmenter's official choice).
     """
 
     token_grid: tuple[int, int]
@@ -56,6 +59,7 @@ class ClusterPlan:
     k: int = 20
     reconstruction: str = "softmax"
     form: str = "auto"
+    reconstruct_on: str = "features"
 
     def __post_init__(self) -> None:
         validate(self)
@@ -109,5 +113,10 @@ def validate(p: ClusterPlan) -> None:
         raise UserError(f"cluster.k={p.k} must be in 1..{h * w} (the number of clusters {h}x{w})")
     if p.form not in FORMS:
         raise UserError(f"cluster.form={p.form!r} must be one of {', '.join(FORMS)}")
+    if p.reconstruct_on not in RECONSTRUCT_ON:
+        raise UserError(f"cluster.reconstruct_on={p.reconstruct_on!r} must be one of {', '.join(RECONSTRUCT_ON)}")
+    if p.reconstruct_on == "logits" and p.reconstruct_after != p.depth:
+        raise UserError(f"cluster.reconstruct_on='logits' runs the head on the clusters: cluster.reconstruct_after "
+                        f"must be the model's depth {p.depth}, got {p.reconstruct_after}")
     if p.reconstruction not in RECONSTRUCTIONS:
         raise UserError(f"cluster.reconstruction={p.reconstruction!r} must be one of {', '.join(RECONSTRUCTIONS)}")

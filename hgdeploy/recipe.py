@@ -23,12 +23,19 @@ DEFAULT_RECIPE = "dinov2_s14_focus"
 
 # section -> key -> accepted Python types. The single source of truth for what a recipe may say.
 SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
-    "model": {"family": (str,), "checkpoint": (str,), "input_size": (str, int, list)},
+    "model": {
+        "family": (str,), "checkpoint": (str,), "input_size": (str, int, list),
+        # family options (each family accepts its own subset, see `hgdeploy families`):
+        "arch": (str,), "num_classes": (int,), "decoder": (str,), "decoder_layers": (int,),
+    },
     "preprocess": {"resize": (str,), "mean": (list,), "std": (list,)},
     "cluster": {
         "alpha": (int,), "grid": (str, int, list), "reconstruct_after": (int,), "neighbours": (int,),
         "iters": (int,), "tau": (float, int), "k": (int,), "reconstruction": (str,), "form": (str,),
+        "reconstruct_on": (str,),
     },
+    # --set overrides that give the recipe's small CI shape (tests export every recipe at it).
+    "ci": {"set": (list,)},
 }
 REQUIRED = {"model": ("family", "input_size"), "cluster": ("alpha", "grid")}
 RESIZE_MODES = ("bilinear", "bicubic")
@@ -59,6 +66,15 @@ class Recipe:
         return self.data["model"].get("checkpoint")
 
     @property
+    def options(self) -> dict[str, Any]:
+        """The family-specific [model] keys."""
+        return {k: v for k, v in self.data["model"].items() if k not in ("family", "checkpoint", "input_size")}
+
+    @property
+    def ci_overrides(self) -> list[str]:
+        return list(self.data.get("ci", {}).get("set", []))
+
+    @property
     def input_size(self) -> tuple[int, int]:
         return parse_grid(self.data["model"]["input_size"], "model.input_size")
 
@@ -72,17 +88,22 @@ class Recipe:
             std=tuple(p.get("std", base.std)),
         )
 
-    def plan(self, token_grid: tuple[int, int], depth: int) -> ClusterPlan:
-        """The clustering plan for a model with this token grid and number of layers."""
+    def plan(self, token_grid: tuple[int, int], depth: int, default_after: int | None = None) -> ClusterPlan:
+        """The clustering plan for a model with this token grid and number of layers.
+
+        default_after: where reconstruction goes when the recipe does not say (the model's depth unless a
+        neck reads an earlier layer).
+        """
         c = self.data["cluster"]
-        optional = {k: c[k] for k in ("neighbours", "iters", "tau", "k", "reconstruction", "form") if k in c}
+        keys = ("neighbours", "iters", "tau", "k", "reconstruction", "form", "reconstruct_on")
+        optional = {k: c[k] for k in keys if k in c}
         if "tau" in optional:
             optional["tau"] = float(optional["tau"])
         return ClusterPlan(
             token_grid=token_grid,
             grid=parse_grid(c["grid"], "cluster.grid"),
             alpha=c["alpha"],
-            reconstruct_after=c.get("reconstruct_after", depth),
+            reconstruct_after=c.get("reconstruct_after", default_after or depth),
             depth=depth,
             **optional,
         )
@@ -134,6 +155,9 @@ def validate_data(data: dict[str, Any], where: str) -> None:
             raise UserError(f"{where}: preprocess.{key} must be three numbers")
     if any(v <= 0 for v in pre.get("std", [1])):
         raise UserError(f"{where}: preprocess.std must be positive")
+    ci = data.get("ci", {}).get("set", [])
+    if not all(isinstance(v, str) for v in ci):
+        raise UserError(f"{where}: ci.set must be a list of 'section.key=value' strings")
 
 
 def load_recipe(name_or_path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

@@ -52,11 +52,13 @@ def render_markdown(report: dict[str, Any]) -> str:
                     ("parity passed", "yes" if p["passed"] else "**NO**")]
     if "fidelity" in report:
         f = report["fidelity"]
-        for key, label in (("cosine_mean", "fidelity cosine mean (patched vs original)"), ("cosine_min", "fidelity cosine min"),
-                           ("heatmap_iou", "heatmap IoU@0.5 mean"), ("heatmap_iou_min", "heatmap IoU@0.5 min"),
-                           ("heatmap_mae", "heatmap mean abs error")):
-            if key in f:
-                summary.append((label, _fmt(f[key])))
+        labels = {"cosine_mean": "fidelity cosine mean (patched vs original)", "cosine_min": "fidelity cosine min",
+                  "heatmap_iou": "heatmap IoU@0.5 mean", "heatmap_iou_min": "heatmap IoU@0.5 min",
+                  "heatmap_mae": "heatmap mean abs error", "label_agreement": "pixels with unchanged class, mean",
+                  "label_agreement_min": "pixels with unchanged class, worst image",
+                  "depth_absrel": "depth AbsRel vs original, mean", "depth_absrel_max": "depth AbsRel, worst image",
+                  "top1_agreement": "top-1 class unchanged, share of images"}
+        summary += [(label, _fmt(f[key])) for key, label in labels.items() if key in f]
     if "gflops" in report:
         g = report["gflops"]
         summary += [("GFLOPs baseline", _fmt(g["baseline"], 2)), ("GFLOPs patched (incl. clustering)", _fmt(g["patched"], 2)),

@@ -25,10 +25,11 @@ class ClusteredSpan(nn.Module):
     ride along with the clusters unchanged in number. Holds no state between calls.
     """
 
-    def __init__(self, blocks: list[nn.Module], plan: ClusterPlan, num_prefix_tokens: int):
+    def __init__(self, blocks: list[nn.Module], plan: ClusterPlan, num_prefix_tokens: int, mask_arg: bool = True):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.num_prefix_tokens = num_prefix_tokens
+        self.mask_arg = mask_arg  # the blocks take (hidden, attention_mask) (transformers) or just (hidden)
         self.clustering = TokenClustering(plan.token_grid, plan.grid, plan.neighbours, plan.iters, plan.tau, plan.form)
         self.reconstruction = TokenReconstruction(plan.k, plan.tau, plan.reconstruction)
 
@@ -43,7 +44,7 @@ class ClusteredSpan(nn.Module):
         s_alpha = self.clustering(z_alpha)
         h = torch_cat(prefix, s_alpha)
         for block in self.blocks:
-            h = block(h, None, **kwargs)
+            h = block(h, None, **kwargs) if self.mask_arg else block(h)
         prefix, s_refined = h[:, :p], h[:, p:]
         return torch_cat(prefix, self.reconstruction(s_refined, z_alpha, s_alpha))
 
@@ -53,7 +54,8 @@ def torch_cat(prefix: Tensor, tokens: Tensor) -> Tensor:
     return tokens if prefix.shape[1] == 0 else torch.cat([prefix, tokens], dim=1)
 
 
-def insert_span(layers: nn.ModuleList, plan: ClusterPlan, num_prefix_tokens: int) -> nn.ModuleList:
+def insert_span(layers: nn.ModuleList | nn.Sequential, plan: ClusterPlan, num_prefix_tokens: int,
+                mask_arg: bool = True) -> nn.ModuleList:
     """New layer list: blocks alpha..reconstruct_after-1 run inside one ClusteredSpan.
 
     The span sits at the index of the last block it runs so the hidden state recorded after that
@@ -62,6 +64,6 @@ def insert_span(layers: nn.ModuleList, plan: ClusterPlan, num_prefix_tokens: int
     if len(layers) != plan.depth:
         raise ValueError(f"plan is for {plan.depth} layers, the model has {len(layers)}")
     a, r = plan.alpha, plan.reconstruct_after
-    span = ClusteredSpan([layers[i] for i in range(a, r)], plan, num_prefix_tokens)
+    span = ClusteredSpan([layers[i] for i in range(a, r)], plan, num_prefix_tokens, mask_arg)
     new: list[nn.Module] = list(layers[:a]) + [Passthrough() for _ in range(a, r - 1)] + [span] + list(layers[r:])
     return nn.ModuleList(new)

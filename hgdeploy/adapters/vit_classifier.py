@@ -1,0 +1,1 @@
+"""Adapters for plain ViT classifiers: timm `VisionTransformer` and torchvision `VisionTransformer`."""
