@@ -26,7 +26,7 @@ from hgdeploy.bench import bench_interleaved, machine_info
 from hgdeploy.checks import fidelity, outputs_of, parity, run_all
 from hgdeploy.errors import UserError
 from hgdeploy.export import INPUT_NAME, check_model, export_onnx
-from hgdeploy.flops import count_gflops, onnx_gflops
+from hgdeploy.flops import count_gflops_fast, onnx_gflops
 from hgdeploy.images import Photo, load_photos, to_batch
 from hgdeploy.layers import TokenClustering
 from hgdeploy.lint import DEFAULT_MAJOR, format_finding, lint_model
@@ -143,8 +143,8 @@ def optimize_graph(paths: dict[str, Path], folder: Path) -> dict[str, Any]:
 
 def flops(job: Job) -> dict[str, Any]:
     with progress.step("Counting FLOPs of baseline and patched models"):
-        base = count_gflops(job.models.baseline, job.example)
-        patched = count_gflops(job.models.patched, job.example)
+        base = count_gflops_fast(job.models.baseline, job.example)
+        patched = count_gflops_fast(job.models.patched, job.example)
     return {"gflops": {"baseline": base.total, "patched": patched.total, "clustering": patched.clustering,
                        "ratio": patched.total / base.total}}
 

