@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Check every op, attribute and type against the support matrix of TensorRT's "
                                       "ONNX parser, plus the static-shape rule. Exit 0 when clean, 1 listing each "
                                       "offending node.")
+    fam = sub.add_parser("families", help="the model families, their [model] options and the bundled recipes",
+                         description="List every model family hgdeploy can patch, the recipe options it accepts, "
+                                     "its outputs, and the bundled recipes that use it.")
+    _add_json(fam)
     lint.add_argument("model", type=Path, help="ONNX file to check")
     lint.add_argument("--trt-major", type=int, default=None, help="TensorRT major version to target (default: 10)")
     _add_json(lint)
@@ -181,6 +185,30 @@ def cmd_lint(args: argparse.Namespace) -> int:
     return EXIT_PARITY_FAILED if findings else EXIT_OK
 
 
+def cmd_families(args: argparse.Namespace) -> int:
+    from hgdeploy.adapters.registry import families
+    from hgdeploy.recipe import bundled_recipes
+
+    recipes = bundled_recipes()
+    rows = [{"family": f.name, "summary": f.summary, "options": list(f.options),
+             "outputs": {name: kind for name, kind in f.outputs}, "reconstruct_on": list(f.reconstruct_on),
+             "recipes": sorted(name for name, fam in recipes.items() if fam == f.name)} for f in families()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_header=True, header_style="bold", show_lines=True)
+    for col in ("family", "what", "[model] options", "outputs", "bundled recipes"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["family"], r["summary"], ", ".join(r["options"]) or "-",
+                      ", ".join(f"{k} ({v})" for k, v in r["outputs"].items()), "\n".join(r["recipes"]))
+    Console().print(table)
+    return EXIT_OK
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from hgdeploy import pipeline
     from hgdeploy.backends import file_sha256, make_runner
@@ -239,6 +267,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run, "export": cmd_export, "optimize": cmd_optimize, "lint": cmd_lint, "build": cmd_build, "check": cmd_check, "flops": cmd_flops, "bench": cmd_bench,
+    "families": cmd_families,
 }
 
 

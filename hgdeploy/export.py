@@ -11,6 +11,8 @@ import io
 import json
 import logging
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -38,25 +40,25 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, output_name
     """Export `model` at `example`'s shape to `path` (written atomically), check it, return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     big = sum(p.numel() * p.element_size() for p in model.parameters()) > _EXTERNAL_DATA_BYTES
-    with quiet_exporter(), torch.no_grad():
-        program = torch.onnx.export(
-            model.eval(), (example,), dynamo=True, opset_version=OPSET, input_names=[INPUT_NAME],
-            output_names=list(output_names), external_data=big, optimize=True, verbose=False,
-        )
-        specs = clustering_specs(model)
-        if specs:
-            program.model.metadata_props[CLUSTERING_METADATA] = json.dumps(specs)
-        program.save(str(tmp), external_data=big)
+    # Saved under its final name in a staging folder: external data files are referenced by name.
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.staging-", dir=path.parent))
+    tmp = staging / path.name
     try:
+        with quiet_exporter(), torch.no_grad():
+            program = torch.onnx.export(
+                model.eval(), (example,), dynamo=True, opset_version=OPSET, input_names=[INPUT_NAME],
+                output_names=list(output_names), external_data=big, optimize=True, verbose=False,
+            )
+            specs = clustering_specs(model)
+            if specs:
+                program.model.metadata_props[CLUSTERING_METADATA] = json.dumps(specs)
+            program.save(str(tmp), external_data=big)
         check_model(tmp)
-    except Exception:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
-    if big:
-        os.replace(tmp.with_name(tmp.name + ".data"), path.with_name(path.name + ".data"))
+        for item in sorted(staging.iterdir(), key=lambda f: f.name == path.name):  # the graph last
+            os.replace(item, path.parent / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return path
 
 
@@ -97,7 +99,7 @@ def quiet_exporter():
 def check_model(path: Path) -> onnx.ModelProto:
     """onnx.checker, strict shape inference, and the static-shape rule. Raises ExportError."""
     onnx.checker.check_model(str(path), full_check=True)
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)), check_type=True, strict_mode=True, data_prop=True)
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False), check_type=True, strict_mode=True, data_prop=True)
     problems = static_shape_problems(model)
     if problems:
         raise ExportError(f"{path.name} is not static: " + "; ".join(problems[:5]))

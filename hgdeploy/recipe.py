@@ -114,6 +114,18 @@ def resolve_recipe_path(name_or_path: str | None) -> Path:
     return resolve_toml(name_or_path, DEFAULT_RECIPE, BUNDLED_RECIPES, "export", "recipe file")
 
 
+def bundled_recipes() -> dict[str, str]:
+    """name -> family of every recipe shipped with hgdeploy (the first folder that has a name wins)."""
+    found: dict[str, str] = {}
+    for folder in BUNDLED_RECIPES:
+        for path in sorted(folder.glob("*.toml")) if folder.is_dir() else []:
+            try:
+                found.setdefault(path.stem, tomllib.loads(path.read_text())["model"]["family"])
+            except (OSError, KeyError, tomllib.TOMLDecodeError):
+                continue
+    return found
+
+
 def parse_override(text: str) -> tuple[str, str, Any]:
     """"cluster.tau=0.5" -> ("cluster", "tau", 0.5). Values are read as TOML, else kept as strings."""
     if "=" not in text or "." not in text.split("=", 1)[0]:

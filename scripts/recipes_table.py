@@ -1,0 +1,164 @@
+"""Every bundled recipe at its full published resolution: GFLOPs, and ONNX Runtime parity of the export.
+
+    python scripts/recipes_table.py                 # FLOPs vs published + full-resolution export/parity
+    python scripts/recipes_table.py --flops-only    # only the FLOPs tables (seconds)
+    python scripts/recipes_table.py --only segmenter_vit_b16_ade20k dpt_large
+
+Writes scripts/results/recipes.json and the README blocks between <!-- recipes:start/end --> and
+<!-- published:start/end -->. Without checkpoints the models have random weights (seeded): FLOPs and
+parity do not depend on the weights; fidelity would, so it is not reported here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import re
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from hgdeploy.adapters.registry import build_models
+from hgdeploy.checks import cosine
+from hgdeploy.export import INPUT_NAME, export_onnx
+from hgdeploy.flops import count_gflops_fast
+from hgdeploy.images import sample_photos, to_batch
+from hgdeploy.recipe import REPO_ROOT, load_recipe
+from hgdeploy.report import write_atomic
+
+RESULTS = REPO_ROOT / "scripts" / "results" / "recipes.json"
+PUBLISHED = REPO_ROOT / "scripts" / "published_gflops.toml"
+README = REPO_ROOT / "README.md"
+
+
+def gflops(recipe: str, overrides: list[str]) -> dict[str, float]:
+    rec = load_recipe(recipe, overrides)
+    models = build_models(rec)
+    x = torch.zeros(1, 3, *rec.input_size)
+    base, patched = count_gflops_fast(models.baseline, x), count_gflops_fast(models.patched, x)
+    return {"baseline": base.total, "patched": patched.total, "clustering": patched.clustering}
+
+
+def published_rows() -> list[dict]:
+    entries = tomllib.loads(PUBLISHED.read_text())["entry"]
+    rows = []
+    for e in entries:
+        g = gflops(e["recipe"], e.get("set", []))
+        ours = g["baseline"] if e.get("baseline") else g["patched"]
+        rows.append({"recipe": e["recipe"], "config": e["label"], "published": e["published"], "ours": ours,
+                     "diff_pct": 100 * (ours / e["published"] - 1)})
+        print(f"  {e['recipe']:34s} {e['label']:18s} ours {ours:8.2f}  published {e['published']:8.2f}  "
+              f"{rows[-1]['diff_pct']:+.2f} %", file=sys.stderr)
+    return rows
+
+
+def sweep_rows(recipe: str = "segmenter_vit_l16_ade20k", sides: tuple[int, ...] = (8, 12, 16, 20, 24, 28)) -> list[dict]:
+    """The paper's cluster-size ablation: the main recipe at every grid from 8x8 to 28x28."""
+    rows = []
+    for side in sides:
+        g = gflops(recipe, [f"cluster.grid={side}x{side}"])
+        rows.append({"grid": f"{side}x{side}", "gflops": g["patched"], "clustering": g["clustering"],
+                     "baseline": g["baseline"]})
+    return rows
+
+
+def parity_row(recipe: str, folder: Path) -> dict:
+    """Export baseline and patched at full size; ONNX Runtime vs PyTorch on one real photo."""
+    rec = load_recipe(recipe)
+    models = build_models(rec)
+    x = to_batch(sample_photos()[:1], models.preprocess)
+    row: dict = {"recipe": recipe, "family": rec.family, "input": "x".join(map(str, rec.input_size)),
+                 "plan": f"alpha={models.plan.alpha}, {models.plan.grid[0]}x{models.plan.grid[1]}, "
+                         f"rebuilt after {models.plan.reconstruct_after}" + (
+                             " (logits)" if models.plan.reconstruct_on == "logits" else "")}
+    g = gflops(recipe, [])
+    row |= {"gflops_baseline": g["baseline"], "gflops_patched": g["patched"], "gflops_clustering": g["clustering"]}
+    names = models.family.output_names
+    for key, model in (("baseline", models.baseline), ("patched", models.patched)):
+        start = time.perf_counter()
+        path = export_onnx(model, x, folder / f"{key}.onnx", names)
+        row[f"export_s_{key}"] = time.perf_counter() - start
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = session.run(list(names), {INPUT_NAME: x.numpy()})
+        with torch.no_grad():
+            want = [t.numpy() for t in model(x)]
+        row[f"parity_{key}"] = min(cosine(a, b) for a, b in zip(got, want))
+        row[f"max_abs_{key}"] = max(float(np.max(np.abs(a.astype(np.float64) - b))) for a, b in zip(got, want))
+        del session
+        for f in folder.iterdir():
+            f.unlink()
+    return row
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{body}\n{end}"
+    if start in text:
+        return re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    return text + "\n" + block + "\n"
+
+
+def render_published(rows: list[dict], sweep: list[dict]) -> str:
+    lines = ["| recipe | configuration | published GFLOPs | `hgdeploy flops` | difference |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {r['recipe']} | {r['config']} | {r['published']:.2f} | {r['ours']:.2f} | {r['diff_pct']:+.2f} % |"
+              for r in rows]
+    lines += ["", "Cluster-size sweep, Segmenter ViT-L/16 ADE20K 640×640, α = 10 (baseline "
+              f"{sweep[0]['baseline']:.2f} GFLOPs):", "",
+              "| grid | GFLOPs | of which clustering + reconstruction |", "|---|---:|---:|"]
+    lines += [f"| {r['grid']} | {r['gflops']:.2f} | {r['clustering']:.3f} |" for r in sweep]
+    return "\n".join(lines)
+
+
+def render_recipes(rows: list[dict]) -> str:
+    lines = ["| recipe | input | plan | GFLOPs baseline | GFLOPs patched | ratio | ORT parity baseline | ORT parity patched |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['recipe']} | {r['input']} | {r['plan']} | {r['gflops_baseline']:.2f} | {r['gflops_patched']:.2f} "
+              f"| {r['gflops_patched'] / r['gflops_baseline']:.3f} | {r['parity_baseline']:.7f} | {r['parity_patched']:.7f} |"
+              for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--flops-only", action="store_true", help="only the FLOPs tables (no exports)")
+    parser.add_argument("--only", nargs="*", default=None, help="recipes to export (default: every bundled recipe)")
+    parser.add_argument("--no-readme", action="store_true", help="do not rewrite README.md")
+    args = parser.parse_args()
+    previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    print("FLOPs against the published tables:", file=sys.stderr)
+    results = {"published": published_rows(), "sweep": sweep_rows(), "recipes": previous.get("recipes", [])}
+    if not args.flops_only:
+        names = args.only or sorted(p.stem for p in (REPO_ROOT / "export").glob("*.toml"))
+        by_name = {r["recipe"]: r for r in results["recipes"]}
+        for name in names:
+            print(f"Exporting {name} at full resolution ...", file=sys.stderr, flush=True)
+            with tempfile.TemporaryDirectory(prefix="hgdeploy-full-") as tmp:
+                by_name[name] = parity_row(name, Path(tmp))
+            r = by_name[name]
+            print(f"  parity baseline {r['parity_baseline']:.7f} patched {r['parity_patched']:.7f}, GFLOPs "
+                  f"{r['gflops_baseline']:.1f} -> {r['gflops_patched']:.1f}", file=sys.stderr, flush=True)
+            results["recipes"] = [by_name[k] for k in sorted(by_name)]
+            write_atomic(RESULTS, json.dumps(results, indent=2) + "\n")
+            gc.collect()
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(RESULTS, json.dumps(results, indent=2) + "\n")
+    print(render_published(results["published"], results["sweep"]))
+    if results["recipes"]:
+        print(render_recipes(results["recipes"]))
+    if not args.no_readme and README.is_file():
+        text = replace_block(README.read_text(), "published", render_published(results["published"], results["sweep"]))
+        if results["recipes"]:
+            text = replace_block(text, "recipes", render_recipes(results["recipes"]))
+        write_atomic(README, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
