@@ -101,19 +101,23 @@ def segmentation_metrics(p: np.ndarray, b: np.ndarray) -> dict[str, float]:
 
 
 def depth_metrics(p: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    """Cosine of the depth maps and their mean relative difference (AbsRel against the unpatched map)."""
-    denom = np.maximum(np.abs(_f64(b)), 1e-6 * max(float(np.abs(b).max()), 1e-12))
-    return {"cosine": cosine(p, b), "depth_absrel": float(np.mean(np.abs(_f64(p) - b) / denom))}
+    """Cosine of the depth maps and mean |patched - original| / mean |original|.
+
+    Relative to the map's mean rather than per pixel: relative-depth models (MiDaS, Depth Anything)
+    output inverse depth with near-zero pixels, where a per-pixel AbsRel explodes.
+    """
+    scale = max(float(np.mean(np.abs(_f64(b)))), 1e-30)
+    return {"cosine": cosine(p, b), "depth_rel_error": float(np.mean(np.abs(_f64(p) - b)) / scale)}
 
 
 def classification_metrics(p: np.ndarray, b: np.ndarray) -> dict[str, float]:
     return {"cosine": token_cosine(p, b), "top1_agreement": float(np.mean(p.argmax(-1) == b.argmax(-1)))}
 
 
-# kind -> per-image metrics of (patched, baseline); every metric is "higher is better" except *_mae, *_absrel.
+# kind -> per-image metrics of (patched, baseline); every metric is "higher is better" except *_mae, *_error.
 METRICS = {"tokens": tokens_metrics, "heatmap": heatmap_metrics, "segmentation": segmentation_metrics,
            "depth": depth_metrics, "classification": classification_metrics}
-LOWER_IS_BETTER = ("_mae", "_absrel")
+LOWER_IS_BETTER = ("_mae", "_error")
 
 
 def fidelity(patched: list[dict[str, np.ndarray]], baseline: list[dict[str, np.ndarray]],

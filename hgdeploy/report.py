@@ -56,7 +56,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                   "heatmap_iou": "heatmap IoU@0.5 mean", "heatmap_iou_min": "heatmap IoU@0.5 min",
                   "heatmap_mae": "heatmap mean abs error", "label_agreement": "pixels with unchanged class, mean",
                   "label_agreement_min": "pixels with unchanged class, worst image",
-                  "depth_absrel": "depth AbsRel vs original, mean", "depth_absrel_max": "depth AbsRel, worst image",
+                  "depth_rel_error": "depth mean abs error / mean depth, mean", "depth_rel_error_max": "depth relative error, worst image",
                   "top1_agreement": "top-1 class unchanged, share of images"}
         summary += [(label, _fmt(f[key])) for key, label in labels.items() if key in f]
     if "gflops" in report:

@@ -1,1 +1,494 @@
-"""Adapters for Hugging Face depth models whose necks read intermediate layers: DPT and Depth Anything."""
+"""Adapters for Hugging Face depth models whose necks read intermediate layers: DPT and Depth Anything.
+
+Checkpoints are the folders `save_pretrained` writes (config.json + model.safetensors); without one,
+`model.arch` names a configuration built here from the published config.json values (no hub access).
+
+We run the transformers modules (embeddings, blocks, neck, head) from our own small forward instead
+of `DPTForDepthEstimation.forward` / `DepthAnythingForDepthEstimation.forward`, for three reasons
+found in transformers 5:
+1. hidden states are collected by forward hooks on every `DPTViTLayer` / `Dinov2Layer` instance
+   (`capture_outputs`). After patching, the blocks inside a ClusteredSpan would record cluster
+   tokens and the reconstructed output would be recorded nowhere. Our loop records the output of
+   each entry of the layer list, so the state after the span's index is the reconstructed one.
+2. DPT with a ViT or hybrid backbone gives its neck no patch grid and reshapes tokens to
+   sqrt(N) x sqrt(N): non-square inputs (KITTI's 352x1216) fail. We pass the grid.
+3. DPT-hybrid's embeddings refuse any size but config.image_size unless interpolate_pos_encoding
+   is passed, which DPTModel never does. We pass it (the interpolation itself is HF's own).
+The unpatched model computes exactly what the HF forward computes (checked at square sizes).
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from hgdeploy.adapters.checkpoints import (
+    existing,
+    load_state_strict,
+    read_safetensors,
+    read_torch_file,
+    state_dict_from,
+)
+from hgdeploy.adapters.registry import Family, register
+from hgdeploy.adapters.span import insert_span
+from hgdeploy.errors import UserError
+from hgdeploy.plan import ClusterPlan
+from hgdeploy.recipe import Preprocess
+
+# Image processors: Intel/dpt-large and Intel/dpt-hybrid-midas preprocessor_config.json have
+# image_mean = image_std = [0.5, 0.5, 0.5] and resample 2 (PIL bilinear);
+# LiheYoung/depth-anything-small-hf has ImageNet mean/std and resample 3 (PIL bicubic).
+DPT_MEAN_STD = (0.5, 0.5, 0.5)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# save_pretrained in transformers 5 writes DINOv2's attention weights under their legacy names (and
+# hub checkpoints have them); the modules use the new ones. Same renames as transformers'
+# conversion_mapping.py entry "Dinov2Model"; applied only to keys the model does not have.
+_DINOV2_RENAMES = {
+    "attention.attention.query.": "attention.q_proj.",
+    "attention.attention.key.": "attention.k_proj.",
+    "attention.attention.value.": "attention.v_proj.",
+    "attention.output.dense.": "attention.o_proj.",
+}
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+SHARD_INDEX = "model.safetensors.index.json"
+
+
+class HFDepth(nn.Module, abc.ABC):
+    """pixel_values [B, 3, H, W] -> (predicted_depth [B, H, W],) from a transformers depth model `hf`."""
+
+    model_type: ClassVar[str]
+
+    def __init__(self, hf: nn.Module, input_size: tuple[int, int]):
+        super().__init__()
+        self.hf = hf
+        self.input_size = input_size
+
+    @abc.abstractmethod
+    def encoder(self) -> nn.Module:
+        """The module whose `layer` ModuleList holds the transformer blocks."""
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.encoder().layer
+
+    @property
+    def patch_size(self) -> int:
+        return _as_int(self.hf.config.patch_size)
+
+    @abc.abstractmethod
+    def reads(self) -> tuple[int, ...]:
+        """Layer counts (c = the output after c blocks) whose outputs the neck reads, ascending."""
+
+    def token_grid(self) -> tuple[int, int]:
+        return (self.input_size[0] // self.patch_size, self.input_size[1] // self.patch_size)
+
+    def run_layers(self, hidden: Tensor, counts: tuple[int, ...]) -> list[Tensor]:
+        """The hidden states after each of `counts` blocks; stops after the last one read."""
+        states = {0: hidden}
+        for i, layer in enumerate(self.layers, start=1):
+            if i > counts[-1]:
+                break
+            hidden = layer(hidden)
+            states[i] = hidden
+        return [states[c] for c in counts]
+
+    def grid_of(self, pixel_values: Tensor) -> tuple[int, int]:
+        return (pixel_values.shape[-2] // self.patch_size, pixel_values.shape[-1] // self.patch_size)
+
+
+class DPTDepth(HFDepth):
+    """DPTForDepthEstimation with a ViT (DPT-Large) or hybrid ResNet+ViT (DPT-Hybrid) encoder."""
+
+    model_type = "dpt"
+
+    def encoder(self) -> nn.Module:
+        return self.hf.dpt.encoder
+
+    def reads(self) -> tuple[int, ...]:
+        """HF keeps hidden_states[1:][idx] for idx in backbone_out_indices (the hybrid: only [2:], its first
+        two features are ResNet stages), i.e. the output after idx + 1 blocks."""
+        indices = self.hf.config.backbone_out_indices
+        vit = indices[2:] if self.hf.config.is_hybrid else indices
+        return tuple(sorted({i + 1 for i in vit}))
+
+    def forward(self, pixel_values: Tensor) -> tuple[Tensor]:
+        dpt, hybrid = self.hf.dpt, self.hf.config.is_hybrid
+        embedded = dpt.embeddings(pixel_values, interpolate_pos_encoding=True) if hybrid else dpt.embeddings(pixel_values)
+        features = self.run_layers(embedded.last_hidden_states, self.reads())
+        if hybrid:
+            features = list(embedded.intermediate_activations) + features
+        fused = self.hf.neck(features, *self.grid_of(pixel_values))
+        return (self.hf.head(fused),)
+
+
+class DepthAnythingDepth(HFDepth):
+    """DepthAnythingForDepthEstimation: DINOv2 backbone, DPT-style neck and head."""
+
+    model_type = "depth_anything"
+
+    def encoder(self) -> nn.Module:
+        return self.hf.backbone.encoder
+
+    def reads(self) -> tuple[int, ...]:
+        """Dinov2Backbone's stage k is hidden_states[k], the output after k blocks (stage 0 = embeddings)."""
+        return tuple(sorted(set(self.hf.backbone.out_indices)))
+
+    def forward(self, pixel_values: Tensor) -> tuple[Tensor]:
+        backbone = self.hf.backbone
+        features = self.run_layers(backbone.embeddings(pixel_values), self.reads())
+        if backbone.config.apply_layernorm:
+            features = [backbone.layernorm(f) for f in features]
+        grid = self.grid_of(pixel_values)
+        return (self.hf.head(self.hf.neck(features, *grid), *grid),)
+
+
+def _as_int(value: Any) -> int:
+    return int(value[0]) if isinstance(value, (list, tuple)) else int(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configurations named by model.arch: the published config.json values, built in code.
+
+def dpt_hybrid_midas_config() -> Any:
+    """Intel/dpt-hybrid-midas: ViT-B/16 on a BiT ResNet-50 stem (stages 3-4-9), neck reads 2 ResNet stages + blocks 9, 12.
+
+    From its config.json (as mirrored in sd2-community/stable-diffusion-2-depth/depth_estimator) and
+    transformers' convert_dpt_hybrid_to_pytorch.py: backbone_config {model_type bit, layer_type
+    bottleneck, depths [3, 4, 9], hidden_sizes [256, 512, 1024, 2048], embedding_size 64,
+    global_padding SAME, embedding_dynamic_padding true, out_features stage1..3}; is_hybrid true,
+    hidden 768, 12 layers, 12 heads, intermediate 3072, image_size 384, patch 16,
+    backbone_out_indices [2, 5, 8, 11], backbone_featmap_shape [1, 1024, 24, 24], neck_ignore_stages
+    [0, 1], reassemble_factors [1, 1, 1, 0.5], neck_hidden_sizes [256, 512, 768, 768], fusion 256,
+    readout project, use_batch_norm_in_fusion_residual false.
+    """
+    from transformers import DPTConfig
+
+    backbone = {"model_type": "bit", "layer_type": "bottleneck", "depths": [3, 4, 9],
+                "hidden_sizes": [256, 512, 1024, 2048], "embedding_size": 64, "global_padding": "SAME",
+                "embedding_dynamic_padding": True, "out_features": ["stage1", "stage2", "stage3"]}
+    return DPTConfig(
+        is_hybrid=True, backbone_config=backbone, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+        intermediate_size=3072, image_size=384, patch_size=16, backbone_out_indices=[2, 5, 8, 11],
+        backbone_featmap_shape=[1, 1024, 24, 24], neck_ignore_stages=[0, 1], reassemble_factors=[1, 1, 1, 0.5],
+        neck_hidden_sizes=[256, 512, 768, 768], fusion_hidden_size=256, readout_type="project",
+        use_batch_norm_in_fusion_residual=False, qkv_bias=True, layer_norm_eps=1e-12,
+    )
+
+
+def dpt_large_config() -> Any:
+    """Intel/dpt-large (huggingface.co/Intel/dpt-large/blob/main/config.json): ViT-L/16, neck reads blocks 6, 12, 18, 24.
+
+    hidden 1024, 24 layers, 16 heads, intermediate 4096, image_size 384, patch 16, is_hybrid false,
+    backbone_out_indices [5, 11, 17, 23], neck_hidden_sizes [256, 512, 1024, 1024], reassemble_factors
+    [4, 2, 1, 0.5], fusion 256, readout project, use_batch_norm_in_fusion_residual false.
+    """
+    from transformers import DPTConfig
+
+    return DPTConfig(
+        is_hybrid=False, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+        image_size=384, patch_size=16, backbone_out_indices=[5, 11, 17, 23], neck_hidden_sizes=[256, 512, 1024, 1024],
+        reassemble_factors=[4, 2, 1, 0.5], fusion_hidden_size=256, readout_type="project",
+        use_batch_norm_in_fusion_residual=False, qkv_bias=True, layer_norm_eps=1e-12,
+    )
+
+
+def depth_anything_small_config() -> Any:
+    """LiheYoung/depth-anything-small-hf (its config.json): DINOv2 ViT-S/14, neck reads blocks 9, 10, 11, 12.
+
+    backbone_config {model_type dinov2, hidden 384, 6 heads, image_size 518, patch 14, out_indices
+    [9, 10, 11, 12], reshape_hidden_states false} (other Dinov2Config defaults: 12 layers, mlp_ratio
+    4, layerscale 1.0, layer_norm_eps 1e-6, apply_layernorm true); reassemble_hidden_size 384,
+    reassemble_factors [4, 2, 1, 0.5], neck_hidden_sizes [48, 96, 192, 384], fusion 64, head_hidden 32,
+    patch_size 14, relative depth. (Depth-Anything-V2-Small-hf differs: out_indices [3, 6, 9, 12].)
+    """
+    from transformers import DepthAnythingConfig
+
+    backbone = {"model_type": "dinov2", "hidden_size": 384, "num_attention_heads": 6, "num_hidden_layers": 12,
+                "image_size": 518, "patch_size": 14, "out_indices": [9, 10, 11, 12], "reshape_hidden_states": False}
+    return DepthAnythingConfig(
+        backbone_config=backbone, patch_size=14, reassemble_hidden_size=384, reassemble_factors=[4, 2, 1, 0.5],
+        neck_hidden_sizes=[48, 96, 192, 384], fusion_hidden_size=64, head_hidden_size=32,
+        depth_estimation_type="relative",
+    )
+
+
+ARCHS: dict[str, dict[str, Callable[[], Any]]] = {
+    "dpt": {"dpt-hybrid-midas": dpt_hybrid_midas_config, "dpt-large": dpt_large_config},
+    "depth_anything": {"small": depth_anything_small_config},
+}
+WRAPPERS: dict[str, type[HFDepth]] = {"dpt": DPTDepth, "depth_anything": DepthAnythingDepth}
+
+
+def hf_class(family: str) -> type[nn.Module]:
+    from transformers import DepthAnythingForDepthEstimation, DPTForDepthEstimation
+
+    return {"dpt": DPTForDepthEstimation, "depth_anything": DepthAnythingForDepthEstimation}[family]
+
+
+def config_class(family: str) -> Any:
+    from transformers import DepthAnythingConfig, DPTConfig
+
+    return {"dpt": DPTConfig, "depth_anything": DepthAnythingConfig}[family]
+
+
+def arch_config(family: str, arch: Any) -> Any:
+    archs = ARCHS[family]
+    if arch not in archs:
+        raise UserError(f"model.arch={arch!r} is not a {family} architecture; use one of: {', '.join(archs)}")
+    return archs[arch]()
+
+
+def fingerprint(family: str, config: Any) -> dict[str, Any]:
+    """The architecture facts a checkpoint and a named arch must agree on."""
+    if family == "dpt":
+        return {"is_hybrid": config.is_hybrid, "hidden_size": config.hidden_size,
+                "num_hidden_layers": config.num_hidden_layers}
+    b = config.backbone_config
+    return {"hidden_size": b.hidden_size, "num_hidden_layers": b.num_hidden_layers, "out_indices": list(b.out_indices)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: the folders save_pretrained writes.
+
+def checkpoint_folder(path: str | Path) -> Path:
+    folder = existing(path)
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        raise UserError(f"checkpoint {folder} is not a Hugging Face model folder: pass the folder save_pretrained "
+                        f"wrote (config.json + model.safetensors)")
+    return folder
+
+
+def read_config(family: str, folder: Path) -> Any:
+    """The model's config from folder/config.json only (never the hub); its model_type must be the family's."""
+    path = folder / "config.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} is not readable JSON ({str(exc)[:160]})") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a model configuration (expected a JSON object)")
+    model_type = WRAPPERS[family].model_type
+    if data.get("model_type") != model_type:
+        raise UserError(f"{path} has model_type {data.get('model_type')!r}, family {family} needs {model_type!r}; "
+                        f"use the family that matches the checkpoint")
+    try:
+        config = config_class(family).from_dict(data)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise UserError(f"{path} is not a valid {model_type} configuration ({str(exc).splitlines()[0][:160]})") from exc
+    check_supported(family, config, path)
+    return config
+
+
+def check_supported(family: str, config: Any, where: Path) -> None:
+    """Refuse the configurations our forward does not reproduce (it would silently compute something else)."""
+    if family == "dpt":
+        if config.backbone_config is not None and not config.is_hybrid:
+            raise UserError(f"{where}: DPT with a {config.backbone_config.model_type} backbone is not supported; "
+                            f"the dpt family covers the ViT (dpt-large) and hybrid (dpt-hybrid-midas) encoders")
+        indices = config.backbone_out_indices
+        if not all(0 <= i < config.num_hidden_layers for i in indices):
+            raise UserError(f"{where}: backbone_out_indices {list(indices)} must lie in 0..{config.num_hidden_layers - 1}")
+        return
+    b = config.backbone_config
+    if b is None or b.model_type != "dinov2" or b.reshape_hidden_states:
+        raise UserError(f"{where}: Depth Anything is supported with its DINOv2 backbone (reshape_hidden_states "
+                        f"false) only")
+    if b.use_swiglu_ffn:
+        raise UserError(f"{where}: DINOv2 with SwiGLU MLPs (the giant backbone) is not supported: its saved weights "
+                        f"need transformers' fused-MLP conversion; use the small, base or large model")
+
+
+def _rename_legacy(key: str, model_keys: set[str], renames: dict[str, str]) -> str:
+    if key in model_keys:
+        return key
+    for old, new in renames.items():
+        key = key.replace(old, new)
+    return key
+
+
+def read_folder_weights(folder: Path) -> tuple[dict[str, Tensor], str]:
+    """The state dict in a save_pretrained folder: model.safetensors, its shards, or pytorch_model.bin."""
+    index = folder / SHARD_INDEX
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UserError(f"{index} is not a readable shard index ({str(exc)[:160]})") from exc
+        state: dict[str, Tensor] = {}
+        for shard in shards:
+            state.update(read_safetensors(folder / shard))
+        return state, str(index)
+    for name in WEIGHT_FILES:
+        path = folder / name
+        if path.is_file():
+            raw = read_safetensors(path) if path.suffix == ".safetensors" else read_torch_file(path)
+            return state_dict_from(raw, str(path)), str(path)
+    raise UserError(f"{folder} has a config.json but no weights ({' or '.join(WEIGHT_FILES)})")
+
+
+def load_weights(model: HFDepth, folder: Path) -> None:
+    state, source = read_folder_weights(folder)
+    keys = set(model.hf.state_dict())
+    renames = _DINOV2_RENAMES if isinstance(model, DepthAnythingDepth) else {}
+    load_state_strict(model.hf, {_rename_legacy(k, keys, renames): v for k, v in state.items()}, source)
+
+
+@contextlib.contextmanager
+def _quiet_saving() -> Iterator[None]:
+    """save_pretrained draws a progress bar per call; not in our output."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+# ----------------------------------------------------------------------------------------------
+# The Family callables.
+
+def build(family: str, config: Any, input_size: tuple[int, int]) -> HFDepth:
+    model = WRAPPERS[family](hf_class(family)(config).eval(), input_size)
+    p = model.patch_size
+    if input_size[0] % p or input_size[1] % p:
+        raise UserError(f"model.input_size {input_size[0]}x{input_size[1]} must be a multiple of the patch size {p} "
+                        f"(e.g. {input_size[0] // p * p or p}x{input_size[1] // p * p or p})")
+    return model.eval()
+
+
+def load_depth(family: str, checkpoint: str | None, input_size: tuple[int, int], options: dict[str, Any]) -> HFDepth:
+    """A save_pretrained folder, or model.arch with random weights (seed 0) when there is no checkpoint."""
+    arch = options.get("arch")
+    if checkpoint is None:
+        if arch is None:
+            raise UserError(f"family {family} needs model.checkpoint (a save_pretrained folder) or model.arch "
+                            f"(one of: {', '.join(ARCHS[family])}) for random weights")
+        config = arch_config(family, arch)
+        torch.manual_seed(0)
+        return build(family, config, input_size)
+    folder = checkpoint_folder(checkpoint)
+    config = read_config(family, folder)
+    if arch is not None and fingerprint(family, arch_config(family, arch)) != fingerprint(family, config):
+        raise UserError(f"{folder}/config.json ({fingerprint(family, config)}) is not model.arch={arch!r} "
+                        f"({fingerprint(family, arch_config(family, arch))}); drop model.arch or fix it")
+    model = build(family, config, input_size)
+    load_weights(model, folder)
+    return model.eval()
+
+
+def patch_depth(model: nn.Module, plan: ClusterPlan) -> nn.Module:
+    """Clusters after plan.alpha blocks, reconstructs after plan.reconstruct_after; the class token rides along.
+
+    The blocks are called as block(hidden) (DPTViTLayer takes no mask argument; Dinov2Layer's is None here).
+    """
+    if not isinstance(model, HFDepth):
+        raise UserError(f"the hf_depth adapter patches models it loaded, got {type(model).__name__}")
+    model.encoder().layer = insert_span(model.layers, plan, num_prefix_tokens=1, mask_arg=False)
+    return model
+
+
+def write_checkpoint(model: nn.Module, folder: Path) -> Path:
+    """save_pretrained(folder): config.json + model.safetensors, the layout users download."""
+    folder = Path(folder)
+    with _quiet_saving():
+        model.hf.save_pretrained(str(folder))
+    return folder
+
+
+def preprocess_for(model: nn.Module, size: tuple[int, int]) -> Preprocess:
+    if isinstance(model, DepthAnythingDepth):
+        return Preprocess(size, "bicubic", IMAGENET_MEAN, IMAGENET_STD)
+    return Preprocess(size, "bilinear", DPT_MEAN_STD, DPT_MEAN_STD)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny random models for tests: same code paths, reads strictly inside the layer range.
+
+def tiny_dpt() -> tuple[HFDepth, tuple[int, int]]:
+    """DPT-hybrid in miniature: 1-1-1 BiT stages (8/16/32 ch), ViT 64 wide x 4 layers, reads blocks 2 and 4; 128x128."""
+    from transformers import DPTConfig
+
+    backbone = {"model_type": "bit", "layer_type": "bottleneck", "depths": [1, 1, 1], "hidden_sizes": [8, 16, 32, 64],
+                "embedding_size": 8, "num_groups": 2, "global_padding": "SAME", "embedding_dynamic_padding": True,
+                "out_features": ["stage1", "stage2", "stage3"]}
+    config = DPTConfig(
+        is_hybrid=True, backbone_config=backbone, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=128, image_size=128, patch_size=16, backbone_out_indices=[0, 0, 1, 3],
+        backbone_featmap_shape=[1, 32, 8, 8], reassemble_factors=[1, 1, 1, 0.5], neck_hidden_sizes=[8, 16, 32, 32],
+        fusion_hidden_size=16, readout_type="project",
+    )
+    size = (128, 128)
+    return _randomised(build("dpt", config, size)), size
+
+
+def tiny_depth_anything() -> tuple[HFDepth, tuple[int, int]]:
+    """Depth Anything in miniature: DINOv2 64 wide x 6 layers reading blocks 3..6 at 112x112 (8x8 tokens)."""
+    from transformers import DepthAnythingConfig
+
+    backbone = {"model_type": "dinov2", "hidden_size": 64, "num_hidden_layers": 6, "num_attention_heads": 4,
+                "intermediate_size": 128, "image_size": 112, "patch_size": 14, "out_indices": [3, 4, 5, 6],
+                "reshape_hidden_states": False}
+    config = DepthAnythingConfig(backbone_config=backbone, patch_size=14, reassemble_hidden_size=64,
+                                 neck_hidden_sizes=[8, 16, 32, 64], fusion_hidden_size=16, head_hidden_size=8)
+    size = (112, 112)
+    return _randomised(build("depth_anything", config, size)), size
+
+
+# Position embeddings of the tiny models: tokens then differ by squared distances ~ 2 * 64 * 4^2 = 2048,
+# so even the plan's default tau = 50 assigns each token to its own cell at zero reduction
+# (softmax weight of any other centre ~ exp(-2048 / 50)) and identity holds to float error.
+POSITION_STD = 4.0
+
+
+def _randomised(model: HFDepth) -> HFDepth:
+    """Re-draw the weights with torch's default layer init (seed 0).
+
+    HF's init (normal, std 0.02; zero position embeddings and class token) shrinks a tiny random
+    model's depth map to ~1e-8, where any absolute comparison passes; torch's fan-in scaled init
+    keeps it of order one, and random position embeddings make the tokens position-dependent and far
+    apart (see POSITION_STD).
+    """
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for module in model.hf.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+                module.reset_parameters()
+        for name, p in model.hf.named_parameters():
+            if name.endswith(("position_embeddings", "cls_token")):
+                p.normal_(0.0, POSITION_STD)
+    return model.eval()
+
+
+def _family(name: str, summary: str, tiny: Callable[[], tuple[HFDepth, tuple[int, int]]]) -> Family:
+    return Family(
+        name=name,
+        summary=summary,
+        outputs=(("depth", "depth"),),
+        load=lambda checkpoint, input_size, options: load_depth(name, checkpoint, input_size, options),
+        patch=patch_depth,
+        token_grid=lambda model: model.token_grid(),
+        depth=lambda model: len(model.layers),
+        tiny=tiny,
+        write_checkpoint=write_checkpoint,
+        reads=lambda model: model.reads(),
+        options=("arch",),
+        preprocess=preprocess_for,
+    )
+
+
+DPT = register(_family("dpt", "DPT depth (transformers DPTForDepthEstimation): ViT-L or hybrid ResNet-50+ViT-B; "
+                              "save_pretrained folder", tiny_dpt))
+DEPTH_ANYTHING = register(_family("depth_anything", "Depth Anything (transformers DepthAnythingForDepthEstimation), "
+                                                    "DINOv2 backbone; save_pretrained folder", tiny_depth_anything))
