@@ -143,11 +143,20 @@ def wrap(vit: nn.Module, library: str, input_size: tuple[int, int], arch: str, n
     return ViTClassifier(vit, library, input_size, {"arch": arch, "num_classes": num_classes}).eval()
 
 
+def require(module: str) -> None:
+    """timm and torchvision are an optional extra: say how to get them instead of a traceback."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise UserError(f"the {module} package is not installed; run: pip install 'hgdeploy[vit]'")
+
+
 # ---------------------------------------------------------------- timm
 
 
 def build_timm(arch: str, input_size: tuple[int, int], num_classes: int) -> nn.Module:
     """timm.create_model(arch, pretrained=False, ...) at the input size; "tiny" is the test configuration."""
+    require("timm")
     import timm
     from timm.models.vision_transformer import VisionTransformer
 
@@ -279,6 +288,7 @@ def random_head(vit: nn.Module) -> nn.Module:
 
 def build_torchvision(arch: str, input_size: tuple[int, int], num_classes: int) -> nn.Module:
     """torchvision.models.<arch>(weights=None, ...) at the input size; "tiny" is the test configuration."""
+    require("torchvision")
     import torchvision
     from torchvision.models.vision_transformer import VisionTransformer
 
