@@ -131,7 +131,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     report["images"] = [p.name for p in job.photos or []]
     with pipeline.staged_output(out) as stage:
         paths = pipeline.export_models(job, stage)
-        report |= pipeline.optimize_graph(paths, stage)
+        skipped = pipeline.passes_unsupported(paths)
+        if skipped:
+            progress.info(f"graph passes skipped: {skipped}")
+            report["optimize_skipped"] = skipped
+        else:
+            report |= pipeline.optimize_graph(paths, stage)
         report |= pipeline.check(job, paths)
         report |= pipeline.flops(job)
         report |= pipeline.bench(job, paths)

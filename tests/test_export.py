@@ -93,3 +93,17 @@ def test_static_check_flags_nonzero_and_runtime_topk():
     kc = helper.make_tensor("kc", TensorProto.INT64, [1], [2])
     model = _graph([helper.make_node("TopK", ["x", "kc"], ["v", "i"], name="tk")], [x], [v, i], [kc])
     assert static_shape_problems(model) == []
+
+
+def test_graph_passes_refuse_external_data_graphs_with_a_user_error(tmp_path):
+    """Over 2 GB the weights live in a .data file; the in-memory passes say so instead of crashing."""
+    from hgdeploy.errors import UserError
+    from hgdeploy.pipeline import optimize_graph, passes_unsupported
+
+    paths = {"patched": tmp_path / "patched.onnx"}
+    paths["patched"].write_bytes(b"")
+    assert passes_unsupported(paths) is None
+    (tmp_path / "patched.onnx.data").write_bytes(b"")
+    assert "patched.onnx.data" in passes_unsupported(paths)
+    with pytest.raises(UserError, match="2 GB"):
+        optimize_graph(paths, tmp_path)
