@@ -25,7 +25,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from hgdeploy.adapters.registry import build_models
+from hgdeploy.adapters.registry import Models, build_models
 from hgdeploy.checks import cosine
 from hgdeploy.export import INPUT_NAME, export_onnx
 from hgdeploy.flops import count_gflops_fast
@@ -38,12 +38,15 @@ PUBLISHED = REPO_ROOT / "scripts" / "published_gflops.toml"
 README = REPO_ROOT / "README.md"
 
 
-def gflops(recipe: str, overrides: list[str]) -> dict[str, float]:
-    rec = load_recipe(recipe, overrides)
-    models = build_models(rec)
-    x = torch.zeros(1, 3, *rec.input_size)
+def count(models: Models, size: tuple[int, int]) -> dict[str, float]:
+    x = torch.zeros(1, 3, *size)
     base, patched = count_gflops_fast(models.baseline, x), count_gflops_fast(models.patched, x)
     return {"baseline": base.total, "patched": patched.total, "clustering": patched.clustering}
+
+
+def gflops(recipe: str, overrides: list[str]) -> dict[str, float]:
+    rec = load_recipe(recipe, overrides)
+    return count(build_models(rec), rec.input_size)
 
 
 def published_rows() -> list[dict]:
@@ -78,7 +81,7 @@ def parity_row(recipe: str, folder: Path) -> dict:
                  "plan": f"alpha={models.plan.alpha}, {models.plan.grid[0]}x{models.plan.grid[1]}, "
                          f"rebuilt after {models.plan.reconstruct_after}" + (
                              " (logits)" if models.plan.reconstruct_on == "logits" else "")}
-    g = gflops(recipe, [])
+    g = count(models, rec.input_size)
     row |= {"gflops_baseline": g["baseline"], "gflops_patched": g["patched"], "gflops_clustering": g["clustering"]}
     names = models.family.output_names
     for key, model in (("baseline", models.baseline), ("patched", models.patched)):

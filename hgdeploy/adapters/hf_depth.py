@@ -33,9 +33,10 @@ from hgdeploy.adapters.checkpoints import (
     existing,
     load_state_strict,
     read_safetensors,
-    read_torch_file,
+    read_weights,
     state_dict_from,
 )
+from hgdeploy.adapters.dinov2 import dinov2_key
 from hgdeploy.adapters.registry import Family, register
 from hgdeploy.adapters.span import insert_span
 from hgdeploy.errors import UserError
@@ -52,12 +53,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # save_pretrained in transformers 5 writes DINOv2's attention weights under their legacy names (and
 # hub checkpoints have them); the modules use the new ones. Same renames as transformers'
 # conversion_mapping.py entry "Dinov2Model"; applied only to keys the model does not have.
-_DINOV2_RENAMES = {
-    "attention.attention.query.": "attention.q_proj.",
-    "attention.attention.key.": "attention.k_proj.",
-    "attention.attention.value.": "attention.v_proj.",
-    "attention.output.dense.": "attention.o_proj.",
-}
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 SHARD_INDEX = "model.safetensors.index.json"
 
@@ -307,14 +302,6 @@ def check_supported(family: str, config: Any, where: Path) -> None:
                         f"need transformers' fused-MLP conversion; use the small, base or large model")
 
 
-def _rename_legacy(key: str, model_keys: set[str], renames: dict[str, str]) -> str:
-    if key in model_keys:
-        return key
-    for old, new in renames.items():
-        key = key.replace(old, new)
-    return key
-
-
 def read_folder_weights(folder: Path) -> tuple[dict[str, Tensor], str]:
     """The state dict in a save_pretrained folder: model.safetensors, its shards, or pytorch_model.bin."""
     index = folder / SHARD_INDEX
@@ -330,16 +317,16 @@ def read_folder_weights(folder: Path) -> tuple[dict[str, Tensor], str]:
     for name in WEIGHT_FILES:
         path = folder / name
         if path.is_file():
-            raw = read_safetensors(path) if path.suffix == ".safetensors" else read_torch_file(path)
-            return state_dict_from(raw, str(path)), str(path)
+            return state_dict_from(read_weights(path), str(path)), str(path)
     raise UserError(f"{folder} has a config.json but no weights ({' or '.join(WEIGHT_FILES)})")
 
 
 def load_weights(model: HFDepth, folder: Path) -> None:
     state, source = read_folder_weights(folder)
-    keys = set(model.hf.state_dict())
-    renames = _DINOV2_RENAMES if isinstance(model, DepthAnythingDepth) else {}
-    load_state_strict(model.hf, {_rename_legacy(k, keys, renames): v for k, v in state.items()}, source)
+    if isinstance(model, DepthAnythingDepth):  # its DINOv2 backbone is saved under the old attention names
+        keys = set(model.hf.state_dict())
+        state = {dinov2_key(k, keys): v for k, v in state.items()}
+    load_state_strict(model.hf, state, source)
 
 
 @contextlib.contextmanager

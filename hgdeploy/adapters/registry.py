@@ -130,8 +130,7 @@ def build_models(recipe: Recipe) -> Models:
     check_options(family, recipe.options)
     baseline = family.load(recipe.checkpoint, recipe.input_size, recipe.options).eval()
     depth, reads = family.depth(baseline), family.head_reads(baseline)
-    alpha = recipe.data["cluster"]["alpha"]
-    default_after = default_reconstruct_after(reads, alpha, depth) if isinstance(alpha, int) else depth
+    default_after = default_reconstruct_after(reads, recipe.data["cluster"]["alpha"], depth)
     plan = recipe.plan(family.token_grid(baseline), depth, default_after)
     if plan.reconstruct_on not in family.reconstruct_on:
         raise UserError(f"cluster.reconstruct_on={plan.reconstruct_on!r} is not supported by family {family.name} "

