@@ -8,14 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 from hgdeploy.errors import UserError
 
 EXIT_OK, EXIT_PARITY_FAILED, EXIT_USAGE = 0, 1, 2  # 1 also: lint findings
-DEFAULT_OUT = Path("runs")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         "build": "build engines for the exported models with an engine profile (writes a manifest)",
         "check": "parity (engine vs PyTorch) and fidelity (patched vs original) on real photos",
         "flops": "GFLOPs of the baseline and patched models (one multiply-add = one FLOP)",
-        "bench": "median/p90 latency of torch eager and the engine, baseline and patched, interleaved in one run",
+        "bench": "median/p90 latency of the engine (and with --torch of torch eager), baseline and patched, interleaved",
     }
     lint = sub.add_parser("lint", help="will TensorRT's ONNX parser take MODEL.onnx? (no GPU needed)",
                           description="Check every op, attribute and type against the support matrix of TensorRT's "
@@ -85,12 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
             _add_images(p)
         if name != "flops":
             _add_out(p, "ONNX files and reports" if name != "bench" else "the exported ONNX (default: a temporary folder)")
+        if name == "bench":
+            p.add_argument("--torch", action="store_true",
+                           help="time the PyTorch models (eager, CPU) too, interleaved with the engines")
         _add_json(p)
     return parser
-
-
-def _out_dir(args: argparse.Namespace, recipe_name: str) -> Path:
-    return args.out if args.out is not None else DEFAULT_OUT / recipe_name
 
 
 def _emit(report: dict[str, Any], as_json: bool, keys: list[str] | None = None) -> None:
@@ -123,24 +120,9 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from hgdeploy import pipeline, progress
-    from hgdeploy.report import render_markdown, write_report
+    from hgdeploy.report import render_markdown
 
-    job = pipeline.prepare(args.recipe, args.overrides, args.engine, args.images, need_profile=True, need_photos=True)
-    out = _out_dir(args, job.recipe.name)
-    report: dict[str, Any] = pipeline.describe(job) | {"backend": pipeline.backend_info(job)}
-    report["images"] = [p.name for p in job.photos or []]
-    with pipeline.staged_output(out) as stage:
-        paths = pipeline.export_models(job, stage)
-        skipped = pipeline.passes_unsupported(paths)
-        if skipped:
-            progress.info(f"graph passes skipped: {skipped}")
-            report["optimize_skipped"] = skipped
-        else:
-            report |= pipeline.optimize_graph(paths, stage)
-        report |= pipeline.check(job, paths)
-        report |= pipeline.flops(job)
-        report |= pipeline.bench(job, paths)
-        write_report(stage, report)
+    report, out = pipeline.run(args.recipe, args.overrides, args.engine, args.images, args.out)
     progress.info(f"wrote {out}/baseline.onnx, patched.onnx, patched.opt.onnx, report.json, report.md")
     if args.json:
         print(json.dumps(report, indent=2))
@@ -152,23 +134,25 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from hgdeploy import pipeline
 
-    job = pipeline.prepare(args.recipe, args.overrides)
-    out = _out_dir(args, job.recipe.name)
-    with pipeline.staged_output(out) as stage:
-        paths = pipeline.export_models(job, stage)
-        names = {k: p.name for k, p in paths.items()}
-    report = pipeline.describe(job) | {"onnx": {k: str(out / n) for k, n in names.items()}}
-    _emit(report, args.json, ["plan", "onnx"])
+    _emit(pipeline.export(args.recipe, args.overrides, args.out), args.json, ["plan", "onnx"])
     return EXIT_OK
 
 
-def cmd_optimize(args: argparse.Namespace) -> int:
-    from hgdeploy import pipeline
+def _folder_and_profile(args: argparse.Namespace) -> tuple[Path, Any]:
+    """The exported folder a deploy-side command reads (from the recipe's name) and its engine profile."""
+    from hgdeploy.backends import load_profile
+    from hgdeploy.deploy import output_folder
+    from hgdeploy.recipe import load_recipe
 
-    job = pipeline.prepare(args.recipe, args.overrides, args.engine, need_profile=True)
-    paths = pipeline.existing_onnx(_out_dir(args, job.recipe.name))
-    report = pipeline.optimize_graph(paths, paths["patched"].parent)
-    report |= pipeline.bench(job, paths)
+    recipe = load_recipe(args.recipe, args.overrides)
+    profile = load_profile(args.engine)
+    return output_folder(recipe.name, args.out), profile
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    from hgdeploy import deploy
+
+    report = deploy.optimize_folder(*_folder_and_profile(args))
     _emit(report, args.json, ["optimize", "lint", "latency_ms", "speedup"])
     return EXIT_OK
 
@@ -191,7 +175,7 @@ def cmd_lint(args: argparse.Namespace) -> int:
 
 
 def cmd_families(args: argparse.Namespace) -> int:
-    from hgdeploy.adapters.registry import families
+    from hgdeploy.adapters.catalogue import families
     from hgdeploy.recipe import bundled_recipes
 
     recipes = bundled_recipes()
@@ -215,32 +199,16 @@ def cmd_families(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from hgdeploy import pipeline
-    from hgdeploy.backends import file_sha256, make_runner
-    from hgdeploy.report import to_json, write_atomic
+    from hgdeploy import deploy
 
-    job = pipeline.prepare(args.recipe, args.overrides, args.engine, need_profile=True)
-    out = _out_dir(args, job.recipe.name)
-    paths = pipeline.existing_onnx(out)
-    assert job.profile is not None
-    manifest: dict[str, Any] = {"profile": pipeline.backend_info(job), "engines": {}}
-    for key, path in paths.items():
-        with pipeline.progress.step(f"Building {job.profile.name} engine for {path.name}"):
-            with make_runner(path, job.profile) as runner:
-                meta = runner.get_input_metadata()
-        manifest["engines"][key] = {"source": str(path), "source_sha256": file_sha256(path),
-                                    "inputs": {n: list(m.shape) for n, m in meta.items()}}
-    write_atomic(out / f"engine.{job.profile.name}.json", to_json(manifest))
-    _emit({"backend": manifest["profile"], "engines": manifest["engines"]}, args.json)
+    _emit(deploy.build(*_folder_and_profile(args)), args.json)
     return EXIT_OK
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     from hgdeploy import pipeline
 
-    job = pipeline.prepare(args.recipe, args.overrides, args.engine, args.images, need_profile=True, need_photos=True)
-    paths = pipeline.existing_onnx(_out_dir(args, job.recipe.name))
-    report = pipeline.describe(job) | pipeline.check(job, paths)
+    report = pipeline.check_folder(args.recipe, args.overrides, args.engine, args.images, args.out)
     _emit(report, args.json, ["plan", "parity", "fidelity"])
     return EXIT_OK if report["parity"]["passed"] else EXIT_PARITY_FAILED
 
@@ -248,24 +216,20 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_flops(args: argparse.Namespace) -> int:
     from hgdeploy import pipeline
 
-    job = pipeline.prepare(args.recipe, args.overrides)
-    report = pipeline.describe(job) | pipeline.flops(job)
-    _emit(report, args.json, ["plan", "gflops"])
+    _emit(pipeline.flops_report(args.recipe, args.overrides), args.json, ["plan", "gflops"])
     return EXIT_OK
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from hgdeploy import pipeline
+    """Engines only on an exported folder (no PyTorch needed); with --torch, or without a folder, via the models."""
+    if args.out is not None and not args.torch:
+        from hgdeploy import deploy
 
-    job = pipeline.prepare(args.recipe, args.overrides, args.engine, need_profile=True)
-    report = pipeline.describe(job) | {"backend": pipeline.backend_info(job)} | pipeline.flops(job)
-    if args.out is not None:
-        report |= pipeline.bench(job, pipeline.existing_onnx(args.out), with_torch=True)
+        report = deploy.bench(*_folder_and_profile(args))
     else:
-        with tempfile.TemporaryDirectory(prefix="hgdeploy-bench-") as tmp:
-            paths = pipeline.export_models(job, Path(tmp))
-            pipeline.optimize_graph(paths, Path(tmp))
-            report |= pipeline.bench(job, paths, with_torch=True)
+        from hgdeploy import pipeline
+
+        report = pipeline.bench_models(args.recipe, args.overrides, args.engine, args.out, args.torch)
     _emit(report, args.json, ["plan", "backend", "gflops", "latency_ms", "latency", "speedup", "speedup_torch"])
     return EXIT_OK
 

@@ -1,4 +1,4 @@
-"""What recipes and engine profiles share: finding a bundled TOML by name, naming unknown keys."""
+"""What recipes and engine profiles share: where bundled TOMLs live, finding one by name, naming unknown keys."""
 
 from __future__ import annotations
 
@@ -7,6 +7,13 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from hgdeploy.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def bundled_folders(subdir: str) -> tuple[Path, Path]:
+    """Where bundled TOMLs of `subdir` ("export", "engines") live: inside the installed wheel, then the checkout."""
+    return (Path(__file__).resolve().parent / f"_{'recipes' if subdir == 'export' else subdir}", REPO_ROOT / subdir)
 
 
 def resolve_toml(arg: str | None, default: str, folders: Iterable[Path], subdir: str, what: str) -> Path:

@@ -16,28 +16,22 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import onnx
 import torch
 from torch import nn
 
+from hgdeploy.contract import CLUSTERING_METADATA, EXPORT_METADATA, INPUT_NAME, check_model
 from hgdeploy.layers import TokenClustering, TokenReconstruction
 
 OPSET = 18
-# Model metadata key holding, per clustering layer, its module path and constants, so graph passes
-# can find the subgraph (the exporter records module paths as node name scopes) and rebuild it.
-CLUSTERING_METADATA = "hgdeploy.clustering"
-INPUT_NAME = "pixel_values"
-# Ops whose output shape depends on data; the toolkit promises static shapes.
-DATA_DEPENDENT_OPS = frozenset({"NonZero", "Unique", "Loop", "If", "Scan", "NonMaxSuppression", "Compress"})
 _EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GiB limit, with margin
 
 
-class ExportError(RuntimeError):
-    """The exported graph breaks a promise of the toolkit (dynamic shapes, failing checker)."""
+def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, output_names: tuple[str, ...],
+                info: dict | None = None) -> Path:
+    """Export `model` at `example`'s shape to `path` (written atomically), check it, return the path.
 
-
-def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, output_names: tuple[str, ...]) -> Path:
-    """Export `model` at `example`'s shape to `path` (written atomically), check it, return the path."""
+    info: what the export was made from (recipe values, plan), recorded in the model's metadata.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     big = sum(p.numel() * p.element_size() for p in model.parameters()) > _EXTERNAL_DATA_BYTES
@@ -53,6 +47,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, output_name
             specs = clustering_specs(model)
             if specs:
                 program.model.metadata_props[CLUSTERING_METADATA] = json.dumps(specs)
+            if info is not None:
+                program.model.metadata_props[EXPORT_METADATA] = json.dumps(info)
             program.save(str(tmp), external_data=big)
         check_model(tmp)
         for item in sorted(staging.iterdir(), key=lambda f: f.name == path.name):  # the graph last
@@ -67,17 +63,10 @@ def clustering_specs(model: nn.Module) -> list[dict]:
     specs = []
     for name, mod in model.named_modules():
         if isinstance(mod, TokenClustering):
-            specs.append({"scope": name, "kind": "clustering", **mod.spec})
+            specs.append({"scope": name, "kind": "clustering", **mod.spec, "form_reason": mod.form_reason})
         elif isinstance(mod, TokenReconstruction):
             specs.append({"scope": name, "kind": "reconstruction", "k": mod.k, "variant": mod.variant})
     return specs
-
-
-def read_clustering_specs(model: onnx.ModelProto) -> list[dict]:
-    for prop in model.metadata_props:
-        if prop.key == CLUSTERING_METADATA:
-            return json.loads(prop.value)
-    return []
 
 
 @contextlib.contextmanager
@@ -94,28 +83,3 @@ def quiet_exporter():
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
-
-
-def check_model(path: Path) -> onnx.ModelProto:
-    """onnx.checker, strict shape inference, and the static-shape rule. Raises ExportError."""
-    onnx.checker.check_model(str(path), full_check=True)
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False), check_type=True, strict_mode=True, data_prop=True)
-    problems = static_shape_problems(model)
-    if problems:
-        raise ExportError(f"{path.name} is not static: " + "; ".join(problems[:5]))
-    return model
-
-
-def static_shape_problems(model: onnx.ModelProto) -> list[str]:
-    """Why the graph is not fully static, one string per problem (empty when it is)."""
-    g = model.graph
-    problems = [f"{n.op_type} node {n.name or '?'} has a data-dependent shape" for n in g.node if n.op_type in DATA_DEPENDENT_OPS]
-    constants = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
-    for n in g.node:
-        if n.op_type == "TopK" and n.input[1] not in constants:
-            problems.append(f"TopK node {n.name or '?'} has a runtime-computed k")
-    for vi in list(g.input) + list(g.output) + list(g.value_info):
-        t = vi.type.tensor_type
-        if not t.HasField("shape") or any(not d.HasField("dim_value") for d in t.shape.dim):
-            problems.append(f"tensor {vi.name} has an unknown dimension")
-    return problems

@@ -12,6 +12,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from hgdeploy.plan import FORMS, RECONSTRUCTIONS
+
 # Penalty added to the logits of clusters outside a token's neighbourhood (as the official code
 # does). Finite in fp32; a graph pass makes it fp16-safe for TensorRT fp16 engines.
 MASK_PENALTY = 1e16
@@ -117,6 +119,19 @@ def clustering_macs(n: int, m: int, c: int, j: int, t: int, p: int, iters: int) 
     return {"dense": n * m * c + iters * 2 * n * m * c, "local": m * p * c + iters * (n * j * c + m * t * c)}
 
 
+def choose_form(form: str, macs: dict[str, int]) -> tuple[str, str]:
+    """(form, why) for a requested form: "auto" takes the one with fewer multiply-adds.
+
+    Both forms' costs grow linearly with the channel count, so the choice holds for any width.
+    """
+    if form not in FORMS:
+        raise ValueError(f"unknown clustering form {form!r}")
+    chosen = min(macs, key=macs.get) if form == "auto" else form
+    other = "local" if chosen == "dense" else "dense"
+    why = "auto: fewer multiply-adds" if form == "auto" else "set by cluster.form"
+    return chosen, f"{why}; the {other} form needs {macs[other] / max(macs[chosen], 1):.2f}x the multiply-adds"
+
+
 class TokenClustering(nn.Module):
     """Local soft k-means: [B, N, C] tokens -> [B, M, C] cluster centres.
 
@@ -140,11 +155,8 @@ class TokenClustering(nn.Module):
         index, valid = neighbour_table(token_grid, grid, neighbours)
         token, slot, ok = inverse_table(index, valid, pool.shape[0])
         pool_col, pool_w = sparse_rows(pool)
-        if form == "auto":
-            macs = clustering_macs(pool.shape[1], pool.shape[0], 1, index.shape[1], token.shape[1], pool_col.shape[1], iters)
-            form = min(macs, key=macs.get)
-        if form not in ("dense", "local"):
-            raise ValueError(f"unknown clustering form {form!r}")
+        macs = clustering_macs(pool.shape[1], pool.shape[0], 1, index.shape[1], token.shape[1], pool_col.shape[1], iters)
+        form, self.form_reason = choose_form(form, macs)
         self.form = form
         self.spec["form"] = form
         if form == "dense":
@@ -212,7 +224,7 @@ class TokenReconstruction(nn.Module):
 
     def __init__(self, k: int, tau: float, variant: str = "softmax"):
         super().__init__()
-        if variant not in ("softmax", "official"):
+        if variant not in RECONSTRUCTIONS:
             raise ValueError(f"unknown reconstruction variant {variant!r}")
         self.k = k
         self.inv_tau = 1.0 / tau

@@ -31,16 +31,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from hgdeploy.contract import ALWAYS_DATA_DEPENDENT, CONTROL_FLOW
 from hgdeploy.errors import UserError
 
 SUPPORTED_MAJORS = (8, 10)
 DEFAULT_MAJOR = 10
 TOPK_MAX_K = 3840  # operators.md (10.x): "`K` input must be less than 3840"; ITopKLayer's limit
 DEFAULT_DOMAINS = frozenset({"", "ai.onnx"})
-# Same set as export.DATA_DEPENDENT_OPS (a test keeps them equal); kept here so that linting does
-# not import torch. Loop/If/Scan are only data-dependent when an output has no static shape.
-ALWAYS_DATA_DEPENDENT = frozenset({"NonZero", "Unique", "NonMaxSuppression", "Compress"})
-CONTROL_FLOW = frozenset({"Loop", "If", "Scan"})
 
 
 @dataclass(frozen=True)
@@ -259,27 +256,29 @@ class Graph:
             return None
 
 
+def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """The If/Loop/Scan bodies a node holds."""
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
 def _walk(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    """Every node, including those in If/Loop/Scan bodies (the parser imports those too)."""
+    """Every node, each followed by the nodes of its bodies (the parser imports those too)."""
     for node in graph.node:
         yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _walk(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _walk(g)
+        for body in _subgraphs(node):
+            yield from _walk(body)
 
 
 def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """The graph and every body inside it."""
     yield graph
     for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _graphs(g)
+        for body in _subgraphs(node):
+            yield from _graphs(body)
 
 
 def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:

@@ -2,29 +2,29 @@
 
 The order is explicit (PASSES). Each pass does one thing, says what it did in `ctx.notes`, and
 raises instead of swallowing errors. The clustering subgraphs are found by structure the exporter
-records: every node carries the module path it came from (`pkg.torch.onnx.name_scopes`), and the
-model's metadata lists the clustering/reconstruction layers (hgdeploy.export.CLUSTERING_METADATA).
+records (see hgdeploy.contract): every node carries the module path it came from, and the model's
+metadata lists the clustering/reconstruction layers. The passes need onnx and graph-surgeon, never
+torch: the clustering form is chosen once, when the model is patched, not here.
 """
 
 from __future__ import annotations
 
-import ast
-import json
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import torch
 
-from hgdeploy.export import CLUSTERING_METADATA, ExportError, export_onnx, read_clustering_specs, static_shape_problems
-from hgdeploy.layers import TokenClustering, clustering_macs, inverse_table, neighbour_table, pooling_matrix, sparse_rows
+from hgdeploy.contract import (
+    FP32_MARKER,
+    ExportError,
+    node_scopes,
+    read_clustering_specs,
+    static_shape_problems,
+    write_clustering_specs,
+)
 
-# Node-name marker for layers a TensorRT fp16 engine must keep in fp32 (see backends).
-FP32_MARKER = "hgdeploy_fp32"
 FP16_MAX = 65504.0
 # What a masked logit becomes: finite in fp16, and far below any logit a softmax can tell apart.
 MASK_FILL = -60000.0
@@ -37,26 +37,6 @@ class PassContext:
     scopes: dict[str, list[str]]
     specs: list[dict]
     notes: list[str] = field(default_factory=list)
-
-    def scope_nodes(self, graph: gs.Graph, scope: str) -> list[gs.Node]:
-        return [n for n in graph.nodes if scope in self.scopes.get(n.name, ())]
-
-
-def node_scopes(model: onnx.ModelProto) -> dict[str, list[str]]:
-    """Node name -> module paths it was exported from (empty when the exporter recorded none)."""
-    out: dict[str, list[str]] = {}
-    for node in model.graph.node:
-        for prop in node.metadata_props:
-            if prop.key == "pkg.torch.onnx.name_scopes":
-                out[node.name] = ast.literal_eval(prop.value)
-    return out
-
-
-def is_layer_node(model: onnx.ModelProto) -> Callable[[onnx.NodeProto], bool]:
-    """Predicate: does a node belong to a clustering/reconstruction layer (before or after the passes)?"""
-    scopes = node_scopes(model)
-    layer_scopes = [s["scope"] for s in read_clustering_specs(model)]
-    return lambda n: n.name.startswith(FP32_MARKER) or any(s in scopes.get(n.name, ()) for s in layer_scopes)
 
 
 # ---------------------------------------------------------------------------------------- passes
@@ -121,85 +101,6 @@ def drop_softmax_invariant_terms(graph: gs.Graph, ctx: PassContext) -> gs.Graph:
         node.inputs[0] = _strip_invariant(x, int(node.attrs.get("axis", -1)), rank, dropped)
     graph.cleanup().toposort()
     ctx.notes.append(f"drop_softmax_invariant_terms: removed {len(dropped)} additive term(s)")
-    return graph
-
-
-def _boundary(graph: gs.Graph, nodes: list[gs.Node], scope: str, num_clusters: int) -> tuple[gs.Variable, gs.Variable]:
-    """The one non-constant tensor z entering a clustering scope and the centres [B, M, C] leaving it.
-
-    Other tensors may leave too (the exporter shares ||z||^2 with the reconstruction); their
-    producers stay in the graph as long as something reads them.
-    """
-    inside = {id(n) for n in nodes}
-    produced = {id(t) for n in nodes for t in n.outputs}
-    ins = {id(t): t for n in nodes for t in n.inputs if isinstance(t, gs.Variable) and id(t) not in produced}
-    if len(ins) != 1:
-        raise ExportError(f"clustering subgraph {scope} reads {len(ins)} tensors, expected 1")
-    z = next(iter(ins.values()))
-    out_shape = [int(z.shape[0]), num_clusters, int(z.shape[-1])]
-    outs = [t for n in nodes for t in n.outputs
-            if (t in graph.outputs or any(id(c) not in inside for c in t.outputs)) and list(t.shape or []) == out_shape]
-    if len(outs) != 1:
-        raise ExportError(f"clustering subgraph {scope} has {len(outs)} outputs of shape {out_shape}, expected 1")
-    return z, outs[0]
-
-
-def form_costs(spec: dict, channels: int) -> dict[str, int]:
-    """MACs of the dense and local clustering forms for one layer (same model as TokenClustering)."""
-    tg, g = tuple(spec["token_grid"]), tuple(spec["grid"])
-    pool = pooling_matrix(tg, g)
-    index, valid = neighbour_table(tg, g, spec["neighbours"])
-    token, _, _ = inverse_table(index, valid, pool.shape[0])
-    col, _ = sparse_rows(pool)
-    n, m = pool.shape[1], pool.shape[0]
-    return clustering_macs(n, m, channels, index.shape[1], token.shape[1], col.shape[1], spec["iters"])
-
-
-def _import_subgraph(module: torch.nn.Module, example: torch.Tensor, prefix: str) -> gs.Graph:
-    """Export `module` on its own and import it with every name prefixed (no clashes on splicing)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = export_onnx(module, example, Path(tmp) / "sub.onnx", ("s",))
-        sub = gs.import_onnx(onnx.load(str(path)))
-    for tensor in sub.tensors().values():
-        tensor.name = f"{prefix}/{tensor.name}"
-    for i, node in enumerate(sub.nodes):
-        node.name = f"{prefix}/{node.name or i}"
-    return sub
-
-
-def lower_clustering(graph: gs.Graph, ctx: PassContext) -> gs.Graph:
-    """Give every clustering layer the cheaper of its two forms (dense masked [N, M] or local gathers).
-
-    The replacement is the toolkit's own TokenClustering in the other form, exported on its own and
-    spliced between the same input and output tensors, so both forms come from one definition.
-    """
-    for spec in [s for s in ctx.specs if s["kind"] == "clustering"]:
-        nodes = ctx.scope_nodes(graph, spec["scope"])
-        if not nodes:
-            raise ExportError(f"no nodes of clustering layer {spec['scope']} in the graph")
-        z, s = _boundary(graph, nodes, spec["scope"], int(np.prod(spec["grid"])))
-        costs = form_costs(spec, int(z.shape[-1]))
-        best = min(costs, key=costs.get)
-        if best == spec["form"]:
-            ctx.notes.append(f"lower_clustering: {spec['scope']} kept {best} ({costs[best] / 1e6:.1f} MMACs, "
-                             f"other form {max(costs.values()) / 1e6:.1f})")
-            continue
-        module = TokenClustering(tuple(spec["token_grid"]), tuple(spec["grid"]), spec["neighbours"], spec["iters"],
-                                 spec["tau"], form=best).eval()
-        sub = _import_subgraph(module, torch.zeros([int(d) for d in z.shape]), f"{spec['scope']}.{best}")
-        sub_in, sub_out = sub.inputs[0], sub.outputs[0]
-        for node in sub.nodes:
-            node.inputs = [z if t is sub_in else t for t in node.inputs]
-        s.inputs.clear()
-        producer = sub_out.inputs[0]
-        producer.outputs = [s if t is sub_out else t for t in producer.outputs]
-        graph.nodes.extend(sub.nodes)
-        for node in sub.nodes:
-            ctx.scopes[node.name] = [spec["scope"]]
-        ctx.notes.append(f"lower_clustering: {spec['scope']} {spec['form']} -> {best} "
-                         f"({costs[spec['form']] / 1e6:.1f} -> {costs[best] / 1e6:.1f} MMACs)")
-        spec["form"] = best
-        graph.cleanup().toposort()
     return graph
 
 
@@ -275,7 +176,6 @@ def check_static(graph: gs.Graph, ctx: PassContext) -> gs.Graph:
 Pass = Callable[[gs.Graph, PassContext], gs.Graph]
 PASSES: list[tuple[str, Pass]] = [
     ("fold_constants", fold_constants),
-    ("lower_clustering", lower_clustering),
     ("drop_softmax_invariant_terms", drop_softmax_invariant_terms),
     ("fp16_safe_masks", fp16_safe_masks),
     ("mark_fp32", mark_fp32),
@@ -293,7 +193,6 @@ def optimize(model: onnx.ModelProto, passes: list[tuple[str, Pass]] | None = Non
     out = gs.export_onnx(graph)
     out.ir_version = model.ir_version
     for prop in model.metadata_props:
-        if prop.key != CLUSTERING_METADATA:
-            out.metadata_props.add(key=prop.key, value=prop.value)
-    out.metadata_props.add(key=CLUSTERING_METADATA, value=json.dumps(ctx.specs))
+        out.metadata_props.add(key=prop.key, value=prop.value)
+    write_clustering_specs(out, ctx.specs)
     return out, ctx.notes

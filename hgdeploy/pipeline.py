@@ -1,40 +1,36 @@
-"""The steps behind every CLI command: prepare (validate everything), export, flops, check, bench.
+"""The steps behind every command that needs the PyTorch models: prepare, export, FLOPs, check, run.
 
 `prepare` reads and validates all user input before anything is written, so bad input never
 leaves a half-written output folder. Output files are staged and moved into place at the end.
+The steps on ONNX files alone (passes, engine builds and timings) live in `hgdeploy.deploy`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import shutil
 import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
-import onnx
 import torch
 
-from hgdeploy import progress
-from hgdeploy.adapters.registry import Models, build_models
-from hgdeploy.backends import EngineProfile, backend_versions, load_profile, make_runner, torch_runner
-from hgdeploy.bench import bench_interleaved, machine_info
+from hgdeploy import deploy, progress
+from hgdeploy.backends import EngineProfile, load_profile, make_runner
+from hgdeploy.backends.pyt import torch_runner
 from hgdeploy.checks import fidelity, outputs_of, parity, run_all
+from hgdeploy.contract import INPUT_NAME
 from hgdeploy.errors import UserError
-from hgdeploy.export import INPUT_NAME, check_model, export_onnx
-from hgdeploy.flops import count_gflops_fast, onnx_gflops
+from hgdeploy.export import export_onnx
+from hgdeploy.flops import count_gflops_fast
 from hgdeploy.images import Photo, load_photos, to_batch
 from hgdeploy.layers import TokenClustering
-from hgdeploy.lint import DEFAULT_MAJOR, format_finding, lint_model
-from hgdeploy.passes import PASSES, is_layer_node, optimize
+from hgdeploy.outputs import staged_output
+from hgdeploy.patching import Models, build_models
 from hgdeploy.recipe import Recipe, load_recipe
-from hgdeploy.report import write_atomic_bytes
-
-ONNX_FILES = {"baseline": "baseline.onnx", "patched": "patched.onnx", "optimized": "patched.opt.onnx"}
+from hgdeploy.report import write_report
 
 
 @dataclass
@@ -76,82 +72,26 @@ def prepare(recipe: str | None, overrides: list[str] | None = None, engine: str 
 
 
 def describe(job: Job) -> dict[str, Any]:
-    """Report keys every command shares: recipe, plan, preprocessing."""
-    forms = sorted({m.form for m in job.models.patched.modules() if isinstance(m, TokenClustering)})
+    """Report keys every command shares: recipe, plan (with the clustering form and why), preprocessing."""
+    layers = [m for m in job.models.patched.modules() if isinstance(m, TokenClustering)]
+    forms = {"clustering_form": ",".join(sorted({m.form for m in layers})),
+             "clustering_form_reason": "; ".join(sorted({m.form_reason for m in layers}))}
     return {
         "recipe": {"name": job.recipe.name, "path": job.recipe.path, "values": job.recipe.data},
-        "plan": job.models.plan.to_dict() | {"clustering_form": ",".join(forms)},
+        "plan": job.models.plan.to_dict() | forms,
         "preprocess": dataclasses.asdict(job.models.preprocess),
     }
-
-
-@contextlib.contextmanager
-def staged_output(out: Path) -> Iterator[Path]:
-    """A hidden staging folder beside `out`; its files replace those in `out` only on success."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
-    try:
-        yield staging
-        out.mkdir(parents=True, exist_ok=True)
-        for item in staging.iterdir():
-            item.replace(out / item.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def export_models(job: Job, folder: Path) -> dict[str, Path]:
     """baseline.onnx and patched.onnx in `folder`, exported at the recipe's input size and checked."""
     paths = {}
     names = job.models.family.output_names
+    info = describe(job)
     for key, model in (("baseline", job.models.baseline), ("patched", job.models.patched)):
-        with progress.step(f"Exporting {ONNX_FILES[key]} (opset 18, static shapes, checked)"):
-            paths[key] = export_onnx(model, job.example, Path(folder) / ONNX_FILES[key], names)
+        with progress.step(f"Exporting {deploy.ONNX_FILES[key]} (opset 18, static shapes, checked)"):
+            paths[key] = export_onnx(model, job.example, Path(folder) / deploy.ONNX_FILES[key], names, info)
     return paths
-
-
-def existing_onnx(folder: Path) -> dict[str, Path]:
-    """baseline/patched (required) and the optimized graph (when `hgdeploy optimize` made one)."""
-    paths = {k: Path(folder) / v for k, v in ONNX_FILES.items() if (Path(folder) / v).is_file()}
-    missing = [str(Path(folder) / ONNX_FILES[k]) for k in ("baseline", "patched") if k not in paths]
-    if missing:
-        raise UserError(f"{', '.join(missing)} not found; run `hgdeploy export` with the same --out first")
-    return paths
-
-
-def deployed(paths: dict[str, Path]) -> Path:
-    """The patched graph an engine is built from: the optimized one when it exists."""
-    return paths.get("optimized", paths["patched"])
-
-
-def passes_unsupported(paths: dict[str, Path]) -> str | None:
-    """Why the graph passes cannot run on this export (None when they can)."""
-    data = paths["patched"].with_name(paths["patched"].name + ".data")
-    if data.exists():
-        return (f"{paths['patched'].name} keeps its weights in {data.name} (over protobuf's 2 GB limit); the graph "
-                f"passes work on graphs held in memory and do not support that yet: build, check and bench "
-                f"{paths['patched'].name} directly")
-    return None
-
-
-def optimize_graph(paths: dict[str, Path], folder: Path) -> dict[str, Any]:
-    """Run the graph passes on patched.onnx -> patched.opt.onnx; node counts and GFLOPs before/after."""
-    reason = passes_unsupported(paths)
-    if reason:
-        raise UserError(reason)
-    model = onnx.load(str(paths["patched"]))
-    with progress.step(f"Optimizing {paths['patched'].name}: {', '.join(name for name, _ in PASSES)}"):
-        out, notes = optimize(model)
-    target = Path(folder) / ONNX_FILES["optimized"]
-    write_atomic_bytes(target, out.SerializeToString())
-    check_model(target)
-    paths["optimized"] = target
-    before, after = onnx_gflops(model, is_layer_node(model)), onnx_gflops(out, is_layer_node(out))
-    findings = lint_model(out, DEFAULT_MAJOR)
-    return {"optimize": {"passes": notes, "nodes": {"before": len(model.graph.node), "after": len(out.graph.node)},
-                         "gflops": {"before": before.to_dict(), "after": after.to_dict()}},
-            "lint": {"model": target.name, "trt_major": DEFAULT_MAJOR, "clean": not findings,
-                     "findings": [format_finding(f) for f in findings]}}
 
 
 def flops(job: Job) -> dict[str, Any]:
@@ -162,49 +102,97 @@ def flops(job: Job) -> dict[str, Any]:
                        "ratio": patched.total / base.total}}
 
 
+def torch_runners(job: Job) -> dict[str, Any]:
+    """The unpatched and patched PyTorch models as runners (CPU, eager)."""
+    names, example = job.models.family.output_names, job.example
+    return {"torch_patched": torch_runner(job.models.patched, example, names, INPUT_NAME, "torch-patched"),
+            "torch_baseline": torch_runner(job.models.baseline, example, names, INPUT_NAME, "torch-baseline")}
+
+
 def check(job: Job, paths: dict[str, Path]) -> dict[str, Any]:
     """Parity of the patched engine against PyTorch, fidelity of patched against unpatched PyTorch."""
     assert job.profile is not None
-    names = job.models.family.output_names
-    example = job.example
-    runners = [
-        torch_runner(job.models.patched, example, names, INPUT_NAME, "torch-patched"),
-        make_runner(deployed(paths), job.profile),
-        torch_runner(job.models.baseline, example, names, INPUT_NAME, "torch-baseline"),
-    ]
+    torch_side = torch_runners(job)
+    runners = [torch_side["torch_patched"], make_runner(deploy.deployed(paths), job.profile),
+               torch_side["torch_baseline"]]
     feeds = job.feeds()
     with progress.step(f"Running {len(feeds)} images through PyTorch (baseline, patched) and the {job.profile.name} engine"):
         results = run_all(runners, feeds)
     torch_patched, engine, torch_base = (outputs_of(results, r.name) for r in runners)
     par = parity(engine, torch_patched, job.profile.cosine_min, job.profile.max_abs)
     fid = fidelity(torch_patched, torch_base, dict(job.models.family.outputs), [p.name for p in job.photos or []])
-    return {"parity": par.to_dict() | {"engine_model": deployed(paths).name}, "fidelity": fid}
+    return {"parity": par.to_dict() | {"engine_model": deploy.deployed(paths).name}, "fidelity": fid}
 
 
 def bench(job: Job, paths: dict[str, Path], with_torch: bool = False) -> dict[str, Any]:
     """Median latency of the baseline and patched engines (the unoptimized graph too, when there is an
     optimized one; torch eager too with `with_torch`), all interleaved in one run."""
     assert job.profile is not None
-    p = job.profile
-    runners = {"baseline": make_runner(paths["baseline"], p), "patched": make_runner(deployed(paths), p)}
-    if "optimized" in paths:
-        runners["patched_unoptimized"] = make_runner(paths["patched"], p)
-    if with_torch:
-        names = job.models.family.output_names
-        runners["torch_baseline"] = torch_runner(job.models.baseline, job.example, names, INPUT_NAME, "torch-baseline")
-        runners["torch_patched"] = torch_runner(job.models.patched, job.example, names, INPUT_NAME, "torch-patched")
-    feed = {INPUT_NAME: job.example.numpy()}
-    with progress.step(f"Timing {', '.join(runners)} ({p.warmup} warm-up, {p.runs} interleaved runs)",
-                       total=p.runs) as advance:
-        timings = bench_interleaved(runners, feed, p.warmup, p.runs, on_round=lambda _: advance())
-    lat = {k: t.median_ms for k, t in timings.items()}
-    out = {"latency_ms": lat, "latency": {k: t.to_dict() for k, t in timings.items()},
-           "speedup": lat["baseline"] / lat["patched"]}
-    if with_torch:
-        out["speedup_torch"] = lat["torch_baseline"] / lat["torch_patched"]
-    return out
+    runners = deploy.engine_runners(paths, job.profile) | (torch_runners(job) if with_torch else {})
+    return deploy.time_runners(runners, {INPUT_NAME: job.example.numpy()}, job.profile)
 
 
 def backend_info(job: Job) -> dict[str, Any]:
     assert job.profile is not None
-    return job.profile.to_dict() | {"versions": backend_versions(job.profile), "machine": machine_info()}
+    return deploy.backend_info(job.profile, {"torch": torch.__version__})
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def run(recipe: str | None, overrides: list[str], engine: str | None, images: str | None,
+        out: Path | None) -> tuple[dict[str, Any], Path]:
+    """`hgdeploy run`: export, passes, check, FLOPs and bench into one output folder; (report, folder)."""
+    job = prepare(recipe, overrides, engine, images, need_profile=True, need_photos=True)
+    folder = deploy.output_folder(job.recipe.name, out)
+    report: dict[str, Any] = describe(job) | {"backend": backend_info(job)}
+    report["images"] = [p.name for p in job.photos or []]
+    with staged_output(folder) as stage:
+        paths = export_models(job, stage)
+        skipped = deploy.passes_unsupported(paths)
+        if skipped:
+            progress.info(f"graph passes skipped: {skipped}")
+            report["optimize_skipped"] = skipped
+        else:
+            report |= deploy.optimize_graph(paths, stage)
+        report |= check(job, paths)
+        report |= flops(job)
+        report |= bench(job, paths)
+        write_report(stage, report)
+    return report, folder
+
+
+def export(recipe: str | None, overrides: list[str], out: Path | None) -> dict[str, Any]:
+    """`hgdeploy export`: baseline.onnx and patched.onnx into the output folder."""
+    job = prepare(recipe, overrides)
+    folder = deploy.output_folder(job.recipe.name, out)
+    with staged_output(folder) as stage:
+        names = {k: p.name for k, p in export_models(job, stage).items()}
+    return describe(job) | {"onnx": {k: str(folder / n) for k, n in names.items()}}
+
+
+def check_folder(recipe: str | None, overrides: list[str], engine: str | None, images: str | None,
+                 out: Path | None) -> dict[str, Any]:
+    """`hgdeploy check`: parity and fidelity of an exported folder on photos."""
+    job = prepare(recipe, overrides, engine, images, need_profile=True, need_photos=True)
+    paths = deploy.existing_onnx(deploy.output_folder(job.recipe.name, out))
+    return describe(job) | check(job, paths)
+
+
+def flops_report(recipe: str | None, overrides: list[str]) -> dict[str, Any]:
+    """`hgdeploy flops`."""
+    job = prepare(recipe, overrides)
+    return describe(job) | flops(job)
+
+
+def bench_models(recipe: str | None, overrides: list[str], engine: str | None, out: Path | None,
+                 with_torch: bool) -> dict[str, Any]:
+    """`hgdeploy bench` when PyTorch is involved: torch eager timed too, or no exported folder to time."""
+    job = prepare(recipe, overrides, engine, need_profile=True)
+    report = describe(job) | {"backend": backend_info(job)} | flops(job)
+    if out is not None:
+        return report | bench(job, deploy.existing_onnx(out), with_torch)
+    with tempfile.TemporaryDirectory(prefix="hgdeploy-bench-") as tmp:
+        paths = export_models(job, Path(tmp))
+        deploy.optimize_graph(paths, Path(tmp))
+        return report | bench(job, paths, with_torch)

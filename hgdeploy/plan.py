@@ -1,20 +1,26 @@
 """The clustering plan: every value the two layers need, fixed and validated before patching.
 
-A plan is plain data so that the patched forward pass never has to decide anything at run time
-(that is what keeps the export static).
+One road from a recipe to a plan: the recipe's [cluster] section is parsed once into a
+`PlanRequest`; a family states the facts of a loaded model once (`ModelFacts`); `make_plan` joins
+the two into a validated `ClusterPlan`. Every plan rule lives in this module. A plan is plain data
+so that the patched forward pass never has to decide anything at run time (that is what keeps the
+export static).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
 
 from hgdeploy.errors import UserError
+from hgdeploy.preprocess import Preprocess
 
 RECONSTRUCTIONS = ("softmax", "official")
 FORMS = ("auto", "dense", "local")
 RECONSTRUCT_ON = ("features", "logits")
+# [cluster] keys passed to ClusterPlan as they are (alpha, grid and reconstruct_after are resolved).
+OPTION_KEYS = ("neighbours", "iters", "tau", "k", "reconstruction", "form", "reconstruct_on")
 
 
 def parse_grid(value: Any, what: str = "grid") -> tuple[int, int]:
@@ -120,3 +126,78 @@ def validate(p: ClusterPlan) -> None:
                         f"must be the model's depth {p.depth}, got {p.reconstruct_after}")
     if p.reconstruction not in RECONSTRUCTIONS:
         raise UserError(f"cluster.reconstruction={p.reconstruction!r} must be one of {', '.join(RECONSTRUCTIONS)}")
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What a recipe's [cluster] section asks for, parsed once; a plan only once the model is known.
+
+    reconstruct_after None: the family decides (the first layer a head reads after alpha).
+    """
+
+    alpha: int
+    grid: tuple[int, int]
+    reconstruct_after: int | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_section(cls, cluster: Mapping[str, Any]) -> "PlanRequest":
+        options = {k: cluster[k] for k in OPTION_KEYS if k in cluster}
+        if "tau" in options:
+            options["tau"] = float(options["tau"])
+        return cls(alpha=cluster["alpha"], grid=parse_grid(cluster["grid"], "cluster.grid"),
+                   reconstruct_after=cluster.get("reconstruct_after"), options=options)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a loaded model is, as far as a plan is concerned; each family states it once.
+
+    head_reads: layer counts (c = the output after c blocks) whose outputs a head or neck consumes;
+    a plan must not cluster across them; empty: only the last layer's. preprocess: how photos are
+    prepared for these weights (the recipe's [preprocess] may override it).
+    """
+
+    token_grid: tuple[int, int]
+    depth: int
+    preprocess: Preprocess
+    head_reads: tuple[int, ...] = ()
+
+    @property
+    def reads(self) -> tuple[int, ...]:
+        """The layers a head reads; by default only the last layer's output."""
+        return self.head_reads or (self.depth,)
+
+
+def default_reconstruct_after(reads: tuple[int, ...], alpha: int, depth: int) -> int:
+    """The first layer count after alpha whose output a head reads: clusters cannot reach a head."""
+    later = [r for r in sorted(reads) if r > alpha]
+    return later[0] if later else depth
+
+
+def check_reads(plan: ClusterPlan, reads: tuple[int, ...], family: str) -> None:
+    """A head reading a layer between clustering and reconstruction would get cluster tokens."""
+    inside = [r for r in sorted(reads) if plan.alpha < r < plan.reconstruct_after]
+    if inside:
+        raise UserError(
+            f"{family}: the head reads the output of layer {inside[0]} (1-based), which lies between clustering "
+            f"(after layer {plan.alpha}) and reconstruction (after layer {plan.reconstruct_after}); set "
+            f"cluster.reconstruct_after to at most {inside[0]} or move cluster.alpha to {inside[0]} or later")
+
+
+def make_plan(request: PlanRequest, facts: ModelFacts, family: str,
+              placements: tuple[str, ...] = ("features",)) -> ClusterPlan:
+    """The validated plan for one model: the request's values, the family's defaults and rules.
+
+    placements: the `reconstruct_on` values the family supports.
+    """
+    after = request.reconstruct_after
+    if after is None:
+        after = default_reconstruct_after(facts.reads, request.alpha, facts.depth)
+    plan = ClusterPlan(token_grid=facts.token_grid, grid=request.grid, alpha=request.alpha, reconstruct_after=after,
+                       depth=facts.depth, **request.options)
+    if plan.reconstruct_on not in placements:
+        raise UserError(f"cluster.reconstruct_on={plan.reconstruct_on!r} is not supported by family {family} "
+                        f"(supported: {', '.join(placements)})")
+    check_reads(plan, facts.reads, family)
+    return plan

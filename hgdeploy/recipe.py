@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hgdeploy.config import check_key, resolve_toml
+from hgdeploy.config import bundled_folders, check_key, resolve_toml
 from hgdeploy.errors import UserError
-from hgdeploy.plan import ClusterPlan, parse_grid
+from hgdeploy.plan import PlanRequest, parse_grid
+from hgdeploy.preprocess import RESIZE_MODES, Preprocess
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-BUNDLED_RECIPES = (Path(__file__).resolve().parent / "_recipes", REPO_ROOT / "export")
+BUNDLED_RECIPES = bundled_folders("export")
 DEFAULT_RECIPE = "dinov2_s14_focus"
 
 # section -> key -> accepted Python types. The single source of truth for what a recipe may say.
@@ -38,24 +38,17 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     "ci": {"set": (list,)},
 }
 REQUIRED = {"model": ("family", "input_size"), "cluster": ("alpha", "grid")}
-RESIZE_MODES = ("bilinear", "bicubic")
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """How a photo becomes the model's float32 NCHW input; recorded in every report."""
-
-    size: tuple[int, int]
-    resize: str = "bilinear"
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
 class Recipe:
+    """A validated recipe: the TOML as written (`data`, reported as is) and its values parsed once."""
+
     path: str
     name: str
     data: dict[str, dict[str, Any]]
+    input_size: tuple[int, int]
+    request: PlanRequest  # the [cluster] section; `plan.make_plan` turns it into a plan for a loaded model
 
     @property
     def family(self) -> str:
@@ -74,38 +67,14 @@ class Recipe:
     def ci_overrides(self) -> list[str]:
         return list(self.data.get("ci", {}).get("set", []))
 
-    @property
-    def input_size(self) -> tuple[int, int]:
-        return parse_grid(self.data["model"]["input_size"], "model.input_size")
-
-    def preprocess(self, defaults: Preprocess | None = None) -> Preprocess:
-        base = defaults or Preprocess(self.input_size)
+    def preprocess(self, defaults: Preprocess) -> Preprocess:
+        """The family's preprocessing for these weights, with what the recipe's [preprocess] says on top."""
         p = self.data.get("preprocess", {})
         return Preprocess(
             size=self.input_size,
-            resize=p.get("resize", base.resize),
-            mean=tuple(p.get("mean", base.mean)),
-            std=tuple(p.get("std", base.std)),
-        )
-
-    def plan(self, token_grid: tuple[int, int], depth: int, default_after: int | None = None) -> ClusterPlan:
-        """The clustering plan for a model with this token grid and number of layers.
-
-        default_after: where reconstruction goes when the recipe does not say (the model's depth unless a
-        neck reads an earlier layer).
-        """
-        c = self.data["cluster"]
-        keys = ("neighbours", "iters", "tau", "k", "reconstruction", "form", "reconstruct_on")
-        optional = {k: c[k] for k in keys if k in c}
-        if "tau" in optional:
-            optional["tau"] = float(optional["tau"])
-        return ClusterPlan(
-            token_grid=token_grid,
-            grid=parse_grid(c["grid"], "cluster.grid"),
-            alpha=c["alpha"],
-            reconstruct_after=c.get("reconstruct_after", default_after or depth),
-            depth=depth,
-            **optional,
+            resize=p.get("resize", defaults.resize),
+            mean=tuple(p.get("mean", defaults.mean)),
+            std=tuple(p.get("std", defaults.std)),
         )
 
 
@@ -188,7 +157,7 @@ def load_recipe(name_or_path: str | None = None, overrides: list[str] | tuple[st
         _check_key(section, key, f"--set {text}")
         data.setdefault(section, {})[key] = value
     validate_data(data, f"{path} with --set")
-    recipe = Recipe(path=str(path), name=path.stem, data=data)
-    recipe.input_size  # noqa: B018 - parse now so a bad size fails before any work
-    parse_grid(data["cluster"]["grid"], "cluster.grid")
-    return recipe
+    # Parsed now, once: a bad size or grid fails before any model is loaded.
+    return Recipe(path=str(path), name=path.stem, data=data,
+                  input_size=parse_grid(data["model"]["input_size"], "model.input_size"),
+                  request=PlanRequest.from_section(data["cluster"]))

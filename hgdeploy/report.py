@@ -2,32 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
+import re
 from pathlib import Path
 from typing import Any
 
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and rename: readers never see half a file."""
-    write_atomic_bytes(path, text.encode())
-
-
-def write_atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def to_json(report: dict[str, Any]) -> str:
-    return json.dumps(report, indent=2, sort_keys=False) + "\n"
+from hgdeploy.outputs import to_json, write_atomic
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -91,6 +70,18 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", "Cosine: mean over tokens of the per-token cosine of the final patch tokens. GFLOPs: one multiply-add",
               "= one FLOP (fvcore's convention), batch 1. Latency: medians of interleaved runs after warm-up.", ""]
     return "\n".join(lines)
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    """`text` with the block between <!-- name:start --> and <!-- name:end --> set to `body` (appended if absent).
+
+    How the scripts regenerate README sections from the tool's own output.
+    """
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{body}\n{end}"
+    if start in text:
+        return re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    return text + "\n" + block + "\n"
 
 
 def write_report(out: Path, report: dict[str, Any]) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import re
 import sys
 import tempfile
 import time
@@ -25,13 +24,16 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from hgdeploy.adapters.registry import Models, build_models
 from hgdeploy.checks import cosine
-from hgdeploy.export import INPUT_NAME, export_onnx
+from hgdeploy.config import REPO_ROOT
+from hgdeploy.contract import INPUT_NAME
+from hgdeploy.export import export_onnx
 from hgdeploy.flops import count_gflops_fast
 from hgdeploy.images import sample_photos, to_batch
-from hgdeploy.recipe import REPO_ROOT, load_recipe
-from hgdeploy.report import write_atomic
+from hgdeploy.outputs import write_atomic
+from hgdeploy.patching import Models, build_models
+from hgdeploy.recipe import load_recipe
+from hgdeploy.report import replace_block
 
 RESULTS = REPO_ROOT / "scripts" / "results" / "recipes.json"
 PUBLISHED = REPO_ROOT / "scripts" / "published_gflops.toml"
@@ -98,14 +100,6 @@ def parity_row(recipe: str, folder: Path) -> dict:
         for f in folder.iterdir():
             f.unlink()
     return row
-
-
-def replace_block(text: str, name: str, body: str) -> str:
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    block = f"{start}\n{body}\n{end}"
-    if start in text:
-        return re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-    return text + "\n" + block + "\n"
 
 
 def render_published(rows: list[dict], sweep: list[dict]) -> str:

@@ -7,11 +7,13 @@ import time
 import pytest
 import torch
 
-from hgdeploy.backends import load_profile, make_runner, torch_runner
+from hgdeploy.backends import load_profile, make_runner
+from hgdeploy.backends.pyt import torch_runner
 from hgdeploy.bench import bench_interleaved
+from hgdeploy.contract import INPUT_NAME
 from hgdeploy.errors import UserError
-from hgdeploy.export import INPUT_NAME, export_onnx
-from hgdeploy.pipeline import staged_output
+from hgdeploy.export import export_onnx
+from hgdeploy.outputs import staged_output
 
 
 def test_bundled_profile_loads():

@@ -116,7 +116,7 @@ def test_flops_prints_its_keys():
 def test_bench_times_torch_and_engine_interleaved(tmp_path):
     profile = tmp_path / "quick.toml"
     profile.write_text('[engine]\nbackend = "onnxruntime"\n[bench]\nwarmup = 1\nruns = 3\n')
-    result = hgdeploy("bench", *SMALL, "--engine", str(profile), "--json")
+    result = hgdeploy("bench", *SMALL, "--engine", str(profile), "--torch", "--json")
     assert result.returncode == 0, result.stderr
     r = json.loads(result.stdout)
     assert set(r["latency_ms"]) == {"baseline", "patched", "patched_unoptimized", "torch_baseline", "torch_patched"}

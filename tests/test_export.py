@@ -13,7 +13,8 @@ from onnx import TensorProto, helper
 
 from hgdeploy.adapters.dinov2 import patch_dinov2
 from hgdeploy.checks import cosine
-from hgdeploy.export import INPUT_NAME, export_onnx, static_shape_problems
+from hgdeploy.contract import INPUT_NAME, static_shape_problems
+from hgdeploy.export import export_onnx
 from hgdeploy.layers import TokenClustering, TokenReconstruction
 from hgdeploy.plan import ClusterPlan
 
@@ -98,7 +99,7 @@ def test_static_check_flags_nonzero_and_runtime_topk():
 def test_graph_passes_refuse_external_data_graphs_with_a_user_error(tmp_path):
     """Over 2 GB the weights live in a .data file; the in-memory passes say so instead of crashing."""
     from hgdeploy.errors import UserError
-    from hgdeploy.pipeline import optimize_graph, passes_unsupported
+    from hgdeploy.deploy import optimize_graph, passes_unsupported
 
     paths = {"patched": tmp_path / "patched.onnx"}
     paths["patched"].write_bytes(b"")

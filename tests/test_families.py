@@ -16,12 +16,16 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from hgdeploy.adapters.registry import Family, build_models, default_reconstruct_after, families
+from hgdeploy.adapters.catalogue import families
+from hgdeploy.adapters.registry import Family
 from hgdeploy.checks import cosine
+from hgdeploy.config import REPO_ROOT
+from hgdeploy.contract import INPUT_NAME
 from hgdeploy.errors import UserError
-from hgdeploy.export import INPUT_NAME, export_onnx
-from hgdeploy.plan import ClusterPlan
-from hgdeploy.recipe import REPO_ROOT, load_recipe
+from hgdeploy.export import export_onnx
+from hgdeploy.patching import build_models
+from hgdeploy.plan import ClusterPlan, default_reconstruct_after
+from hgdeploy.recipe import load_recipe
 
 FAMILIES = families()
 RECIPES = sorted(p.stem for p in (REPO_ROOT / "export").glob("*.toml"))
@@ -55,10 +59,11 @@ def test_zero_reduction_plan_reproduces_the_unpatched_model(family: Family):
     torch.manual_seed(0)
     model, size = family.tiny()
     x = torch.randn(1, 3, *size)
-    depth, grid = family.depth(model), family.token_grid(model)
+    facts = family.facts(model)
+    depth, grid = facts.depth, facts.token_grid
     reference = _outputs(model, x)
     for on in family.reconstruct_on:
-        after = depth if on == "logits" else default_reconstruct_after(family.head_reads(model), 1, depth)
+        after = depth if on == "logits" else default_reconstruct_after(facts.reads, 1, depth)
         plan = ClusterPlan(token_grid=grid, grid=grid, alpha=1, reconstruct_after=after, depth=depth,
                            tau=1e-4, k=1, reconstruct_on=on)
         patched = family.patch(copy.deepcopy(model), plan).eval()
@@ -73,9 +78,10 @@ def test_a_real_reduction_changes_the_outputs(family: Family):
     torch.manual_seed(0)
     model, size = family.tiny()
     x = torch.randn(1, 3, *size)
-    depth, (H, W) = family.depth(model), family.token_grid(model)
+    facts = family.facts(model)
+    depth, (H, W) = facts.depth, facts.token_grid
     plan = ClusterPlan(token_grid=(H, W), grid=(max(1, H // 2), max(1, W // 2)), alpha=1,
-                       reconstruct_after=default_reconstruct_after(family.head_reads(model), 1, depth), depth=depth,
+                       reconstruct_after=default_reconstruct_after(facts.reads, 1, depth), depth=depth,
                        tau=1.0, k=1)
     patched = family.patch(copy.deepcopy(model), plan).eval()
     assert any(_close(a, b) > 1e-3 for a, b in zip(_outputs(patched, x), _outputs(model, x)))

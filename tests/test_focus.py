@@ -10,12 +10,12 @@ import torch
 from hgdeploy.checks import cosine
 from hgdeploy.errors import UserError
 from hgdeploy.images import sample_photos, to_batch
-from hgdeploy.models.focus import MEAN, STD, load_focus, package_onnx_path
-from hgdeploy.recipe import Preprocess
+from hgdeploy.models.focus import load_focus, package_onnx_path
+from hgdeploy.preprocess import Preprocess
 
 
 def test_rebuilt_model_matches_package_onnx_on_real_photos(focus_224):
-    batch = to_batch(sample_photos()[:3], Preprocess((224, 224), "bilinear", MEAN, STD))
+    batch = to_batch(sample_photos()[:3], Preprocess((224, 224), "bilinear"))
     session = ort.InferenceSession(str(package_onnx_path()), providers=["CPUExecutionProvider"])
     for x in batch:
         ref = session.run(None, {"input_image": x[None].numpy()})[0]

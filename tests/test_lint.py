@@ -10,8 +10,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from hgdeploy.errors import UserError
 from hgdeploy.lint import (
-    ALWAYS_DATA_DEPENDENT,
-    CONTROL_FLOW,
     SUPPORT,
     SUPPORTED_MAJORS,
     Finding,
@@ -272,10 +270,15 @@ def test_lint_path_junk_file(tmp_path, junk):
     assert "\n" not in str(e.value)
 
 
-def test_data_dependent_ops_match_the_exporter():
-    from hgdeploy.export import DATA_DEPENDENT_OPS
+@pytest.mark.parametrize("op", ["NonZero", "Unique"])
+def test_the_contracts_data_dependent_ops_are_findings(op):
+    """Export refuses these ops (contract.static_shape_problems); lint must name them too."""
+    from hgdeploy.contract import ALWAYS_DATA_DEPENDENT, static_shape_problems
 
-    assert ALWAYS_DATA_DEPENDENT | CONTROL_FLOW == DATA_DEPENDENT_OPS
+    assert op in ALWAYS_DATA_DEPENDENT
+    model = _model([helper.make_node(op, ["x"], ["y"], name="dd")], [("x", F, [4])], [("y", I64, None)], check=False)
+    assert any("data-dependent" in f.reason for f in lint_model(model))
+    assert any(op in p for p in static_shape_problems(model))
 
 
 def test_tensorrt_10_table_has_what_our_exporter_emits():

@@ -10,20 +10,18 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from hgdeploy.export import ExportError, export_onnx, read_clustering_specs
+from hgdeploy.contract import FP32_MARKER, ExportError, read_clustering_specs
+from hgdeploy.export import export_onnx
 from hgdeploy.layers import TokenClustering, TokenReconstruction
 from hgdeploy.passes import (
     FP16_MAX,
-    FP32_MARKER,
     PASSES,
     PassContext,
     check_static,
     drop_softmax_invariant_terms,
     fold_constants,
     fp16_safe_masks,
-    lower_clustering,
     mark_fp32,
-    node_scopes,
     optimize,
 )
 
@@ -111,24 +109,6 @@ def _export_clustering(tmp_path, form):
     return model, {"pixel_values": z.numpy()}
 
 
-def test_lower_clustering_rewrites_dense_to_local(tmp_path):
-    model, feed = _export_clustering(tmp_path, "dense")
-    ctx_specs = read_clustering_specs(model)
-    out, ctx = _apply(lower_clustering, model, node_scopes(model), ctx_specs)
-    assert "dense -> local" in ctx.notes[0]
-    assert [s["form"] for s in ctx.specs if s["kind"] == "clustering"] == ["local"]
-    penalty_shapes = [tuple(i.dims) for i in out.graph.initializer] + [
-        tuple(a.t.dims) for n in out.graph.node for a in n.attribute if a.name == "value"]
-    assert (144, 36) not in penalty_shapes  # the dense [N, M] mask is gone
-    np.testing.assert_allclose(_run(out, feed)[0], _run(model, feed)[0], rtol=1e-4, atol=1e-4)
-
-
-def test_lower_clustering_keeps_the_cheaper_form(tmp_path):
-    model, _ = _export_clustering(tmp_path, "local")
-    out, ctx = _apply(lower_clustering, model, node_scopes(model), read_clustering_specs(model))
-    assert "kept local" in ctx.notes[0] and len(out.graph.node) == len(model.graph.node)
-
-
 def test_fp16_safe_masks_replaces_huge_penalties():
     penalty = np.zeros((1, 4, 3), np.float32)
     penalty[0, :, 2] = 1e16
@@ -159,9 +139,14 @@ def test_check_static_refuses_data_dependent_shapes():
         _apply(check_static, model)
 
 
-def test_the_full_list_keeps_parity_and_metadata(tmp_path):
-    model, feed = _export_clustering(tmp_path, "dense")
+@pytest.mark.parametrize("form", ["dense", "local"])
+def test_the_full_list_keeps_parity_metadata_and_the_patch_time_form(tmp_path, form):
+    """The form is chosen once, when the model is patched: the passes keep it (dense stays dense)."""
+    model, feed = _export_clustering(tmp_path, form)
     out, notes = optimize(model)
     assert [name for name, _ in PASSES][0] == "fold_constants" and len(notes) == len(PASSES)
-    assert read_clustering_specs(out)[0]["form"] == "local"
+    assert read_clustering_specs(out) == read_clustering_specs(model)
+    assert read_clustering_specs(out)[0]["form"] == form
+    shapes = [tuple(i.dims) for i in out.graph.initializer]
+    assert ((144, 36) in shapes) == (form == "dense")  # the dense form's [N, M] mask, as a Where condition
     np.testing.assert_allclose(_run(out, feed)[0], _run(model, feed)[0], rtol=1e-4, atol=1e-4)

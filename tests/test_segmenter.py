@@ -13,11 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hgdeploy.adapters.registry import build_models, get_family
+from hgdeploy.adapters.catalogue import get_family
 from hgdeploy.cli import main
-from hgdeploy.export import INPUT_NAME, export_onnx
+from hgdeploy.config import REPO_ROOT
+from hgdeploy.contract import INPUT_NAME
+from hgdeploy.export import export_onnx
 from hgdeploy.flops import count_gflops_fast
-from hgdeploy.recipe import REPO_ROOT, load_recipe
+from hgdeploy.patching import build_models
+from hgdeploy.recipe import load_recipe
 
 PUBLISHED = REPO_ROOT / "scripts" / "published_gflops.toml"
 

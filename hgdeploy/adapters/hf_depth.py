@@ -1,226 +1,105 @@
 """Adapters for Hugging Face depth models whose necks read intermediate layers: DPT and Depth Anything.
 
 Checkpoints are the folders `save_pretrained` writes (config.json + model.safetensors); without one,
-`model.arch` names a configuration built here from the published config.json values (no hub access).
-
-We run the transformers modules (embeddings, blocks, neck, head) from our own small forward instead
-of `DPTForDepthEstimation.forward` / `DepthAnythingForDepthEstimation.forward`, for three reasons
-found in transformers 5:
-1. hidden states are collected by forward hooks on every `DPTViTLayer` / `Dinov2Layer` instance
-   (`capture_outputs`). After patching, the blocks inside a ClusteredSpan would record cluster
-   tokens and the reconstructed output would be recorded nowhere. Our loop records the output of
-   each entry of the layer list, so the state after the span's index is the reconstructed one.
-2. DPT with a ViT or hybrid backbone gives its neck no patch grid and reshapes tokens to
-   sqrt(N) x sqrt(N): non-square inputs (KITTI's 352x1216) fail. We pass the grid.
-3. DPT-hybrid's embeddings refuse any size but config.image_size unless interpolate_pos_encoding
-   is passed, which DPTModel never does. We pass it (the interpolation itself is HF's own).
-The unpatched model computes exactly what the HF forward computes (checked at square sizes).
+`model.arch` names a configuration whose published config.json values are data here (no hub access).
+The models run through our own loop (`hgdeploy.models.hf_depth`, which says why).
 """
 
 from __future__ import annotations
 
-import abc
 import contextlib
+import copy
 import json
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
-from hgdeploy.adapters.checkpoints import (
-    existing,
-    load_state_strict,
-    read_safetensors,
-    read_weights,
-    state_dict_from,
-)
-from hgdeploy.adapters.dinov2 import dinov2_key
-from hgdeploy.adapters.registry import Family, register
+from hgdeploy.adapters.registry import Family
 from hgdeploy.adapters.span import insert_span
 from hgdeploy.errors import UserError
-from hgdeploy.plan import ClusterPlan
-from hgdeploy.recipe import Preprocess
+from hgdeploy.models.checkpoints import existing, load_state_strict, read_safetensors, read_weights, state_dict_from
+from hgdeploy.models.dinov2 import rename_dinov2_keys
+from hgdeploy.models.hf_depth import WRAPPERS, DepthAnythingDepth, HFDepth
+from hgdeploy.plan import ClusterPlan, ModelFacts
+from hgdeploy.preprocess import Preprocess, check_patch_multiple
 
 # Image processors: Intel/dpt-large and Intel/dpt-hybrid-midas preprocessor_config.json have
 # image_mean = image_std = [0.5, 0.5, 0.5] and resample 2 (PIL bilinear);
 # LiheYoung/depth-anything-small-hf has ImageNet mean/std and resample 3 (PIL bicubic).
-DPT_MEAN_STD = (0.5, 0.5, 0.5)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-# save_pretrained in transformers 5 writes DINOv2's attention weights under their legacy names (and
-# hub checkpoints have them); the modules use the new ones. Same renames as transformers'
-# conversion_mapping.py entry "Dinov2Model"; applied only to keys the model does not have.
+PREPROCESS = {"dpt": ("bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), "depth_anything": ("bicubic", None, None)}
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 SHARD_INDEX = "model.safetensors.index.json"
 
-
-class HFDepth(nn.Module, abc.ABC):
-    """pixel_values [B, 3, H, W] -> (predicted_depth [B, H, W],) from a transformers depth model `hf`."""
-
-    model_type: ClassVar[str]
-
-    def __init__(self, hf: nn.Module, input_size: tuple[int, int]):
-        super().__init__()
-        self.hf = hf
-        self.input_size = input_size
-
-    @abc.abstractmethod
-    def encoder(self) -> nn.Module:
-        """The module whose `layer` ModuleList holds the transformer blocks."""
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.encoder().layer
-
-    @property
-    def patch_size(self) -> int:
-        return _as_int(self.hf.config.patch_size)
-
-    @abc.abstractmethod
-    def reads(self) -> tuple[int, ...]:
-        """Layer counts (c = the output after c blocks) whose outputs the neck reads, ascending."""
-
-    def token_grid(self) -> tuple[int, int]:
-        return (self.input_size[0] // self.patch_size, self.input_size[1] // self.patch_size)
-
-    def run_layers(self, hidden: Tensor, counts: tuple[int, ...]) -> list[Tensor]:
-        """The hidden states after each of `counts` blocks; stops after the last one read."""
-        states = {0: hidden}
-        for i, layer in enumerate(self.layers, start=1):
-            if i > counts[-1]:
-                break
-            hidden = layer(hidden)
-            states[i] = hidden
-        return [states[c] for c in counts]
-
-    def grid_of(self, pixel_values: Tensor) -> tuple[int, int]:
-        return (pixel_values.shape[-2] // self.patch_size, pixel_values.shape[-1] // self.patch_size)
-
-
-class DPTDepth(HFDepth):
-    """DPTForDepthEstimation with a ViT (DPT-Large) or hybrid ResNet+ViT (DPT-Hybrid) encoder."""
-
-    model_type = "dpt"
-
-    def encoder(self) -> nn.Module:
-        return self.hf.dpt.encoder
-
-    def reads(self) -> tuple[int, ...]:
-        """HF keeps hidden_states[1:][idx] for idx in backbone_out_indices (the hybrid: only [2:], its first
-        two features are ResNet stages), i.e. the output after idx + 1 blocks."""
-        indices = self.hf.config.backbone_out_indices
-        vit = indices[2:] if self.hf.config.is_hybrid else indices
-        return tuple(sorted({i + 1 for i in vit}))
-
-    def forward(self, pixel_values: Tensor) -> tuple[Tensor]:
-        dpt, hybrid = self.hf.dpt, self.hf.config.is_hybrid
-        embedded = dpt.embeddings(pixel_values, interpolate_pos_encoding=True) if hybrid else dpt.embeddings(pixel_values)
-        features = self.run_layers(embedded.last_hidden_states, self.reads())
-        if hybrid:
-            features = list(embedded.intermediate_activations) + features
-        fused = self.hf.neck(features, *self.grid_of(pixel_values))
-        return (self.hf.head(fused),)
-
-
-class DepthAnythingDepth(HFDepth):
-    """DepthAnythingForDepthEstimation: DINOv2 backbone, DPT-style neck and head."""
-
-    model_type = "depth_anything"
-
-    def encoder(self) -> nn.Module:
-        return self.hf.backbone.encoder
-
-    def reads(self) -> tuple[int, ...]:
-        """Dinov2Backbone's stage k is hidden_states[k], the output after k blocks (stage 0 = embeddings)."""
-        return tuple(sorted(set(self.hf.backbone.out_indices)))
-
-    def forward(self, pixel_values: Tensor) -> tuple[Tensor]:
-        backbone = self.hf.backbone
-        features = self.run_layers(backbone.embeddings(pixel_values), self.reads())
-        if backbone.config.apply_layernorm:
-            features = [backbone.layernorm(f) for f in features]
-        grid = self.grid_of(pixel_values)
-        return (self.hf.head(self.hf.neck(features, *grid), *grid),)
-
-
-def _as_int(value: Any) -> int:
-    return int(value[0]) if isinstance(value, (list, tuple)) else int(value)
-
-
-# ----------------------------------------------------------------------------------------------
-# Configurations named by model.arch: the published config.json values, built in code.
-
-def dpt_hybrid_midas_config() -> Any:
-    """Intel/dpt-hybrid-midas: ViT-B/16 on a BiT ResNet-50 stem (stages 3-4-9), neck reads 2 ResNet stages + blocks 9, 12.
-
-    From its config.json (as mirrored in sd2-community/stable-diffusion-2-depth/depth_estimator) and
-    transformers' convert_dpt_hybrid_to_pytorch.py: backbone_config {model_type bit, layer_type
-    bottleneck, depths [3, 4, 9], hidden_sizes [256, 512, 1024, 2048], embedding_size 64,
-    global_padding SAME, embedding_dynamic_padding true, out_features stage1..3}; is_hybrid true,
-    hidden 768, 12 layers, 12 heads, intermediate 3072, image_size 384, patch 16,
-    backbone_out_indices [2, 5, 8, 11], backbone_featmap_shape [1, 1024, 24, 24], neck_ignore_stages
-    [0, 1], reassemble_factors [1, 1, 1, 0.5], neck_hidden_sizes [256, 512, 768, 768], fusion 256,
-    readout project, use_batch_norm_in_fusion_residual false.
-    """
-    from transformers import DPTConfig
-
-    backbone = {"model_type": "bit", "layer_type": "bottleneck", "depths": [3, 4, 9],
-                "hidden_sizes": [256, 512, 1024, 2048], "embedding_size": 64, "global_padding": "SAME",
-                "embedding_dynamic_padding": True, "out_features": ["stage1", "stage2", "stage3"]}
-    return DPTConfig(
-        is_hybrid=True, backbone_config=backbone, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-        intermediate_size=3072, image_size=384, patch_size=16, backbone_out_indices=[2, 5, 8, 11],
-        backbone_featmap_shape=[1, 1024, 24, 24], neck_ignore_stages=[0, 1], reassemble_factors=[1, 1, 1, 0.5],
-        neck_hidden_sizes=[256, 512, 768, 768], fusion_hidden_size=256, readout_type="project",
-        use_batch_norm_in_fusion_residual=False, qkv_bias=True, layer_norm_eps=1e-12,
-    )
-
-
-def dpt_large_config() -> Any:
-    """Intel/dpt-large (huggingface.co/Intel/dpt-large/blob/main/config.json): ViT-L/16, neck reads blocks 6, 12, 18, 24.
-
-    hidden 1024, 24 layers, 16 heads, intermediate 4096, image_size 384, patch 16, is_hybrid false,
-    backbone_out_indices [5, 11, 17, 23], neck_hidden_sizes [256, 512, 1024, 1024], reassemble_factors
-    [4, 2, 1, 0.5], fusion 256, readout project, use_batch_norm_in_fusion_residual false.
-    """
-    from transformers import DPTConfig
-
-    return DPTConfig(
-        is_hybrid=False, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-        image_size=384, patch_size=16, backbone_out_indices=[5, 11, 17, 23], neck_hidden_sizes=[256, 512, 1024, 1024],
-        reassemble_factors=[4, 2, 1, 0.5], fusion_hidden_size=256, readout_type="project",
-        use_batch_norm_in_fusion_residual=False, qkv_bias=True, layer_norm_eps=1e-12,
-    )
-
-
-def depth_anything_small_config() -> Any:
-    """LiheYoung/depth-anything-small-hf (its config.json): DINOv2 ViT-S/14, neck reads blocks 9, 10, 11, 12.
-
-    backbone_config {model_type dinov2, hidden 384, 6 heads, image_size 518, patch 14, out_indices
-    [9, 10, 11, 12], reshape_hidden_states false} (other Dinov2Config defaults: 12 layers, mlp_ratio
-    4, layerscale 1.0, layer_norm_eps 1e-6, apply_layernorm true); reassemble_hidden_size 384,
-    reassemble_factors [4, 2, 1, 0.5], neck_hidden_sizes [48, 96, 192, 384], fusion 64, head_hidden 32,
-    patch_size 14, relative depth. (Depth-Anything-V2-Small-hf differs: out_indices [3, 6, 9, 12].)
-    """
-    from transformers import DepthAnythingConfig
-
-    backbone = {"model_type": "dinov2", "hidden_size": 384, "num_attention_heads": 6, "num_hidden_layers": 12,
-                "image_size": 518, "patch_size": 14, "out_indices": [9, 10, 11, 12], "reshape_hidden_states": False}
-    return DepthAnythingConfig(
-        backbone_config=backbone, patch_size=14, reassemble_hidden_size=384, reassemble_factors=[4, 2, 1, 0.5],
-        neck_hidden_sizes=[48, 96, 192, 384], fusion_hidden_size=64, head_hidden_size=32,
-        depth_estimation_type="relative",
-    )
-
-
-ARCHS: dict[str, dict[str, Callable[[], Any]]] = {
-    "dpt": {"dpt-hybrid-midas": dpt_hybrid_midas_config, "dpt-large": dpt_large_config},
-    "depth_anything": {"small": depth_anything_small_config},
+# model.arch -> the published config.json values (DPTConfig / DepthAnythingConfig keyword arguments).
+ARCHS: dict[str, dict[str, dict[str, Any]]] = {
+    "dpt": {
+        # Intel/dpt-hybrid-midas: ViT-B/16 on a BiT ResNet-50 stem (stages 3-4-9); the neck reads 2 ResNet stages
+        # and blocks 9, 12. From its config.json (as mirrored in sd2-community/stable-diffusion-2-depth/
+        # depth_estimator) and transformers' convert_dpt_hybrid_to_pytorch.py.
+        "dpt-hybrid-midas": {
+            "is_hybrid": True, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+            "intermediate_size": 3072, "image_size": 384, "patch_size": 16, "backbone_out_indices": [2, 5, 8, 11],
+            "backbone_featmap_shape": [1, 1024, 24, 24], "neck_ignore_stages": [0, 1],
+            "reassemble_factors": [1, 1, 1, 0.5], "neck_hidden_sizes": [256, 512, 768, 768], "fusion_hidden_size": 256,
+            "readout_type": "project", "use_batch_norm_in_fusion_residual": False, "qkv_bias": True,
+            "layer_norm_eps": 1e-12,
+            "backbone_config": {"model_type": "bit", "layer_type": "bottleneck", "depths": [3, 4, 9],
+                                "hidden_sizes": [256, 512, 1024, 2048], "embedding_size": 64, "global_padding": "SAME",
+                                "embedding_dynamic_padding": True, "out_features": ["stage1", "stage2", "stage3"]},
+        },
+        # Intel/dpt-large (huggingface.co/Intel/dpt-large/blob/main/config.json): ViT-L/16, the neck reads blocks
+        # 6, 12, 18, 24.
+        "dpt-large": {
+            "is_hybrid": False, "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+            "intermediate_size": 4096, "image_size": 384, "patch_size": 16, "backbone_out_indices": [5, 11, 17, 23],
+            "neck_hidden_sizes": [256, 512, 1024, 1024], "reassemble_factors": [4, 2, 1, 0.5], "fusion_hidden_size": 256,
+            "readout_type": "project", "use_batch_norm_in_fusion_residual": False, "qkv_bias": True,
+            "layer_norm_eps": 1e-12,
+        },
+    },
+    "depth_anything": {
+        # LiheYoung/depth-anything-small-hf (its config.json): DINOv2 ViT-S/14, the neck reads blocks 9-12; the
+        # other Dinov2Config defaults apply (12 layers, mlp_ratio 4, layerscale 1.0, layer_norm_eps 1e-6,
+        # apply_layernorm true). Depth-Anything-V2-Small-hf differs: out_indices [3, 6, 9, 12].
+        "small": {
+            "patch_size": 14, "reassemble_hidden_size": 384, "reassemble_factors": [4, 2, 1, 0.5],
+            "neck_hidden_sizes": [48, 96, 192, 384], "fusion_hidden_size": 64, "head_hidden_size": 32,
+            "depth_estimation_type": "relative",
+            "backbone_config": {"model_type": "dinov2", "hidden_size": 384, "num_attention_heads": 6,
+                                "num_hidden_layers": 12, "image_size": 518, "patch_size": 14,
+                                "out_indices": [9, 10, 11, 12], "reshape_hidden_states": False},
+        },
+    },
 }
-WRAPPERS: dict[str, type[HFDepth]] = {"dpt": DPTDepth, "depth_anything": DepthAnythingDepth}
+
+# The test models: the same code paths in miniature, reads strictly inside the layer range.
+TINY: dict[str, tuple[dict[str, Any], tuple[int, int]]] = {
+    # DPT-hybrid: 1-1-1 BiT stages (8/16/32 ch), ViT 64 wide x 4 layers, reads blocks 2 and 4; 128x128.
+    "dpt": ({
+        "is_hybrid": True, "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "intermediate_size": 128, "image_size": 128, "patch_size": 16, "backbone_out_indices": [0, 0, 1, 3],
+        "backbone_featmap_shape": [1, 32, 8, 8], "reassemble_factors": [1, 1, 1, 0.5],
+        "neck_hidden_sizes": [8, 16, 32, 32], "fusion_hidden_size": 16, "readout_type": "project",
+        "backbone_config": {"model_type": "bit", "layer_type": "bottleneck", "depths": [1, 1, 1],
+                            "hidden_sizes": [8, 16, 32, 64], "embedding_size": 8, "num_groups": 2,
+                            "global_padding": "SAME", "embedding_dynamic_padding": True,
+                            "out_features": ["stage1", "stage2", "stage3"]},
+    }, (128, 128)),
+    # Depth Anything: DINOv2 64 wide x 6 layers reading blocks 3..6 at 112x112 (8x8 tokens).
+    "depth_anything": ({
+        "patch_size": 14, "reassemble_hidden_size": 64, "neck_hidden_sizes": [8, 16, 32, 64],
+        "fusion_hidden_size": 16, "head_hidden_size": 8,
+        "backbone_config": {"model_type": "dinov2", "hidden_size": 64, "num_hidden_layers": 6,
+                            "num_attention_heads": 4, "intermediate_size": 128, "image_size": 112, "patch_size": 14,
+                            "out_indices": [3, 4, 5, 6], "reshape_hidden_states": False},
+    }, (112, 112)),
+}
+# Position embeddings of the tiny models: tokens then differ by squared distances ~ 2 * 64 * 4^2 = 2048,
+# so even the plan's default tau = 50 assigns each token to its own cell at zero reduction
+# (softmax weight of any other centre ~ exp(-2048 / 50)) and identity holds to float error.
+POSITION_STD = 4.0
 
 
 def hf_class(family: str) -> type[nn.Module]:
@@ -235,11 +114,15 @@ def config_class(family: str) -> Any:
     return {"dpt": DPTConfig, "depth_anything": DepthAnythingConfig}[family]
 
 
+def make_config(family: str, values: dict[str, Any]) -> Any:
+    return config_class(family)(**copy.deepcopy(values))
+
+
 def arch_config(family: str, arch: Any) -> Any:
     archs = ARCHS[family]
     if arch not in archs:
         raise UserError(f"model.arch={arch!r} is not a {family} architecture; use one of: {', '.join(archs)}")
-    return archs[arch]()
+    return make_config(family, archs[arch])
 
 
 def fingerprint(family: str, config: Any) -> dict[str, Any]:
@@ -324,8 +207,7 @@ def read_folder_weights(folder: Path) -> tuple[dict[str, Tensor], str]:
 def load_weights(model: HFDepth, folder: Path) -> None:
     state, source = read_folder_weights(folder)
     if isinstance(model, DepthAnythingDepth):  # its DINOv2 backbone is saved under the old attention names
-        keys = set(model.hf.state_dict())
-        state = {dinov2_key(k, keys): v for k, v in state.items()}
+        state = rename_dinov2_keys(state, set(model.hf.state_dict()))
     load_state_strict(model.hf, state, source)
 
 
@@ -348,10 +230,7 @@ def _quiet_saving() -> Iterator[None]:
 
 def build(family: str, config: Any, input_size: tuple[int, int]) -> HFDepth:
     model = WRAPPERS[family](hf_class(family)(config).eval(), input_size)
-    p = model.patch_size
-    if input_size[0] % p or input_size[1] % p:
-        raise UserError(f"model.input_size {input_size[0]}x{input_size[1]} must be a multiple of the patch size {p} "
-                        f"(e.g. {input_size[0] // p * p or p}x{input_size[1] // p * p or p})")
+    check_patch_multiple(input_size, model.patch_size)
     return model.eval()
 
 
@@ -376,14 +255,17 @@ def load_depth(family: str, checkpoint: str | None, input_size: tuple[int, int],
 
 
 def patch_depth(model: nn.Module, plan: ClusterPlan) -> nn.Module:
-    """Clusters after plan.alpha blocks, reconstructs after plan.reconstruct_after; the class token rides along.
-
-    The blocks are called as block(hidden) (DPTViTLayer takes no mask argument; Dinov2Layer's is None here).
-    """
+    """Clusters after plan.alpha blocks, reconstructs after plan.reconstruct_after; the class token rides along."""
     if not isinstance(model, HFDepth):
         raise UserError(f"the hf_depth adapter patches models it loaded, got {type(model).__name__}")
-    model.encoder().layer = insert_span(model.layers, plan, num_prefix_tokens=1, mask_arg=False)
+    model.encoder().layer = insert_span(model.layers, plan, num_prefix_tokens=1)
     return model
+
+
+def depth_facts(model: nn.Module) -> ModelFacts:
+    resize, mean, std = PREPROCESS[model.model_type]
+    pre = Preprocess(model.input_size, resize) if mean is None else Preprocess(model.input_size, resize, mean, std)
+    return ModelFacts(token_grid=model.token_grid(), depth=len(model.layers), preprocess=pre, head_reads=model.reads())
 
 
 def write_checkpoint(model: nn.Module, folder: Path) -> Path:
@@ -394,49 +276,9 @@ def write_checkpoint(model: nn.Module, folder: Path) -> Path:
     return folder
 
 
-def preprocess_for(model: nn.Module, size: tuple[int, int]) -> Preprocess:
-    if isinstance(model, DepthAnythingDepth):
-        return Preprocess(size, "bicubic", IMAGENET_MEAN, IMAGENET_STD)
-    return Preprocess(size, "bilinear", DPT_MEAN_STD, DPT_MEAN_STD)
-
-
-# ----------------------------------------------------------------------------------------------
-# Tiny random models for tests: same code paths, reads strictly inside the layer range.
-
-def tiny_dpt() -> tuple[HFDepth, tuple[int, int]]:
-    """DPT-hybrid in miniature: 1-1-1 BiT stages (8/16/32 ch), ViT 64 wide x 4 layers, reads blocks 2 and 4; 128x128."""
-    from transformers import DPTConfig
-
-    backbone = {"model_type": "bit", "layer_type": "bottleneck", "depths": [1, 1, 1], "hidden_sizes": [8, 16, 32, 64],
-                "embedding_size": 8, "num_groups": 2, "global_padding": "SAME", "embedding_dynamic_padding": True,
-                "out_features": ["stage1", "stage2", "stage3"]}
-    config = DPTConfig(
-        is_hybrid=True, backbone_config=backbone, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-        intermediate_size=128, image_size=128, patch_size=16, backbone_out_indices=[0, 0, 1, 3],
-        backbone_featmap_shape=[1, 32, 8, 8], reassemble_factors=[1, 1, 1, 0.5], neck_hidden_sizes=[8, 16, 32, 32],
-        fusion_hidden_size=16, readout_type="project",
-    )
-    size = (128, 128)
-    return _randomised(build("dpt", config, size)), size
-
-
-def tiny_depth_anything() -> tuple[HFDepth, tuple[int, int]]:
-    """Depth Anything in miniature: DINOv2 64 wide x 6 layers reading blocks 3..6 at 112x112 (8x8 tokens)."""
-    from transformers import DepthAnythingConfig
-
-    backbone = {"model_type": "dinov2", "hidden_size": 64, "num_hidden_layers": 6, "num_attention_heads": 4,
-                "intermediate_size": 128, "image_size": 112, "patch_size": 14, "out_indices": [3, 4, 5, 6],
-                "reshape_hidden_states": False}
-    config = DepthAnythingConfig(backbone_config=backbone, patch_size=14, reassemble_hidden_size=64,
-                                 neck_hidden_sizes=[8, 16, 32, 64], fusion_hidden_size=16, head_hidden_size=8)
-    size = (112, 112)
-    return _randomised(build("depth_anything", config, size)), size
-
-
-# Position embeddings of the tiny models: tokens then differ by squared distances ~ 2 * 64 * 4^2 = 2048,
-# so even the plan's default tau = 50 assigns each token to its own cell at zero reduction
-# (softmax weight of any other centre ~ exp(-2048 / 50)) and identity holds to float error.
-POSITION_STD = 4.0
+def tiny(family: str) -> tuple[HFDepth, tuple[int, int]]:
+    values, size = TINY[family]
+    return _randomised(build(family, make_config(family, values), size)), size
 
 
 def _randomised(model: HFDepth) -> HFDepth:
@@ -458,24 +300,14 @@ def _randomised(model: HFDepth) -> HFDepth:
     return model.eval()
 
 
-def _family(name: str, summary: str, tiny: Callable[[], tuple[HFDepth, tuple[int, int]]]) -> Family:
-    return Family(
-        name=name,
-        summary=summary,
-        outputs=(("depth", "depth"),),
-        load=lambda checkpoint, input_size, options: load_depth(name, checkpoint, input_size, options),
-        patch=patch_depth,
-        token_grid=lambda model: model.token_grid(),
-        depth=lambda model: len(model.layers),
-        tiny=tiny,
-        write_checkpoint=write_checkpoint,
-        reads=lambda model: model.reads(),
-        options=("arch",),
-        preprocess=preprocess_for,
-    )
+def _family(name: str, summary: str) -> Family:
+    load: Callable[[str | None, tuple[int, int], dict[str, Any]], HFDepth] = (
+        lambda checkpoint, input_size, options: load_depth(name, checkpoint, input_size, options))
+    return Family(name=name, summary=summary, outputs=(("depth", "depth"),), load=load, patch=patch_depth,
+                  facts=depth_facts, tiny=lambda: tiny(name), write_checkpoint=write_checkpoint, options=("arch",))
 
 
-DPT = register(_family("dpt", "DPT depth (transformers DPTForDepthEstimation): ViT-L or hybrid ResNet-50+ViT-B; "
-                              "save_pretrained folder", tiny_dpt))
-DEPTH_ANYTHING = register(_family("depth_anything", "Depth Anything (transformers DepthAnythingForDepthEstimation), "
-                                                    "DINOv2 backbone; save_pretrained folder", tiny_depth_anything))
+DPT = _family("dpt", "DPT depth (transformers DPTForDepthEstimation): ViT-L or hybrid ResNet-50+ViT-B; "
+                     "save_pretrained folder")
+DEPTH_ANYTHING = _family("depth_anything", "Depth Anything (transformers DepthAnythingForDepthEstimation), DINOv2 "
+                                           "backbone; save_pretrained folder")

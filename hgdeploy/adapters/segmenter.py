@@ -16,14 +16,13 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from hgdeploy.adapters.checkpoints import existing, load_state_strict, read_torch_file, state_dict_from
-from hgdeploy.adapters.registry import Family, register
-from hgdeploy.adapters.span import insert_span, torch_cat
+from hgdeploy.adapters.registry import Family
+from hgdeploy.adapters.span import ClusteredSpan, insert_span
 from hgdeploy.errors import UserError
-from hgdeploy.layers import TokenClustering, TokenReconstruction
+from hgdeploy.models.checkpoints import existing, load_state_strict, read_torch_file, state_dict_from
 from hgdeploy.models.segmenter import BACKBONE_RE, NORMALIZATION, NetConfig, Segmenter, config_for
-from hgdeploy.plan import ClusterPlan
-from hgdeploy.recipe import Preprocess
+from hgdeploy.plan import ClusterPlan, ModelFacts
+from hgdeploy.preprocess import Preprocess, check_patch_multiple
 
 CHECKPOINT_NAME = "checkpoint.pth"
 VARIANT_NAME = "variant.yml"
@@ -101,12 +100,6 @@ def config_from_options(options: dict[str, Any], input_size: tuple[int, int]) ->
     return config_for(arch, options.get("num_classes", 150), input_size, decoder, options.get("decoder_layers", 2))
 
 
-def check_input_size(config: NetConfig, input_size: tuple[int, int]) -> None:
-    p = config.patch_size
-    if input_size[0] % p or input_size[1] % p:
-        raise UserError(f"model.input_size {input_size[0]}x{input_size[1]} must be a multiple of the patch size {p}")
-
-
 def load_segmenter(checkpoint: str | None, input_size: tuple[int, int], options: dict[str, Any]) -> Segmenter:
     """From an official checkpoint (variant.yml decides the architecture) or random weights for `model.arch`."""
     if checkpoint:
@@ -115,7 +108,7 @@ def load_segmenter(checkpoint: str | None, input_size: tuple[int, int], options:
         state = state_dict_from(read_torch_file(weights), str(weights), keys=("model",))
     else:
         config, state = config_from_options(options, input_size), None
-    check_input_size(config, input_size)
+    check_patch_multiple(input_size, config.patch_size)
     torch.manual_seed(0)
     model = Segmenter(config)
     if state is not None:
@@ -135,6 +128,19 @@ def write_checkpoint(model: Segmenter, folder: Path) -> Path:
     return folder / CHECKPOINT_NAME
 
 
+class ClusterLogits(nn.Module):
+    """The head of a clustered Segmenter: final norm and decoder on the cluster tokens -> [B, M, n_cls]."""
+
+    def __init__(self, model: Segmenter):
+        super().__init__()
+        self.norm = model.encoder.norm
+        self.decoder = model.decoder
+        self.num_prefix_tokens = model.encoder.num_extra_tokens
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.decoder.token_logits(self.norm(h)[:, self.num_prefix_tokens:])
+
+
 class ClusteredSegmenter(nn.Module):
     """Segmenter whose decoder runs on the cluster tokens; its per-token logits are rebuilt (official)."""
 
@@ -144,29 +150,20 @@ class ClusteredSegmenter(nn.Module):
         super().__init__()
         self.model = model
         self.alpha = plan.alpha
-        self.clustering = TokenClustering(plan.token_grid, plan.grid, plan.neighbours, plan.iters, plan.tau, plan.form)
-        self.reconstruction = TokenReconstruction(plan.k, plan.tau, plan.reconstruction)
+        blocks = list(model.encoder.blocks[plan.alpha:])
+        self.span = ClusteredSpan(blocks, plan, model.encoder.num_extra_tokens, head=ClusterLogits(model))
 
     def forward(self, im: Tensor) -> tuple[Tensor]:
-        enc = self.model.encoder
-        p = enc.num_extra_tokens
-        x = enc.embed(im)
-        for block in enc.blocks[: self.alpha]:
+        x = self.model.encoder.embed(im)
+        for block in self.model.encoder.blocks[: self.alpha]:
             x = block(x)
-        prefix, z_alpha = x[:, :p], x[:, p:]
-        s_alpha = self.clustering(z_alpha)
-        h = torch_cat(prefix, s_alpha)
-        for block in enc.blocks[self.alpha:]:
-            h = block(h)
-        cluster_logits = self.model.decoder.token_logits(enc.norm(h)[:, p:])
-        logits = self.reconstruction(cluster_logits, z_alpha, s_alpha)
-        return (self.model.to_image(logits, (im.shape[2], im.shape[3])),)
+        return (self.model.to_image(self.span(x), (im.shape[2], im.shape[3])),)
 
 
 def patch_segmenter(model: Segmenter, plan: ClusterPlan) -> nn.Module:
     if plan.reconstruct_on == "logits":
         return ClusteredSegmenter(model, plan)
-    model.encoder.blocks = insert_span(model.encoder.blocks, plan, model.encoder.num_extra_tokens, mask_arg=False)
+    model.encoder.blocks = insert_span(model.encoder.blocks, plan, model.encoder.num_extra_tokens)
     return model
 
 
@@ -179,22 +176,23 @@ def tiny_segmenter() -> tuple[Segmenter, tuple[int, int]]:
     return model, (64, 96)
 
 
-def _preprocess(model: Segmenter, size: tuple[int, int]) -> Preprocess:
+def segmenter_facts(model: Segmenter) -> ModelFacts:
+    """The token grid of the input size; the variant's normalization (vit: 0.5/0.5, deit: ImageNet)."""
     mean, std = NORMALIZATION[model.config.normalization]
-    return Preprocess(size, "bilinear", mean, std)
+    p = model.config.patch_size
+    return ModelFacts(token_grid=(model.input_size[0] // p, model.input_size[1] // p), depth=model.config.n_layers,
+                      preprocess=Preprocess(model.input_size, "bilinear", mean, std))
 
 
-SEGMENTER = register(Family(
+FAMILY = Family(
     name="segmenter",
     summary="Segmenter: ViT encoder + mask-transformer or linear decoder (authors' checkpoint.pth + variant.yml)",
     outputs=(("logits", "segmentation"),),
     load=load_segmenter,
     patch=patch_segmenter,
-    token_grid=lambda m: (m.input_size[0] // m.config.patch_size, m.input_size[1] // m.config.patch_size),
-    depth=lambda m: m.config.n_layers,
+    facts=segmenter_facts,
     tiny=tiny_segmenter,
     write_checkpoint=write_checkpoint,
     options=("arch", "num_classes", "decoder", "decoder_layers"),
     reconstruct_on=("logits", "features"),
-    preprocess=_preprocess,
-))
+)

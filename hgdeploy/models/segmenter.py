@@ -17,10 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hgdeploy.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
 # Segmenter's "normalization" names (segm/data/utils.py STATS).
 NORMALIZATION = {
     "vit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    "deit": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "deit": (IMAGENET_MEAN, IMAGENET_STD),
 }
 # Backbone sizes of the official configs (segm/config.yml): name -> (d_model, n_heads, n_layers).
 SIZES = {"tiny": (192, 3, 12), "small": (384, 6, 12), "base": (768, 12, 12), "large": (1024, 16, 24)}

@@ -1,0 +1,109 @@
+"""Engine profiles (engines/*.toml): the schema, and the rules every backend shares.
+
+A profile names a backend and its settings plus the parity thresholds and bench settings that go
+with it. Rules that belong to one backend live in that backend's module (`check`).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hgdeploy.config import bundled_folders, check_key, resolve_toml
+from hgdeploy.errors import UserError
+
+BUNDLED_PROFILES = bundled_folders("engines")
+DEFAULT_PROFILE = "ort-cpu"
+
+PROFILE_SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
+    "engine": {"backend": (str,), "providers": (list,), "precision": (str,), "graph_optimization_level": (str,),
+               "threads": (int,), "provider_options": (dict,), "workspace_mb": (int,), "timing_cache": (bool,)},
+    "parity": {"cosine_min": (float, int), "max_abs": (float, int)},
+    "bench": {"warmup": (int,), "runs": (int,)},
+}
+# Keys that only mean something to one backend: setting one for the other backend is an error, not ignored.
+BACKEND_KEYS = {
+    "onnxruntime": {"providers", "graph_optimization_level", "threads", "provider_options"},
+    "tensorrt": {"workspace_mb", "timing_cache"},
+}
+BACKEND_NAMES = tuple(BACKEND_KEYS)
+PRECISIONS = ("fp32", "fp16")
+ORT_OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+                  "all": "ORT_ENABLE_ALL"}
+
+
+@dataclass(frozen=True)
+class EngineProfile:
+    name: str
+    path: str
+    backend: str
+    providers: tuple[str, ...] = ("cpu",)
+    precision: str = "fp32"
+    graph_optimization_level: str = "all"
+    threads: int = 0  # 0: the backend's default (all cores)
+    provider_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # ORT: provider -> its options
+    workspace_mb: int = 0  # TensorRT builder workspace limit; 0: TensorRT's default
+    timing_cache: bool = True  # TensorRT: load/save <stem>.<profile>.timing.cache beside the engine
+    cosine_min: float = 0.9999
+    max_abs: float = 1e-2
+    warmup: int = 3
+    runs: int = 15
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        common = {"name": self.name, "backend": self.backend, "precision": self.precision}
+        if self.backend == "tensorrt":
+            return common | {"workspace_mb": self.workspace_mb, "timing_cache": self.timing_cache}
+        return common | {"providers": list(self.providers), "graph_optimization_level": self.graph_optimization_level,
+                         "threads": self.threads, "provider_options": self.provider_options}
+
+
+def resolve_profile_path(name_or_path: str | None) -> Path:
+    return resolve_toml(name_or_path, DEFAULT_PROFILE, BUNDLED_PROFILES, "engines", "engine profile")
+
+
+def _type_ok(value: Any, types: tuple[type, ...]) -> bool:
+    """TOML booleans are ints to Python; only keys declared bool accept them."""
+    return isinstance(value, types) and (bool in types or not isinstance(value, bool))
+
+
+def parse_profile(path: Path) -> EngineProfile:
+    """Read a profile and check what every backend shares; UserError naming the problem."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise UserError(f"cannot read engine profile {path}: {exc}") from exc
+    values: dict[str, Any] = {}
+    for section, body in data.items():
+        check_key(PROFILE_SCHEMA, section, None, str(path))
+        if not isinstance(body, dict):
+            raise UserError(f"{path}: [{section}] must be a table")
+        for key, value in body.items():
+            check_key(PROFILE_SCHEMA, section, key, str(path))
+            if not _type_ok(value, PROFILE_SCHEMA[section][key]):
+                raise UserError(f"{path}: {section}.{key} = {value!r} has the wrong type")
+            values[key] = tuple(value) if isinstance(value, list) else value
+    if "backend" not in values:
+        raise UserError(f"{path}: missing required key engine.backend (one of: {', '.join(BACKEND_NAMES)})")
+    if values["backend"] not in BACKEND_NAMES:
+        raise UserError(f"{path}: unknown engine.backend {values['backend']!r}; known: {', '.join(BACKEND_NAMES)}")
+    _check_backend_keys(values, path)
+    profile = EngineProfile(name=path.stem, path=str(path), **values)
+    if profile.graph_optimization_level not in ORT_OPT_LEVELS:
+        raise UserError(f"{path}: engine.graph_optimization_level must be one of {', '.join(ORT_OPT_LEVELS)}")
+    if profile.precision not in PRECISIONS:
+        raise UserError(f"{path}: engine.precision must be one of {', '.join(PRECISIONS)}, not {profile.precision!r}")
+    if profile.warmup < 0 or profile.runs < 1:
+        raise UserError(f"{path}: bench.warmup must be >= 0 and bench.runs >= 1")
+    return profile
+
+
+def _check_backend_keys(values: dict[str, Any], path: Path) -> None:
+    """A key meant for the other backend would be silently ignored; name it instead."""
+    backend = values["backend"]
+    for other, keys in BACKEND_KEYS.items():
+        stray = sorted(keys & values.keys()) if other != backend else []
+        if stray:
+            raise UserError(f"{path}: engine.{stray[0]} applies to backend {other}, not {backend}")

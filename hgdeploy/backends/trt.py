@@ -1,0 +1,240 @@
+"""TensorRT through Polygraphy: network from ONNX, builder config, engine, runner; engines kept with a manifest.
+
+TensorRT is imported inside functions only, so a machine without it can still check profiles and
+manifests. Written against TensorRT's and Polygraphy's documented APIs; it has not run on our machines
+(TensorRT's builder cannot be installed there).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+from polygraphy.backend.base import BaseRunner
+
+from hgdeploy.backends import machine
+from hgdeploy.backends.base import Backend
+from hgdeploy.backends.profile import EngineProfile
+from hgdeploy.contract import FP32_MARKER
+from hgdeploy.errors import UserError
+from hgdeploy.outputs import file_sha256
+
+
+def check(profile: EngineProfile) -> None:
+    if profile.workspace_mb < 0:
+        raise UserError(f"{profile.path}: engine.workspace_mb must be >= 0 (0 = TensorRT's default)")
+
+
+def available(profile: EngineProfile) -> str | None:
+    """Why TensorRT cannot run the profile here (not installed, broken, wrong major for fp16, no GPU), or None."""
+    try:
+        version = machine.tensorrt_version()
+    except (ImportError, OSError) as exc:
+        return f"TensorRT is installed but does not import ({exc})"
+    if version is None:
+        return f"TensorRT is not installed ({machine.GPU_INSTALL_HINT})"
+    if profile.precision == "fp16" and int(version.split(".")[0]) >= 11:
+        return (f"TensorRT {version} removed the fp16 builder flag and per-layer precision this profile uses; "
+                "install TensorRT 10: pip install 'tensorrt>=10,<11'")
+    return None if machine.cuda_gpu_name() else machine.NO_GPU
+
+
+def versions(profile: EngineProfile) -> dict[str, str]:
+    return {"tensorrt": str(machine.tensorrt_version()), "gpu": str(machine.cuda_gpu_name())}
+
+
+def fp32_layer_names(layers: Iterable[tuple[str, str]], marker: str = FP32_MARKER) -> list[str]:
+    """Names of the layers to keep in fp32: (layer name, ONNX node name) pairs where either has the marker.
+
+    TensorRT's ONNX parser names layers after their ONNX node and, from TensorRT 10, also records the
+    node name in `layer.metadata`; helper layers it adds for a node may only carry it there.
+    """
+    return [name for name, node in layers if marker in name or marker in (node or "")]
+
+
+def pin_fp32(network: Any, trt: Any, marker: str = FP32_MARKER) -> list[str]:
+    """Set fp32 compute and output types on the marked layers of a TensorRT network; returns their names.
+
+    Only floating outputs get an output type: integer outputs (TopK indices, gather indices) keep theirs.
+    With precision constraints "obey" the builder must honour these settings even with fp16 enabled.
+    """
+    layers = list(network)
+    marked = set(fp32_layer_names(((ly.name, getattr(ly, "metadata", "") or "") for ly in layers), marker))
+    floating = {trt.float32, trt.float16}
+    pinned = []
+    for layer in layers:
+        if layer.name not in marked:
+            continue
+        outputs = [i for i in range(layer.num_outputs) if layer.get_output(i).dtype in floating]
+        if not outputs:
+            continue
+        layer.precision = trt.float32
+        for i in outputs:
+            layer.set_output_type(i, trt.float32)
+        pinned.append(layer.name)
+    return pinned
+
+
+def engine_paths(onnx_path: Path, profile_name: str, folder: Path) -> dict[str, Path]:
+    """The three files of one build: <stem>.<profile>.engine, .timing.cache and .manifest.json."""
+    base = f"{Path(onnx_path).stem}.{profile_name}"
+    return {"engine": Path(folder) / f"{base}.engine", "timing_cache": Path(folder) / f"{base}.timing.cache",
+            "manifest": Path(folder) / f"{base}.manifest.json"}
+
+
+def _manifest_path(engine_path: Path) -> Path:
+    return engine_path.with_name(engine_path.name.removesuffix(".engine") + ".manifest.json")
+
+
+def onnx_input_shapes(onnx_path: Path) -> dict[str, list[int]]:
+    """Static input shapes of an ONNX model (weights not loaded); UserError for a dynamic dimension."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    weights = {init.name for init in model.graph.initializer}
+    shapes = {}
+    for inp in model.graph.input:
+        if inp.name in weights:
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        if any(not d.HasField("dim_value") for d in dims):
+            raise UserError(f"{onnx_path}: input {inp.name} has a dynamic dimension; TensorRT profiles here "
+                            "build for the static shapes `hgdeploy export` writes")
+        shapes[inp.name] = [d.dim_value for d in dims]
+    return shapes
+
+
+def manifest_mismatch(manifest: dict[str, Any], here: dict[str, Any]) -> str | None:
+    """Why an engine's manifest does not fit this machine and source, or None.
+
+    Engines only run on the TensorRT version and GPU model they were built with, and only
+    describe the ONNX file they were built from.
+    """
+    built = (manifest.get("tensorrt"), manifest.get("gpu"))
+    now = (here.get("tensorrt"), here.get("gpu"))
+    if built != now:
+        return (f"engine was built with TensorRT {built[0]} on {built[1]}, "
+                f"this machine has TensorRT {now[0]} on {now[1]}")
+    if manifest.get("source_sha256") != here.get("source_sha256"):
+        return (f"engine was built from an ONNX file with sha256 {str(manifest.get('source_sha256'))[:12]}…, "
+                f"the ONNX file now has {str(here.get('source_sha256'))[:12]}… (re-exported?)")
+    if manifest.get("precision") != here.get("precision"):
+        return f"engine was built at {manifest.get('precision')}, the profile asks for {here.get('precision')}"
+    if "engine_sha256" in here and manifest.get("engine_sha256") != here["engine_sha256"]:
+        return "the engine file does not match its manifest's sha256 (interrupted or copied build?)"
+    return None
+
+
+def engine_problem(engine_path: Path, onnx_path: Path, profile: EngineProfile) -> str | None:
+    """Why the engine at `engine_path` cannot be used for `onnx_path` on this machine, or None."""
+    engine_path = Path(engine_path)
+    manifest_path = _manifest_path(engine_path)
+    if not engine_path.is_file():
+        return f"{engine_path.name} has not been built"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except FileNotFoundError:
+        return f"{manifest_path.name} is missing (interrupted build?)"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"cannot read {manifest_path.name}: {exc}"
+    here = {"tensorrt": machine.tensorrt_version(), "gpu": machine.cuda_gpu_name(), "source_sha256": file_sha256(Path(onnx_path)),
+            "precision": profile.precision, "engine_sha256": file_sha256(engine_path)}
+    return manifest_mismatch(manifest, here)
+
+
+def build_trt_engine(onnx_path: Path, profile: EngineProfile, out_dir: Path) -> Path:
+    """Build a TensorRT engine for `onnx_path` with Polygraphy; returns the engine path.
+
+    Engine, timing cache and manifest are written to a staging folder and renamed into `out_dir`
+    together (the old manifest goes first), so a reader never pairs a manifest with another build.
+    """
+    import tensorrt as trt
+    from polygraphy import util as pg_util
+    from polygraphy.backend.trt import (CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, PostprocessNetwork,
+                                        Profile)
+
+    onnx_path, out_dir = Path(onnx_path), Path(out_dir)
+    final = engine_paths(onnx_path, profile.name, out_dir)
+    shapes = onnx_input_shapes(onnx_path)
+    fp16 = profile.precision == "fp16"
+    pinned: list[str] = []
+    network: Any = NetworkFromOnnxPath(str(onnx_path))
+    if fp16:
+        network = PostprocessNetwork(network, lambda network: pinned.extend(pin_fp32(network, trt)),
+                                     name=f"keep layers marked {FP32_MARKER} in fp32")
+    shape_profile = Profile()
+    for name, shape in shapes.items():
+        shape_profile.add(name, min=shape, opt=shape, max=shape)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{final['engine'].name}.building-", dir=out_dir))
+    try:
+        staged = {key: stage / p.name for key, p in final.items()}
+        if profile.timing_cache and final["timing_cache"].is_file():
+            shutil.copyfile(final["timing_cache"], staged["timing_cache"])  # Polygraphy locks and appends here
+        workspace = {trt.MemoryPoolType.WORKSPACE: profile.workspace_mb << 20} if profile.workspace_mb else None
+        cache = str(staged["timing_cache"])
+        config = CreateConfig(fp16=fp16, precision_constraints="obey" if fp16 else None, profiles=[shape_profile],
+                              memory_pool_limits=workspace,
+                              load_timing_cache=cache if staged["timing_cache"].is_file() else None)
+        engine = EngineBytesFromNetwork(network, config=config,
+                                        save_timing_cache=cache if profile.timing_cache else None)()
+        pg_util.save_file(engine, str(staged["engine"]), description="engine")
+        manifest = {
+            "profile": profile.name, "precision": profile.precision, "tensorrt": trt.__version__,
+            "gpu": machine.cuda_gpu_name(), "source": onnx_path.name, "source_sha256": file_sha256(onnx_path),
+            "inputs": shapes, "engine": final["engine"].name, "engine_sha256": file_sha256(staged["engine"]),
+            "timing_cache": final["timing_cache"].name if profile.timing_cache else None,
+            "workspace_mb": profile.workspace_mb, "fp32_marker": FP32_MARKER, "fp32_layers": pinned,
+        }
+        staged["manifest"].write_text(json.dumps(manifest, indent=2) + "\n")
+        final["manifest"].unlink(missing_ok=True)
+        os.replace(staged["engine"], final["engine"])
+        if profile.timing_cache:
+            os.replace(staged["timing_cache"], final["timing_cache"])
+        else:
+            final["timing_cache"].unlink(missing_ok=True)
+        os.replace(staged["manifest"], final["manifest"])
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return final["engine"]
+
+
+def load_trt_engine(engine_path: Path, onnx_path: Path, profile: EngineProfile) -> Any:
+    """A Polygraphy EngineFromBytes loader for a built engine; UserError naming any manifest mismatch."""
+    from polygraphy.backend.common import BytesFromPath
+    from polygraphy.backend.trt import EngineFromBytes
+
+    problem = engine_problem(Path(engine_path), Path(onnx_path), profile)
+    if problem is not None:
+        raise UserError(f"{engine_path}: {problem}")
+    return EngineFromBytes(BytesFromPath(str(engine_path)))
+
+
+def runner(onnx_path: Path, profile: EngineProfile, engine_dir: Path | None = None) -> BaseRunner:
+    """A TensorRT runner; on activate it loads the matching engine in `engine_dir` or builds it.
+
+    `engine_dir` defaults to the ONNX file's folder, so engines sit beside the models they came from.
+    """
+    from polygraphy.backend.trt import TrtRunner
+
+    from hgdeploy import progress
+
+    onnx_path = Path(onnx_path)
+    folder = Path(engine_dir) if engine_dir is not None else onnx_path.parent
+    engine_path = engine_paths(onnx_path, profile.name, folder)["engine"]
+
+    def engine() -> Any:
+        problem = engine_problem(engine_path, onnx_path, profile)
+        if problem is not None:
+            progress.info(f"Building {engine_path.name}: {problem}")
+            build_trt_engine(onnx_path, profile, folder)
+        return load_trt_engine(engine_path, onnx_path, profile)()
+
+    return TrtRunner(engine, name=f"{profile.name}:{onnx_path.stem}")
+
+
+BACKEND = Backend("tensorrt", check=check, available=available, runner=runner, versions=versions)

@@ -1,0 +1,106 @@
+"""The graph contract: what an export writes into an ONNX file and the deploy side reads back.
+
+Export (torch), the graph passes, lint and the backends (no torch) all speak it, so it lives
+here, with nothing heavier than onnx: the input name, the clustering layers' metadata, the
+node-name marker for layers kept in fp32, and the static-shape rule.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+from typing import Callable
+
+import onnx
+
+INPUT_NAME = "pixel_values"
+# Model metadata key holding, per clustering/reconstruction layer, its module path ("scope"), kind and
+# constants, so the passes find the subgraph (the exporter records module paths as node name scopes).
+CLUSTERING_METADATA = "hgdeploy.clustering"
+# Model metadata key holding what an export was made from (recipe values, plan, preprocessing), so the
+# deploy side can describe a graph and refuse to check it against another plan.
+EXPORT_METADATA = "hgdeploy.export"
+# Node metadata key under which torch's exporter records the module path(s) a node came from.
+NAME_SCOPES = "pkg.torch.onnx.name_scopes"
+# Node-name prefix for layers a reduced-precision engine must keep in fp32 (passes.mark_fp32).
+FP32_MARKER = "hgdeploy_fp32"
+# Ops whose output shape depends on values; the toolkit promises static shapes. Loop/If/Scan are
+# data-dependent only when an output has no static shape.
+ALWAYS_DATA_DEPENDENT = frozenset({"NonZero", "Unique", "NonMaxSuppression", "Compress"})
+CONTROL_FLOW = frozenset({"Loop", "If", "Scan"})
+DATA_DEPENDENT_OPS = ALWAYS_DATA_DEPENDENT | CONTROL_FLOW
+
+
+class ExportError(RuntimeError):
+    """A graph breaks a promise of the toolkit (dynamic shapes, failing checker, missing layer)."""
+
+
+def read_clustering_specs(model: onnx.ModelProto) -> list[dict]:
+    """The clustering/reconstruction layers recorded at export ([] for a graph without them)."""
+    for prop in model.metadata_props:
+        if prop.key == CLUSTERING_METADATA:
+            return json.loads(prop.value)
+    return []
+
+
+def read_export_info(model: onnx.ModelProto) -> dict | None:
+    """What the export recorded about its recipe and plan (None for graphs from elsewhere)."""
+    for prop in model.metadata_props:
+        if prop.key == EXPORT_METADATA:
+            return json.loads(prop.value)
+    return None
+
+
+def write_clustering_specs(model: onnx.ModelProto, specs: list[dict]) -> None:
+    """Record (or replace) the layers' specs in the model metadata."""
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key != CLUSTERING_METADATA]
+    del model.metadata_props[:]
+    for key, value in kept:
+        model.metadata_props.add(key=key, value=value)
+    if specs:
+        model.metadata_props.add(key=CLUSTERING_METADATA, value=json.dumps(specs))
+
+
+def node_scopes(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """Node name -> module paths it was exported from (empty when the exporter recorded none)."""
+    out: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        for prop in node.metadata_props:
+            if prop.key == NAME_SCOPES:
+                out[node.name] = ast.literal_eval(prop.value)
+    return out
+
+
+def is_layer_node(model: onnx.ModelProto) -> Callable[[onnx.NodeProto], bool]:
+    """Predicate: does a node belong to a clustering/reconstruction layer (before or after the passes)?"""
+    scopes = node_scopes(model)
+    layer_scopes = [s["scope"] for s in read_clustering_specs(model)]
+    return lambda n: n.name.startswith(FP32_MARKER) or any(s in scopes.get(n.name, ()) for s in layer_scopes)
+
+
+def static_shape_problems(model: onnx.ModelProto) -> list[str]:
+    """Why the graph is not fully static, one string per problem (empty when it is)."""
+    g = model.graph
+    problems = [f"{n.op_type} node {n.name or '?'} has a data-dependent shape" for n in g.node
+                if n.op_type in DATA_DEPENDENT_OPS]
+    constants = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+    for n in g.node:
+        if n.op_type == "TopK" and n.input[1] not in constants:
+            problems.append(f"TopK node {n.name or '?'} has a runtime-computed k")
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        t = vi.type.tensor_type
+        if not t.HasField("shape") or any(not d.HasField("dim_value") for d in t.shape.dim):
+            problems.append(f"tensor {vi.name} has an unknown dimension")
+    return problems
+
+
+def check_model(path: Path) -> onnx.ModelProto:
+    """onnx.checker, strict shape inference, and the static-shape rule; ExportError naming the problem."""
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False), check_type=True,
+                                              strict_mode=True, data_prop=True)
+    problems = static_shape_problems(model)
+    if problems:
+        raise ExportError(f"{Path(path).name} is not static: " + "; ".join(problems[:5]))
+    return model

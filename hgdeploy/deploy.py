@@ -1,0 +1,153 @@
+"""The deploy side of every command: graph passes, lint, engine builds and engine timings on ONNX files.
+
+Works on the files an export wrote (baseline.onnx, patched.onnx, patched.opt.onnx) and what they
+record about themselves; needs onnx, graph-surgeon and the backends, never torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from hgdeploy import progress
+from hgdeploy.backends import EngineProfile, backend_versions, make_runner
+from hgdeploy.bench import Timing, bench_interleaved, machine_info
+from hgdeploy.contract import INPUT_NAME, check_model, is_layer_node, read_export_info
+from hgdeploy.errors import UserError
+from hgdeploy.graph_flops import onnx_gflops
+from hgdeploy.lint import DEFAULT_MAJOR, format_finding, lint_model
+from hgdeploy.outputs import file_sha256, to_json, write_atomic, write_atomic_bytes
+from hgdeploy.passes import PASSES, optimize
+
+ONNX_FILES = {"baseline": "baseline.onnx", "patched": "patched.onnx", "optimized": "patched.opt.onnx"}
+DEFAULT_OUT = Path("runs")
+
+
+def output_folder(recipe_name: str, out: Path | None) -> Path:
+    """Where a command writes or reads: --out, else runs/<recipe name>."""
+    return Path(out) if out is not None else DEFAULT_OUT / recipe_name
+
+
+def existing_onnx(folder: Path) -> dict[str, Path]:
+    """baseline/patched (required) and the optimized graph (when `hgdeploy optimize` made one)."""
+    paths = {k: Path(folder) / v for k, v in ONNX_FILES.items() if (Path(folder) / v).is_file()}
+    missing = [str(Path(folder) / ONNX_FILES[k]) for k in ("baseline", "patched") if k not in paths]
+    if missing:
+        raise UserError(f"{', '.join(missing)} not found; run `hgdeploy export` with the same --out first")
+    return paths
+
+
+def deployed(paths: dict[str, Path]) -> Path:
+    """The patched graph an engine is built from: the optimized one when it exists."""
+    return paths.get("optimized", paths["patched"])
+
+
+def export_info(paths: dict[str, Path]) -> dict[str, Any]:
+    """What the export recorded about itself (recipe values, plan, preprocessing); {} for older exports."""
+    return read_export_info(onnx.load(str(paths["patched"]), load_external_data=False)) or {}
+
+
+def passes_unsupported(paths: dict[str, Path]) -> str | None:
+    """Why the graph passes cannot run on this export (None when they can)."""
+    data = paths["patched"].with_name(paths["patched"].name + ".data")
+    if data.exists():
+        return (f"{paths['patched'].name} keeps its weights in {data.name} (over protobuf's 2 GB limit); the graph "
+                f"passes work on graphs held in memory and do not support that yet: build, check and bench "
+                f"{paths['patched'].name} directly")
+    return None
+
+
+def optimize_graph(paths: dict[str, Path], folder: Path) -> dict[str, Any]:
+    """Run the graph passes on patched.onnx -> patched.opt.onnx; node counts and GFLOPs before/after, lint."""
+    reason = passes_unsupported(paths)
+    if reason:
+        raise UserError(reason)
+    model = onnx.load(str(paths["patched"]))
+    with progress.step(f"Optimizing {paths['patched'].name}: {', '.join(name for name, _ in PASSES)}"):
+        out, notes = optimize(model)
+    target = Path(folder) / ONNX_FILES["optimized"]
+    write_atomic_bytes(target, out.SerializeToString())
+    check_model(target)
+    paths["optimized"] = target
+    before, after = onnx_gflops(model, is_layer_node(model)), onnx_gflops(out, is_layer_node(out))
+    findings = lint_model(out, DEFAULT_MAJOR)
+    return {"optimize": {"passes": notes, "nodes": {"before": len(model.graph.node), "after": len(out.graph.node)},
+                         "gflops": {"before": before.to_dict(), "after": after.to_dict()}},
+            "lint": {"model": target.name, "trt_major": DEFAULT_MAJOR, "clean": not findings,
+                     "findings": [format_finding(f) for f in findings]}}
+
+
+def engine_runners(paths: dict[str, Path], profile: EngineProfile) -> dict[str, Any]:
+    """The profile's runners for baseline, patched (the deployed graph) and, when optimized, the graph before
+    the passes."""
+    runners = {"baseline": make_runner(paths["baseline"], profile), "patched": make_runner(deployed(paths), profile)}
+    if "optimized" in paths:
+        runners["patched_unoptimized"] = make_runner(paths["patched"], profile)
+    return runners
+
+
+def time_runners(runners: dict[str, Any], feed: dict[str, np.ndarray], profile: EngineProfile) -> dict[str, Any]:
+    """Median latency of every runner, interleaved in one run; speedup = baseline / patched."""
+    p = profile
+    with progress.step(f"Timing {', '.join(runners)} ({p.warmup} warm-up, {p.runs} interleaved runs)",
+                       total=p.runs) as advance:
+        timings: dict[str, Timing] = bench_interleaved(runners, feed, p.warmup, p.runs, on_round=lambda _: advance())
+    lat = {k: t.median_ms for k, t in timings.items()}
+    out: dict[str, Any] = {"latency_ms": lat, "latency": {k: t.to_dict() for k, t in timings.items()},
+                           "speedup": lat["baseline"] / lat["patched"]}
+    if "torch_baseline" in lat:
+        out["speedup_torch"] = lat["torch_baseline"] / lat["torch_patched"]
+    return out
+
+
+def zeros_feed(path: Path) -> dict[str, np.ndarray]:
+    """A zero input of the graph's static shape: latency does not depend on the values."""
+    model = onnx.load(str(path), load_external_data=False)
+    inp = next(i for i in model.graph.input if i.name == INPUT_NAME)
+    return {INPUT_NAME: np.zeros([d.dim_value for d in inp.type.tensor_type.shape.dim], np.float32)}
+
+
+def graph_gflops(paths: dict[str, Path]) -> dict[str, float]:
+    """GFLOPs of the exported graphs (the deployed patched one), counted from their static shapes."""
+    base = onnx.load(str(paths["baseline"]), load_external_data=False)
+    patched = onnx.load(str(deployed(paths)), load_external_data=False)
+    b, p = onnx_gflops(base, lambda n: False), onnx_gflops(patched, is_layer_node(patched))
+    return {"baseline": b.total, "patched": p.total, "clustering": p.clustering, "ratio": p.total / b.total}
+
+
+def backend_info(profile: EngineProfile, extra_versions: dict[str, str] | None = None) -> dict[str, Any]:
+    return profile.to_dict() | {"versions": backend_versions(profile) | (extra_versions or {}),
+                                "machine": machine_info()}
+
+
+def bench(folder: Path, profile: EngineProfile) -> dict[str, Any]:
+    """The engines of an exported folder timed interleaved (no PyTorch): what `hgdeploy bench --out` reports."""
+    paths = existing_onnx(folder)
+    info = export_info(paths)
+    report: dict[str, Any] = {"plan": info.get("plan"), "backend": backend_info(profile),
+                              "gflops": graph_gflops(paths)}
+    return report | time_runners(engine_runners(paths, profile), zeros_feed(paths["baseline"]), profile)
+
+
+def optimize_folder(folder: Path, profile: EngineProfile) -> dict[str, Any]:
+    """`hgdeploy optimize`: the passes on folder/patched.onnx, then the engines before and after, timed."""
+    paths = existing_onnx(folder)
+    report = optimize_graph(paths, folder)
+    return report | time_runners(engine_runners(paths, profile), zeros_feed(paths["baseline"]), profile)
+
+
+def build(folder: Path, profile: EngineProfile) -> dict[str, Any]:
+    """`hgdeploy build`: an engine for every exported graph; engine.<profile>.json records what was built."""
+    paths = existing_onnx(folder)
+    manifest: dict[str, Any] = {"profile": backend_info(profile), "engines": {}}
+    for key, path in paths.items():
+        with progress.step(f"Building {profile.name} engine for {path.name}"):
+            with make_runner(path, profile) as runner:
+                meta = runner.get_input_metadata()
+        manifest["engines"][key] = {"source": str(path), "source_sha256": file_sha256(path),
+                                    "inputs": {n: list(m.shape) for n, m in meta.items()}}
+    write_atomic(Path(folder) / f"engine.{profile.name}.json", to_json(manifest))
+    return {"backend": manifest["profile"], "engines": manifest["engines"]}
