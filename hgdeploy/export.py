@@ -7,6 +7,8 @@ in the tool (and are recorded in the recipe/report).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import io
 import json
 import logging
@@ -27,35 +29,60 @@ _EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GiB limit, with margin
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, output_names: tuple[str, ...],
-                info: dict | None = None) -> Path:
+                info: dict | None = None, external_data: bool | None = None) -> Path:
     """Export `model` at `example`'s shape to `path` (written atomically), check it, return the path.
 
     info: what the export was made from (recipe values, plan), recorded in the model's metadata.
+    external_data: weights in `<path>.data` beside the graph; None: only when protobuf's 2 GB limit forces it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    big = sum(p.numel() * p.element_size() for p in model.parameters()) > _EXTERNAL_DATA_BYTES
+    big = external_data if external_data is not None else weight_bytes(model) > _EXTERNAL_DATA_BYTES
     # Saved under its final name in a staging folder: external data files are referenced by name.
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.staging-", dir=path.parent))
     tmp = staging / path.name
     try:
-        with quiet_exporter(), torch.no_grad():
-            program = torch.onnx.export(
-                model.eval(), (example,), dynamo=True, opset_version=OPSET, input_names=[INPUT_NAME],
-                output_names=list(output_names), external_data=big, optimize=True, verbose=False,
-            )
-            specs = clustering_specs(model)
-            if specs:
-                program.model.metadata_props[CLUSTERING_METADATA] = json.dumps(specs)
-            if info is not None:
-                program.model.metadata_props[EXPORT_METADATA] = json.dumps(info)
-            program.save(str(tmp), external_data=big)
+        _export_and_save(model, example, tmp, output_names, info, big)
+        release_memory()  # the exported program (and the weights its optimizer folded) is gone before the check
         check_model(tmp)
         for item in sorted(staging.iterdir(), key=lambda f: f.name == path.name):  # the graph last
             os.replace(item, path.parent / item.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def weight_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise).
+
+    An export of a ViT-L builds several gigabytes of temporary tensors and protobufs; without this the
+    process keeps their pages and the ONNX Runtime session that follows comes on top of them.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass
+
+
+def _export_and_save(model: nn.Module, example: torch.Tensor, target: Path, output_names: tuple[str, ...],
+                     info: dict | None, external_data: bool) -> None:
+    """torch.onnx.export (dynamo) with our metadata, saved to `target`; nothing of it outlives the call."""
+    with quiet_exporter(), torch.no_grad():
+        program = torch.onnx.export(
+            model.eval(), (example,), dynamo=True, opset_version=OPSET, input_names=[INPUT_NAME],
+            output_names=list(output_names), external_data=external_data, optimize=True, verbose=False,
+        )
+        specs = clustering_specs(model)
+        if specs:
+            program.model.metadata_props[CLUSTERING_METADATA] = json.dumps(specs)
+        if info is not None:
+            program.model.metadata_props[EXPORT_METADATA] = json.dumps(info)
+        program.save(str(target), external_data=external_data)
 
 
 def clustering_specs(model: nn.Module) -> list[dict]:

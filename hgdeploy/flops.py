@@ -43,6 +43,18 @@ def count_gflops(model: nn.Module, example: Tensor) -> FlopCount:
     return FlopCount(total=counter.get_total_flops() / 2e9, clustering=clustering / 2e9)
 
 
+def meta_copy(model: nn.Module) -> nn.Module:
+    """The module tree with every parameter and buffer replaced by an empty tensor on the meta device.
+
+    Built without copying a single weight (deepcopy's memo maps each tensor to its meta twin); the
+    original is untouched.
+    """
+    memo: dict[int, object] = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+                               for p in model.parameters()}
+    memo |= {id(b): torch.empty_like(b, device="meta") for b in model.buffers()}
+    return copy.deepcopy(model, memo)
+
+
 def count_gflops_fast(model: nn.Module, example: Tensor) -> FlopCount:
     """count_gflops on a weightless copy on the meta device: the count needs shapes, not values.
 
@@ -50,7 +62,7 @@ def count_gflops_fast(model: nn.Module, example: Tensor) -> FlopCount:
     has no meta kernel (or that reads a value) are counted by running them for real.
     """
     try:
-        meta = copy.deepcopy(model).to("meta")
+        meta = meta_copy(model)
         return count_gflops(meta, torch.zeros(example.shape, dtype=example.dtype, device="meta"))
     except (NotImplementedError, RuntimeError):
         return count_gflops(model, example)

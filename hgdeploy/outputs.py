@@ -11,10 +11,19 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from hgdeploy.errors import UserError
+
 
 def write_atomic(path: Path, text: str) -> None:
     """Write via a temporary file in the same folder and rename: readers never see half a file."""
     write_atomic_bytes(path, text.encode())
+
+
+def file_mode() -> int:
+    """The mode a plain open() would give a new file under the user's umask (mkstemp's is always 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_atomic_bytes(path: Path, data: bytes) -> None:
@@ -24,10 +33,29 @@ def write_atomic_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_output_folder(out: Path) -> Path:
+    """Refuse, before any work, an output folder that cannot be written: an existing file, a file on its
+    path, no permission to write there (files are staged beside it, in its parent, then moved in)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; choose another --out")
+    if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: no permission to write in this folder; choose another --out")
+    for place in out.parents:
+        if place.exists():
+            if not place.is_dir():
+                raise UserError(f"--out {out} lies under {place}, which is a file, not a folder; choose another --out")
+            if not os.access(place, os.W_OK | os.X_OK):
+                raise UserError(f"--out {out}: no permission to write in {place}; choose another --out")
+            break
+    return out
 
 
 @contextlib.contextmanager

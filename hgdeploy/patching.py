@@ -7,6 +7,7 @@ recipe's [cluster] request; the family patches a copy. Nothing here reads the re
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass
 
 from torch import nn
@@ -36,5 +37,15 @@ def build_models(recipe: Recipe) -> Models:
     baseline = family.load(recipe.checkpoint, recipe.input_size, recipe.options).eval()
     facts = family.facts(baseline)
     plan = make_plan(recipe.request, facts, family.name, family.reconstruct_on)
-    patched = family.patch(copy.deepcopy(baseline), plan).eval()
+    patched = family.patch(structural_copy(baseline), plan).eval()
     return Models(family, baseline, patched, plan, recipe.preprocess(facts.preprocess))
+
+
+def structural_copy(model: nn.Module) -> nn.Module:
+    """A copy of the module tree that shares its parameter and buffer tensors with `model`.
+
+    Patching changes the structure, never a weight; a second copy of a ViT-H's 2.5 GB of weights is what
+    a large model (and a 2-core CI machine) cannot afford.
+    """
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, shared)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from hgdeploy import deploy, progress
-from hgdeploy.backends import EngineProfile, load_profile, make_runner
+from hgdeploy.backends import EngineProfile, load_profile, make_runner, require_available
 from hgdeploy.backends.pyt import torch_runner
 from hgdeploy.checks import fidelity, outputs_of, parity, run_all
 from hgdeploy.contract import INPUT_NAME
@@ -27,10 +27,14 @@ from hgdeploy.export import export_onnx
 from hgdeploy.flops import count_gflops_fast
 from hgdeploy.images import Photo, load_photos, to_batch
 from hgdeploy.layers import TokenClustering
-from hgdeploy.outputs import staged_output
+from hgdeploy.outputs import check_output_folder, staged_output
 from hgdeploy.patching import Models, build_models
 from hgdeploy.recipe import Recipe, load_recipe
 from hgdeploy.report import write_report
+
+
+STRUCTURE_ONLY = ("random weights: these figures only show that the patched graph runs and stays close to "
+                  "the unpatched one; they say nothing about a trained model (give --set model.checkpoint=...)")
 
 
 @dataclass
@@ -39,8 +43,10 @@ class Job:
 
     recipe: Recipe
     models: Models
+    folder: Path
     profile: EngineProfile | None = None
     photos: list[Photo] | None = None
+    paths: dict[str, Path] | None = None  # the exported ONNX files, for commands that read a folder
 
     @cached_property
     def batch(self) -> torch.Tensor:
@@ -61,14 +67,38 @@ class Job:
 
 
 def prepare(recipe: str | None, overrides: list[str] | None = None, engine: str | None = None,
-            images: str | None = None, need_profile: bool = False, need_photos: bool = False) -> Job:
-    """Validate recipe, profile and images, then load and patch the model. Raises UserError."""
+            images: str | None = None, out: Path | None = None, out_mode: str | None = None,
+            need_profile: bool = False, need_photos: bool = False) -> Job:
+    """Validate every input before any work, then load and patch the model. Raises UserError.
+
+    out_mode "write": the output folder must be writable; "read": it must hold an export made with
+    this recipe's values (deploy.exported).
+    """
     rec = load_recipe(recipe, overrides or [])
     profile = load_profile(engine) if need_profile else None
+    if profile is not None:
+        require_available(profile)
+    folder = deploy.output_folder(rec.name, out)
+    paths = deploy.exported(folder, rec) if out_mode == "read" else None
+    if out_mode == "write":
+        check_output_folder(folder)
     photos = load_photos(images) if need_photos else None
-    with progress.step(f"Loading {rec.family} ({rec.checkpoint or 'default weights'}) and patching"):
+    with progress.step(f"Loading {rec.family} ({weights_source(rec)}) and patching"):
         models = build_models(rec)
-    return Job(rec, models, profile, photos)
+    return Job(rec, models, folder, profile, photos, paths)
+
+
+def weights_source(recipe: Recipe) -> str:
+    """Where the weights come from, in words."""
+    if recipe.checkpoint:
+        return f"checkpoint {recipe.checkpoint}"
+    return "random weights (seed 0), no checkpoint given"
+
+
+def weights(job: Job) -> dict[str, Any]:
+    """The weights' provenance: fidelity only means something for trained weights."""
+    return {"checkpoint": job.recipe.checkpoint, "pretrained": bool(job.recipe.checkpoint),
+            "source": weights_source(job.recipe)}
 
 
 def describe(job: Job) -> dict[str, Any]:
@@ -78,6 +108,7 @@ def describe(job: Job) -> dict[str, Any]:
              "clustering_form_reason": "; ".join(sorted({m.form_reason for m in layers}))}
     return {
         "recipe": {"name": job.recipe.name, "path": job.recipe.path, "values": job.recipe.data},
+        "weights": weights(job),
         "plan": job.models.plan.to_dict() | forms,
         "preprocess": dataclasses.asdict(job.models.preprocess),
     }
@@ -121,6 +152,8 @@ def check(job: Job, paths: dict[str, Path]) -> dict[str, Any]:
     torch_patched, engine, torch_base = (outputs_of(results, r.name) for r in runners)
     par = parity(engine, torch_patched, job.profile.cosine_min, job.profile.max_abs)
     fid = fidelity(torch_patched, torch_base, dict(job.models.family.outputs), [p.name for p in job.photos or []])
+    if not weights(job)["pretrained"]:
+        fid["structure_check_only"] = STRUCTURE_ONLY
     return {"parity": par.to_dict() | {"engine_model": deploy.deployed(paths).name}, "fidelity": fid}
 
 
@@ -143,11 +176,10 @@ def backend_info(job: Job) -> dict[str, Any]:
 def run(recipe: str | None, overrides: list[str], engine: str | None, images: str | None,
         out: Path | None) -> tuple[dict[str, Any], Path]:
     """`hgdeploy run`: export, passes, check, FLOPs and bench into one output folder; (report, folder)."""
-    job = prepare(recipe, overrides, engine, images, need_profile=True, need_photos=True)
-    folder = deploy.output_folder(job.recipe.name, out)
+    job = prepare(recipe, overrides, engine, images, out, "write", need_profile=True, need_photos=True)
     report: dict[str, Any] = describe(job) | {"backend": backend_info(job)}
     report["images"] = [p.name for p in job.photos or []]
-    with staged_output(folder) as stage:
+    with staged_output(job.folder) as stage:
         paths = export_models(job, stage)
         skipped = deploy.passes_unsupported(paths)
         if skipped:
@@ -159,24 +191,23 @@ def run(recipe: str | None, overrides: list[str], engine: str | None, images: st
         report |= flops(job)
         report |= bench(job, paths)
         write_report(stage, report)
-    return report, folder
+    return report, job.folder
 
 
 def export(recipe: str | None, overrides: list[str], out: Path | None) -> dict[str, Any]:
     """`hgdeploy export`: baseline.onnx and patched.onnx into the output folder."""
-    job = prepare(recipe, overrides)
-    folder = deploy.output_folder(job.recipe.name, out)
-    with staged_output(folder) as stage:
+    job = prepare(recipe, overrides, out=out, out_mode="write")
+    with staged_output(job.folder) as stage:
         names = {k: p.name for k, p in export_models(job, stage).items()}
-    return describe(job) | {"onnx": {k: str(folder / n) for k, n in names.items()}}
+    return describe(job) | {"onnx": {k: str(job.folder / n) for k, n in names.items()}}
 
 
 def check_folder(recipe: str | None, overrides: list[str], engine: str | None, images: str | None,
                  out: Path | None) -> dict[str, Any]:
     """`hgdeploy check`: parity and fidelity of an exported folder on photos."""
-    job = prepare(recipe, overrides, engine, images, need_profile=True, need_photos=True)
-    paths = deploy.existing_onnx(deploy.output_folder(job.recipe.name, out))
-    return describe(job) | check(job, paths)
+    job = prepare(recipe, overrides, engine, images, out, "read", need_profile=True, need_photos=True)
+    assert job.paths is not None
+    return describe(job) | check(job, job.paths)
 
 
 def flops_report(recipe: str | None, overrides: list[str]) -> dict[str, Any]:
@@ -188,10 +219,11 @@ def flops_report(recipe: str | None, overrides: list[str]) -> dict[str, Any]:
 def bench_models(recipe: str | None, overrides: list[str], engine: str | None, out: Path | None,
                  with_torch: bool) -> dict[str, Any]:
     """`hgdeploy bench` when PyTorch is involved: torch eager timed too, or no exported folder to time."""
-    job = prepare(recipe, overrides, engine, need_profile=True)
+    job = prepare(recipe, overrides, engine, out=out, out_mode="read" if out is not None else None,
+                  need_profile=True)
     report = describe(job) | {"backend": backend_info(job)} | flops(job)
-    if out is not None:
-        return report | bench(job, deploy.existing_onnx(out), with_torch)
+    if job.paths is not None:
+        return report | bench(job, job.paths, with_torch)
     with tempfile.TemporaryDirectory(prefix="hgdeploy-bench-") as tmp:
         paths = export_models(job, Path(tmp))
         deploy.optimize_graph(paths, Path(tmp))

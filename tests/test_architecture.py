@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import SMALL_EXPORT
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hgdeploy"
 # The rooms, lowest first (ARCHITECTURE.md). A module may import its own room and the rooms below it.
@@ -18,7 +19,7 @@ ROOMS = [
     ("models", {"models"}),
     ("adapters", {"adapters"}),
     ("plan/export", {"recipe", "patching", "export"}),
-    ("passes/lint", {"passes", "lint", "graph_flops"}),
+    ("passes/lint", {"passes", "lint", "graph_flops", "fp16"}),
     ("backends", {"backends"}),
     ("checks/bench/report", {"checks", "bench", "flops", "images", "report"}),
     ("pipeline", {"pipeline", "deploy"}),
@@ -130,26 +131,15 @@ def test_the_deploy_side_imports_no_torch():
     assert done.returncode == 0, done.stderr
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> Path:
-    """A small export of the default model (with torch), for the commands that must run without it."""
-    from hgdeploy import pipeline
-
-    out = tmp_path_factory.mktemp("export")
-    pipeline.export(None, ["model.input_size=112x112", "cluster.grid=6x6"], out)
-    return out
-
-
 @pytest.mark.parametrize("command", [
     ["optimize"], ["build"], ["bench"], ["lint", "{out}/patched.onnx"],
 ])
-def test_deploy_commands_run_where_torch_cannot_be_imported(exported, command, tmp_path):
+def test_deploy_commands_run_where_torch_cannot_be_imported(small_export, command, tmp_path):
     quick = tmp_path / "quick.toml"
     quick.write_text('[engine]\nbackend = "onnxruntime"\n[bench]\nwarmup = 1\nruns = 2\n')
-    args = [a.format(out=exported) for a in command]
+    args = [a.format(out=small_export) for a in command]
     if command[0] != "lint":
-        args += ["--out", str(exported), "--engine", str(quick), "--set", "model.input_size=112x112",
-                 "--set", "cluster.grid=6x6"]
+        args += ["--out", str(small_export), "--engine", str(quick)] + [a for s in SMALL_EXPORT for a in ("--set", s)]
     done = python(BLOCK_TORCH + f"from hgdeploy.cli import main\nsys.exit(main({args!r} + ['--json']))")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Traceback" not in done.stderr

@@ -64,15 +64,17 @@ def torch_cat(prefix: Tensor, tokens: Tensor) -> Tensor:
 def insert_span(layers: nn.ModuleList | nn.Sequential, plan: ClusterPlan, num_prefix_tokens: int) -> nn.ModuleList:
     """New layer list: blocks alpha..reconstruct_after-1 run inside one ClusteredSpan.
 
-    The span sits at the index of the last block it runs so the hidden state recorded after that
-    index is the reconstructed one; the indices it absorbed hold Passthrough modules. How the blocks
-    are called is read from the first one (`inspect_block`).
+    The span sits at index alpha (its clustering happens after alpha layers, and its modules are named
+    so); the other indices it absorbed hold Passthrough modules, so the list keeps its length and the
+    hidden state after every index from the span on is the reconstructed one (a loop recording states
+    per layer count sees it at reconstruct_after). How the blocks are called is read from the first one
+    (`inspect_block`).
     """
     if len(layers) != plan.depth:
         raise ValueError(f"plan is for {plan.depth} layers, the model has {len(layers)}")
     a, r = plan.alpha, plan.reconstruct_after
     call = inspect_block(layers[0])
     span = ClusteredSpan([layers[i] for i in range(a, r)], plan, num_prefix_tokens, call)
-    new: list[nn.Module] = (list(layers[:a]) + [Passthrough(call) for _ in range(a, r - 1)] + [span]
+    new: list[nn.Module] = (list(layers[:a]) + [span] + [Passthrough(call) for _ in range(a + 1, r)]
                             + list(layers[r:]))
     return nn.ModuleList(new)

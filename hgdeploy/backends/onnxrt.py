@@ -16,6 +16,7 @@ PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 # TensorRT EP options naming cache folders: created before the session so ORT can write there.
 CACHE_DIR_OPTIONS = ("trt_engine_cache_path", "trt_timing_cache_path")
+QUIET = 3  # ONNX Runtime log severity: 3 = errors only; a provider that fails to start is still caught below
 GPU_HINT = "replace onnxruntime with onnxruntime-gpu: pip uninstall -y onnxruntime && pip install onnxruntime-gpu"
 
 
@@ -107,6 +108,7 @@ def runner(onnx_path: Path, profile: EngineProfile) -> BaseRunner:
 
     def session() -> Any:
         options = ort.SessionOptions()
+        options.log_severity_level = QUIET  # graph-optimizer notes ("cannot remove node") are not for users
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
                                                    ORT_OPT_LEVELS[profile.graph_optimization_level])
         if profile.threads:

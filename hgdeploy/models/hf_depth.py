@@ -17,6 +17,7 @@ The unpatched model computes exactly what the HF forward computes (checked at sq
 from __future__ import annotations
 
 import abc
+import inspect
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
@@ -78,6 +79,14 @@ class DPTDepth(HFDepth):
 
     model_type = "dpt"
 
+    def __init__(self, hf: nn.Module, input_size: tuple[int, int]):
+        super().__init__(hf, input_size)
+        # transformers 4.4x's DPT embeddings answer a tuple unless asked for their output object.
+        params = inspect.signature(hf.dpt.embeddings.forward).parameters
+        self.embed_kwargs = {"return_dict": True} if "return_dict" in params else {}
+        if hf.config.is_hybrid:
+            self.embed_kwargs["interpolate_pos_encoding"] = True
+
     def encoder(self) -> nn.Module:
         return self.hf.dpt.encoder
 
@@ -89,10 +98,9 @@ class DPTDepth(HFDepth):
         return tuple(sorted({i + 1 for i in vit}))
 
     def forward(self, pixel_values: Tensor) -> tuple[Tensor]:
-        dpt, hybrid = self.hf.dpt, self.hf.config.is_hybrid
-        embedded = dpt.embeddings(pixel_values, interpolate_pos_encoding=True) if hybrid else dpt.embeddings(pixel_values)
+        embedded = self.hf.dpt.embeddings(pixel_values, **self.embed_kwargs)
         features = self.run_layers(embedded.last_hidden_states, self.reads())
-        if hybrid:
+        if self.hf.config.is_hybrid:
             features = list(embedded.intermediate_activations) + features
         fused = self.hf.neck(features, *self.grid_of(pixel_values))
         return (self.hf.head(fused),)

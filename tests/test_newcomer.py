@@ -1,0 +1,208 @@
+"""What a new user meets: bad output folders, random weights, stale exports, output routing and format.
+
+Each test reproduces one report from a fresh-clone trial of the CLI and fails on the behaviour it
+reported (results on stdout and no library noise: tests/test_cli.py's run test).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SMALL_EXPORT
+
+from hgdeploy.checks import HEATMAP_MIN_AREA, fidelity, heatmap_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = [a for s in SMALL_EXPORT for a in ("--set", s)]
+# timm's reserved test architecture: 4 blocks at 64x64, random weights; a whole `run` in seconds.
+TINY_TIMM = ["timm_vit_b16", "--set", "model.arch=tiny", "--set", "model.num_classes=10", "--set",
+             "model.input_size=64x64", "--set", "cluster.grid=3x3", "--set", "cluster.k=4", "--set", "cluster.alpha=1",
+             "--set", "cluster.reconstruct_after=4"]
+
+
+def hgdeploy(*args: str, columns: int = 200, umask: int | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, NO_COLOR="1", COLUMNS=str(columns))
+    preexec = (lambda: os.umask(umask)) if umask is not None else None
+    return subprocess.run([sys.executable, "-m", "hgdeploy.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=1200, preexec_fn=preexec)
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("✓")]
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("hgdeploy: error:"), result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def quick_profile(tmp_path) -> Path:
+    path = tmp_path / "quick.toml"
+    path.write_text('[engine]\nbackend = "onnxruntime"\n[bench]\nwarmup = 1\nruns = 2\n')
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_photos(tmp_path_factory) -> Path:
+    from hgdeploy.images import sample_photos
+
+    folder = tmp_path_factory.mktemp("two_photos")
+    for photo in sample_photos()[:2]:
+        photo.image.save(folder / f"{photo.name.split('.')[0]}.png")
+    return folder
+
+
+# --- the output folder is validated before any work ------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["run", "export"])
+@pytest.mark.parametrize("where", ["an existing file", "under a file"])
+def test_an_unusable_out_fails_at_once_with_one_line(tmp_path, command, where):
+    afile = tmp_path / "somefile"
+    afile.write_text("not a folder")
+    out = afile if where == "an existing file" else afile / "sub"
+    start = time.perf_counter()
+    result = hgdeploy(command, *SMALL, "--out", str(out))
+    message = one_line_error(result)
+    assert "--out" in message and "not a folder" in message
+    assert "Loading" not in result.stderr and time.perf_counter() - start < 60  # refused before the model loads
+    assert afile.read_text() == "not a folder" and sorted(p.name for p in tmp_path.iterdir()) == ["somefile"]
+
+
+# --- random weights are flagged ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, two_photos) -> tuple[subprocess.CompletedProcess, Path]:
+    """`hgdeploy run` of timm's tiny random ViT under umask 022: (the process, its output folder)."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    profile = root / "quick.toml"
+    profile.write_text('[engine]\nbackend = "onnxruntime"\n[bench]\nwarmup = 1\nruns = 2\n')
+    out = root / "out"
+    result = hgdeploy("run", *TINY_TIMM, "--images", str(two_photos), "--engine", str(profile), "--out", str(out),
+                      umask=0o022)
+    assert result.returncode == 0, result.stderr
+    return result, out
+
+
+def test_random_weights_mark_fidelity_as_a_structure_check(tiny_run):
+    result, out = tiny_run
+    assert "structure check only" in result.stdout  # the summary printed on stdout says so
+    report = json.loads((out / "report.json").read_text())
+    assert report["weights"]["pretrained"] is False and "random" in report["weights"]["source"]
+    assert "random weights" in report["fidelity"]["structure_check_only"]
+    assert "structure check only" in (out / "report.md").read_text()
+
+
+def test_written_files_follow_the_users_umask(tiny_run):
+    _, out = tiny_run
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert set(modes) >= {"baseline.onnx", "patched.onnx", "patched.opt.onnx", "report.json", "report.md"}
+    assert set(modes.values()) == {0o644}, modes
+
+
+def test_pretrained_weights_are_not_flagged(small_export, two_photos, quick_profile):
+    result = hgdeploy("check", *SMALL, "--images", str(two_photos), "--engine", str(quick_profile), "--out",
+                      str(small_export), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["weights"]["pretrained"] is True and "structure_check_only" not in report["fidelity"]
+
+
+# --- a folder exported with another plan is refused ------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["check", "build", "bench", "optimize"])
+def test_a_stale_export_is_refused_by_name(small_export, command, quick_profile):
+    before = sorted(p.name for p in small_export.iterdir())
+    result = hgdeploy(command, "--set", "model.input_size=112x112", "--set", "cluster.grid=5x5", "--engine",
+                      str(quick_profile), "--out", str(small_export))
+    message = one_line_error(result)
+    assert "cluster.grid = '6x6'" in message and "'5x5'" in message
+    assert sorted(p.name for p in small_export.iterdir()) == before
+
+
+def test_the_export_records_its_plan_and_names_layers_by_alpha(small_export):
+    import onnx
+
+    from hgdeploy.contract import read_clustering_specs, read_export_info
+
+    model = onnx.load(str(small_export / "patched.onnx"), load_external_data=False)
+    info = read_export_info(model)
+    assert info["plan"]["grid"] == "6x6" and info["recipe"]["values"]["cluster"]["grid"] == "6x6"
+    alpha = info["plan"]["alpha"]
+    scopes = [s["scope"] for s in read_clustering_specs(model)]
+    assert scopes and all(f".{alpha}." in s for s in scopes), scopes  # clustering after alpha layers: index alpha
+
+
+# --- output: on stdout, readable, quiet --------------------------------------------------------------
+
+
+def test_bench_prints_one_row_per_runner(small_export, quick_profile):
+    result = hgdeploy("bench", *SMALL, "--engine", str(quick_profile), "--out", str(small_export))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "engine, baseline" in out and "engine, patched" in out and "speedup" in out
+    rows = [line for line in out.splitlines() if "engine," in line]
+    assert len(rows) == len(set(rows)) and 2 <= len(rows) <= 3
+    assert len(out.splitlines()) < 20
+
+
+def test_families_table_keeps_brackets_and_whole_names_at_80_columns():
+    result = hgdeploy("families", columns=80)
+    assert result.returncode == 0, result.stderr
+    from hgdeploy.recipe import bundled_recipes
+
+    assert "[model] options" in result.stdout
+    for name in bundled_recipes():
+        assert name in result.stdout, name
+    assert "…" not in result.stdout
+
+
+def test_a_profile_that_cannot_run_here_fails_before_the_model_loads(small_export):
+    from hgdeploy.backends import availability, load_profile
+
+    if availability(load_profile("ort-cuda")) is None:
+        pytest.skip("this machine can run ort-cuda")
+    for command in (["build", *SMALL, "--out", str(small_export)], ["run", *SMALL]):
+        result = hgdeploy(*command, "--engine", "ort-cuda")
+        assert "cannot run here" in one_line_error(result) and "Loading" not in result.stderr
+
+
+def _out_help(command: str) -> str:
+    """The --out entry of `hgdeploy COMMAND --help`, on one line."""
+    text = " ".join(hgdeploy(command, "--help").stdout.split())
+    return text.split("options:", 1)[1].split("--out DIR", 1)[1].split(" --", 1)[0]
+
+
+def test_out_help_says_what_each_command_does_with_it():
+    for command in ("check", "build", "optimize", "bench"):
+        out_help = _out_help(command)
+        assert "holding the export" in out_help and "output folder" not in out_help, (command, out_help)
+        assert out_help.count("default") <= 1, (command, out_help)
+    assert "output folder" in _out_help("run")
+
+
+# --- heatmap IoU is not reported where it means nothing ---------------------------------------------
+
+
+def test_heatmap_iou_is_undefined_on_a_nearly_empty_heatmap():
+    base = np.zeros((1, 1, 100, 100))
+    base[..., :2, :3] = 0.9  # 6 of 10,000 pixels salient, like the photo that gave IoU 0.005
+    patched = np.zeros_like(base)
+    patched[..., :1, :1] = 0.9
+    assert 6 / 10_000 < HEATMAP_MIN_AREA
+    assert heatmap_metrics(patched, base)["heatmap_iou"] is None
+    good = np.zeros_like(base)
+    good[..., :50, :] = 0.9
+    fid = fidelity([{"h": patched}, {"h": good}], [{"h": base}, {"h": good}], {"h": "heatmap"}, ["empty", "full"])
+    assert fid["heatmap_iou"] == 1.0 and fid["heatmap_iou_min"] == 1.0 and fid["heatmap_iou_undefined"] == 1
+    assert fid["per_image"][0]["heatmap_iou"] is None
