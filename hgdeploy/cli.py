@@ -35,6 +35,13 @@ OUT_HELP = {  # what --out means to each command: where it writes, or where it r
 }
 
 
+ENGINE_HELP = {
+    "": "engine profile TOML path or bundled name (default: engines/ort-cpu.toml)",
+    "export": "engine profile the export is for (default: engines/ort-cpu.toml): its device decides cluster.form "
+              "= \"auto\", an fp16 profile also gets baseline.fp16.onnx and patched.fp16.onnx; it need not run here",
+}
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with exit code 2 and a one-line error, like every other bad input."""
 
@@ -64,9 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="recipe TOML path or bundled recipe name (default: export/dinov2_s14_focus.toml)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a recipe value, e.g. --set cluster.grid=20x20 (repeatable)")
-        if name in ("run", "build", "check", "bench", "optimize"):
-            p.add_argument("--engine", default=None, metavar="PROFILE",
-                           help="engine profile TOML path or bundled name (default: engines/ort-cpu.toml)")
+        if name in ("run", "export", "build", "check", "bench", "optimize"):
+            p.add_argument("--engine", default=None, metavar="PROFILE", help=ENGINE_HELP.get(name, ENGINE_HELP[""]))
         if name in ("run", "check"):
             p.add_argument("--images", default=None, metavar="DIR",
                            help="folder of your jpg/png photos (default: real sample photos shipped with "
@@ -75,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", default=None, type=Path, metavar="DIR", help=OUT_HELP[name])
         if name == "bench":
             p.add_argument("--torch", action="store_true",
-                           help="time the PyTorch models (eager, CPU) too, interleaved with the engines")
+                           help="time the PyTorch models too, interleaved with the engines, on the profile's device "
+                                "and precision (eager; CUDA graphs where the profile sets cuda_graph)")
         _add_json(p)
     return parser
 
@@ -167,7 +174,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from hgdeploy.report import render_summary
 
     report, out = pipeline.run(args.recipe, args.overrides, args.engine, args.images, args.out)
-    progress.info(f"wrote {out}/baseline.onnx, patched.onnx, patched.opt.onnx, report.json, report.md")
+    written = sorted(p.name for p in out.iterdir() if p.suffix in (".onnx", ".json", ".md"))
+    progress.info(f"wrote {out}/{', '.join(written)}")
     print(json.dumps(report, indent=2) if args.json else render_summary(report))
     return EXIT_OK if report["parity"]["passed"] else EXIT_PARITY_FAILED
 
@@ -175,7 +183,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from hgdeploy import pipeline
 
-    _emit(pipeline.export(args.recipe, args.overrides, args.out), args.json, ["plan", "onnx"])
+    _emit(pipeline.export(args.recipe, args.overrides, args.out, args.engine), args.json,
+          ["plan", "engine", "fp16", "onnx"])
     return EXIT_OK
 
 

@@ -18,13 +18,15 @@ from hgdeploy.backends import EngineProfile, backend_versions, load_profile, mak
 from hgdeploy.bench import Timing, bench_interleaved, machine_info
 from hgdeploy.contract import INPUT_NAME, check_model, is_layer_node, read_export_info
 from hgdeploy.errors import UserError
+from hgdeploy.fp16 import to_fp16
 from hgdeploy.graph_flops import onnx_gflops
 from hgdeploy.lint import DEFAULT_MAJOR, format_finding, lint_model
 from hgdeploy.outputs import check_output_folder, file_sha256, to_json, write_atomic, write_atomic_bytes
 from hgdeploy.passes import PASSES, optimize
 from hgdeploy.recipe import Recipe, load_recipe
 
-ONNX_FILES = {"baseline": "baseline.onnx", "patched": "patched.onnx", "optimized": "patched.opt.onnx"}
+ONNX_FILES = {"baseline": "baseline.onnx", "patched": "patched.onnx", "optimized": "patched.opt.onnx",
+              "baseline_fp16": "baseline.fp16.onnx", "patched_fp16": "patched.fp16.onnx"}
 DEFAULT_OUT = Path("runs")
 
 
@@ -42,9 +44,41 @@ def existing_onnx(folder: Path) -> dict[str, Path]:
     return paths
 
 
-def deployed(paths: dict[str, Path]) -> Path:
-    """The patched graph an engine is built from: the optimized one when it exists."""
+def deployed(paths: dict[str, Path], profile: EngineProfile | None = None) -> Path:
+    """The patched graph an engine is built from: the fp16 one for an fp16 profile, else the optimized one
+    when it exists."""
+    if profile is not None and profile.precision == "fp16":
+        return _fp16(paths, "patched_fp16", profile)
     return paths.get("optimized", paths["patched"])
+
+
+def baseline_graph(paths: dict[str, Path], profile: EngineProfile) -> Path:
+    """The unpatched graph the patched one is timed against, in the same precision."""
+    return _fp16(paths, "baseline_fp16", profile) if profile.precision == "fp16" else paths["baseline"]
+
+
+def _fp16(paths: dict[str, Path], key: str, profile: EngineProfile) -> Path:
+    if key not in paths:
+        raise UserError(f"{paths['patched'].parent / ONNX_FILES[key]} not found: the {profile.name} profile runs fp16 "
+                        f"graphs; write them with `hgdeploy export --engine {profile.name}` (same recipe and --out)")
+    return paths[key]
+
+
+def write_fp16(paths: dict[str, Path], folder: Path) -> dict[str, Any]:
+    """baseline.fp16.onnx and patched.fp16.onnx (from the optimized graph): fp16 weights and compute, fp32
+    inputs/outputs, the clustering layers and LayerNorm in fp32; each type-checked and linted."""
+    report: dict[str, Any] = {}
+    for key, source in (("baseline_fp16", paths["baseline"]), ("patched_fp16", deployed(paths))):
+        model = onnx.load(str(source))
+        with progress.step(f"Converting {source.name} to {ONNX_FILES[key]} (fp16, clustering kept in fp32)"):
+            converted, summary = to_fp16(model, is_layer_node(model))
+        target = Path(folder) / ONNX_FILES[key]
+        write_atomic_bytes(target, converted.SerializeToString())
+        paths[key] = target
+        findings = lint_model(converted, DEFAULT_MAJOR)
+        report[key] = summary.to_dict() | {"lint_clean": not findings,
+                                           "lint_findings": [format_finding(f) for f in findings]}
+    return {"fp16": report}
 
 
 def export_info(paths: dict[str, Path]) -> dict[str, Any]:
@@ -130,18 +164,24 @@ def optimize_graph(paths: dict[str, Path], folder: Path) -> dict[str, Any]:
 def engine_runners(paths: dict[str, Path], profile: EngineProfile) -> dict[str, Any]:
     """The profile's runners for baseline, patched (the deployed graph) and, when optimized, the graph before
     the passes."""
-    runners = {"baseline": make_runner(paths["baseline"], profile), "patched": make_runner(deployed(paths), profile)}
-    if "optimized" in paths:
+    runners = {"baseline": make_runner(baseline_graph(paths, profile), profile),
+               "patched": make_runner(deployed(paths, profile), profile)}
+    if "optimized" in paths and profile.precision == "fp32":
         runners["patched_unoptimized"] = make_runner(paths["patched"], profile)
     return runners
 
 
 def time_runners(runners: dict[str, Any], feed: dict[str, np.ndarray], profile: EngineProfile) -> dict[str, Any]:
-    """Median latency of every runner, interleaved in one run; speedup = baseline / patched."""
+    """Median latency of every runner, interleaved in one run; speedup = baseline / patched.
+
+    On a GPU the engines are timed on device-resident inputs and outputs (no host copies).
+    """
     p = profile
+    kwargs = {"copy_outputs_to_host": False} if p.on_gpu else {}
     with progress.step(f"Timing {', '.join(runners)} ({p.warmup} warm-up, {p.runs} interleaved runs)",
                        total=p.runs) as advance:
-        timings: dict[str, Timing] = bench_interleaved(runners, feed, p.warmup, p.runs, on_round=lambda _: advance())
+        timings: dict[str, Timing] = bench_interleaved(runners, feed, p.warmup, p.runs, on_round=lambda _: advance(),
+                                                       infer_kwargs=kwargs)
     lat = {k: t.median_ms for k, t in timings.items()}
     out: dict[str, Any] = {"latency_ms": lat, "latency": {k: t.to_dict() for k, t in timings.items()},
                            "speedup": lat["baseline"] / lat["patched"]}
@@ -157,10 +197,10 @@ def zeros_feed(path: Path) -> dict[str, np.ndarray]:
     return {INPUT_NAME: np.zeros([d.dim_value for d in inp.type.tensor_type.shape.dim], np.float32)}
 
 
-def graph_gflops(paths: dict[str, Path]) -> dict[str, float]:
-    """GFLOPs of the exported graphs (the deployed patched one), counted from their static shapes."""
-    base = onnx.load(str(paths["baseline"]), load_external_data=False)
-    patched = onnx.load(str(deployed(paths)), load_external_data=False)
+def graph_gflops(paths: dict[str, Path], profile: EngineProfile) -> dict[str, float]:
+    """GFLOPs of the exported graphs the profile runs, counted from their static shapes."""
+    base = onnx.load(str(baseline_graph(paths, profile)), load_external_data=False)
+    patched = onnx.load(str(deployed(paths, profile)), load_external_data=False)
     b, p = onnx_gflops(base, lambda n: False), onnx_gflops(patched, is_layer_node(patched))
     return {"baseline": b.total, "patched": p.total, "clustering": p.clustering, "ratio": p.total / b.total}
 
@@ -174,7 +214,7 @@ def bench(paths: dict[str, Path], profile: EngineProfile) -> dict[str, Any]:
     """The engines of an exported folder timed interleaved (no PyTorch): what `hgdeploy bench --out` reports."""
     info = export_info(paths)
     report: dict[str, Any] = {"plan": info.get("plan"), "backend": backend_info(profile),
-                              "gflops": graph_gflops(paths)}
+                              "gflops": graph_gflops(paths, profile)}
     return report | time_runners(engine_runners(paths, profile), zeros_feed(paths["baseline"]), profile)
 
 

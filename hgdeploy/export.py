@@ -92,7 +92,8 @@ def clustering_specs(model: nn.Module) -> list[dict]:
         if isinstance(mod, TokenClustering):
             specs.append({"scope": name, "kind": "clustering", **mod.spec, "form_reason": mod.form_reason})
         elif isinstance(mod, TokenReconstruction):
-            specs.append({"scope": name, "kind": "reconstruction", "k": mod.k, "variant": mod.variant})
+            specs.append({"scope": name, "kind": "reconstruction", "k": mod.k, "variant": mod.variant,
+                          "candidates": mod.candidates})
     return specs
 
 

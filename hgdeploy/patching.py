@@ -30,13 +30,13 @@ class Models:
     preprocess: Preprocess
 
 
-def build_models(recipe: Recipe) -> Models:
-    """Load the recipe's checkpoint, make its plan for that model, patch a copy."""
+def build_models(recipe: Recipe, device: str = "cpu") -> Models:
+    """Load the recipe's checkpoint, make its plan for that model on `device` ("cpu"/"gpu"), patch a copy."""
     family = get_family(recipe.family)
     family.check_options(recipe.options)
     baseline = family.load(recipe.checkpoint, recipe.input_size, recipe.options).eval()
     facts = family.facts(baseline)
-    plan = make_plan(recipe.request, facts, family.name, family.reconstruct_on)
+    plan = make_plan(recipe.request, facts, family.name, family.reconstruct_on, device)
     patched = family.patch(structural_copy(baseline), plan).eval()
     return Models(family, baseline, patched, plan, recipe.preprocess(facts.preprocess))
 

@@ -68,23 +68,29 @@ class Job:
 
 def prepare(recipe: str | None, overrides: list[str] | None = None, engine: str | None = None,
             images: str | None = None, out: Path | None = None, out_mode: str | None = None,
-            need_profile: bool = False, need_photos: bool = False) -> Job:
-    """Validate every input before any work, then load and patch the model. Raises UserError.
+            need_profile: bool = False, need_photos: bool = False, runs_here: bool = True) -> Job:
+    """Validate every input before any work, then load and patch the model for the profile's device.
 
     out_mode "write": the output folder must be writable; "read": it must hold an export made with
-    this recipe's values (deploy.exported).
+    this recipe's values (deploy.exported). runs_here: the profile must run on this machine (export
+    only needs its device and precision). Raises UserError.
     """
     rec = load_recipe(recipe, overrides or [])
     profile = load_profile(engine) if need_profile else None
-    if profile is not None:
+    if profile is not None and runs_here:
         require_available(profile)
     folder = deploy.output_folder(rec.name, out)
     paths = deploy.exported(folder, rec) if out_mode == "read" else None
     if out_mode == "write":
         check_output_folder(folder)
     photos = load_photos(images) if need_photos else None
-    with progress.step(f"Loading {rec.family} ({weights_source(rec)}) and patching"):
-        models = build_models(rec)
+    device = profile.device if profile is not None else "cpu"
+    with progress.step(f"Loading {rec.family} ({weights_source(rec)}) and patching for the {device}"):
+        models = build_models(rec, device)
+    unknown = sorted(set(profile.max_abs_per_output) - set(models.family.output_names)) if profile else []
+    if unknown:
+        raise UserError(f"{profile.path}: parity.max_abs_per_output.{unknown[0]} is not an output of family "
+                        f"{models.family.name} (its outputs: {', '.join(models.family.output_names)})")
     return Job(rec, models, folder, profile, photos, paths)
 
 
@@ -133,35 +139,41 @@ def flops(job: Job) -> dict[str, Any]:
                        "ratio": patched.total / base.total}}
 
 
-def torch_runners(job: Job) -> dict[str, Any]:
-    """The unpatched and patched PyTorch models as runners (CPU, eager)."""
+def torch_runners(job: Job, on_profile: bool = False) -> dict[str, Any]:
+    """The unpatched and patched PyTorch models as runners: the fp32 CPU reference (parity), or on the
+    profile's device, precision and CUDA-graph setting (`on_profile`, for timing like against like)."""
     names, example = job.models.family.output_names, job.example
-    return {"torch_patched": torch_runner(job.models.patched, example, names, INPUT_NAME, "torch-patched"),
-            "torch_baseline": torch_runner(job.models.baseline, example, names, INPUT_NAME, "torch-baseline")}
+    settings: dict[str, Any] = {}
+    if on_profile and job.profile is not None and job.profile.on_gpu:
+        settings = {"device": "cuda", "cuda_graph": job.profile.cuda_graph,
+                    "dtype": torch.float16 if job.profile.precision == "fp16" else torch.float32}
+    return {"torch_patched": torch_runner(job.models.patched, example, names, INPUT_NAME, "torch-patched", **settings),
+            "torch_baseline": torch_runner(job.models.baseline, example, names, INPUT_NAME, "torch-baseline",
+                                           **settings)}
 
 
 def check(job: Job, paths: dict[str, Path]) -> dict[str, Any]:
     """Parity of the patched engine against PyTorch, fidelity of patched against unpatched PyTorch."""
     assert job.profile is not None
     torch_side = torch_runners(job)
-    runners = [torch_side["torch_patched"], make_runner(deploy.deployed(paths), job.profile),
-               torch_side["torch_baseline"]]
+    engine_graph = deploy.deployed(paths, job.profile)
+    runners = [torch_side["torch_patched"], make_runner(engine_graph, job.profile), torch_side["torch_baseline"]]
     feeds = job.feeds()
     with progress.step(f"Running {len(feeds)} images through PyTorch (baseline, patched) and the {job.profile.name} engine"):
         results = run_all(runners, feeds)
     torch_patched, engine, torch_base = (outputs_of(results, r.name) for r in runners)
-    par = parity(engine, torch_patched, job.profile.cosine_min, job.profile.max_abs)
+    par = parity(engine, torch_patched, job.profile.cosine_min, job.profile.max_abs, job.profile.max_abs_per_output)
     fid = fidelity(torch_patched, torch_base, dict(job.models.family.outputs), [p.name for p in job.photos or []])
     if not weights(job)["pretrained"]:
         fid["structure_check_only"] = STRUCTURE_ONLY
-    return {"parity": par.to_dict() | {"engine_model": deploy.deployed(paths).name}, "fidelity": fid}
+    return {"parity": par.to_dict() | {"engine_model": engine_graph.name}, "fidelity": fid}
 
 
 def bench(job: Job, paths: dict[str, Path], with_torch: bool = False) -> dict[str, Any]:
     """Median latency of the baseline and patched engines (the unoptimized graph too, when there is an
     optimized one; torch eager too with `with_torch`), all interleaved in one run."""
     assert job.profile is not None
-    runners = deploy.engine_runners(paths, job.profile) | (torch_runners(job) if with_torch else {})
+    runners = deploy.engine_runners(paths, job.profile) | (torch_runners(job, on_profile=True) if with_torch else {})
     return deploy.time_runners(runners, {INPUT_NAME: job.example.numpy()}, job.profile)
 
 
@@ -187,6 +199,8 @@ def run(recipe: str | None, overrides: list[str], engine: str | None, images: st
             report["optimize_skipped"] = skipped
         else:
             report |= deploy.optimize_graph(paths, stage)
+        if job.profile.precision == "fp16":
+            report |= deploy.write_fp16(paths, stage)
         report |= check(job, paths)
         report |= flops(job)
         report |= bench(job, paths)
@@ -194,12 +208,19 @@ def run(recipe: str | None, overrides: list[str], engine: str | None, images: st
     return report, job.folder
 
 
-def export(recipe: str | None, overrides: list[str], out: Path | None) -> dict[str, Any]:
-    """`hgdeploy export`: baseline.onnx and patched.onnx into the output folder."""
-    job = prepare(recipe, overrides, out=out, out_mode="write")
+def export(recipe: str | None, overrides: list[str], out: Path | None, engine: str | None = None) -> dict[str, Any]:
+    """`hgdeploy export`: baseline.onnx and patched.onnx, planned for the profile's device; for an fp16
+    profile also the graph passes and baseline.fp16.onnx / patched.fp16.onnx. The profile need not run here."""
+    job = prepare(recipe, overrides, engine, out=out, out_mode="write", need_profile=True, runs_here=False)
+    assert job.profile is not None
+    report = describe(job) | {"engine": {"profile": job.profile.name, "device": job.profile.device,
+                                         "precision": job.profile.precision}}
     with staged_output(job.folder) as stage:
-        names = {k: p.name for k, p in export_models(job, stage).items()}
-    return describe(job) | {"onnx": {k: str(job.folder / n) for k, n in names.items()}}
+        paths = export_models(job, stage)
+        if job.profile.precision == "fp16":
+            report |= deploy.optimize_graph(paths, stage) | deploy.write_fp16(paths, stage)
+        names = {k: p.name for k, p in paths.items()}
+    return report | {"onnx": {k: str(job.folder / n) for k, n in names.items()}}
 
 
 def check_folder(recipe: str | None, overrides: list[str], engine: str | None, images: str | None,
@@ -227,4 +248,6 @@ def bench_models(recipe: str | None, overrides: list[str], engine: str | None, o
     with tempfile.TemporaryDirectory(prefix="hgdeploy-bench-") as tmp:
         paths = export_models(job, Path(tmp))
         deploy.optimize_graph(paths, Path(tmp))
+        if job.profile.precision == "fp16":
+            deploy.write_fp16(paths, Path(tmp))
         return report | bench(job, paths, with_torch)

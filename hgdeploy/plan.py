@@ -18,9 +18,11 @@ from hgdeploy.preprocess import Preprocess
 
 RECONSTRUCTIONS = ("softmax", "official")
 FORMS = ("auto", "dense", "local")
+DEVICES = ("cpu", "gpu")
 RECONSTRUCT_ON = ("features", "logits")
+RECONSTRUCT_FROM = ("nearest", "neighbourhood")
 # [cluster] keys passed to ClusterPlan as they are (alpha, grid and reconstruct_after are resolved).
-OPTION_KEYS = ("neighbours", "iters", "tau", "k", "reconstruction", "form", "reconstruct_on")
+OPTION_KEYS = ("neighbours", "iters", "tau", "k", "reconstruction", "form", "reconstruct_on", "reconstruct_from")
 
 
 def parse_grid(value: Any, what: str = "grid") -> tuple[int, int]:
@@ -47,11 +49,15 @@ class ClusterPlan:
     reconstruct_after: number of layers run when tokens are reconstructed (alpha < it <= depth).
     neighbours: side of the square neighbourhood of cluster cells (lambda), odd.
     iters: soft k-means iterations (kappa). tau: temperature, logits are -d^2 / tau.
-    k: nearest clustering-time centres each token is rebuilt from.
+    k: nearest clustering-time centres each token is rebuilt from (reconstruct_from "nearest").
+    reconstruct_from: "nearest" (the k nearest of all centres, a TopK; official) or "neighbourhood"
+    (the neighbours x neighbours cells around the token's own cell, as in clustering).
     reconstruction: "softmax" (log-space, cannot underflow) or "official" (exp, top-k, L2-norm).
     form: clustering layout, "dense" (official [N, M] matrix), "local" (gathers) or "auto" (fewer MACs).
     reconstruct_on: "features" rebuilds the N tokens after `reconstruct_after` layers; "logits" lets the
     head run on the clusters and rebuilds its per-token logits (Segmenter's official choice).
+    device: where the patched model will run ("cpu" or "gpu", the engine profile's); "auto" forms
+    are chosen for it.
     """
 
     token_grid: tuple[int, int]
@@ -66,6 +72,8 @@ class ClusterPlan:
     reconstruction: str = "softmax"
     form: str = "auto"
     reconstruct_on: str = "features"
+    reconstruct_from: str = "nearest"
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         validate(self)
@@ -109,16 +117,18 @@ def validate(p: ClusterPlan) -> None:
             f"cluster.reconstruct_after={p.reconstruct_after} must be in {p.alpha + 1}..{p.depth} "
             f"(after alpha={p.alpha}, at most the model's {p.depth} layers)"
         )
-    check_options(p.neighbours, p.iters, p.tau, p.k, p.form, p.reconstruct_on, p.reconstruction)
+    check_options(p.neighbours, p.iters, p.tau, p.k, p.form, p.reconstruct_on, p.reconstruction, p.reconstruct_from)
     if p.k > h * w:
         raise UserError(f"cluster.k={p.k} must be in 1..{h * w} (the number of clusters {h}x{w})")
+    if p.device not in DEVICES:
+        raise UserError(f"plan device {p.device!r} must be one of {', '.join(DEVICES)} (engine.device)")
     if p.reconstruct_on == "logits" and p.reconstruct_after != p.depth:
         raise UserError(f"cluster.reconstruct_on='logits' runs the head on the clusters: cluster.reconstruct_after "
                         f"must be the model's depth {p.depth}, got {p.reconstruct_after}")
 
 
 def check_options(neighbours: int, iters: int, tau: float, k: int, form: str, reconstruct_on: str,
-                  reconstruction: str) -> None:
+                  reconstruction: str, reconstruct_from: str) -> None:
     """The rules that hold whatever the model: checked when a recipe is read, before any model is loaded."""
     if neighbours < 1 or neighbours % 2 == 0:
         raise UserError(f"cluster.neighbours={neighbours} must be a positive odd number (e.g. 5 for 5x5)")
@@ -134,6 +144,8 @@ def check_options(neighbours: int, iters: int, tau: float, k: int, form: str, re
         raise UserError(f"cluster.reconstruct_on={reconstruct_on!r} must be one of {', '.join(RECONSTRUCT_ON)}")
     if reconstruction not in RECONSTRUCTIONS:
         raise UserError(f"cluster.reconstruction={reconstruction!r} must be one of {', '.join(RECONSTRUCTIONS)}")
+    if reconstruct_from not in RECONSTRUCT_FROM:
+        raise UserError(f"cluster.reconstruct_from={reconstruct_from!r} must be one of {', '.join(RECONSTRUCT_FROM)}")
 
 
 @dataclass(frozen=True)
@@ -196,16 +208,16 @@ def check_reads(plan: ClusterPlan, reads: tuple[int, ...], family: str) -> None:
 
 
 def make_plan(request: PlanRequest, facts: ModelFacts, family: str,
-              placements: tuple[str, ...] = ("features",)) -> ClusterPlan:
+              placements: tuple[str, ...] = ("features",), device: str = "cpu") -> ClusterPlan:
     """The validated plan for one model: the request's values, the family's defaults and rules.
 
-    placements: the `reconstruct_on` values the family supports.
+    placements: the `reconstruct_on` values the family supports; device: where the engine runs.
     """
     after = request.reconstruct_after
     if after is None:
         after = default_reconstruct_after(facts.reads, request.alpha, facts.depth)
     plan = ClusterPlan(token_grid=facts.token_grid, grid=request.grid, alpha=request.alpha, reconstruct_after=after,
-                       depth=facts.depth, **request.options)
+                       depth=facts.depth, device=device, **request.options)
     if plan.reconstruct_on not in placements:
         raise UserError(f"cluster.reconstruct_on={plan.reconstruct_on!r} is not supported by family {family} "
                         f"(supported: {', '.join(placements)})")

@@ -32,7 +32,7 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     "cluster": {
         "alpha": (int,), "grid": (str, int, list), "reconstruct_after": (int,), "neighbours": (int,),
         "iters": (int,), "tau": (float, int), "k": (int,), "reconstruction": (str,), "form": (str,),
-        "reconstruct_on": (str,),
+        "reconstruct_on": (str,), "reconstruct_from": (str,),
     },
     # --set overrides that give the recipe's small CI shape (tests export every recipe at it).
     "ci": {"set": (list,)},

@@ -26,6 +26,8 @@ CONFIGS = [
     ("`--set cluster.alpha=7`", ["--set", "cluster.alpha=7"]),
     ("336 px input, 18x18, α=5", ["--set", "model.input_size=336x336", "--set", "cluster.grid=18x18",
                                   "--set", "cluster.alpha=5"]),
+    ("`--set cluster.reconstruct_from=neighbourhood`", ["--set", "cluster.reconstruct_from=neighbourhood"]),
+    ("fp16 graphs, `--engine ort-cpu-fp16`", ["--engine", "ort-cpu-fp16"]),
 ]
 
 

@@ -15,7 +15,7 @@ from hgdeploy.adapters.dinov2 import patch_dinov2
 from hgdeploy.checks import cosine
 from hgdeploy.contract import INPUT_NAME, static_shape_problems
 from hgdeploy.export import export_onnx
-from hgdeploy.layers import TokenClustering, TokenReconstruction
+from hgdeploy.layers import TokenClustering, TokenReconstruction, neighbour_table
 from hgdeploy.plan import ClusterPlan
 
 
@@ -51,15 +51,16 @@ def test_patched_dinov2_exports_static_and_matches_torch(tiny_dinov2, tmp_path, 
     assert not (tmp_path / ".patched.onnx.tmp").exists()
 
 
-@pytest.mark.parametrize("form", ["dense", "local"])
-def test_non_divisible_clustering_exports(tmp_path, form):
+@pytest.mark.parametrize("form,candidates", [("dense", "nearest"), ("local", "nearest"), ("local", "neighbourhood")])
+def test_non_divisible_clustering_exports(tmp_path, form, candidates):
     """32 -> 24 cells: adaptive pooling that torch's own ONNX export refuses."""
+    cells = neighbour_table((32, 32), (24, 24), 5) if candidates == "neighbourhood" else None
 
     class Layers(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.c = TokenClustering((32, 32), (24, 24), 5, 2, 1.0, form=form)
-            self.r = TokenReconstruction(4, 1.0)
+            self.r = TokenReconstruction(4, 1.0, neighbourhood=cells)
 
         def forward(self, z):
             s = self.c(z)
@@ -71,7 +72,9 @@ def test_non_divisible_clustering_exports(tmp_path, form):
     with torch.no_grad():
         ref = Layers().eval()(z)[0].numpy()
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
-    assert static_shape_problems(onnx.load(str(path))) == []
+    graph = onnx.load(str(path))
+    assert static_shape_problems(graph) == []
+    assert ("TopK" in {n.op_type for n in graph.graph.node}) == (candidates == "nearest")
 
 
 def _graph(nodes, inputs, outputs, inits=()):

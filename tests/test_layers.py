@@ -9,6 +9,7 @@ from torch.nn import functional as F
 from hgdeploy.layers import (
     TokenClustering,
     TokenReconstruction,
+    choose_form,
     neighbour_table,
     neighbourhood_mask,
     pooling_matrix,
@@ -93,3 +94,27 @@ def test_official_weights_are_l2_normalised_softmax_weights_sum_to_one():
     assert torch.equal(idx_soft, idx_off)
     d2 = torch.cdist(z, s) ** 2
     assert torch.equal(idx_soft.sort(-1).values, d2.topk(3, largest=False).indices.sort(-1).values)
+
+
+@pytest.mark.parametrize("variant", ["softmax", "official"])
+def test_neighbourhood_reconstruction_identity_and_support(variant):
+    """Rebuilt from the lambda x lambda cells around each token: identity at zero reduction; no weight elsewhere."""
+    torch.manual_seed(4)
+    z = torch.randn(1, 36, 8)
+    cells = neighbour_table((6, 6), (6, 6), 3)
+    rec = TokenReconstruction(k=4, tau=1e-4, variant=variant, neighbourhood=cells)
+    torch.testing.assert_close(rec(z * 2, z, z), z * 2, rtol=1e-5, atol=1e-5)
+    s = torch.randn(1, 9, 8)
+    cells = neighbour_table((6, 6), (3, 3), 3)
+    w, index = TokenReconstruction(k=4, tau=5.0, variant="softmax", neighbourhood=cells).weights(z, s)
+    assert w.shape == (1, 36, 9) and torch.equal(index, cells[0])
+    torch.testing.assert_close(w.sum(-1), torch.ones(1, 36))
+    assert (w[0][~cells[1]] < 1e-12).all()  # cells off the grid get nothing
+
+
+def test_auto_form_is_dense_on_a_gpu_and_cheapest_on_a_cpu():
+    macs = {"dense": 100, "local": 10}
+    assert choose_form("auto", macs, "cpu")[0] == "local" and choose_form("auto", macs, "gpu")[0] == "dense"
+    form, why = choose_form("local", macs, "gpu")
+    assert form == "local" and "set by cluster.form" in why  # a form the recipe forces is kept
+    assert "the local form needs 0.10x the multiply-adds" in choose_form("auto", macs, "gpu")[1]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -21,8 +20,7 @@ from hgdeploy.backends.machine import cuda_gpu_name
 from hgdeploy.backends.onnxrt import lost_providers
 from hgdeploy.backends.onnxrt import provider_name as ort_provider_name
 from hgdeploy.backends.onnxrt import providers as ort_providers
-from hgdeploy.backends.trt import (engine_paths, fp32_layer_names, manifest_mismatch, onnx_input_shapes,
-                                   pin_fp32)
+from hgdeploy.backends.trt import engine_paths, manifest_mismatch, onnx_input_shapes, strongly_typed_flag
 from hgdeploy.contract import FP32_MARKER
 from hgdeploy.errors import UserError
 from hgdeploy.outputs import file_sha256
@@ -32,6 +30,7 @@ GPU_PROFILES = {  # profile -> words one of which its "cannot run here" reason m
     "trt-fp32": ("TensorRT", "CUDA GPU"),
     "trt-fp16": ("TensorRT", "CUDA GPU"),
     "ort-cuda": ("CUDAExecutionProvider", "CUDA GPU"),
+    "ort-cuda-fp16": ("CUDAExecutionProvider", "CUDA GPU"),
     "ort-trt": ("TensorrtExecutionProvider", "CUDA GPU"),
 }
 
@@ -130,9 +129,14 @@ def test_availability_order_for_tensorrt(monkeypatch):
     assert availability(load_profile("trt-fp32")) == machine.NO_GPU
     monkeypatch.setattr(machine, "cuda_gpu_name", lambda: "NVIDIA L4")
     assert availability(load_profile("trt-fp16")) is None
-    monkeypatch.setattr(machine, "tensorrt_version", lambda: "11.4.0")
-    assert "TensorRT 11.4.0 removed the fp16 builder flag" in availability(load_profile("trt-fp16"))
-    assert availability(load_profile("trt-fp32")) is None
+    monkeypatch.setattr(machine, "tensorrt_version", lambda: "11.4.0")  # strongly typed: 11 builds fp16 too
+    assert availability(load_profile("trt-fp16")) is None and availability(load_profile("trt-fp32")) is None
+
+
+def test_networks_are_strongly_typed_on_every_tensorrt():
+    """10.x needs the flag; 11 only builds strongly typed networks (Polygraphy's default there)."""
+    assert strongly_typed_flag("10.3.0") is True and strongly_typed_flag("10.13.2") is True
+    assert strongly_typed_flag("11.0.0") is None
 
 
 def test_broken_tensorrt_install_is_named(monkeypatch):
@@ -155,6 +159,21 @@ def test_gpu_providers_without_a_gpu(monkeypatch):
     assert availability(load_profile("ort-cpu")) is None
 
 
+def test_ort_tensorrt_provider_without_the_tensorrt_library(monkeypatch):
+    """ONNX Runtime lists its TensorRT provider even where libnvinfer is missing; the profile must say so first."""
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(machine, "cuda_gpu_name", lambda: "NVIDIA H100")
+    monkeypatch.setattr(machine, "missing_tensorrt_library", lambda: "libnvinfer.so.10")
+    reason = availability(load_profile("ort-trt"))
+    assert reason is not None and "libnvinfer.so.10 does not load" in reason
+    assert availability(load_profile("ort-cuda")) is None  # the CUDA provider needs no TensorRT
+    with pytest.raises(UserError, match="libnvinfer.so.10"):
+        make_runner(Path("never-read.onnx"), load_profile("ort-trt"))
+
+
 def test_gpu_name_lookup_here():
     """The driver lookup answers without raising; None on a machine without libcuda or a device."""
     name = cuda_gpu_name()
@@ -168,8 +187,15 @@ def test_gpu_name_lookup_here():
     ('[engine]\nbackend = "tensorrt"\ntiming_cache = "yes"\n', "engine.timing_cache = 'yes' has the wrong type"),
     ('[engine]\nbackend = "tensorrt"\nworkspace_mb = true\n', "engine.workspace_mb = True has the wrong type"),
     ('[engine]\nbackend = "tensorrt"\nworkspace_mb = -1\n', "engine.workspace_mb must be >= 0"),
-    ('[engine]\nbackend = "onnxruntime"\nprecision = "fp16"\nproviders = ["cuda"]\n',
-     "needs the \"tensorrt\" provider"),
+    ('[engine]\nbackend = "onnxruntime"\ndevice = "cpu"\nproviders = ["cuda", "cpu"]\n',
+     "engine.device = \"cpu\" but engine.providers lists 'cuda'"),
+    ('[engine]\nbackend = "onnxruntime"\ndevice = "gpu"\nproviders = ["cpu"]\n', "needs a GPU provider"),
+    ('[engine]\nbackend = "tensorrt"\ndevice = "cpu"\n', "backend tensorrt runs on the GPU"),
+    ('[engine]\nbackend = "onnxruntime"\ndevice = "tpu"\n', "engine.device must be one of cpu, gpu"),
+    ('[engine]\nbackend = "onnxruntime"\ncuda_graph = true\n', "engine.cuda_graph needs the \"cuda\" provider"),
+    ('[engine]\nbackend = "tensorrt"\ncuda_graph = true\n', "engine.cuda_graph applies to backend onnxruntime"),
+    ('[engine]\nbackend = "onnxruntime"\nproviders = ["cuda"]\n[engine.provider_options.cuda]\nenable_cuda_graph = 1\n',
+     "set engine.cuda_graph = true instead"),
     ('[engine]\nbackend = "onnxruntime"\nproviders = ["cpu"]\n[engine.provider_options.cuda]\ndevice_id = 0\n',
      "provider_options.cuda is for a provider not in engine.providers"),
     (('[engine]\nbackend = "onnxruntime"\nproviders = ["tensorrt"]\n[engine.provider_options.tensorrt]\n'
@@ -189,8 +215,8 @@ def test_tensorrt_profile_accepts_its_keys(tmp_path):
     path.write_text('[engine]\nbackend = "tensorrt"\nprecision = "fp16"\nworkspace_mb = 2048\ntiming_cache = false\n')
     profile = load_profile(str(path))
     assert (profile.workspace_mb, profile.timing_cache, profile.precision) == (2048, False, "fp16")
-    assert profile.to_dict() == {"name": "t", "backend": "tensorrt", "precision": "fp16", "workspace_mb": 2048,
-                                 "timing_cache": False}
+    assert profile.to_dict() == {"name": "t", "backend": "tensorrt", "device": "gpu", "precision": "fp16",
+                                 "workspace_mb": 2048, "timing_cache": False}
 
 
 # --- ONNX Runtime provider helpers (pure) ----------------------------------------------------------
@@ -215,8 +241,8 @@ def test_ort_trt_profile_becomes_provider_options():
     assert trt_options["trt_fp16_enable"] is True and trt_options["trt_engine_cache_enable"] is True
     assert trt_options["trt_engine_cache_path"] == "engines/build/ort-trt"
     cuda = ort_providers(load_profile("ort-cuda"), available)
-    assert cuda[0] == ("CUDAExecutionProvider",
-                       {"device_id": 0, "use_tf32": False, "cudnn_conv_algo_search": "EXHAUSTIVE"})
+    assert cuda[0] == ("CUDAExecutionProvider", {"device_id": 0, "use_tf32": False,
+                                                 "cudnn_conv_algo_search": "EXHAUSTIVE", "enable_cuda_graph": True})
     assert cuda[1] == ("CPUExecutionProvider", {})
 
 
@@ -227,59 +253,6 @@ def test_lost_providers_are_named():
 
 
 # --- TensorRT helpers (pure, run everywhere) -------------------------------------------------------
-
-
-def test_fp32_layer_selection_by_layer_or_node_name():
-    layers = [(f"/blocks.6/{FP32_MARKER}/cluster/Softmax", ""), ("/blocks.6/attn/MatMul", ""),
-              ("ONNXTRT_Broadcast_12", f"/blocks.6/{FP32_MARKER}/cluster/Sub"), ("/head/Conv", None)]
-    assert fp32_layer_names(layers) == [f"/blocks.6/{FP32_MARKER}/cluster/Softmax", "ONNXTRT_Broadcast_12"]
-    assert fp32_layer_names([]) == []
-
-
-def test_nodes_marked_by_the_graph_pass_are_the_layers_kept_fp32():
-    """passes.mark_fp32 names the clustering nodes; the fp16 build must select exactly those."""
-    import onnx_graphsurgeon as gs
-
-    from hgdeploy.passes import PassContext, mark_fp32
-
-    graph = gs.Graph(nodes=[gs.Node("Softmax", name="softmax"), gs.Node("MatMul", name="attn")])
-    ctx = PassContext({"softmax": ["", "enc.clustering"], "attn": ["", "enc.block"]}, [{"scope": "enc.clustering"}])
-    names = [n.name for n in mark_fp32(graph, ctx).nodes]
-    assert fp32_layer_names([(n, n) for n in names]) == [f"{FP32_MARKER}/softmax"]
-
-
-class _Tensor:
-    def __init__(self, dtype):
-        self.dtype = dtype
-
-
-class _Layer:
-    def __init__(self, name, dtypes, metadata=""):
-        self.name, self.metadata, self._outputs = name, metadata, [_Tensor(d) for d in dtypes]
-        self.precision, self.output_types = None, {}
-
-    @property
-    def num_outputs(self):
-        return len(self._outputs)
-
-    def get_output(self, i):
-        return self._outputs[i]
-
-    def set_output_type(self, i, dtype):
-        self.output_types[i] = dtype
-
-
-def test_pin_fp32_sets_precision_and_float_output_types_only():
-    trt = SimpleNamespace(float32="f32", float16="f16", int32="i32")
-    topk = _Layer(f"{FP32_MARKER}/topk", ["f32", "i32"])
-    helper_layer = _Layer("ONNXTRT_Shuffle_3", ["f32"], metadata=f"{FP32_MARKER}/reshape")
-    indices = _Layer(f"{FP32_MARKER}/const_idx", ["i32"])
-    plain = _Layer("/attn/MatMul", ["f32"])
-    pinned = pin_fp32([topk, helper_layer, indices, plain], trt)
-    assert pinned == [f"{FP32_MARKER}/topk", "ONNXTRT_Shuffle_3"]
-    assert topk.precision == "f32" and topk.output_types == {0: "f32"}
-    assert helper_layer.precision == "f32" and helper_layer.output_types == {0: "f32"}
-    assert indices.precision is None and plain.precision is None and plain.output_types == {}
 
 
 HERE = {"tensorrt": "10.3.0", "gpu": "NVIDIA A100-SXM4-40GB", "source_sha256": "ab" * 32, "precision": "fp16"}
@@ -404,15 +377,18 @@ def test_trt_manifest_mismatch_is_a_user_error(tmp_path):
         trt_backend.load_trt_engine(engine, onnx_path, profile)
 
 
-def test_trt_fp16_keeps_marked_layers_in_fp32(tmp_path):
+def test_trt_fp16_builds_a_strongly_typed_engine_from_the_fp16_graph(tmp_path):
     require_tensorrt_gpu()
-    if availability(load_profile("trt-fp16")) is not None:
-        pytest.skip(availability(load_profile("trt-fp16")))
-    onnx_path = tiny_onnx(tmp_path / "m.onnx", marked=True)
+    from hgdeploy.fp16 import to_fp16
+
+    fp32_path = tiny_onnx(tmp_path / "m.onnx", marked=True)
+    converted, _ = to_fp16(onnx.load(str(fp32_path)), lambda n: n.name.startswith(FP32_MARKER))
+    path = tmp_path / "m.fp16.onnx"
+    onnx.save(converted, str(path))
     profile = load_profile("trt-fp16")
     x = np.random.default_rng(2).standard_normal((2, 8)).astype(np.float32)
-    with make_runner(onnx_path, profile) as runner:
+    with make_runner(path, profile) as runner:
         y = runner.infer({"x": x})["y"]
-    np.testing.assert_allclose(y, _softmax_ref(x, onnx_path), atol=5e-3)
-    manifest = json.loads(engine_paths(onnx_path, profile.name, tmp_path)["manifest"].read_text())
-    assert manifest["precision"] == "fp16" and any(FP32_MARKER in n for n in manifest["fp32_layers"])
+    np.testing.assert_allclose(y, _softmax_ref(x, fp32_path), atol=5e-3)
+    manifest = json.loads(engine_paths(path, profile.name, tmp_path)["manifest"].read_text())
+    assert manifest["precision"] == "fp16" and manifest["strongly_typed"] is True

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hgdeploy.layers import TokenClustering, TokenReconstruction
+from hgdeploy.layers import TokenClustering, TokenReconstruction, neighbour_table
 from hgdeploy.models.blocks import BlockCall, inspect_block
 from hgdeploy.plan import ClusterPlan
 
@@ -40,8 +40,9 @@ class ClusteredSpan(nn.Module):
         self.num_prefix_tokens = num_prefix_tokens
         self.call = call
         self.head = head
-        self.clustering = TokenClustering(plan.token_grid, plan.grid, plan.neighbours, plan.iters, plan.tau, plan.form)
-        self.reconstruction = TokenReconstruction(plan.k, plan.tau, plan.reconstruction)
+        self.clustering = TokenClustering(plan.token_grid, plan.grid, plan.neighbours, plan.iters, plan.tau, plan.form,
+                                          plan.device)
+        self.reconstruction = reconstruction_for(plan)
 
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Any:
         p = self.num_prefix_tokens
@@ -54,6 +55,13 @@ class ClusteredSpan(nn.Module):
             return self.reconstruction(self.head(h), z_alpha, s_alpha)
         prefix, s_refined = h[:, :p], h[:, p:]
         return self.call.answer(torch_cat(prefix, self.reconstruction(s_refined, z_alpha, s_alpha)))
+
+
+def reconstruction_for(plan: ClusterPlan) -> TokenReconstruction:
+    """The reconstruction layer the plan asks for (its candidates: nearest centres or the neighbourhood)."""
+    cells = (neighbour_table(plan.token_grid, plan.grid, plan.neighbours)
+             if plan.reconstruct_from == "neighbourhood" else None)
+    return TokenReconstruction(plan.k, plan.tau, plan.reconstruction, cells)
 
 
 def torch_cat(prefix: Tensor, tokens: Tensor) -> Tensor:

@@ -46,3 +46,26 @@ def tensorrt_version() -> str | None:
             return None
         raise
     return trt.__version__
+
+
+# TensorRT's runtime library under the sonames TensorRT 10 and 11 ship.
+NVINFER = ("libnvinfer.so.10", "libnvinfer.so.11", "nvinfer_10.dll")
+
+
+def missing_tensorrt_library() -> str | None:
+    """The TensorRT library that does not load (ONNX Runtime's TensorRT provider needs it), or None.
+
+    The tensorrt Python package loads its own copy when imported, so that is tried first; then the
+    system's library path.
+    """
+    try:
+        import tensorrt  # noqa: F401 - importing it loads libnvinfer into the process
+    except (ImportError, OSError):
+        pass
+    for lib in NVINFER:
+        try:
+            ctypes.CDLL(lib)
+            return None
+        except OSError:
+            continue
+    return NVINFER[0]

@@ -18,18 +18,21 @@ BUNDLED_PROFILES = bundled_folders("engines")
 DEFAULT_PROFILE = "ort-cpu"
 
 PROFILE_SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
-    "engine": {"backend": (str,), "providers": (list,), "precision": (str,), "graph_optimization_level": (str,),
-               "threads": (int,), "provider_options": (dict,), "workspace_mb": (int,), "timing_cache": (bool,)},
-    "parity": {"cosine_min": (float, int), "max_abs": (float, int)},
+    "engine": {"backend": (str,), "device": (str,), "providers": (list,), "precision": (str,),
+               "graph_optimization_level": (str,), "threads": (int,), "provider_options": (dict,),
+               "cuda_graph": (bool,), "workspace_mb": (int,), "timing_cache": (bool,)},
+    "parity": {"cosine_min": (float, int), "max_abs": (float, int), "max_abs_per_output": (dict,)},
     "bench": {"warmup": (int,), "runs": (int,)},
 }
 # Keys that only mean something to one backend: setting one for the other backend is an error, not ignored.
 BACKEND_KEYS = {
-    "onnxruntime": {"providers", "graph_optimization_level", "threads", "provider_options"},
+    "onnxruntime": {"providers", "graph_optimization_level", "threads", "provider_options", "cuda_graph"},
     "tensorrt": {"workspace_mb", "timing_cache"},
 }
 BACKEND_NAMES = tuple(BACKEND_KEYS)
 PRECISIONS = ("fp32", "fp16")
+DEVICES = ("cpu", "gpu")
+GPU_PROVIDERS = ("cuda", "tensorrt")  # the profile names of ONNX Runtime's GPU providers
 ORT_OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
                   "all": "ORT_ENABLE_ALL"}
 
@@ -39,25 +42,38 @@ class EngineProfile:
     name: str
     path: str
     backend: str
+    device: str = ""  # "cpu" or "gpu"; empty: what the backend and providers imply
     providers: tuple[str, ...] = ("cpu",)
     precision: str = "fp32"
     graph_optimization_level: str = "all"
     threads: int = 0  # 0: the backend's default (all cores)
     provider_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # ORT: provider -> its options
+    cuda_graph: bool = False  # ORT CUDA: capture the whole graph once and replay it (no per-kernel launches)
     workspace_mb: int = 0  # TensorRT builder workspace limit; 0: TensorRT's default
     timing_cache: bool = True  # TensorRT: load/save <stem>.<profile>.timing.cache beside the engine
     cosine_min: float = 0.9999
     max_abs: float = 1e-2
+    max_abs_per_output: dict[str, float] = field(default_factory=dict)  # output name -> its own max_abs
     warmup: int = 3
     runs: int = 15
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if not self.device:  # frozen: set once, from what the profile's backend and providers imply
+            implied = "gpu" if self.backend == "tensorrt" or set(self.providers) & set(GPU_PROVIDERS) else "cpu"
+            object.__setattr__(self, "device", implied)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device == "gpu"
+
     def to_dict(self) -> dict[str, Any]:
-        common = {"name": self.name, "backend": self.backend, "precision": self.precision}
+        common = {"name": self.name, "backend": self.backend, "device": self.device, "precision": self.precision}
         if self.backend == "tensorrt":
             return common | {"workspace_mb": self.workspace_mb, "timing_cache": self.timing_cache}
         return common | {"providers": list(self.providers), "graph_optimization_level": self.graph_optimization_level,
-                         "threads": self.threads, "provider_options": self.provider_options}
+                         "threads": self.threads, "provider_options": self.provider_options,
+                         "cuda_graph": self.cuda_graph}
 
 
 def resolve_profile_path(name_or_path: str | None) -> Path:
@@ -97,7 +113,29 @@ def parse_profile(path: Path) -> EngineProfile:
         raise UserError(f"{path}: engine.precision must be one of {', '.join(PRECISIONS)}, not {profile.precision!r}")
     if profile.warmup < 0 or profile.runs < 1:
         raise UserError(f"{path}: bench.warmup must be >= 0 and bench.runs >= 1")
+    bad = [k for k, v in profile.max_abs_per_output.items() if isinstance(v, bool) or not isinstance(v, (int, float))]
+    if bad:
+        raise UserError(f"{path}: parity.max_abs_per_output.{bad[0]} must be a number")
+    check_device(profile)
     return profile
+
+
+def check_device(profile: EngineProfile) -> None:
+    """The stated device must be the one the backend and providers run on: a profile says where it runs."""
+    where = profile.path
+    if profile.device not in DEVICES:
+        raise UserError(f"{where}: engine.device must be one of {', '.join(DEVICES)}, not {profile.device!r}")
+    gpu_providers = sorted(set(profile.providers) & set(GPU_PROVIDERS)) if profile.backend == "onnxruntime" else []
+    if profile.backend == "tensorrt" and profile.device != "gpu":
+        raise UserError(f"{where}: backend tensorrt runs on the GPU; set engine.device = \"gpu\"")
+    if profile.backend == "onnxruntime" and profile.device == "cpu" and gpu_providers:
+        raise UserError(f"{where}: engine.device = \"cpu\" but engine.providers lists {gpu_providers[0]!r}, a GPU "
+                        "provider; use device = \"gpu\" or drop the provider")
+    if profile.backend == "onnxruntime" and profile.device == "gpu" and not gpu_providers:
+        raise UserError(f"{where}: engine.device = \"gpu\" needs a GPU provider in engine.providers "
+                        f"({' or '.join(GPU_PROVIDERS)})")
+    if profile.cuda_graph and "cuda" not in profile.providers:
+        raise UserError(f"{where}: engine.cuda_graph needs the \"cuda\" provider (ONNX Runtime's CUDA graphs)")
 
 
 def _check_backend_keys(values: dict[str, Any], path: Path) -> None:

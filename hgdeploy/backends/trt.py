@@ -1,7 +1,10 @@
 """TensorRT through Polygraphy: network from ONNX, builder config, engine, runner; engines kept with a manifest.
 
-TensorRT is imported inside functions only, so a machine without it can still check profiles and
-manifests. Written against TensorRT's and Polygraphy's documented APIs; it has not run on our machines
+Networks are strongly typed: precision is what the ONNX graph says (fp16 graphs come from
+hgdeploy.fp16, with the clustering layers as fp32 islands), as TensorRT 11 requires and TensorRT 10
+allows with the STRONGLY_TYPED flag; no builder precision flags, no per-layer precision. TensorRT is
+imported inside functions only, so a machine without it can still check profiles and manifests.
+Written against TensorRT's and Polygraphy's documented APIs; it has not run on our machines
 (TensorRT's builder cannot be installed there).
 """
 
@@ -12,14 +15,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from polygraphy.backend.base import BaseRunner
 
 from hgdeploy.backends import machine
 from hgdeploy.backends.base import Backend
 from hgdeploy.backends.profile import EngineProfile
-from hgdeploy.contract import FP32_MARKER
 from hgdeploy.errors import UserError
 from hgdeploy.outputs import file_sha256
 
@@ -30,16 +32,13 @@ def check(profile: EngineProfile) -> None:
 
 
 def available(profile: EngineProfile) -> str | None:
-    """Why TensorRT cannot run the profile here (not installed, broken, wrong major for fp16, no GPU), or None."""
+    """Why TensorRT cannot run the profile here (not installed, its libraries do not load, no GPU), or None."""
     try:
         version = machine.tensorrt_version()
     except (ImportError, OSError) as exc:
         return f"TensorRT is installed but does not import ({exc})"
     if version is None:
         return f"TensorRT is not installed ({machine.GPU_INSTALL_HINT})"
-    if profile.precision == "fp16" and int(version.split(".")[0]) >= 11:
-        return (f"TensorRT {version} removed the fp16 builder flag and per-layer precision this profile uses; "
-                "install TensorRT 10: pip install 'tensorrt>=10,<11'")
     return None if machine.cuda_gpu_name() else machine.NO_GPU
 
 
@@ -47,36 +46,9 @@ def versions(profile: EngineProfile) -> dict[str, str]:
     return {"tensorrt": str(machine.tensorrt_version()), "gpu": str(machine.cuda_gpu_name())}
 
 
-def fp32_layer_names(layers: Iterable[tuple[str, str]], marker: str = FP32_MARKER) -> list[str]:
-    """Names of the layers to keep in fp32: (layer name, ONNX node name) pairs where either has the marker.
-
-    TensorRT's ONNX parser names layers after their ONNX node and, from TensorRT 10, also records the
-    node name in `layer.metadata`; helper layers it adds for a node may only carry it there.
-    """
-    return [name for name, node in layers if marker in name or marker in (node or "")]
-
-
-def pin_fp32(network: Any, trt: Any, marker: str = FP32_MARKER) -> list[str]:
-    """Set fp32 compute and output types on the marked layers of a TensorRT network; returns their names.
-
-    Only floating outputs get an output type: integer outputs (TopK indices, gather indices) keep theirs.
-    With precision constraints "obey" the builder must honour these settings even with fp16 enabled.
-    """
-    layers = list(network)
-    marked = set(fp32_layer_names(((ly.name, getattr(ly, "metadata", "") or "") for ly in layers), marker))
-    floating = {trt.float32, trt.float16}
-    pinned = []
-    for layer in layers:
-        if layer.name not in marked:
-            continue
-        outputs = [i for i in range(layer.num_outputs) if layer.get_output(i).dtype in floating]
-        if not outputs:
-            continue
-        layer.precision = trt.float32
-        for i in outputs:
-            layer.set_output_type(i, trt.float32)
-        pinned.append(layer.name)
-    return pinned
+def strongly_typed_flag(version: str) -> bool | None:
+    """Polygraphy's `strongly_typed` for this TensorRT: set on 10.x; 11 builds nothing else (None: its default)."""
+    return True if int(version.split(".")[0]) < 11 else None
 
 
 def engine_paths(onnx_path: Path, profile_name: str, folder: Path) -> dict[str, Path]:
@@ -154,18 +126,12 @@ def build_trt_engine(onnx_path: Path, profile: EngineProfile, out_dir: Path) -> 
     """
     import tensorrt as trt
     from polygraphy import util as pg_util
-    from polygraphy.backend.trt import (CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, PostprocessNetwork,
-                                        Profile)
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
 
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     final = engine_paths(onnx_path, profile.name, out_dir)
     shapes = onnx_input_shapes(onnx_path)
-    fp16 = profile.precision == "fp16"
-    pinned: list[str] = []
-    network: Any = NetworkFromOnnxPath(str(onnx_path))
-    if fp16:
-        network = PostprocessNetwork(network, lambda network: pinned.extend(pin_fp32(network, trt)),
-                                     name=f"keep layers marked {FP32_MARKER} in fp32")
+    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=strongly_typed_flag(trt.__version__))
     shape_profile = Profile()
     for name, shape in shapes.items():
         shape_profile.add(name, min=shape, opt=shape, max=shape)
@@ -177,8 +143,7 @@ def build_trt_engine(onnx_path: Path, profile: EngineProfile, out_dir: Path) -> 
             shutil.copyfile(final["timing_cache"], staged["timing_cache"])  # Polygraphy locks and appends here
         workspace = {trt.MemoryPoolType.WORKSPACE: profile.workspace_mb << 20} if profile.workspace_mb else None
         cache = str(staged["timing_cache"])
-        config = CreateConfig(fp16=fp16, precision_constraints="obey" if fp16 else None, profiles=[shape_profile],
-                              memory_pool_limits=workspace,
+        config = CreateConfig(profiles=[shape_profile], memory_pool_limits=workspace,
                               load_timing_cache=cache if staged["timing_cache"].is_file() else None)
         engine = EngineBytesFromNetwork(network, config=config,
                                         save_timing_cache=cache if profile.timing_cache else None)()
@@ -188,7 +153,7 @@ def build_trt_engine(onnx_path: Path, profile: EngineProfile, out_dir: Path) -> 
             "gpu": machine.cuda_gpu_name(), "source": onnx_path.name, "source_sha256": file_sha256(onnx_path),
             "inputs": shapes, "engine": final["engine"].name, "engine_sha256": file_sha256(staged["engine"]),
             "timing_cache": final["timing_cache"].name if profile.timing_cache else None,
-            "workspace_mb": profile.workspace_mb, "fp32_marker": FP32_MARKER, "fp32_layers": pinned,
+            "workspace_mb": profile.workspace_mb, "strongly_typed": True,
         }
         staged["manifest"].write_text(json.dumps(manifest, indent=2) + "\n")
         final["manifest"].unlink(missing_ok=True)
@@ -219,7 +184,6 @@ def runner(onnx_path: Path, profile: EngineProfile, engine_dir: Path | None = No
 
     `engine_dir` defaults to the ONNX file's folder, so engines sit beside the models they came from.
     """
-    from polygraphy.backend.trt import TrtRunner
 
     from hgdeploy import progress
 
@@ -234,7 +198,32 @@ def runner(onnx_path: Path, profile: EngineProfile, engine_dir: Path | None = No
             build_trt_engine(onnx_path, profile, folder)
         return load_trt_engine(engine_path, onnx_path, profile)()
 
-    return TrtRunner(engine, name=f"{profile.name}:{onnx_path.stem}")
+    return DeviceFeedTrtRunner(engine, name=f"{profile.name}:{onnx_path.stem}")
+
+
+def DeviceFeedTrtRunner(engine: Any, name: str) -> BaseRunner:  # noqa: N802 - builds a runner class lazily
+    """Polygraphy's TrtRunner that uploads each distinct host feed to the GPU once.
+
+    Timed runs then pass `copy_outputs_to_host=False` (Polygraphy's own argument): the engine is timed
+    on device-resident inputs and outputs, without host copies.
+    """
+    from polygraphy import cuda
+    from polygraphy.backend.trt import TrtRunner
+
+    class _Runner(TrtRunner):
+        _fed: dict[str, tuple[int, Any]] = {}
+
+        def infer_impl(self, feed_dict: dict, copy_outputs_to_host: bool = True) -> Any:
+            device_feed = {}
+            for key, array in feed_dict.items():
+                seen = self._fed.get(key)
+                if seen is None or seen[0] != id(array):
+                    seen = (id(array), cuda.DeviceArray.raw(array.shape, dtype=array.dtype).copy_from(array))
+                    self._fed = {**self._fed, key: seen}
+                device_feed[key] = seen[1]
+            return super().infer_impl(device_feed, copy_outputs_to_host=copy_outputs_to_host)
+
+    return _Runner(engine, name=name)
 
 
 BACKEND = Backend("tensorrt", check=check, available=available, runner=runner, versions=versions)

@@ -1,0 +1,155 @@
+"""fp16 graphs with fp32 islands: a tiny graph built in code, and the real export an fp16 profile writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import SMALL_EXPORT
+from onnx import TensorProto, helper, numpy_helper
+
+from hgdeploy.checks import cosine
+from hgdeploy.contract import INPUT_NAME, is_layer_node
+from hgdeploy.fp16 import FP32_OPS, to_fp16
+from hgdeploy.lint import lint_model
+
+REPO = Path(__file__).resolve().parents[1]
+KEEP = "keep_fp32/"
+
+
+def _tiny() -> onnx.ModelProto:
+    """Conv -> Resize -> flatten -> MatMul -> LayerNorm -> Softmax (marked fp32) -> MatMul, with a Cast to float."""
+    rng = np.random.default_rng(0)
+    inits = {
+        "w_conv": rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "b_conv": np.zeros(4, np.float32),
+        "scales": np.array([1, 1, 2, 2], np.float32), "shape": np.array([1, 4, 256], np.int64),
+        "w_mm": rng.standard_normal((256, 16)).astype(np.float32), "ln_s": np.ones(16, np.float32),
+        "ln_b": np.zeros(16, np.float32), "w_out": rng.standard_normal((16, 8)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w_conv", "b_conv"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("Resize", ["c", "", "scales"], ["r"], mode="linear", name="resize"),
+        helper.make_node("Reshape", ["r", "shape"], ["f"], name="flatten"),
+        helper.make_node("MatMul", ["f", "w_mm"], ["h"], name="proj"),
+        helper.make_node("LayerNormalization", ["h", "ln_s", "ln_b"], ["n"], axis=-1, name="norm"),
+        helper.make_node("Softmax", ["n"], ["p"], axis=-1, name=f"{KEEP}softmax"),
+        helper.make_node("Cast", ["p"], ["pc"], to=TensorProto.FLOAT, name="cast"),
+        helper.make_node("MatMul", ["pc", "w_out"], ["y"], name="out"),
+    ]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _types(model: onnx.ModelProto) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    g = inferred.graph
+    out = {t.name: t.data_type for t in g.initializer}
+    out |= {v.name: v.type.tensor_type.elem_type for v in list(g.input) + list(g.output) + list(g.value_info)}
+    return out
+
+
+def _run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+
+
+def test_tiny_graph_types_casts_and_values():
+    model = _tiny()
+    fp16, summary = to_fp16(model, lambda n: n.name.startswith(KEEP))
+    types = _types(fp16)
+    nodes = {n.name: n for n in fp16.graph.node}
+    assert types["x"] == TensorProto.FLOAT and types["y"] == TensorProto.FLOAT  # the graph's own I/O stays fp32
+    assert types[nodes["conv"].input[1]] == TensorProto.FLOAT16 and types[nodes["proj"].input[1]] == TensorProto.FLOAT16
+    assert types[nodes["resize"].input[2]] == TensorProto.FLOAT  # Resize's scales are tensor(float) by the spec
+    for kept in ("norm", f"{KEEP}softmax"):  # LayerNorm (FP32_OPS) and the marked node compute in fp32
+        assert all(types[i] == TensorProto.FLOAT for i in nodes[kept].input if i), kept
+        assert all(types[o] == TensorProto.FLOAT for o in nodes[kept].output), kept
+    assert "LayerNormalization" in FP32_OPS and nodes["cast"].attribute[0].i == TensorProto.FLOAT16
+    assert summary.casts >= 4 and summary.fp16_weight_share > 0.9
+    x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    got, want = _run(fp16, {"x": x})[0], _run(model, {"x": x})[0]
+    assert got.dtype == np.float32 and cosine(got, want) > 0.999 and np.abs(got - want).max() < 0.05
+
+
+def test_without_islands_everything_but_io_is_fp16():
+    fp16, summary = to_fp16(_tiny(), lambda n: False)
+    types = _types(fp16)
+    softmax = next(n for n in fp16.graph.node if n.op_type == "Softmax")
+    assert types[softmax.input[0]] == TensorProto.FLOAT16 and summary.fp32_nodes == 1  # LayerNorm alone
+
+
+def hgdeploy(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, NO_COLOR="1", COLUMNS="200")
+    return subprocess.run([sys.executable, "-m", "hgdeploy.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=1200)
+
+
+@pytest.fixture(scope="module")
+def fp16_export(tmp_path_factory) -> Path:
+    """`hgdeploy export --engine ort-cuda-fp16` on this machine (the profile need not run here)."""
+    out = tmp_path_factory.mktemp("fp16") / "out"
+    result = hgdeploy("export", *[a for s in SMALL_EXPORT for a in ("--set", s)], "--engine", "ort-cuda-fp16",
+                      "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["engine"] == {"profile": "ort-cuda-fp16", "device": "gpu", "precision": "fp16"}
+    assert report["plan"]["clustering_form"] == "dense"  # "auto" for a GPU
+    return out
+
+
+def test_the_fp16_export_is_fp16_with_fp32_clustering(fp16_export):
+    model = onnx.load(str(fp16_export / "patched.fp16.onnx"))
+    sizes = {TensorProto.FLOAT: 4, TensorProto.FLOAT16: 2}
+    nbytes = {t: 0 for t in sizes}
+    for init in model.graph.initializer:
+        if init.data_type in sizes:
+            nbytes[init.data_type] += sizes[init.data_type] * int(np.prod(init.dims))
+    assert nbytes[TensorProto.FLOAT16] / sum(nbytes.values()) >= 0.9
+    types, in_layer = _types(model), is_layer_node(model)
+    layer_nodes = [n for n in model.graph.node if in_layer(n)]
+    assert len(layer_nodes) > 50
+    floats = {TensorProto.FLOAT, TensorProto.FLOAT16}
+    for node in layer_nodes:
+        for name in [*node.input, *node.output]:
+            if name and types.get(name) in floats:
+                assert types[name] == TensorProto.FLOAT, (node.name, name)
+    assert lint_model(model) == []
+
+
+def test_the_fp16_export_runs_on_onnxruntime_cpu_close_to_fp32(fp16_export):
+    from hgdeploy.images import sample_photos, to_batch
+    from hgdeploy.preprocess import Preprocess
+
+    x = to_batch(sample_photos()[:1], Preprocess((112, 112))).numpy()
+    fp32 = ort.InferenceSession(str(fp16_export / "patched.opt.onnx"), providers=["CPUExecutionProvider"])
+    fp16 = ort.InferenceSession(str(fp16_export / "patched.fp16.onnx"), providers=["CPUExecutionProvider"])
+    for got, want in zip(fp16.run(None, {INPUT_NAME: x}), fp32.run(None, {INPUT_NAME: x}), strict=True):
+        assert got.dtype == np.float32 and cosine(got, want) >= 0.999
+    base = ort.InferenceSession(str(fp16_export / "baseline.fp16.onnx"), providers=["CPUExecutionProvider"])
+    assert all(np.isfinite(o).all() for o in base.run(None, {INPUT_NAME: x}))
+
+
+@pytest.mark.parametrize("command", ["bench", "check", "build", "run"])
+def test_a_gpu_profile_says_in_one_line_that_there_is_no_gpu(fp16_export, command):
+    from hgdeploy.backends import availability, load_profile
+
+    reason = availability(load_profile("ort-cuda"))
+    if reason is None:
+        pytest.skip("this machine can run ort-cuda")
+    before = sorted(p.name for p in fp16_export.iterdir())
+    result = hgdeploy(command, *[a for s in SMALL_EXPORT for a in ("--set", s)], "--engine", "ort-cuda", "--out",
+                      str(fp16_export))
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and "cannot run here" in lines[0], result.stderr
+    assert sorted(p.name for p in fp16_export.iterdir()) == before

@@ -1,0 +1,57 @@
+"""Every GPU engine profile end to end where the machine has the GPU and the libraries it needs.
+
+On a machine without them each test skips with the reason the profile gives (the same one-line
+reason `hgdeploy` prints); CI never has a GPU, so these run on the GPU machines of the project.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import SMALL_EXPORT
+
+from hgdeploy.backends import availability, load_profile
+
+REPO = Path(__file__).resolve().parents[1]
+GPU_PROFILES = sorted(p.stem for p in (REPO / "engines").glob("*.toml") if load_profile(p.stem).on_gpu)
+SMALL = [a for s in SMALL_EXPORT for a in ("--set", s)]
+
+
+def hgdeploy(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, NO_COLOR="1", COLUMNS="200")
+    return subprocess.run([sys.executable, "-m", "hgdeploy.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=1800)
+
+
+def require(profile: str) -> None:
+    reason = availability(load_profile(profile))
+    if reason is not None:
+        pytest.skip(f"{profile}: {reason}")
+
+
+def test_every_bundled_gpu_profile_is_covered():
+    assert {"ort-cuda", "ort-cuda-fp16", "ort-trt", "trt-fp32", "trt-fp16"} <= set(GPU_PROFILES)
+
+
+@pytest.mark.parametrize("profile", GPU_PROFILES)
+def test_export_run_and_bench_on_the_gpu(profile, tmp_path):
+    require(profile)
+    out = tmp_path / "out"
+    ran = hgdeploy("run", *SMALL, "--engine", profile, "--out", str(out), "--json")
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    report = json.loads(ran.stdout)
+    assert report["parity"]["passed"], report["parity"]
+    assert report["plan"]["device"] == "gpu" and report["plan"]["clustering_form"] == "dense"
+    if load_profile(profile).precision == "fp16":
+        assert report["parity"]["engine_model"] == "patched.fp16.onnx" and (out / "baseline.fp16.onnx").is_file()
+    assert report["backend"]["versions"]["gpu"] not in ("None", None)
+    benched = hgdeploy("bench", *SMALL, "--engine", profile, "--out", str(out), "--torch", "--json")
+    assert benched.returncode == 0, benched.stderr[-3000:]
+    timings = json.loads(benched.stdout)["latency"]
+    assert {"baseline", "patched", "torch_baseline", "torch_patched"} <= set(timings)
+    assert all(t["median_ms"] > 0 for t in timings.values())
