@@ -93,8 +93,8 @@ def render(r: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--no-tests", action="store_true", help="skip the test suite")
-    parser.add_argument("--no-readme", action="store_true", help="do not rewrite README.md")
+    for flag, what in (("--no-tests", "skip the test suite"), ("--no-readme", "do not rewrite README.md")):
+        parser.add_argument(flag, action="store_true", help=what)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="hgdeploy-footprint-"))
     try:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 # The default model at 112x112 (8x8 tokens -> 6x6 clusters): the smallest real export, for the commands
 # that read an exported folder.
@@ -37,3 +42,23 @@ def small_export(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("small_export")
     pipeline.export(None, SMALL_EXPORT, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def two_photos(tmp_path_factory) -> Path:
+    """A folder with two of the bundled sample photos as JPEG files, the way users bring theirs."""
+    from hgdeploy.images import sample_photos
+
+    folder = tmp_path_factory.mktemp("two_photos")
+    for photo in sample_photos()[:2]:
+        photo.image.save(folder / f"{photo.name.split('.')[0]}.jpg")
+    return folder
+
+
+def hgdeploy_cli(*args: str, cwd: Path = REPO, columns: int = 200, umask: int | None = None,
+                 timeout: int = 1800) -> subprocess.CompletedProcess:
+    """`python -m hgdeploy.cli ARGS` as a user runs it: a new process, no colours, a wide terminal."""
+    env = dict(os.environ, NO_COLOR="1", COLUMNS=str(columns))
+    preexec = (lambda: os.umask(umask)) if umask is not None else None
+    return subprocess.run([sys.executable, "-m", "hgdeploy.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout, preexec_fn=preexec)

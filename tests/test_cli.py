@@ -3,36 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import SMALL_EXPORT
+from conftest import SMALL_EXPORT, hgdeploy_cli
 
 from hgdeploy.cli import main
-from hgdeploy.images import sample_photos
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = [a for s in SMALL_EXPORT for a in ("--set", s)]
 REPORT_KEYS = ["recipe", "backend", "plan", "parity", "fidelity", "gflops", "latency_ms", "speedup"]
 
 
-def hgdeploy(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    env = dict(os.environ, NO_COLOR="1", COLUMNS="200")
-    return subprocess.run([sys.executable, "-m", "hgdeploy.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=1200)
-
-
-@pytest.fixture(scope="module")
-def photo_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("photos")
-    for photo in sample_photos()[:2]:
-        photo.image.save(folder / f"{photo.name.split('.')[0]}.jpg")
-    return folder
+hgdeploy = hgdeploy_cli
 
 
 def _bad_recipe(tmp_path: Path) -> str:
@@ -57,11 +42,11 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_one_line_exit_2_nothing_written(case, tmp_path, photo_dir, capsys):
+def test_bad_input_one_line_exit_2_nothing_written(case, tmp_path, two_photos, capsys):
     """In process (cli.main, what the console script calls): the same exit code and stderr, without paying
     a new interpreter and torch import per case."""
     photos = tmp_path / "photos"
-    shutil.copytree(photo_dir, photos)
+    shutil.copytree(two_photos, photos)
     (photos / "notes.txt").write_text("not a photo")
     make_args, needle = BAD_INPUTS[case]
     out = tmp_path / "out"
@@ -82,9 +67,9 @@ def test_every_command_has_help():
         assert result.returncode == 0 and "--set" in result.stdout
 
 
-def test_run_export_build_check_on_user_photos(tmp_path, photo_dir):
+def test_run_export_build_check_on_user_photos(tmp_path, two_photos):
     out = tmp_path / "out"
-    result = hgdeploy("run", *SMALL, "--images", str(photo_dir), "--out", str(out))
+    result = hgdeploy("run", *SMALL, "--images", str(two_photos), "--out", str(out))
     assert result.returncode == 0, result.stderr
     # The summary is a result: on stdout. Nothing but our own progress on stderr (no library warnings such
     # as ONNX Runtime's "[W:onnxruntime:...] UnsqueezeElimination cannot remove node").
@@ -112,7 +97,7 @@ def test_run_export_build_check_on_user_photos(tmp_path, photo_dir):
     built = hgdeploy("build", *SMALL, "--out", str(out), "--json")
     assert built.returncode == 0, built.stderr
     assert (out / "engine.ort-cpu.json").is_file()
-    checked = hgdeploy("check", *SMALL, "--images", str(photo_dir), "--out", str(out), "--json")
+    checked = hgdeploy("check", *SMALL, "--images", str(two_photos), "--out", str(out), "--json")
     assert checked.returncode == 0, checked.stderr
     assert json.loads(checked.stdout)["parity"]["passed"]
 

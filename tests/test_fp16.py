@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import SMALL_EXPORT
+from conftest import SMALL_EXPORT, hgdeploy_cli
 from onnx import TensorProto, helper, numpy_helper
 
 from hgdeploy.checks import cosine
@@ -89,10 +86,7 @@ def test_without_islands_everything_but_io_is_fp16():
     assert types[softmax.input[0]] == TensorProto.FLOAT16 and summary.fp32_nodes == 1  # LayerNorm alone
 
 
-def hgdeploy(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, NO_COLOR="1", COLUMNS="200")
-    return subprocess.run([sys.executable, "-m", "hgdeploy.cli", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=1200)
+hgdeploy = hgdeploy_cli
 
 
 @pytest.fixture(scope="module")

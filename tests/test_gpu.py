@@ -7,13 +7,10 @@ reason `hgdeploy` prints); CI never has a GPU, so these run on the GPU machines 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import SMALL_EXPORT
+from conftest import SMALL_EXPORT, hgdeploy_cli
 
 from hgdeploy.backends import availability, load_profile
 
@@ -22,10 +19,7 @@ GPU_PROFILES = sorted(p.stem for p in (REPO / "engines").glob("*.toml") if load_
 SMALL = [a for s in SMALL_EXPORT for a in ("--set", s)]
 
 
-def hgdeploy(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, NO_COLOR="1", COLUMNS="200")
-    return subprocess.run([sys.executable, "-m", "hgdeploy.cli", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=1800)
+hgdeploy = hgdeploy_cli
 
 
 def require(profile: str) -> None:

@@ -7,16 +7,14 @@ reported (results on stdout and no library noise: tests/test_cli.py's run test).
 from __future__ import annotations
 
 import json
-import os
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SMALL_EXPORT
+from conftest import SMALL_EXPORT, hgdeploy_cli
 
 from hgdeploy.checks import HEATMAP_MIN_AREA, fidelity, heatmap_metrics
 
@@ -28,11 +26,7 @@ TINY_TIMM = ["timm_vit_b16", "--set", "model.arch=tiny", "--set", "model.num_cla
              "--set", "cluster.reconstruct_after=4"]
 
 
-def hgdeploy(*args: str, columns: int = 200, umask: int | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, NO_COLOR="1", COLUMNS=str(columns))
-    preexec = (lambda: os.umask(umask)) if umask is not None else None
-    return subprocess.run([sys.executable, "-m", "hgdeploy.cli", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=1200, preexec_fn=preexec)
+hgdeploy = hgdeploy_cli
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:
@@ -48,16 +42,6 @@ def quick_profile(tmp_path) -> Path:
     path = tmp_path / "quick.toml"
     path.write_text('[engine]\nbackend = "onnxruntime"\n[bench]\nwarmup = 1\nruns = 2\n')
     return path
-
-
-@pytest.fixture(scope="module")
-def two_photos(tmp_path_factory) -> Path:
-    from hgdeploy.images import sample_photos
-
-    folder = tmp_path_factory.mktemp("two_photos")
-    for photo in sample_photos()[:2]:
-        photo.image.save(folder / f"{photo.name.split('.')[0]}.png")
-    return folder
 
 
 # --- the output folder is validated before any work ------------------------------------------------

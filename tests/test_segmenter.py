@@ -19,7 +19,6 @@ from hgdeploy.config import REPO_ROOT
 from hgdeploy.contract import INPUT_NAME
 from hgdeploy.export import export_onnx
 from hgdeploy.flops import count_gflops_fast
-from hgdeploy.images import sample_photos
 from hgdeploy.patching import build_models
 from hgdeploy.recipe import load_recipe
 
@@ -118,7 +117,7 @@ def test_fewer_clusters_cost_fewer_flops():
 
 
 @pytest.mark.slow
-def test_run_on_an_official_layout_checkpoint(tmp_path: Path, capsys):
+def test_run_on_an_official_layout_checkpoint(tmp_path: Path, capsys, two_photos: Path):
     """`hgdeploy run` with a checkpoint.pth + variant.yml written like the authors' training does."""
     family = get_family("segmenter")
     torch.manual_seed(5)
@@ -126,14 +125,10 @@ def test_run_on_an_official_layout_checkpoint(tmp_path: Path, capsys):
     model = family.load(None, rec.input_size, rec.options)
     ckpt = family.write_checkpoint(model, tmp_path / "seg_base_mask")
     out = tmp_path / "out"
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for photo in sample_photos()[:2]:
-        photo.image.save(photos / f"{photo.name.split('.')[0]}.png")
     quick = tmp_path / "quick.toml"
     quick.write_text('[engine]\nbackend = "onnxruntime"\n[bench]\nwarmup = 1\nruns = 2\n')
     code = main(["run", "segmenter_vit_b16_ade20k", "--set", f"model.checkpoint={ckpt}", "--set",
-                 "model.input_size=128x128", "--set", "cluster.grid=6x6", "--images", str(photos), "--engine",
+                 "model.input_size=128x128", "--set", "cluster.grid=6x6", "--images", str(two_photos), "--engine",
                  str(quick), "--out", str(out), "--json"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and report["parity"]["passed"]
