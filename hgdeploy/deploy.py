@@ -161,14 +161,18 @@ def optimize_graph(paths: dict[str, Path], folder: Path) -> dict[str, Any]:
                      "findings": [format_finding(f) for f in findings]}}
 
 
-def engine_runners(paths: dict[str, Path], profile: EngineProfile) -> dict[str, Any]:
-    """The profile's runners for baseline, patched (the deployed graph) and, when optimized, the graph before
-    the passes."""
-    runners = {"baseline": make_runner(baseline_graph(paths, profile), profile),
-               "patched": make_runner(deployed(paths, profile), profile)}
+def engine_graphs(paths: dict[str, Path], profile: EngineProfile) -> dict[str, Path]:
+    """The graphs a profile runs: baseline and patched in its precision and, for an fp32 profile with an
+    optimized graph, the patched graph before the passes too."""
+    graphs = {"baseline": baseline_graph(paths, profile), "patched": deployed(paths, profile)}
     if "optimized" in paths and profile.precision == "fp32":
-        runners["patched_unoptimized"] = make_runner(paths["patched"], profile)
-    return runners
+        graphs["patched_unoptimized"] = paths["patched"]
+    return graphs
+
+
+def engine_runners(paths: dict[str, Path], profile: EngineProfile) -> dict[str, Any]:
+    """The profile's runner for each graph it runs (engine_graphs)."""
+    return {key: make_runner(path, profile) for key, path in engine_graphs(paths, profile).items()}
 
 
 def time_runners(runners: dict[str, Any], feed: dict[str, np.ndarray], profile: EngineProfile) -> dict[str, Any]:
@@ -227,10 +231,10 @@ def optimize_folder(paths: dict[str, Path], profile: EngineProfile) -> dict[str,
 def build(paths: dict[str, Path], profile: EngineProfile) -> dict[str, Any]:
     """`hgdeploy build`: an engine for every exported graph; engine.<profile>.json records what was built."""
     manifest: dict[str, Any] = {"profile": backend_info(profile), "engines": {}}
-    for key, path in paths.items():
+    for key, path in engine_graphs(paths, profile).items():
         with progress.step(f"Building {profile.name} engine for {path.name}"):
             with make_runner(path, profile) as runner:
-                meta = runner.get_input_metadata()
+                meta = runner.get_input_metadata(use_numpy_dtypes=False)
         manifest["engines"][key] = {"source": str(path), "source_sha256": file_sha256(path),
                                     "inputs": {n: list(m.shape) for n, m in meta.items()}}
     write_atomic(paths["baseline"].parent / f"engine.{profile.name}.json", to_json(manifest))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -62,3 +64,17 @@ def hgdeploy_cli(*args: str, cwd: Path = REPO, columns: int = 200, umask: int | 
     preexec = (lambda: os.umask(umask)) if umask is not None else None
     return subprocess.run([sys.executable, "-m", "hgdeploy.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout, preexec_fn=preexec)
+
+
+def hgdeploy_main(*args: str) -> subprocess.CompletedProcess:
+    """The same command in this process (cli.main, what the console script calls), its stdout and stderr
+    captured: for checks of exit codes and messages that need no process of their own."""
+    from hgdeploy.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # --help
+            code = exc.code if isinstance(exc.code, int) else 0
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SMALL_EXPORT, hgdeploy_cli
+from conftest import SMALL_EXPORT, hgdeploy_cli, hgdeploy_main
 
 from hgdeploy.cli import main
 
@@ -63,7 +63,7 @@ def test_bad_input_one_line_exit_2_nothing_written(case, tmp_path, two_photos, c
 
 def test_every_command_has_help():
     for command in ("run", "export", "optimize", "build", "check", "flops", "bench"):
-        result = hgdeploy(command, "--help")
+        result = hgdeploy_main(command, "--help")
         assert result.returncode == 0 and "--set" in result.stdout
 
 
@@ -90,20 +90,20 @@ def test_run_export_build_check_on_user_photos(tmp_path, two_photos):
     assert report["optimize"]["gflops"]["after"]["total"] <= report["optimize"]["gflops"]["before"]["total"]
     assert {"baseline", "patched", "patched_unoptimized"} == set(report["latency_ms"])
     assert report["lint"]["clean"], report["lint"]["findings"]
-    linted = hgdeploy("lint", str(out / "patched.opt.onnx"))
+    linted = hgdeploy_main("lint", str(out / "patched.opt.onnx"))
     assert linted.returncode == 0 and "clean" in linted.stdout
     assert json.loads((out / "report.json").read_text())["plan"]["grid"] == "6x6"
 
-    built = hgdeploy("build", *SMALL, "--out", str(out), "--json")
+    built = hgdeploy_main("build", *SMALL, "--out", str(out), "--json")
     assert built.returncode == 0, built.stderr
     assert (out / "engine.ort-cpu.json").is_file()
-    checked = hgdeploy("check", *SMALL, "--images", str(two_photos), "--out", str(out), "--json")
+    checked = hgdeploy_main("check", *SMALL, "--images", str(two_photos), "--out", str(out), "--json")
     assert checked.returncode == 0, checked.stderr
     assert json.loads(checked.stdout)["parity"]["passed"]
 
 
 def test_flops_prints_its_keys():
-    result = hgdeploy("flops", *SMALL, "--json")
+    result = hgdeploy_main("flops", *SMALL, "--json")
     assert result.returncode == 0, result.stderr
     g = json.loads(result.stdout)["gflops"]
     assert set(g) >= {"baseline", "patched", "clustering"} and 0 < g["clustering"] < g["patched"] < g["baseline"]
@@ -112,7 +112,7 @@ def test_flops_prints_its_keys():
 def test_bench_times_torch_and_engine_interleaved(tmp_path):
     profile = tmp_path / "quick.toml"
     profile.write_text('[engine]\nbackend = "onnxruntime"\n[bench]\nwarmup = 1\nruns = 3\n')
-    result = hgdeploy("bench", *SMALL, "--engine", str(profile), "--torch", "--json")
+    result = hgdeploy_main("bench", *SMALL, "--engine", str(profile), "--torch", "--json")
     assert result.returncode == 0, result.stderr
     r = json.loads(result.stdout)
     assert set(r["latency_ms"]) == {"baseline", "patched", "patched_unoptimized", "torch_baseline", "torch_patched"}
@@ -121,7 +121,7 @@ def test_bench_times_torch_and_engine_interleaved(tmp_path):
 
 
 def test_check_without_export_says_what_to_do(tmp_path):
-    result = hgdeploy("check", *SMALL, "--out", str(tmp_path / "empty"))
+    result = hgdeploy_main("check", *SMALL, "--out", str(tmp_path / "empty"))
     assert result.returncode == 2 and "run `hgdeploy export`" in result.stderr
 
 
@@ -171,6 +171,6 @@ def _write_graph(path: Path, op: str) -> None:
 def test_lint_rejects_what_tensorrt_cannot_parse(tmp_path, op):
     path = tmp_path / f"{op}.onnx"
     _write_graph(path, op)
-    result = hgdeploy("lint", str(path))
+    result = hgdeploy_main("lint", str(path))
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"({op})" in result.stdout

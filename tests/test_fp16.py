@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import SMALL_EXPORT, hgdeploy_cli
+from conftest import SMALL_EXPORT, hgdeploy_main
 from onnx import TensorProto, helper, numpy_helper
 
 from hgdeploy.checks import cosine
@@ -86,7 +86,7 @@ def test_without_islands_everything_but_io_is_fp16():
     assert types[softmax.input[0]] == TensorProto.FLOAT16 and summary.fp32_nodes == 1  # LayerNorm alone
 
 
-hgdeploy = hgdeploy_cli
+hgdeploy = hgdeploy_main  # in this process: these commands need no process of their own
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SMALL_EXPORT, hgdeploy_cli
+from conftest import SMALL_EXPORT, hgdeploy_cli, hgdeploy_main
 
 from hgdeploy.checks import HEATMAP_MIN_AREA, fidelity, heatmap_metrics
 
@@ -54,7 +54,7 @@ def test_an_unusable_out_fails_at_once_with_one_line(tmp_path, command, where):
     afile.write_text("not a folder")
     out = afile if where == "an existing file" else afile / "sub"
     start = time.perf_counter()
-    result = hgdeploy(command, *SMALL, "--out", str(out))
+    result = hgdeploy_main(command, *SMALL, "--out", str(out))
     message = one_line_error(result)
     assert "--out" in message and "not a folder" in message
     assert "Loading" not in result.stderr and time.perf_counter() - start < 60  # refused before the model loads
@@ -94,7 +94,7 @@ def test_written_files_follow_the_users_umask(tiny_run):
 
 
 def test_pretrained_weights_are_not_flagged(small_export, two_photos, quick_profile):
-    result = hgdeploy("check", *SMALL, "--images", str(two_photos), "--engine", str(quick_profile), "--out",
+    result = hgdeploy_main("check", *SMALL, "--images", str(two_photos), "--engine", str(quick_profile), "--out",
                       str(small_export), "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -107,7 +107,7 @@ def test_pretrained_weights_are_not_flagged(small_export, two_photos, quick_prof
 @pytest.mark.parametrize("command", ["check", "build", "bench", "optimize"])
 def test_a_stale_export_is_refused_by_name(small_export, command, quick_profile):
     before = sorted(p.name for p in small_export.iterdir())
-    result = hgdeploy(command, "--set", "model.input_size=112x112", "--set", "cluster.grid=5x5", "--engine",
+    result = hgdeploy_main(command, "--set", "model.input_size=112x112", "--set", "cluster.grid=5x5", "--engine",
                       str(quick_profile), "--out", str(small_export))
     message = one_line_error(result)
     assert "cluster.grid = '6x6'" in message and "'5x5'" in message
@@ -131,7 +131,7 @@ def test_the_export_records_its_plan_and_names_layers_by_alpha(small_export):
 
 
 def test_bench_prints_one_row_per_runner(small_export, quick_profile):
-    result = hgdeploy("bench", *SMALL, "--engine", str(quick_profile), "--out", str(small_export))
+    result = hgdeploy_main("bench", *SMALL, "--engine", str(quick_profile), "--out", str(small_export))
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "engine, baseline" in out and "engine, patched" in out and "speedup" in out
@@ -141,7 +141,7 @@ def test_bench_prints_one_row_per_runner(small_export, quick_profile):
 
 
 def test_families_table_keeps_brackets_and_whole_names_at_80_columns():
-    result = hgdeploy("families", columns=80)
+    result = hgdeploy_main("families")  # not a terminal, as when piped: nothing may be cut
     assert result.returncode == 0, result.stderr
     from hgdeploy.recipe import bundled_recipes
 
@@ -157,13 +157,13 @@ def test_a_profile_that_cannot_run_here_fails_before_the_model_loads(small_expor
     if availability(load_profile("ort-cuda")) is None:
         pytest.skip("this machine can run ort-cuda")
     for command in (["build", *SMALL, "--out", str(small_export)], ["run", *SMALL]):
-        result = hgdeploy(*command, "--engine", "ort-cuda")
+        result = hgdeploy_main(*command, "--engine", "ort-cuda")
         assert "cannot run here" in one_line_error(result) and "Loading" not in result.stderr
 
 
 def _out_help(command: str) -> str:
     """The --out entry of `hgdeploy COMMAND --help`, on one line."""
-    text = " ".join(hgdeploy(command, "--help").stdout.split())
+    text = " ".join(hgdeploy_main(command, "--help").stdout.split())
     return text.split("options:", 1)[1].split("--out DIR", 1)[1].split(" --", 1)[0]
 
 
