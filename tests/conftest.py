@@ -17,6 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 # The default model at 112x112 (8x8 tokens -> 6x6 clusters): the smallest real export, for the commands
 # that read an exported folder.
 SMALL_EXPORT = ["model.input_size=112x112", "cluster.grid=6x6"]
+# timm's reserved test architecture: 4 blocks at 64x64, random weights; a whole `run` in seconds.
+TINY_TIMM = ["timm_vit_b16", "--set", "model.arch=tiny", "--set", "model.num_classes=10", "--set",
+             "model.input_size=64x64", "--set", "cluster.grid=3x3", "--set", "cluster.k=4", "--set", "cluster.alpha=1",
+             "--set", "cluster.reconstruct_after=4"]
 
 
 @pytest.fixture(scope="session")
@@ -38,11 +42,14 @@ def focus_224():
 
 @pytest.fixture(scope="session")
 def small_export(tmp_path_factory) -> Path:
-    """baseline.onnx + patched.onnx of the default recipe with SMALL_EXPORT, exported once."""
-    from hgdeploy import pipeline
-
-    out = tmp_path_factory.mktemp("small_export")
-    pipeline.export(None, SMALL_EXPORT, out)
+    """The default recipe with SMALL_EXPORT, exported once for the fp16 GPU profile (no GPU needed to export):
+    baseline.onnx, patched.onnx, patched.opt.onnx and their fp16 twins; `export.json` beside the folder
+    holds what `hgdeploy export --json` printed."""
+    out = tmp_path_factory.mktemp("small_export") / "out"
+    done = hgdeploy_main("export", *[a for s in SMALL_EXPORT for a in ("--set", s)], "--engine", "ort-cuda-fp16",
+                         "--out", str(out), "--json")
+    assert done.returncode == 0, done.stderr
+    (out.parent / "export.json").write_text(done.stdout)
     return out
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SMALL_EXPORT, hgdeploy_cli, hgdeploy_main
+from conftest import SMALL_EXPORT, TINY_TIMM, hgdeploy_cli, hgdeploy_main
 
 from hgdeploy.cli import main
 
@@ -99,7 +99,9 @@ def test_run_export_build_check_on_user_photos(tmp_path, two_photos):
     assert (out / "engine.ort-cpu.json").is_file()
     checked = hgdeploy_main("check", *SMALL, "--images", str(two_photos), "--out", str(out), "--json")
     assert checked.returncode == 0, checked.stderr
-    assert json.loads(checked.stdout)["parity"]["passed"]
+    report = json.loads(checked.stdout)
+    assert report["parity"]["passed"]
+    assert report["weights"]["pretrained"] is True and "structure_check_only" not in report["fidelity"]
 
 
 def test_flops_prints_its_keys():
@@ -110,9 +112,10 @@ def test_flops_prints_its_keys():
 
 
 def test_bench_times_torch_and_engine_interleaved(tmp_path):
+    """Without --out bench exports (to a temporary folder) and runs the passes first: the tiny model keeps it quick."""
     profile = tmp_path / "quick.toml"
     profile.write_text('[engine]\nbackend = "onnxruntime"\n[bench]\nwarmup = 1\nruns = 3\n')
-    result = hgdeploy_main("bench", *SMALL, "--engine", str(profile), "--torch", "--json")
+    result = hgdeploy_main("bench", *TINY_TIMM, "--engine", str(profile), "--torch", "--json")
     assert result.returncode == 0, result.stderr
     r = json.loads(result.stdout)
     assert set(r["latency_ms"]) == {"baseline", "patched", "patched_unoptimized", "torch_baseline", "torch_patched"}

@@ -14,16 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SMALL_EXPORT, hgdeploy_cli, hgdeploy_main
+from conftest import SMALL_EXPORT, TINY_TIMM, hgdeploy_cli, hgdeploy_main
 
 from hgdeploy.checks import HEATMAP_MIN_AREA, fidelity, heatmap_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = [a for s in SMALL_EXPORT for a in ("--set", s)]
-# timm's reserved test architecture: 4 blocks at 64x64, random weights; a whole `run` in seconds.
-TINY_TIMM = ["timm_vit_b16", "--set", "model.arch=tiny", "--set", "model.num_classes=10", "--set",
-             "model.input_size=64x64", "--set", "cluster.grid=3x3", "--set", "cluster.k=4", "--set", "cluster.alpha=1",
-             "--set", "cluster.reconstruct_after=4"]
 
 
 hgdeploy = hgdeploy_cli
@@ -91,17 +87,6 @@ def test_written_files_follow_the_users_umask(tiny_run):
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
     assert set(modes) >= {"baseline.onnx", "patched.onnx", "patched.opt.onnx", "report.json", "report.md"}
     assert set(modes.values()) == {0o644}, modes
-
-
-def test_pretrained_weights_are_not_flagged(small_export, two_photos, quick_profile):
-    result = hgdeploy_main("check", *SMALL, "--images", str(two_photos), "--engine", str(quick_profile), "--out",
-                      str(small_export), "--json")
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
-    assert report["weights"]["pretrained"] is True and "structure_check_only" not in report["fidelity"]
-
-
-# --- a folder exported with another plan is refused ------------------------------------------------
 
 
 @pytest.mark.parametrize("command", ["check", "build", "bench", "optimize"])
