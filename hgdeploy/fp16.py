@@ -106,7 +106,7 @@ def to_fp16(model: onnx.ModelProto, keep_fp32: Callable[[onnx.NodeProto], bool])
             node.attrs[attr] = FLOAT16
         for key, value in node.attrs.items():
             if isinstance(value, gs.Constant) and np.asarray(value.values).dtype == np.float32:
-                node.attrs[key] = gs.Constant(value.name, np.asarray(value.values).astype(np.float16))
+                node.attrs[key] = gs.Constant(value.name, to_half(value.values))
     # 2. Every float input gets the type its node computes in: constants converted once per type,
     #    activations (and graph inputs) through a Cast.
     casts, halves = _Casts(graph), {}
@@ -120,7 +120,7 @@ def to_fp16(model: onnx.ModelProto, keep_fp32: Callable[[onnx.NodeProto], bool])
             if isinstance(t, gs.Constant):
                 if want == np.float16 and np.asarray(t.values).dtype == np.float32:
                     if t.name not in halves:
-                        halves[t.name] = gs.Constant(f"{t.name}/fp16", np.asarray(t.values).astype(np.float16))
+                        halves[t.name] = gs.Constant(f"{t.name}/fp16", to_half(t.values))
                     node.inputs[slot] = halves[t.name]
             elif t.dtype != want:
                 node.inputs[slot] = casts.of(t, want)
@@ -145,6 +145,15 @@ def to_fp16(model: onnx.ModelProto, keep_fp32: Callable[[onnx.NodeProto], bool])
         raise ExportError(f"the fp16 graph does not type-check: {str(exc).splitlines()[0]}") from exc
     return converted, summarize(converted, fp32_nodes=len(fp32), casts=len(casts.made) + sum(
         1 for n in graph.nodes if n.name.endswith("/cast_output")))
+
+
+def to_half(values: np.ndarray) -> np.ndarray:
+    """fp32 -> fp16 with finite values clipped to fp16's range: a mask fill of float32's minimum
+    (-3.4e38, what torch writes for masked attention) would otherwise overflow to -inf, and a row
+    whose every entry is masked would turn a softmax into NaN. Infinities stay infinite."""
+    values = np.asarray(values, dtype=np.float32)
+    limit = float(np.finfo(np.float16).max)
+    return np.where(np.isfinite(values), np.clip(values, -limit, limit), values).astype(np.float16)
 
 
 def summarize(model: onnx.ModelProto, fp32_nodes: int, casts: int) -> Fp16Summary:

@@ -85,6 +85,12 @@ def prepare(recipe: str | None, overrides: list[str] | None = None, engine: str 
         check_output_folder(folder)
     photos = load_photos(images) if need_photos else None
     device = profile.device if profile is not None else "cpu"
+    planned = (deploy.export_info(paths).get("plan", {}).get("device") if paths else None) or device
+    if planned != device:
+        progress.info(f"note: {folder} was planned for the {planned}; the PyTorch reference is patched the same "
+                      f"way so that it matches the graphs (for a {device} plan: hgdeploy export --engine "
+                      f"{profile.name if profile else '...'} --out {folder})")
+        device = planned
     with progress.step(f"Loading {rec.family} ({weights_source(rec)}) and patching for the {device}"):
         models = build_models(rec, device)
     unknown = sorted(set(profile.max_abs_per_output) - set(models.family.output_names)) if profile else []

@@ -86,6 +86,26 @@ def test_without_islands_everything_but_io_is_fp16():
     assert types[softmax.input[0]] == TensorProto.FLOAT16 and summary.fp32_nodes == 1  # LayerNorm alone
 
 
+def test_a_float32_minimum_mask_fill_stays_finite_in_fp16():
+    """torch writes masked attention as Where(mask, x, -3.4e38); cast blindly, that is -inf in fp16 and a
+    fully masked row's softmax is NaN. The converter clips finite constants to fp16's range instead."""
+    fill = numpy_helper.from_array(np.array(np.finfo(np.float32).min, np.float32), "fill")
+    nodes = [helper.make_node("Where", ["m", "x", "fill"], ["w"], name="mask"),
+             helper.make_node("Softmax", ["w"], ["y"], axis=-1, name="softmax")]
+    graph = helper.make_graph(nodes, "masked", [helper.make_tensor_value_info("m", TensorProto.BOOL, [2, 3]),
+                                                helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], [fill])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    with np.errstate(over="raise"):
+        fp16, _ = to_fp16(model, lambda n: False)
+    half = next(numpy_helper.to_array(t) for t in fp16.graph.initializer if t.name.startswith("fill"))
+    assert half.dtype == np.float16 and half == -np.finfo(np.float16).max
+    mask = np.array([[True, True, False], [False, False, False]])
+    y = _run(fp16, {"m": mask, "x": np.zeros((2, 3), np.float32)})[0]
+    assert np.isfinite(y).all() and np.allclose(y[1], 1 / 3, atol=1e-3)  # the fully masked row: uniform, not NaN
+
+
 hgdeploy = hgdeploy_main  # in this process: these commands need no process of their own
 
 
@@ -129,6 +149,18 @@ def test_the_fp16_export_runs_on_onnxruntime_cpu_close_to_fp32(fp16_export):
         assert got.dtype == np.float32 and cosine(got, want) >= 0.999
     base = ort.InferenceSession(str(fp16_export / "baseline.fp16.onnx"), providers=["CPUExecutionProvider"])
     assert all(np.isfinite(o).all() for o in base.run(None, {INPUT_NAME: x}))
+
+
+def test_checking_a_gpu_export_on_the_cpu_patches_the_reference_like_the_graphs(fp16_export):
+    """The export was planned for a GPU (dense clustering); `check --engine ort-cpu-fp16` runs its fp16 graph
+    here and reports the plan the graphs have, not the one a CPU export would have."""
+    result = hgdeploy("check", *[a for s in SMALL_EXPORT for a in ("--set", s)], "--engine", "ort-cpu-fp16",
+                      "--out", str(fp16_export), "--json")
+    assert result.returncode == 0, result.stderr
+    assert "was planned for the gpu" in result.stderr
+    report = json.loads(result.stdout)
+    assert report["plan"]["device"] == "gpu" and report["plan"]["clustering_form"] == "dense"
+    assert report["parity"]["engine_model"] == "patched.fp16.onnx" and report["parity"]["passed"]
 
 
 @pytest.mark.parametrize("command", ["bench", "check", "build", "run"])
