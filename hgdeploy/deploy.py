@@ -87,8 +87,9 @@ def export_info(paths: dict[str, Path]) -> dict[str, Any]:
 
 
 def recipe_difference(recorded: dict[str, Any], now: dict[str, Any]) -> tuple[str, Any, Any] | None:
-    """The first recipe value (section.key, as exported, as asked now) that differs; [ci] does not count."""
-    for section in sorted((set(recorded) | set(now)) - {"ci"}):
+    """The first recipe value (section.key, as exported, as asked now) that differs; [ci] and [eval] do not
+    change an export and do not count."""
+    for section in sorted((set(recorded) | set(now)) - {"ci", "eval"}):
         old, new = recorded.get(section, {}), now.get(section, {})
         for key in sorted(set(old) | set(new)):
             if old.get(key) != new.get(key):

@@ -42,9 +42,20 @@ class PassContext:
 # ---------------------------------------------------------------------------------------- passes
 
 
+def _quiet_onnxruntime() -> None:
+    """graph-surgeon folds with ONNX Runtime sessions of its own, whose optimizer prints notes such as
+    "UnsqueezeElimination cannot remove node" at warning level: not for users."""
+    try:
+        import onnxruntime
+    except ImportError:  # graph-surgeon then folds without it
+        return
+    onnxruntime.set_default_logger_severity(3)
+
+
 def fold_constants(graph: gs.Graph, ctx: PassContext) -> gs.Graph:
     """Evaluate everything that depends only on constants (masks, pooling matrix, index arithmetic)."""
     before = len(graph.nodes)
+    _quiet_onnxruntime()
     graph.fold_constants(error_ok=False).cleanup().toposort()
     ctx.notes.append(f"fold_constants: {before} -> {len(graph.nodes)} nodes")
     return graph

@@ -137,6 +137,17 @@ def export_models(job: Job, folder: Path) -> dict[str, Path]:
     return paths
 
 
+def export_deployable(job: Job, folder: Path) -> dict[str, Path]:
+    """What the profile's engines run, exported into `folder`: baseline and patched graphs, the graph passes
+    and, for an fp16 profile, the fp16 graphs (for commands that export to a temporary folder)."""
+    assert job.profile is not None
+    paths = export_models(job, folder)
+    deploy.optimize_graph(paths, folder)
+    if job.profile.precision == "fp16":
+        deploy.write_fp16(paths, folder)
+    return paths
+
+
 def flops(job: Job) -> dict[str, Any]:
     with progress.step("Counting FLOPs of baseline and patched models"):
         base = count_gflops_fast(job.models.baseline, job.example)
@@ -252,8 +263,4 @@ def bench_models(recipe: str | None, overrides: list[str], engine: str | None, o
     if job.paths is not None:
         return report | bench(job, job.paths, with_torch)
     with tempfile.TemporaryDirectory(prefix="hgdeploy-bench-") as tmp:
-        paths = export_models(job, Path(tmp))
-        deploy.optimize_graph(paths, Path(tmp))
-        if job.profile.precision == "fp16":
-            deploy.write_fp16(paths, Path(tmp))
-        return report | bench(job, paths, with_torch)
+        return report | bench(job, export_deployable(job, Path(tmp)), with_torch)

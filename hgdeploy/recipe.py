@@ -34,6 +34,9 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
         "iters": (int,), "tau": (float, int), "k": (int,), "reconstruction": (str,), "form": (str,),
         "reconstruct_on": (str,), "reconstruct_from": (str,),
     },
+    # How `hgdeploy eval` runs and reads the model on a dataset (no effect on the export).
+    "eval": {"depth_output": (str,), "window_stride": (int,), "disparity_scale": (float, int),
+             "disparity_shift": (float, int)},
     # --set overrides that give the recipe's small CI shape (tests export every recipe at it).
     "ci": {"set": (list,)},
 }
@@ -136,6 +139,14 @@ def validate_data(data: dict[str, Any], where: str) -> None:
             raise UserError(f"{where}: preprocess.{key} must be three numbers")
     if any(v <= 0 for v in pre.get("std", [1])):
         raise UserError(f"{where}: preprocess.std must be positive")
+    ev = data.get("eval", {})
+    if ev.get("depth_output", "metric") not in ("metric", "disparity"):
+        raise UserError(f"{where}: eval.depth_output must be metric (metres) or disparity (relative inverse depth)")
+    if ("disparity_scale" in ev) != ("disparity_shift" in ev):
+        raise UserError(f"{where}: eval.disparity_scale and eval.disparity_shift go together (depth = 1 / (scale x "
+                        f"output + shift)); give both, or neither for a least-squares fit per image")
+    if ev.get("window_stride", 1) < 1:
+        raise UserError(f"{where}: eval.window_stride must be a positive number of pixels")
     ci = data.get("ci", {}).get("set", [])
     if not all(isinstance(v, str) for v in ci):
         raise UserError(f"{where}: ci.set must be a list of 'section.key=value' strings")

@@ -21,8 +21,9 @@ ROOMS = [
     ("plan/export", {"recipe", "patching", "export"}),
     ("passes/lint", {"passes", "lint", "graph_flops", "fp16"}),
     ("backends", {"backends"}),
-    ("checks/bench/report", {"checks", "bench", "flops", "images", "report"}),
-    ("pipeline", {"pipeline", "deploy"}),
+    ("checks/bench/report", {"checks", "bench", "flops", "images", "report", "datasets", "task_metrics", "scoring",
+                             "eval_report", "sample_data"}),
+    ("pipeline", {"pipeline", "deploy", "evaluate"}),
     ("cli", {"cli"}),
 ]
 
@@ -126,8 +127,8 @@ def python(code: str) -> subprocess.CompletedProcess:
 
 
 def test_the_deploy_side_imports_no_torch():
-    done = python("import sys, hgdeploy.lint, hgdeploy.passes, hgdeploy.backends, hgdeploy.deploy, hgdeploy.cli; "
-                  "sys.exit('torch' in sys.modules)")
+    done = python("import sys, hgdeploy.lint, hgdeploy.passes, hgdeploy.backends, hgdeploy.deploy, hgdeploy.cli, "
+                  "hgdeploy.scoring, hgdeploy.eval_report, hgdeploy.sample_data; sys.exit('torch' in sys.modules)")
     assert done.returncode == 0, done.stderr
 
 

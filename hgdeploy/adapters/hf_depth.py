@@ -300,14 +300,18 @@ def _randomised(model: HFDepth) -> HFDepth:
     return model.eval()
 
 
-def _family(name: str, summary: str) -> Family:
+def _family(name: str, summary: str, depth_output: str) -> Family:
+    """depth_output "disparity": transformers' DPT and Depth Anything heads output (relative) inverse depth;
+    the DPT authors' metric NYUv2/KITTI models turn it into metres outside the network (depth = 1 / (scale x
+    output + shift)), which their recipes' [eval] states."""
     load: Callable[[str | None, tuple[int, int], dict[str, Any]], HFDepth] = (
         lambda checkpoint, input_size, options: load_depth(name, checkpoint, input_size, options))
     return Family(name=name, summary=summary, outputs=(("depth", "depth"),), load=load, patch=patch_depth,
-                  facts=depth_facts, tiny=lambda: tiny(name), write_checkpoint=write_checkpoint, options=("arch",))
+                  facts=depth_facts, tiny=lambda: tiny(name), write_checkpoint=write_checkpoint, options=("arch",),
+                  depth_output=depth_output)
 
 
 DPT = _family("dpt", "DPT depth (transformers DPTForDepthEstimation): ViT-L or hybrid ResNet-50+ViT-B; "
-                     "save_pretrained folder")
+                     "save_pretrained folder", "disparity")
 DEPTH_ANYTHING = _family("depth_anything", "Depth Anything (transformers DepthAnythingForDepthEstimation), DINOv2 "
-                                           "backbone; save_pretrained folder")
+                                           "backbone; save_pretrained folder", "disparity")

@@ -20,6 +20,8 @@ from hgdeploy.plan import ClusterPlan, ModelFacts
 # probabilities in [0, 1]; "segmentation" [B, K, H, W] class logits; "depth" [B, H, W];
 # "classification" [B, K] class logits.
 OUTPUT_KINDS = ("tokens", "heatmap", "segmentation", "depth", "classification")
+INFERENCE_MODES = ("resize", "slide")
+DEPTH_OUTPUTS = ("metric", "disparity")
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,11 @@ class Family:
     pass a copy). reconstruct_on: the placements of the reconstruction the family supports.
     write_checkpoint(model, folder) writes the checkpoint layout users have (tests round-trip it);
     tiny() builds a small randomly initialised model of the family and its input size for tests.
+    inference: how `hgdeploy eval` runs it on a dataset image of any size: "resize" (to the input size, the
+    output resized back bilinearly) or "slide" (short side resized to the window, windows of the input
+    size, logits averaged where they overlap: Segmenter's own test-time inference). depth_output: what a
+    depth output is, "metric" (metres) or "disparity" (relative inverse depth); a recipe's [eval] may say
+    otherwise for its weights.
     """
 
     name: str
@@ -45,11 +52,15 @@ class Family:
     write_checkpoint: Callable[[nn.Module, Path], Path] | None = None
     options: tuple[str, ...] = ()
     reconstruct_on: tuple[str, ...] = ("features",)
+    inference: str = "resize"
+    depth_output: str = "metric"
 
     def __post_init__(self) -> None:
         for _, kind in self.outputs:
             if kind not in OUTPUT_KINDS:
                 raise ValueError(f"family {self.name}: unknown output kind {kind!r}")
+        if self.inference not in INFERENCE_MODES or self.depth_output not in DEPTH_OUTPUTS:
+            raise ValueError(f"family {self.name}: inference {self.inference!r} / depth_output {self.depth_output!r}")
 
     @property
     def output_names(self) -> tuple[str, ...]:

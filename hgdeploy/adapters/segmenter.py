@@ -191,6 +191,7 @@ FAMILY = Family(
     load=load_segmenter,
     patch=patch_segmenter,
     facts=segmenter_facts,
+    inference="slide",
     tiny=tiny_segmenter,
     write_checkpoint=write_checkpoint,
     options=("arch", "num_classes", "decoder", "decoder_layers"),

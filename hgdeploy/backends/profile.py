@@ -21,7 +21,8 @@ PROFILE_SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     "engine": {"backend": (str,), "device": (str,), "providers": (list,), "precision": (str,),
                "graph_optimization_level": (str,), "threads": (int,), "provider_options": (dict,),
                "cuda_graph": (bool,), "workspace_mb": (int,), "timing_cache": (bool,)},
-    "parity": {"cosine_min": (float, int), "max_abs": (float, int), "max_abs_per_output": (dict,)},
+    "parity": {"cosine_min": (float, int), "max_abs": (float, int), "max_abs_per_output": (dict,),
+               "task_agreement_min": (float, int)},
     "bench": {"warmup": (int,), "runs": (int,)},
 }
 # Keys that only mean something to one backend: setting one for the other backend is an error, not ignored.
@@ -54,6 +55,9 @@ class EngineProfile:
     cosine_min: float = 0.9999
     max_abs: float = 1e-2
     max_abs_per_output: dict[str, float] = field(default_factory=dict)  # output name -> its own max_abs
+    # `hgdeploy eval`: the engine's agreement with patched PyTorch in the task's headline metric, as a fraction
+    # (mIoU / 100, depth delta1, saliency max F); below it eval exits 1. None: no task gate.
+    task_agreement_min: float | None = None
     warmup: int = 3
     runs: int = 15
     extra: dict[str, Any] = field(default_factory=dict)
@@ -116,6 +120,8 @@ def parse_profile(path: Path) -> EngineProfile:
     bad = [k for k, v in profile.max_abs_per_output.items() if isinstance(v, bool) or not isinstance(v, (int, float))]
     if bad:
         raise UserError(f"{path}: parity.max_abs_per_output.{bad[0]} must be a number")
+    if profile.task_agreement_min is not None and not 0 <= profile.task_agreement_min <= 1:
+        raise UserError(f"{path}: parity.task_agreement_min is a fraction between 0 and 1 (mIoU / 100, delta1, max F)")
     check_device(profile)
     return profile
 
