@@ -85,14 +85,16 @@ def prepare(recipe: str | None, overrides: list[str] | None = None, engine: str 
         check_output_folder(folder)
     photos = load_photos(images) if need_photos else None
     device = profile.device if profile is not None else "cpu"
-    planned = (deploy.export_info(paths).get("plan", {}).get("device") if paths else None) or device
+    recorded = deploy.export_info(paths).get("plan", {}) if paths else {}
+    planned = recorded.get("device") or device
     if planned != device:
         progress.info(f"note: {folder} was planned for the {planned}; the PyTorch reference is patched the same "
                       f"way so that it matches the graphs (for a {device} plan: hgdeploy export --engine "
                       f"{profile.name if profile else '...'} --out {folder})")
         device = planned
     with progress.step(f"Loading {rec.family} ({weights_source(rec)}) and patching for the {device}"):
-        models = build_models(rec, device)
+        models = build_models(rec, device, lambda pre: to_batch(photos or load_photos(images), pre),
+                              recorded.get("tau") if rec.request.tau_auto else None)
     unknown = sorted(set(profile.max_abs_per_output) - set(models.family.output_names)) if profile else []
     if unknown:
         raise UserError(f"{profile.path}: parity.max_abs_per_output.{unknown[0]} is not an output of family "
@@ -118,10 +120,11 @@ def describe(job: Job) -> dict[str, Any]:
     layers = [m for m in job.models.patched.modules() if isinstance(m, TokenClustering)]
     forms = {"clustering_form": ",".join(sorted({m.form for m in layers})),
              "clustering_form_reason": "; ".join(sorted({m.form_reason for m in layers}))}
+    auto = {"tau_auto": job.models.tau_auto} if job.models.tau_auto else {}
     return {
         "recipe": {"name": job.recipe.name, "path": job.recipe.path, "values": job.recipe.data},
         "weights": weights(job),
-        "plan": job.models.plan.to_dict() | forms,
+        "plan": job.models.plan.to_dict() | forms | auto,
         "preprocess": dataclasses.asdict(job.models.preprocess),
     }
 

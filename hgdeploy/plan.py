@@ -10,7 +10,7 @@ export static).
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Mapping
 
 from hgdeploy.errors import UserError
@@ -22,6 +22,7 @@ DEVICES = ("cpu", "gpu")
 RECONSTRUCT_ON = ("features", "logits")
 RECONSTRUCT_FROM = ("nearest", "neighbourhood")
 # [cluster] keys passed to ClusterPlan as they are (alpha, grid and reconstruct_after are resolved).
+TAU_AUTO = "auto"
 OPTION_KEYS = ("neighbours", "iters", "tau", "k", "reconstruction", "form", "reconstruct_on", "reconstruct_from")
 
 
@@ -160,13 +161,23 @@ class PlanRequest:
     reconstruct_after: int | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
 
+    @property
+    def tau_auto(self) -> bool:
+        """tau = "auto": calibrated on the model's own features at layer alpha (layers.calibrate_tau)."""
+        return self.options.get("tau") == TAU_AUTO
+
+    def with_tau(self, tau: float) -> "PlanRequest":
+        return replace(self, options={**self.options, "tau": float(tau)})
+
     @classmethod
     def from_section(cls, cluster: Mapping[str, Any]) -> "PlanRequest":
         options = {k: cluster[k] for k in OPTION_KEYS if k in cluster}
-        if "tau" in options:
+        if isinstance(options.get("tau"), str) and options["tau"] != TAU_AUTO:
+            raise UserError(f"cluster.tau = {options['tau']!r} must be a number or \"{TAU_AUTO}\"")
+        if "tau" in options and options["tau"] != TAU_AUTO:
             options["tau"] = float(options["tau"])
         defaults = {f.name: f.default for f in fields(ClusterPlan) if f.name in OPTION_KEYS}
-        check_options(**(defaults | options))
+        check_options(**(defaults | options | ({"tau": 1.0} if options.get("tau") == TAU_AUTO else {})))
         return cls(alpha=cluster["alpha"], grid=parse_grid(cluster["grid"], "cluster.grid"),
                    reconstruct_after=cluster.get("reconstruct_after"), options=options)
 

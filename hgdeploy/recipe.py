@@ -31,7 +31,7 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     "preprocess": {"resize": (str,), "mean": (list,), "std": (list,)},
     "cluster": {
         "alpha": (int,), "grid": (str, int, list), "reconstruct_after": (int,), "neighbours": (int,),
-        "iters": (int,), "tau": (float, int), "k": (int,), "reconstruction": (str,), "form": (str,),
+        "iters": (int,), "tau": (float, int, str), "k": (int,), "reconstruction": (str,), "form": (str,),
         "reconstruct_on": (str,), "reconstruct_from": (str,),
     },
     # How `hgdeploy eval` runs and reads the model on a dataset (no effect on the export).
