@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.utils import flop_counter
 
 from hgdeploy.graph_flops import FlopCount
-from hgdeploy.layers import TokenClustering, TokenReconstruction
+from hgdeploy.layers import BilinearUpsampling, TokenClustering, TokenPooling, TokenReconstruction
 
 
 def _sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:  # noqa: ANN001
@@ -33,7 +33,7 @@ def count_gflops(model: nn.Module, example: Tensor) -> FlopCount:
     root = type(model).__name__
     layer_names = [
         f"{root}.{name}" for name, mod in model.named_modules()
-        if isinstance(mod, (TokenClustering, TokenReconstruction))
+        if isinstance(mod, (TokenClustering, TokenReconstruction, TokenPooling, BilinearUpsampling))
     ]
     counter = flop_counter.FlopCounterMode(display=False, depth=None, custom_mapping=_CUSTOM)
     with torch.no_grad(), counter:

@@ -262,6 +262,34 @@ def take(x: Tensor, index: Tensor) -> Tensor:
     return torch.nn.functional.embedding(index.unsqueeze(0) + offsets, x.reshape(B * L, C))
 
 
+class TokenPooling(nn.Module):
+    """The paper's baseline in place of clustering: the token grid average-pooled to the cluster grid
+    (the clustering's initial centres, never refined). [B, N, C] -> [B, M, C]."""
+
+    def __init__(self, token_grid: tuple[int, int], grid: tuple[int, int]):
+        super().__init__()
+        self.register_buffer("pool", pooling_matrix(token_grid, grid), persistent=False)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return torch.matmul(self.pool, z)
+
+
+class BilinearUpsampling(nn.Module):
+    """The paper's baseline in place of reconstruction: the cluster grid upsampled bilinearly to the token
+    grid (a constant [N, M] matrix, torch's half-pixel convention). [B, M, C] -> [B, N, C]; the clustering-time
+    tokens and centres TokenReconstruction takes are ignored."""
+
+    def __init__(self, token_grid: tuple[int, int], grid: tuple[int, int]):
+        super().__init__()
+        h, w = grid
+        basis = torch.eye(h * w).view(h * w, 1, h, w)
+        up = torch.nn.functional.interpolate(basis, size=token_grid, mode="bilinear", align_corners=False)
+        self.register_buffer("up", up.view(h * w, -1).t().contiguous(), persistent=False)
+
+    def forward(self, s_refined: Tensor, z_alpha: Tensor | None = None, s_alpha: Tensor | None = None) -> Tensor:
+        return torch.matmul(self.up, s_refined)
+
+
 class TokenReconstruction(nn.Module):
     """Rebuild [B, N, C] tokens from refined centres [B, M, C].
 

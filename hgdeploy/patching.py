@@ -48,7 +48,9 @@ def build_models(recipe: Recipe, device: str = "cpu", calibration: Callable[[Pre
     baseline = family.load(recipe.checkpoint, recipe.input_size, recipe.options).eval()
     facts = family.facts(baseline)
     request, calibrated, preprocess = recipe.request, None, recipe.preprocess(facts.preprocess)
-    if request.tau_auto:
+    if request.tau_auto and request.options.get("method") == "pool_bilinear":
+        request, tau = request.with_tau(1.0), None  # pooling has no temperature
+    elif request.tau_auto:
         if tau is None:
             if calibration is None:
                 raise UserError('cluster.tau = "auto" needs images to calibrate on (pass --images DIR)')

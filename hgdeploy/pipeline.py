@@ -119,7 +119,7 @@ def describe(job: Job) -> dict[str, Any]:
     """Report keys every command shares: recipe, plan (with the clustering form and why), preprocessing."""
     layers = [m for m in job.models.patched.modules() if isinstance(m, TokenClustering)]
     forms = {"clustering_form": ",".join(sorted({m.form for m in layers})),
-             "clustering_form_reason": "; ".join(sorted({m.form_reason for m in layers}))}
+             "clustering_form_reason": "; ".join(sorted({m.form_reason for m in layers}))} if layers else {}
     auto = {"tau_auto": job.models.tau_auto} if job.models.tau_auto else {}
     return {
         "recipe": {"name": job.recipe.name, "path": job.recipe.path, "values": job.recipe.data},

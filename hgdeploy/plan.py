@@ -21,9 +21,13 @@ FORMS = ("auto", "dense", "local")
 DEVICES = ("cpu", "gpu")
 RECONSTRUCT_ON = ("features", "logits")
 RECONSTRUCT_FROM = ("nearest", "neighbourhood")
+# "cluster": the method; "pool_bilinear": the paper's parameter-free baseline at the same alpha, grid and
+# reconstruction layer (average pooling to the grid, bilinear upsampling back), to compare at equal cost.
+METHODS = ("cluster", "pool_bilinear")
 # [cluster] keys passed to ClusterPlan as they are (alpha, grid and reconstruct_after are resolved).
 TAU_AUTO = "auto"
-OPTION_KEYS = ("neighbours", "iters", "tau", "k", "reconstruction", "form", "reconstruct_on", "reconstruct_from")
+OPTION_KEYS = ("neighbours", "iters", "tau", "k", "reconstruction", "form", "reconstruct_on", "reconstruct_from",
+               "method")
 
 
 def parse_grid(value: Any, what: str = "grid") -> tuple[int, int]:
@@ -50,6 +54,8 @@ class ClusterPlan:
     reconstruct_after: number of layers run when tokens are reconstructed (alpha < it <= depth).
     neighbours: side of the square neighbourhood of cluster cells (lambda), odd.
     iters: soft k-means iterations (kappa). tau: temperature, logits are -d^2 / tau.
+    method: "cluster", or "pool_bilinear" (the paper's baseline: average pooling in, bilinear upsampling out;
+    neighbours, iters, tau, k and the reconstruction options then do not apply).
     k: nearest clustering-time centres each token is rebuilt from (reconstruct_from "nearest").
     reconstruct_from: "nearest" (the k nearest of all centres, a TopK; official) or "neighbourhood"
     (the neighbours x neighbours cells around the token's own cell, as in clustering).
@@ -74,6 +80,7 @@ class ClusterPlan:
     form: str = "auto"
     reconstruct_on: str = "features"
     reconstruct_from: str = "nearest"
+    method: str = "cluster"
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -118,7 +125,8 @@ def validate(p: ClusterPlan) -> None:
             f"cluster.reconstruct_after={p.reconstruct_after} must be in {p.alpha + 1}..{p.depth} "
             f"(after alpha={p.alpha}, at most the model's {p.depth} layers)"
         )
-    check_options(p.neighbours, p.iters, p.tau, p.k, p.form, p.reconstruct_on, p.reconstruction, p.reconstruct_from)
+    check_options(p.neighbours, p.iters, p.tau, p.k, p.form, p.reconstruct_on, p.reconstruction, p.reconstruct_from,
+                  p.method)
     if p.k > h * w:
         raise UserError(f"cluster.k={p.k} must be in 1..{h * w} (the number of clusters {h}x{w})")
     if p.device not in DEVICES:
@@ -129,7 +137,7 @@ def validate(p: ClusterPlan) -> None:
 
 
 def check_options(neighbours: int, iters: int, tau: float, k: int, form: str, reconstruct_on: str,
-                  reconstruction: str, reconstruct_from: str) -> None:
+                  reconstruction: str, reconstruct_from: str, method: str = "cluster") -> None:
     """The rules that hold whatever the model: checked when a recipe is read, before any model is loaded."""
     if neighbours < 1 or neighbours % 2 == 0:
         raise UserError(f"cluster.neighbours={neighbours} must be a positive odd number (e.g. 5 for 5x5)")
@@ -147,6 +155,8 @@ def check_options(neighbours: int, iters: int, tau: float, k: int, form: str, re
         raise UserError(f"cluster.reconstruction={reconstruction!r} must be one of {', '.join(RECONSTRUCTIONS)}")
     if reconstruct_from not in RECONSTRUCT_FROM:
         raise UserError(f"cluster.reconstruct_from={reconstruct_from!r} must be one of {', '.join(RECONSTRUCT_FROM)}")
+    if method not in METHODS:
+        raise UserError(f"cluster.method={method!r} must be one of {', '.join(METHODS)}")
 
 
 @dataclass(frozen=True)

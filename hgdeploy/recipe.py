@@ -32,7 +32,7 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     "cluster": {
         "alpha": (int,), "grid": (str, int, list), "reconstruct_after": (int,), "neighbours": (int,),
         "iters": (int,), "tau": (float, int, str), "k": (int,), "reconstruction": (str,), "form": (str,),
-        "reconstruct_on": (str,), "reconstruct_from": (str,),
+        "reconstruct_on": (str,), "reconstruct_from": (str,), "method": (str,),
     },
     # How `hgdeploy eval` runs and reads the model on a dataset (no effect on the export).
     "eval": {"depth_output": (str,), "window_stride": (int,), "disparity_scale": (float, int),

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hgdeploy.layers import TokenClustering, TokenReconstruction, neighbour_table
+from hgdeploy.layers import BilinearUpsampling, TokenClustering, TokenPooling, TokenReconstruction, neighbour_table
 from hgdeploy.models.blocks import BlockCall, inspect_block
 from hgdeploy.plan import ClusterPlan
 
@@ -40,9 +40,13 @@ class ClusteredSpan(nn.Module):
         self.num_prefix_tokens = num_prefix_tokens
         self.call = call
         self.head = head
-        self.clustering = TokenClustering(plan.token_grid, plan.grid, plan.neighbours, plan.iters, plan.tau, plan.form,
-                                          plan.device)
-        self.reconstruction = reconstruction_for(plan)
+        if plan.method == "pool_bilinear":
+            self.clustering: nn.Module = TokenPooling(plan.token_grid, plan.grid)
+            self.reconstruction: nn.Module = BilinearUpsampling(plan.token_grid, plan.grid)
+        else:
+            self.clustering = TokenClustering(plan.token_grid, plan.grid, plan.neighbours, plan.iters, plan.tau,
+                                              plan.form, plan.device)
+            self.reconstruction = reconstruction_for(plan)
 
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Any:
         p = self.num_prefix_tokens
