@@ -235,7 +235,8 @@ def segmentation_target(layout: Layout, sample: Sample, size: tuple[int, int]) -
         value = int(stored[bad][0])
         raise UserError(f"{sample.target} has label {value}, outside the {layout.name} layout's {layout.num_classes} "
                         f"classes (stored {layout.shift}..{layout.num_classes + layout.shift - 1}"
-                        f"{'' if layout.ignore is None else f', {layout.ignore} = ignore'}); is it the right layout?")
+                        f"{'' if layout.ignore is None else f', {layout.ignore} = not scored'}"
+                        f"{', 0 = not scored' if layout.shift else ''}); is it the right layout?")
     return np.where(ignore, 0, classes), ignore
 
 

@@ -30,14 +30,23 @@ from hgdeploy.recipe import load_recipe
 FAMILIES = families()
 RECIPES = sorted(p.stem for p in (REPO_ROOT / "export").glob("*.toml"))
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+# Families whose architectures are one graph structure at other sizes (torchvision's ViT-L/16 and ViT-H/14:
+# patch, width and depth only): their unpatched export is checked once, on the smaller recipe named here.
+ONE_STRUCTURE = {"torchvision_vit": "swag_vit_l16"}
+
+
 def _first_of_architecture(recipes: list[str]) -> dict[str, str]:
     """recipe -> the first recipe (by name) with the same family and backbone architecture. Their unpatched
-    graphs differ only in a head's class count or the input size, so the baseline export is checked once per
-    architecture (the patched graph, the recipe's own plan, is checked for every recipe)."""
+    graphs differ only in a head's class count, the input size or (ONE_STRUCTURE) the layer sizes, so the
+    baseline export is checked once per architecture; the patched graph, the recipe's own plan, is checked
+    for every recipe."""
     first: dict[tuple, str] = {}
     out = {}
     for name in recipes:
         model = load_recipe(name).data["model"]
+        if model["family"] in ONE_STRUCTURE:
+            out[name] = ONE_STRUCTURE[model["family"]]
+            continue
         out[name] = first.setdefault((model["family"], model.get("arch")), name)
     return out
 

@@ -121,7 +121,8 @@ def test_run_on_an_official_layout_checkpoint(tmp_path: Path, capsys, two_photos
     """`hgdeploy run` with a checkpoint.pth + variant.yml written like the authors' training does."""
     family = get_family("segmenter")
     torch.manual_seed(5)
-    rec = load_recipe("segmenter_vit_b16_ade20k", ["model.input_size=128x128"])
+    # the official layout at ViT-Ti size: what is tested is reading checkpoint.pth + variant.yml
+    rec = load_recipe("segmenter_vit_b16_ade20k", ["model.input_size=128x128", "model.arch=vit_tiny_patch16_384"])
     model = family.load(None, rec.input_size, rec.options)
     ckpt = family.write_checkpoint(model, tmp_path / "seg_base_mask")
     out = tmp_path / "out"
