@@ -117,3 +117,13 @@ def replace_block(text: str, name: str, body: str) -> str:
 def write_report(out: Path, report: dict[str, Any]) -> None:
     write_atomic(out / "report.json", to_json(report))
     write_atomic(out / "report.md", render_markdown(report))
+
+
+def publish(body: str, block: str, readme: Path, results: Path, data: Any, check: bool = False) -> None:
+    """What a scripts/ measurement ends with: print its README block; unless `check`, write its data to
+    `results` (JSON) and the block between README's <!-- block:start/end --> markers."""
+    print(body)
+    if check:
+        return
+    write_atomic(results, to_json(data))
+    write_atomic(readme, replace_block(readme.read_text(), block, body))

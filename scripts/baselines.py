@@ -13,7 +13,6 @@ Writes scripts/results/baselines.json and the README block between the baselines
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from hgdeploy.flops import count_gflops_fast  # noqa: E402
 from hgdeploy.images import sample_photos, to_batch  # noqa: E402
 from hgdeploy.patching import build_models  # noqa: E402
 from hgdeploy.recipe import load_recipe  # noqa: E402
-from hgdeploy.report import replace_block  # noqa: E402
+from hgdeploy.report import publish  # noqa: E402
 
 PLANS = [(6, "28x28"), (6, "24x24"), (6, "20x20"), (4, "28x28"), (8, "24x24")]
 RESULTS = REPO / "scripts" / "results" / "baselines.json"
@@ -67,12 +66,7 @@ def main() -> int:
     lines += ["", f"Clustering has the higher cosine in {wins} of {len(rows)} plans. Produced by `python "
                   f"scripts/baselines.py` on the default recipe (518x518, the 8 bundled photos, PyTorch on the CPU, "
                   f"torch {torch.__version__}); GFLOPs: one multiply-add = one FLOP."]
-    body = "\n".join(lines)
-    print(body)
-    if not args.check:
-        RESULTS.write_text(json.dumps(rows, indent=2) + "\n")
-        readme = REPO / "README.md"
-        readme.write_text(replace_block(readme.read_text(), "baselines", body))
+    publish("\n".join(lines), "baselines", REPO / "README.md", RESULTS, rows, args.check)
     return 0
 
 

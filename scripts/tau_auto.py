@@ -12,7 +12,6 @@ Writes scripts/results/tau_auto.json and the README block between the tau-auto m
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from hgdeploy.checks import token_cosine  # noqa: E402
 from hgdeploy.images import sample_photos, to_batch  # noqa: E402
 from hgdeploy.patching import build_models  # noqa: E402
 from hgdeploy.recipe import load_recipe  # noqa: E402
-from hgdeploy.report import replace_block  # noqa: E402
+from hgdeploy.report import publish  # noqa: E402
 
 GRID = [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 50.0]
 RESULTS = REPO / "scripts" / "results" / "tau_auto.json"
@@ -70,12 +69,7 @@ def main() -> int:
     lines += ["", f"Produced by `python scripts/tau_auto.py` on the default recipe (518x518, 28x28 clusters, the 8 bundled "
                   f"photos; torch {torch.__version__}, CPU): final-token cosine of the patched model against the unpatched "
                   f"one; grid {', '.join(f'{t:g}' for t in GRID)}."]
-    body = "\n".join(lines)
-    print(body)
-    if not args.check:
-        RESULTS.write_text(json.dumps(rows, indent=2) + "\n")
-        readme = REPO / "README.md"
-        readme.write_text(replace_block(readme.read_text(), "tau-auto", body))
+    publish("\n".join(lines), "tau-auto", REPO / "README.md", RESULTS, rows, args.check)
     return 0
 
 
