@@ -101,21 +101,22 @@ def _shown(value: Any) -> str:
     return "(not set)" if value is None else repr(value)
 
 
-def exported(folder: Path, recipe: Recipe) -> dict[str, Path]:
-    """The ONNX files in `folder`, refused when they were exported from other recipe values than `recipe`'s."""
+def exported(folder: Path, recipe: Recipe) -> tuple[dict[str, Path], dict[str, Any]]:
+    """The ONNX files in `folder` and what the export recorded (export_info), refused when they were
+    exported from other recipe values than `recipe`'s."""
     paths = existing_onnx(folder)
     info = export_info(paths)
     if not info:
         progress.info(f"note: {paths['patched']} does not record the recipe it was exported with (an older "
                       f"hgdeploy?); it is used as it is")
-        return paths
+        return paths, info
     diff = recipe_difference(info.get("recipe", {}).get("values", {}), json.loads(json.dumps(recipe.data)))
     if diff:
         key, old, new = diff
         raise UserError(f"{folder} was exported with {key} = {_shown(old)}, but this command asks for "
                         f"{_shown(new)}; export again with these values (hgdeploy export ... --out "
                         f"{folder}) or give the recipe and --set values the folder was exported with")
-    return paths
+    return paths, info
 
 
 def open_export(recipe: str | None, overrides: list[str], engine: str | None, out: Path | None,
@@ -126,7 +127,7 @@ def open_export(recipe: str | None, overrides: list[str], engine: str | None, ou
     profile = load_profile(engine)
     require_available(profile)
     folder = output_folder(rec.name, out)
-    paths = exported(folder, rec)
+    paths, _ = exported(folder, rec)
     if writes:
         check_output_folder(folder)
     return paths, profile

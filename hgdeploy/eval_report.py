@@ -43,7 +43,7 @@ def tables(report: dict[str, Any], heading: str = "##") -> list[str]:
             lines.append(f"| {name}{arrow} | {_fmt(u)} | {_fmt(p)} | {_fmt(e)} | {_delta(u, p)} | {_delta(u, e)} |")
         lines.append("")
     agreement = report["agreement"]
-    names = [n for n in agreement["patched"]]
+    names = list(agreement["patched"])
     lines += [f"{heading} Agreement (one model's predictions taken as the other's labels)", "",
               "| metric | " + " | ".join(AGREEMENT_LABELS[a] for a in AGREEMENTS) + " |",
               "|---|" + "---:|" * len(AGREEMENTS)]
@@ -121,7 +121,7 @@ def _truth_panel(kind: str, target: Any, span: tuple[float, float]) -> np.ndarra
     if kind == "depth":
         depth, valid = target
         return _colour(kind, depth, span, ~valid)
-    return _colour(kind, target.astype(np.uint8) * 255, span)
+    return _colour(kind, target[0].astype(np.uint8) * 255, span)
 
 
 def render_figure(panels: list[tuple[str, Any, Any, Any, dict[str, np.ndarray]]], kind: str) -> bytes:

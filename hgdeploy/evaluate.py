@@ -218,8 +218,8 @@ def evaluate(recipe: str | None, overrides: list[str], engine: str | None, datas
                 stack.enter_context(r)
             rows, memory = run_dataset(samples, runners, how, scorer, stage if save_predictions else None,
                                        f"{layout.name}, {job.profile.name} engine")
-            figure = [(label, samples[i], rows[i]) for label, i in pick_figure_images(rows, scorer)]
-            panels = [(label, sample, *one_image(sample, runners, how, scorer)) for label, sample, _ in figure]
+            panels = [(label, samples[i], *one_image(samples[i], runners, how, scorer))
+                      for label, i in pick_figure_images(rows, scorer)]
         report |= {"dataset": {"path": str(dataset), "layout": layout.name, "images": len(samples),
                                "scoring": scorer.describe(), "inference": how.describe(),
                                "depth_output": scorer.output if kind == "depth" else None},

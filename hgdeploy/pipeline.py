@@ -80,12 +80,12 @@ def prepare(recipe: str | None, overrides: list[str] | None = None, engine: str 
     if profile is not None and runs_here:
         require_available(profile)
     folder = deploy.output_folder(rec.name, out)
-    paths = deploy.exported(folder, rec) if out_mode == "read" else None
+    paths, recorded = deploy.exported(folder, rec) if out_mode == "read" else (None, {})
     if out_mode == "write":
         check_output_folder(folder)
     photos = load_photos(images) if need_photos else None
     device = profile.device if profile is not None else "cpu"
-    recorded = deploy.export_info(paths).get("plan", {}) if paths else {}
+    recorded = recorded.get("plan", {})
     planned = recorded.get("device") or device
     if planned != device:
         progress.info(f"note: {folder} was planned for the {planned}; the PyTorch reference is patched the same "

@@ -60,8 +60,9 @@ class Scorer:
     def _add(self, totals: Any, truth: Any, pred: np.ndarray) -> dict[str, Any] | None:
         raise NotImplementedError
 
-    def _as_truth(self, pred: np.ndarray) -> Any:
-        """A model's prediction taken as ground truth for the agreement metrics."""
+    def _as_truth(self, pred: np.ndarray, target: Any) -> Any:
+        """A model's prediction taken as ground truth for the agreement metrics (`target`: the image's own
+        ground truth, None without one)."""
         raise NotImplementedError
 
     def add(self, target: Any, preds: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -69,7 +70,7 @@ class Scorer:
         row: dict[str, Any] = {}
         if self.has_truth:
             row["metrics"] = {m: self._add(self.totals[m], target, preds[m]) for m in MODELS}
-        row["agreement"] = {a: self._add(self.agreement[a], self._as_truth(preds[ref]), preds[m])
+        row["agreement"] = {a: self._add(self.agreement[a], self._as_truth(preds[ref], target), preds[m])
                             for a, (m, ref) in AGREEMENTS.items()}
         return row
 
@@ -115,7 +116,7 @@ class SegmentationScorer(Scorer):
         labels, ignore = truth
         return totals.add(labels, pred, ignore)
 
-    def _as_truth(self, pred: np.ndarray) -> Any:
+    def _as_truth(self, pred: np.ndarray, target: Any) -> Any:
         return pred, None
 
     def _public(self, scores: dict[str, Any]) -> dict[str, Any]:
@@ -174,16 +175,10 @@ class DepthScorer(Scorer):
         depth, valid = truth  # a raw output may be <= 0 somewhere: the errors need positive depths
         return totals.add(depth[valid], np.maximum(pred[valid], np.finfo(np.float32).tiny))
 
-    def add(self, target: Any, preds: dict[str, np.ndarray]) -> dict[str, Any]:
-        self._valid = target[1] if target is not None else None
-        return super().add(target, preds)
-
-    def _as_truth(self, pred: np.ndarray) -> Any:
+    def _as_truth(self, pred: np.ndarray, target: Any) -> Any:
         """Another model's depth as the labels: over the ground truth's valid pixels when there is ground
-        truth, else over the pixels where both outputs are positive."""
-        if self._valid is not None:
-            return pred, self._valid
-        return pred, pred > 0
+        truth, else over the pixels where the reference output is positive."""
+        return pred, (target[1] if target is not None else pred > 0)
 
     def encode(self, pred: np.ndarray) -> tuple[np.ndarray, str]:
         if self.has_truth:
@@ -212,17 +207,17 @@ class SaliencyScorer(Scorer):
         return SaliencyTotals()
 
     def target(self, sample: Sample, size: tuple[int, int]) -> Any:
-        return ds.saliency_target(sample, size) if self.has_truth else None
+        """(the salient mask, None): a ground truth has no soft map to take MAE against."""
+        return (ds.saliency_target(sample, size), None) if self.has_truth else None
 
     def scored(self, raw: np.ndarray, target: Any) -> np.ndarray:
         return ds.encode_saliency(raw)
 
     def _add(self, totals: SaliencyTotals, truth: Any, pred: np.ndarray) -> dict[str, Any]:
-        if isinstance(truth, tuple):  # another model's map as the reference
-            return totals.add(truth[0], pred, truth[1])
-        return totals.add(truth, pred)
+        mask, reference = truth
+        return totals.add(mask, pred, reference)
 
-    def _as_truth(self, pred: np.ndarray) -> Any:
+    def _as_truth(self, pred: np.ndarray, target: Any) -> Any:
         return pred > 127, pred
 
     def encode(self, pred: np.ndarray) -> tuple[np.ndarray, str]:
