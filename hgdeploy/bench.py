@@ -34,24 +34,27 @@ def summarize(seconds: list[float]) -> Timing:
 
 def bench_interleaved(runners: dict[str, BaseRunner], feed: dict[str, np.ndarray], warmup: int, runs: int,
                       on_round: Callable[[int], None] | None = None,
-                      infer_kwargs: dict[str, Any] | None = None) -> dict[str, Timing]:
+                      infer_kwargs: dict[str, Any] | None = None,
+                      feeds: dict[str, dict[str, np.ndarray]] | None = None) -> dict[str, Timing]:
     """Median/p90 latency of each runner; every round runs each runner once, order rotating.
 
-    infer_kwargs go to every runner's infer (e.g. copy_outputs_to_host=False for device-resident timing).
+    infer_kwargs go to every runner's infer (e.g. copy_outputs_to_host=False for device-resident timing);
+    feeds: a feed of its own for some runners (a model at another input size), `feed` for the others.
     """
     kwargs = infer_kwargs or {}
     names = list(runners)
+    fed = {n: (feeds or {}).get(n, feed) for n in names}
     times: dict[str, list[float]] = {n: [] for n in names}
     with ExitStack() as stack:
         for runner in runners.values():
             stack.enter_context(runner)
         for _ in range(warmup):
             for name in names:
-                runners[name].infer(feed, check_inputs=False, **kwargs)
+                runners[name].infer(fed[name], check_inputs=False, **kwargs)
         for r in range(runs):
             order = names[r % len(names):] + names[: r % len(names)]
             for name in order:
-                runners[name].infer(feed, check_inputs=False, **kwargs)
+                runners[name].infer(fed[name], check_inputs=False, **kwargs)
                 times[name].append(runners[name].last_inference_time())
             if on_round:
                 on_round(r + 1)

@@ -64,11 +64,13 @@ def _fp16(paths: dict[str, Path], key: str, profile: EngineProfile) -> Path:
     return paths[key]
 
 
-def write_fp16(paths: dict[str, Path], folder: Path) -> dict[str, Any]:
+def write_fp16(paths: dict[str, Path], folder: Path, keys: tuple[str, ...] | None = None) -> dict[str, Any]:
     """baseline.fp16.onnx and patched.fp16.onnx (from the optimized graph): fp16 weights and compute, fp32
-    inputs/outputs, the clustering layers and LayerNorm in fp32; each type-checked and linted."""
+    inputs/outputs, the clustering layers and LayerNorm in fp32; each type-checked and linted. keys: only
+    these of the two ("patched_fp16" for a graph timed against a baseline converted once)."""
     report: dict[str, Any] = {}
-    for key, source in (("baseline_fp16", paths["baseline"]), ("patched_fp16", deployed(paths))):
+    sources = (("baseline_fp16", paths["baseline"]), ("patched_fp16", deployed(paths)))
+    for key, source in sources if keys is None else [s for s in sources if s[0] in keys]:
         model = onnx.load(str(source))
         with progress.step(f"Converting {source.name} to {ONNX_FILES[key]} (fp16, clustering kept in fp32)"):
             converted, summary = to_fp16(model, is_layer_node(model))
@@ -182,18 +184,25 @@ def time_runners(runners: dict[str, Any], feed: dict[str, np.ndarray], profile: 
 
     On a GPU the engines are timed on device-resident inputs and outputs (no host copies).
     """
-    p = profile
-    kwargs = {"copy_outputs_to_host": False} if p.on_gpu else {}
-    with progress.step(f"Timing {', '.join(runners)} ({p.warmup} warm-up, {p.runs} interleaved runs)",
-                       total=p.runs) as advance:
-        timings: dict[str, Timing] = bench_interleaved(runners, feed, p.warmup, p.runs, on_round=lambda _: advance(),
-                                                       infer_kwargs=kwargs)
+    timings = time_interleaved(runners, feed, profile)
     lat = {k: t.median_ms for k, t in timings.items()}
     out: dict[str, Any] = {"latency_ms": lat, "latency": {k: t.to_dict() for k, t in timings.items()},
                            "speedup": lat["baseline"] / lat["patched"]}
     if "torch_baseline" in lat:
         out["speedup_torch"] = lat["torch_baseline"] / lat["torch_patched"]
     return out
+
+
+def time_interleaved(runners: dict[str, Any], feed: dict[str, np.ndarray], profile: EngineProfile,
+                     feeds: dict[str, dict[str, np.ndarray]] | None = None, what: str | None = None) -> dict[str, Timing]:
+    """The profile's warm-up and interleaved runs of every runner, with a progress bar; on a GPU on
+    device-resident inputs and outputs (no host copies). feeds: bench_interleaved's per-runner feeds."""
+    p = profile
+    kwargs = {"copy_outputs_to_host": False} if p.on_gpu else {}
+    with progress.step(f"Timing {what or ', '.join(runners)} ({p.warmup} warm-up, {p.runs} interleaved runs)",
+                       total=p.runs) as advance:
+        return bench_interleaved(runners, feed, p.warmup, p.runs, on_round=lambda _: advance(), infer_kwargs=kwargs,
+                                 feeds=feeds)
 
 
 def zeros_feed(path: Path) -> dict[str, np.ndarray]:

@@ -58,9 +58,16 @@ def build_models(recipe: Recipe, device: str = "cpu", calibration: Callable[[Pre
         else:
             calibrated = {"tau": tau, "source": "recorded by the export"}
         request = request.with_tau(tau)
-    plan = make_plan(request, facts, family.name, family.reconstruct_on, device)
-    patched = family.patch(structural_copy(baseline), plan).eval()
+    plan, patched = patch_for(family, baseline, facts, request, device)
     return Models(family, baseline, patched, plan, preprocess, calibrated)
+
+
+def patch_for(family: Family, baseline: nn.Module, facts: ModelFacts, request: PlanRequest,
+              device: str) -> tuple[ClusterPlan, nn.Module]:
+    """The plan for `request` (tau a number) on this loaded model and a patched copy sharing its weights:
+    cheap enough to do once per plan of a sweep."""
+    plan = make_plan(request, facts, family.name, family.reconstruct_on, device)
+    return plan, family.patch(structural_copy(baseline), plan).eval()
 
 
 class _Captured(Exception):

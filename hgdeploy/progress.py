@@ -10,6 +10,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)  # logs keep one line per message
+_muted = [0]
+
+
+@contextlib.contextmanager
+def muted() -> Iterator[None]:
+    """Steps inside this block print nothing: the inner steps of one step the user already sees."""
+    _muted[0] += 1
+    try:
+        yield
+    finally:
+        _muted[0] -= 1
 
 
 @contextlib.contextmanager
@@ -20,6 +31,9 @@ def step(description: str, total: int | None = None) -> Iterator:
         columns += [BarColumn(), MofNCompleteColumn()]
     columns.append(TimeElapsedColumn())
     start = time.perf_counter()
+    if _muted[0]:
+        yield lambda n=1: None
+        return
     if not console.is_terminal:  # logs and CI: one line per finished step, no live display
         yield lambda n=1: None
     else:
@@ -29,5 +43,6 @@ def step(description: str, total: int | None = None) -> Iterator:
     console.print(f"[green]✓[/green] {description} [dim]({time.perf_counter() - start:.1f} s)[/dim]")
 
 
-def info(message: str) -> None:
-    console.print(message)
+def info(message: str, markup: bool = True) -> None:
+    """A line on stderr; markup=False for text with brackets of its own ("[3/8]", "[cluster]")."""
+    console.print(message, markup=markup)
