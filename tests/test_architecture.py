@@ -18,12 +18,12 @@ ROOMS = [
     ("layers", {"layers"}),
     ("models", {"models"}),
     ("adapters", {"adapters"}),
-    ("plan/export", {"recipe", "patching", "export"}),
+    ("plan/export", {"recipe", "patching", "export", "space"}),
     ("passes/lint", {"passes", "lint", "graph_flops", "fp16"}),
     ("backends", {"backends"}),
     ("checks/bench/report", {"checks", "bench", "flops", "images", "report", "datasets", "task_metrics", "scoring",
-                             "eval_report", "sample_data"}),
-    ("pipeline", {"pipeline", "deploy", "evaluate"}),
+                             "eval_report", "sample_data", "replay", "downscale", "tune_report"}),
+    ("pipeline", {"pipeline", "deploy", "evaluate", "tune"}),
     ("cli", {"cli"}),
 ]
 

