@@ -429,7 +429,7 @@ def tune(recipe: str | None, overrides: list[str], engine: str | None, images: s
     result["best"] = best
     result["comparison"] = matched(result["rows"], budget)
     result["elapsed_s"] = sweep.elapsed()
-    header = [f"Tuned by hgdeploy tune from {rec.path} for {job.profile.name}, budget {budget}, on "
+    header = [f"Tuned by hgdeploy tune from recipe {rec.name} for {job.profile.name}, budget {budget}, on "
               f"{len(job.photos)} images.",
               f"Measured speed-up {best['speedup']:.3f}x, {budget.key} {best['fidelity'][budget.key]:.4f}."
               if best else "No plan was within the budget and faster."]

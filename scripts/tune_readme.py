@@ -6,7 +6,8 @@ The bundled photos are split: the six scikit-image photos are tuned on, and thre
 choosing-a-plan markers and keeps tune.json, tune.md, tune.png and best.toml under scripts/results/tune/.
 
     python scripts/tune_readme.py                 # the whole run (about 20 minutes on 2 cores)
-    python scripts/tune_readme.py --check         # print the block from an existing scripts/results/tune
+    python scripts/tune_readme.py --no-run        # the README block again from an existing scripts/results/tune
+    python scripts/tune_readme.py --no-run --check   # print it only
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -49,8 +51,8 @@ def write_split(root: Path) -> tuple[Path, Path]:
     return tune, held
 
 
-def command(tune: Path, held: Path) -> list[str]:
-    return ["hgdeploy", "tune", "--images", str(tune), "--holdout", str(held), "--budget", BUDGET, "--out", str(OUT)]
+def command(tune: Path, held: Path, out: Path = OUT) -> list[str]:
+    return ["hgdeploy", "tune", "--images", str(tune), "--holdout", str(held), "--budget", BUDGET, "--out", str(out)]
 
 
 def block(result: dict, minutes: float | None) -> str:
@@ -86,17 +88,19 @@ def block(result: dict, minutes: float | None) -> str:
                   f"(alpha, grid) points and than the downscaled input in {dw} of {dn}. {scored} clustering plans "
                   f"scored, {len(result['pruned'])} pruned, {len(timed)} timed; state: {result['state']}"
                   + (f", {minutes:.1f} min wall-clock" if minutes else "") + ".",
-              "", f"Produced by `python scripts/tune_readme.py`, which runs `{' '.join(command(Path('TUNE'), Path('HELDOUT')))}` "
+              "", f"Produced by `python scripts/tune_readme.py`, which runs "
+                  f"`{shlex.join(command(Path('TUNE'), Path('HELDOUT'), OUT.relative_to(REPO)))}` "
                   f"({m['cpu_count']} CPU cores; " + ", ".join(f"{k} {val}" for k, val in v.items()) + ")."]
     return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="print the block of the existing results only")
+    parser.add_argument("--check", action="store_true", help="print the block, do not write README")
+    parser.add_argument("--no-run", action="store_true", help="make the block from the existing results")
     args = parser.parse_args()
     minutes = None
-    if not args.check:
+    if not args.no_run:
         with tempfile.TemporaryDirectory() as tmp:
             tune, held = write_split(Path(tmp))
             start = time.monotonic()
