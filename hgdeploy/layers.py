@@ -342,3 +342,82 @@ class TokenReconstruction(nn.Module):
         offsets = (torch.arange(B, device=index.device) * M).view(B, 1, 1)
         picked = s_refined.reshape(B * M, C).index_select(0, (index + offsets).reshape(-1))
         return (w.unsqueeze(-2) @ picked.reshape(*index.shape, C)).squeeze(-2)  # [B, N, C]
+
+
+# ---------------------------------------------------------------------------------------------- windows
+# Windowed transformers (Swin, SAM's ViT) attend inside K x K windows. Window token clustering runs the
+# same local soft k-means inside every window, K x K tokens -> k x k clusters, so the blocks after it work
+# on k x k windows; window token reconstruction rebuilds each window's K x K tokens. Partitioning is a
+# constant reshape/permute; a feature map that is not a multiple of K is zero-padded right and bottom as
+# Swin pads, the padded tokens take part in clustering (as in the authors' code) and are cropped at the end.
+
+
+def padded_size(size: tuple[int, int], window: int) -> tuple[int, int]:
+    """(H, W) rounded up to whole windows."""
+    return (-(-size[0] // window) * window, -(-size[1] // window) * window)
+
+
+def window_partition(x: Tensor, window: int) -> Tensor:
+    """[B, H, W, C] (H, W multiples of `window`) -> [B * nH * nW, window^2, C], windows in row-major order."""
+    B, H, W, C = x.shape
+    x = x.reshape(B, H // window, window, W // window, window, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, window * window, C)
+
+
+def window_merge(windows: Tensor, window: int, size: tuple[int, int]) -> Tensor:
+    """The inverse of window_partition: [B * nH * nW, window^2, C] -> [B, H, W, C] with (H, W) = size."""
+    H, W = size
+    nh, nw = H // window, W // window
+    C = windows.shape[-1]
+    x = windows.reshape(-1, nh, nw, window, window, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, H, W, C)
+
+
+class WindowTokenClustering(nn.Module):
+    """[B, H, W, C] tokens -> [B, h', w', C] clusters: every K x K window clustered to k x k on its own grid.
+
+    Returns (clusters, windows' tokens [B * nW, K^2, C], clustering-time centres [B * nW, k^2, C]); the last
+    two are what WindowTokenReconstruction rebuilds from. (h', w') = (Hp / K * k, Wp / K * k) for the padded
+    size (Hp, Wp): a whole number of k x k windows, so the blocks after it never pad.
+    """
+
+    def __init__(self, size: tuple[int, int], window: int, cluster_window: int, neighbours: int, iters: int,
+                 tau: float, form: str = "auto", device: str = "cpu"):
+        super().__init__()
+        if not 1 <= cluster_window <= window:
+            raise ValueError(f"cluster window {cluster_window} must be in 1..{window}")
+        self.size, self.window, self.cluster_window = tuple(size), window, cluster_window
+        self.padded = padded_size(size, window)
+        self.inner = TokenClustering((window, window), (cluster_window, cluster_window), neighbours, iters, tau, form,
+                                     device)
+        self.form, self.form_reason = self.inner.form, self.inner.form_reason
+
+    @property
+    def clustered_size(self) -> tuple[int, int]:
+        k, K = self.cluster_window, self.window
+        return (self.padded[0] // K * k, self.padded[1] // K * k)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        (H, W), (Hp, Wp) = self.size, self.padded
+        if (Hp, Wp) != (H, W):
+            x = nn.functional.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
+        z = window_partition(x, self.window)
+        s = self.inner(z)
+        return window_merge(s, self.cluster_window, self.clustered_size), z, s
+
+
+class WindowTokenReconstruction(nn.Module):
+    """[B, h', w', C] refined clusters -> [B, H, W, C] tokens, each window rebuilt from its own clusters with
+    the plain TokenReconstruction (its candidates: nearest centres or the window's neighbourhood)."""
+
+    def __init__(self, clustering: WindowTokenClustering, reconstruction: TokenReconstruction):
+        super().__init__()
+        self.size, self.padded = clustering.size, clustering.padded
+        self.window, self.cluster_window = clustering.window, clustering.cluster_window
+        self.inner = reconstruction
+
+    def forward(self, refined: Tensor, z: Tensor, s: Tensor) -> Tensor:
+        windows = self.inner(window_partition(refined, self.cluster_window), z, s)
+        x = window_merge(windows, self.window, self.padded)
+        H, W = self.size
+        return x if tuple(self.padded) == (H, W) else x[:, :H, :W]

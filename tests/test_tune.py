@@ -179,6 +179,9 @@ def test_tune_measures_plans_and_baselines_writes_its_files_and_resumes(tmp_path
     strict = hgdeploy_main(*_tune_args(tmp_path, two_photos, "cosine>=0.9999999")[:-1], str(tmp_path / "strict"))
     assert strict.returncode == 1 and "no plan is within the budget" in strict.stdout
     assert not (tmp_path / "strict" / "best.toml").exists()
+    pruned = json.loads((tmp_path / "strict" / "tune.json").read_text())["pruned"]
+    assert pruned and all("larger grid" in p["reason"] for p in pruned)  # 3x3 missed: 2x2 never ran
+    assert {p["plan"]["grid"] for p in pruned} == {"2x2"}
 
     other = hgdeploy_main(*args[:-1], str(out), "--set", "cluster.k=3")
     assert other.returncode == 2 and "other recipe values" in other.stderr
