@@ -244,7 +244,8 @@ def candidates(space: Space, base: PlanRequest, facts: ModelFacts) -> Iterator[C
                                                             space.form, space.tau):
         if not 1 <= alpha < facts.depth:
             continue
-        after = base.reconstruct_after if base.reconstruct_after is not None and base.reconstruct_after > alpha else None
+        kept = base.reconstruct_after is not None and base.reconstruct_after > alpha
+        after = base.reconstruct_after if kept else None
         options = {**base.options, "iters": iters, "reconstruct_from": rfrom, "form": form, "tau": tau,
                    "method": "cluster"}
         for grid in grids:

@@ -38,8 +38,8 @@ from hgdeploy.patching import patch_for
 from hgdeploy.plan import ClusterPlan, PlanRequest
 from hgdeploy.recipe import load_recipe
 from hgdeploy.replay import PrefixCache, clustered_span, find_blocks
-from hgdeploy.space import (DEFAULT_CONFIDENCE, Budget, Space, candidates, check_budget_metric, default_space, parse_budget,
-                            plan_key, pool_request, read_space)
+from hgdeploy.space import (DEFAULT_CONFIDENCE, Budget, Space, candidates, check_budget_metric, default_space,
+                            parse_budget, plan_key, pool_request, read_space)
 from hgdeploy.tune_report import matched, plan_text, save_progress, select_best, within, write_results
 
 GROUP = 4  # plans timed per interleaved run with the unpatched model
@@ -109,8 +109,9 @@ class Sweep:
         ok = within(row, self.budget)
         fits = [r for r in self.result["rows"] if r["kind"] == "clustering" and within(r, self.budget)]
         best = min(fits, key=lambda r: r["gflops"]) if fits else None
-        progress.info(f"  {count} {row['kind']} {plan_text(row)}: {self.budget.key} "
-                      f"{'—' if value is None else f'{value:.4f}'} (bound {'—' if bound is None else f'{bound:.4f}'}) "
+        shown = "—" if value is None else f"{value:.4f}"
+        shown += f" (bound {'—' if bound is None else f'{bound:.4f}'})"
+        progress.info(f"  {count} {row['kind']} {plan_text(row)}: {self.budget.key} {shown} "
                       f"{'within' if ok else 'misses'} budget, "
                       f"{row['gflops']:.4g} GFLOPs"
                       + (f"   [cheapest within budget so far: {plan_text(best)}, {best['gflops']:.4g} GFLOPs]"
@@ -124,7 +125,8 @@ class Sweep:
                            f"kept for every plan)"):
             return PrefixCache(self.models.baseline, blocks, images, self.family.output_names, upto)
 
-    def score(self, cache: PrefixCache, outputs: list[dict[str, Any]], names: list[str] | None = None) -> dict[str, Any]:
+    def score(self, cache: PrefixCache, outputs: list[dict[str, Any]],
+              names: list[str] | None = None) -> dict[str, Any]:
         return fidelity(outputs, cache.outputs, self.kinds, names or self.names)
 
     def patched(self, cache: PrefixCache, request: PlanRequest) -> tuple[ClusterPlan, nn.Module, str]:

@@ -67,7 +67,8 @@ def matched(rows: list[dict[str, Any]], budget: Budget) -> list[dict[str, Any]]:
 
 def wins(comparison: list[dict[str, Any]], name: str) -> tuple[int, int]:
     """(clustering better, compared) against one baseline."""
-    pairs = [c[name]["clustering_better"] for c in comparison if c.get(name) and c[name]["clustering_better"] is not None]
+    pairs = [c[name]["clustering_better"] for c in comparison
+             if c.get(name) and c[name]["clustering_better"] is not None]
     return sum(pairs), len(pairs)
 
 
@@ -137,7 +138,8 @@ def render_markdown(result: dict[str, Any], budget: Budget, plot: str | None) ->
              f"Budget: **{budget}** (fidelity against the unpatched model on {len(ctx['images'])} images; a plan meets "
              f"it when the one-sided {budget.confidence:.0%} confidence bound of its mean does). "
              f"Unpatched: {base['gflops']:.4g} GFLOPs"
-             + (f", {base['latency_ms']:.4g} ms" if base.get("latency_ms") else "") + f". State: {result['state']}.", ""]
+             + (f", {base['latency_ms']:.4g} ms" if base.get("latency_ms") else "")
+             + f". State: {result['state']}.", ""]
     if best is not None:
         lines += [f"**Best plan:** {plan_text(best)}: {best['speedup']:.3f}x faster than the unpatched model "
                   f"({best['latency_ms']:.4g} ms), {budget.key} {best['fidelity'][budget.key]:.4f}, "
