@@ -191,8 +191,11 @@ def test_ctrl_c_keeps_a_valid_tune_json_and_the_rerun_resumes(tmp_path, two_phot
     args = _tune_args(tmp_path, two_photos)
     out = tmp_path / "tune"
     env = dict(os.environ, NO_COLOR="1")
+    # SIGINT as a terminal's Ctrl-C delivers it; a shell's background job starts with SIGINT ignored, which a
+    # child inherits, so it is restored first (else this test fails wherever CI runs in the background).
     proc = subprocess.Popen([sys.executable, "-m", "hgdeploy.cli", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         try:
