@@ -25,8 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the checkout's hgdeploy, also before it is installed
 
-from hgdeploy.report import replace_block  # noqa: E402
-from hgdeploy.outputs import write_atomic  # noqa: E402
+from hgdeploy.report import publish  # noqa: E402
 
 OUT = REPO / "scripts" / "results" / "tune"
 BUDGET = "cosine>=0.985"
@@ -112,12 +111,8 @@ def main() -> int:
     result = json.loads((OUT / "tune.json").read_text())
     if minutes is not None:
         result["wall_clock_min"] = minutes
-        write_atomic(OUT / "tune.json", json.dumps(result, indent=2) + "\n")
-    body = block(result, result.get("wall_clock_min"))
-    print(body)
-    if not args.check:
-        readme = REPO / "README.md"
-        write_atomic(readme, replace_block(readme.read_text(), "choosing-a-plan", body))
+    publish(block(result, result.get("wall_clock_min")), "choosing-a-plan", REPO / "README.md", OUT / "tune.json",
+            result, args.check)
     return 0
 
 
