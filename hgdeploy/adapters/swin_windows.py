@@ -1,0 +1,96 @@
+"""Window token clustering inside one stage of transformers' Swin (the backbone of Mask2Former's Swin-L).
+
+Blocks `alpha..after-1` of the stage run inside a `SwinWindowSpan`: the stage's H x W map is clustered per
+K x K window to k x k (layers.WindowTokenClustering), those blocks run on the clustered map with window k
+(shift k // 2 where the block shifted), and each window's K x K tokens are rebuilt before the stage's
+remaining blocks and its patch merging, so every later shape is the unpatched one. The blocks are copies
+re-fitted at patch time (window, shift, a bias table resized bilinearly with its index), never at the first
+forward as the authors do: the export sees constants. The shift follows the new window (k // 2); the
+authors' Mask2Former copy keeps the old shift with the new mask, which we do not reproduce.
+
+Written against transformers' current Swin layout (SwinRelativePositionBias); the family that loads
+Mask2Former checkpoints builds on it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from torch import Tensor, nn
+
+from hgdeploy.adapters.window_attention import relative_position_index, resize_bias_table
+from hgdeploy.layers import TokenReconstruction, WindowTokenClustering, WindowTokenReconstruction, neighbour_table
+
+
+def refit_layer(layer: nn.Module, window: int, new_window: int, clustered_size: tuple[int, int]) -> nn.Module:
+    """A copy of a SwinLayer for k x k windows: its weights shared, the bias table resized, index rebuilt; no
+    shift when the clustered map is a single window, as Swin itself does for a map no larger than its window."""
+    new = copy.copy(layer)
+    new._modules = dict(layer._modules)
+    attention = copy.copy(layer.attention)
+    attention._modules = dict(layer.attention._modules)
+    bias = copy.copy(layer.attention.relative_position_bias)
+    bias._parameters = dict(bias._parameters)
+    bias._buffers = dict(bias._buffers)
+    table = layer.attention.relative_position_bias.relative_position_bias_table
+    bias.relative_position_bias_table = nn.Parameter(resize_bias_table(table.detach(), window, new_window),
+                                                     requires_grad=False)
+    bias.relative_position_index = relative_position_index(new_window).view(-1)
+    bias.window_size = (new_window, new_window)
+    bias.window_area = new_window * new_window
+    attention.relative_position_bias = bias
+    new.attention = attention
+    new.window_size = new_window
+    new.shift_size = new_window // 2 if layer.shift_size > 0 and min(clustered_size) > new_window else 0
+    return new
+
+
+class SwinWindowSpan(nn.Module):
+    """cluster per window -> the stage's blocks on k x k windows -> rebuild each window; stands in the stage's
+    block list and answers like a SwinLayer: (hidden_states [B, H * W, C], attention weights None)."""
+
+    def __init__(self, layers: list[nn.Module], size: tuple[int, int], window: int, cluster_window: int,
+                 neighbours: int, iters: int, tau: float, k: int, reconstruct_from: str = "nearest",
+                 form: str = "auto", device: str = "cpu"):
+        super().__init__()
+        self.size = tuple(size)
+        self.clustering = WindowTokenClustering(size, window, cluster_window, neighbours, iters, tau, form, device)
+        cells = (neighbour_table((window, window), (cluster_window, cluster_window), neighbours)
+                 if reconstruct_from == "neighbourhood" else None)
+        self.reconstruction = WindowTokenReconstruction(self.clustering, TokenReconstruction(k, tau, "softmax", cells))
+        if min(size) <= window:
+            raise ValueError(f"a {size[0]}x{size[1]} map is at most one {window}x{window} window: Swin attends to it "
+                             f"whole, there are no windows to cluster")
+        self.blocks = nn.ModuleList([refit_layer(b, window, cluster_window, self.clustering.clustered_size)
+                                     for b in layers])
+
+    def forward(self, hidden_states: Tensor, input_dimensions: tuple[int, int], *args: Any,
+                **kwargs: Any) -> tuple[Tensor, None]:
+        B, _, C = hidden_states.shape
+        H, W = self.size
+        clusters, z, s = self.clustering(hidden_states.view(B, H, W, C))
+        h, w = self.clustering.clustered_size
+        x = clusters.reshape(B, h * w, C)
+        for block in self.blocks:
+            x = block(x, (h, w), always_partition=True)[0]
+        rebuilt = self.reconstruction(x.view(B, h, w, C), z, s)
+        return rebuilt.reshape(B, H * W, C), None
+
+
+class SwinPassthrough(nn.Module):
+    """Stands where a block moved into the span: the stage's loop keeps its length."""
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, None]:
+        return hidden_states, None
+
+
+def insert_window_span(stage: nn.Module, size: tuple[int, int], alpha: int, after: int, cluster_window: int,
+                       **options: Any) -> nn.Module:
+    """Blocks alpha..after-1 of `stage` (0-based within the stage) run clustered; `size` is the stage's map."""
+    blocks = list(stage.blocks)
+    window = blocks[0].window_size
+    span = SwinWindowSpan(blocks[alpha:after], size, window, cluster_window, **options)
+    stage.blocks = nn.ModuleList(blocks[:alpha] + [span] + [SwinPassthrough() for _ in range(alpha + 1, after)]
+                                 + blocks[after:])
+    return stage
