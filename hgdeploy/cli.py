@@ -1,7 +1,8 @@
 """`hgdeploy` command line: parses arguments, calls one pipeline or deploy function, prints the result.
 
 Results go to stdout (tables, or JSON with --json); progress and notes go to stderr.
-Exit codes: 0 success, 1 parity failed (or lint findings), 2 bad input (one-line error, nothing written).
+Exit codes: 0 success, 1 parity failed (or lint findings, or tune found no plan within the budget and faster),
+2 bad input (one-line error, nothing written), 130 interrupted.
 """
 
 from __future__ import annotations

@@ -406,8 +406,12 @@ def tune(recipe: str | None, overrides: list[str], engine: str | None, images: s
     try:
         upto = max([a for a in space.alpha if a < facts.depth] + [job.models.plan.alpha])
         cache = sweep.cache(job.batch, upto)
-        metrics = [k for k in sweep.score(cache, cache.outputs) if k != "images" and not k.endswith("_undefined")]
+        metrics = [k for k in sweep.score(cache, cache.outputs)
+                   if k not in ("images", "per_image") and not k.endswith("_undefined")]
         check_budget_metric(budget, metrics)
+        if not pipeline.weights(job)["pretrained"]:
+            result["structure_check_only"] = pipeline.STRUCTURE_ONLY
+            progress.info(f"note: {pipeline.STRUCTURE_ONLY}")
         result["baseline"] = {"gflops": count_gflops_fast(job.models.baseline, job.example).total,
                               "latency_ms": (old.get("baseline") or {}).get("latency_ms")}
         if done:

@@ -140,6 +140,8 @@ def render_markdown(result: dict[str, Any], budget: Budget, plot: str | None) ->
              f"Unpatched: {base['gflops']:.4g} GFLOPs"
              + (f", {base['latency_ms']:.4g} ms" if base.get("latency_ms") else "")
              + f". State: {result['state']}.", ""]
+    if result.get("structure_check_only"):
+        lines += [f"Note: {result['structure_check_only']}.", ""]
     if best is not None:
         lines += [f"**Best plan:** {plan_text(best)}: {best['speedup']:.3f}x faster than the unpatched model "
                   f"({best['latency_ms']:.4g} ms), {budget.key} {best['fidelity'][budget.key]:.4f}, "

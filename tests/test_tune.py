@@ -168,6 +168,7 @@ def test_tune_measures_plans_and_baselines_writes_its_files_and_resumes(tmp_path
     for r in timed:
         assert r["speedup"] == pytest.approx(r["baseline_latency_ms"] / r["latency_ms"])
     assert result["comparison"] and result["state"] == "done"
+    assert "random weights" in result["structure_check_only"]  # fidelity of random weights says nothing
 
     again = hgdeploy_main(*args, "--json")  # same folder: every row is found again, nothing re-timed
     resumed = json.loads(again.stdout)
