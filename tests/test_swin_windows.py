@@ -73,3 +73,12 @@ def test_a_map_of_one_window_has_nothing_to_cluster():
     with pytest.raises(ValueError, match="at most one 4x4 window"):
         insert_window_span(base.encoder.layers[2], (4, 4), alpha=0, after=2, cluster_window=2, neighbours=3,
                            iters=3, tau=0.5, k=4)
+
+
+def test_a_plan_counted_over_the_network_maps_to_one_stage():
+    from hgdeploy.adapters.swin_windows import stage_blocks
+
+    assert stage_blocks((2, 2, 18, 2), 12, 22) == (2, 8, 18)  # the paper's SwinV2-L: alpha 12, alpha + beta 22
+    assert stage_blocks((2, 2, 18, 2), 10, 22) == (2, 6, 18)  # Mask2Former COCO panoptic: stage-3 block 6
+    with pytest.raises(ValueError, match="reconstruct at most after block 22"):
+        stage_blocks((2, 2, 18, 2), 12, 23)

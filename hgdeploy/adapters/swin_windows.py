@@ -94,3 +94,19 @@ def insert_window_span(stage: nn.Module, size: tuple[int, int], alpha: int, afte
     stage.blocks = nn.ModuleList(blocks[:alpha] + [span] + [SwinPassthrough() for _ in range(alpha + 1, after)]
                                  + blocks[after:])
     return stage
+
+
+def stage_blocks(depths: tuple[int, ...], alpha: int, after: int) -> tuple[int, int, int]:
+    """(stage, first block, end block) within the stage for a plan counted over the whole network, as the
+    paper counts it (SwinV2-L: alpha 12, alpha + beta 22 over depths 2, 2, 18, 2 -> stage 2, blocks 8..18).
+    Clustering and reconstruction must lie in one stage: patch merging between them would see clusters."""
+    start = 0
+    for stage, depth in enumerate(depths):
+        if start <= alpha < start + depth:
+            if not alpha < after <= start + depth:
+                raise ValueError(f"clustering after block {alpha} lies in stage {stage + 1} (blocks {start + 1}.."
+                                 f"{start + depth}); reconstruct at most after block {start + depth}, before its "
+                                 f"patch merging")
+            return stage, alpha - start, after - start
+        start += depth
+    raise ValueError(f"alpha {alpha} is beyond the network's {start} blocks")
