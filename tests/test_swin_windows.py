@@ -82,3 +82,28 @@ def test_a_plan_counted_over_the_network_maps_to_one_stage():
     assert stage_blocks((2, 2, 18, 2), 10, 22) == (2, 6, 18)  # Mask2Former COCO panoptic: stage-3 block 6
     with pytest.raises(ValueError, match="reconstruct at most after block 22"):
         stage_blocks((2, 2, 18, 2), 12, 23)
+
+
+def test_swinv2_windows_rebuild_the_coordinate_table_and_zero_reduction_is_the_model():
+    import copy
+
+    from hgdeploy.adapters.window_attention import swinv2_coords_table
+
+    torch.manual_seed(0)
+    cfg = transformers.Swinv2Config(image_size=64, patch_size=4, embed_dim=16, depths=[2, 2, 2], num_heads=[2, 2, 2],
+                                    window_size=4, drop_path_rate=0.0)
+    base = transformers.Swinv2Model(cfg).eval()
+    x = torch.randn(1, 3, 64, 64)
+    for k, tau in ((4, 1e-6), (2, 0.5)):
+        patched = copy.deepcopy(base)
+        insert_window_span(patched.encoder.layers[1], (8, 8), alpha=0, after=2, cluster_window=k, neighbours=3,
+                           iters=3, tau=tau, k=4)
+        with torch.no_grad():
+            want, got = base(x).last_hidden_state, patched.eval()(x).last_hidden_state
+        if k == 4:
+            assert (got - want).abs().max() / want.abs().max() < 1e-5
+        else:
+            inner = patched.encoder.layers[1].blocks[0].blocks[1].attention.self
+            assert torch.allclose(inner.relative_coords_table, swinv2_coords_table(4, 2))
+            assert inner.window_size == (2, 2) and got.shape == want.shape and torch.isfinite(got).all()
+            assert base.encoder.layers[1].blocks[1].attention.self.window_size == (4, 4)  # the original untouched

@@ -8,38 +8,56 @@ re-fitted at patch time (window, shift, a bias table resized bilinearly with its
 forward as the authors do: the export sees constants. The shift follows the new window (k // 2); the
 authors' Mask2Former copy keeps the old shift with the new mask, which we do not reproduce.
 
-Written against transformers' current Swin layout (SwinRelativePositionBias); the family that loads
-Mask2Former checkpoints builds on it.
+Written against transformers' current Swin layout (SwinRelativePositionBias) and its SwinV2 layers (continuous
+position bias: the coordinate table is rebuilt for the clustered window); the families that load Mask2Former
+and SwinV2 checkpoints build on it.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any
 
 from torch import Tensor, nn
 
-from hgdeploy.adapters.window_attention import relative_position_index, resize_bias_table
+from hgdeploy.adapters.window_attention import relative_position_index, resize_bias_table, swinv2_coords_table
 from hgdeploy.layers import TokenReconstruction, WindowTokenClustering, WindowTokenReconstruction, neighbour_table
 
 
+def _shallow(module: nn.Module) -> nn.Module:
+    """A copy whose submodules, parameters and buffers are the original's objects, in dicts of its own (so
+    replacing one in the copy leaves the original as it was)."""
+    new = copy.copy(module)
+    new._modules, new._parameters, new._buffers = dict(module._modules), dict(module._parameters), dict(module._buffers)
+    return new
+
+
 def refit_layer(layer: nn.Module, window: int, new_window: int, clustered_size: tuple[int, int]) -> nn.Module:
-    """A copy of a SwinLayer for k x k windows: its weights shared, the bias table resized, index rebuilt; no
-    shift when the clustered map is a single window, as Swin itself does for a map no larger than its window."""
-    new = copy.copy(layer)
-    new._modules = dict(layer._modules)
-    attention = copy.copy(layer.attention)
-    attention._modules = dict(layer.attention._modules)
-    bias = copy.copy(layer.attention.relative_position_bias)
-    bias._parameters = dict(bias._parameters)
-    bias._buffers = dict(bias._buffers)
-    table = layer.attention.relative_position_bias.relative_position_bias_table
-    bias.relative_position_bias_table = nn.Parameter(resize_bias_table(table.detach(), window, new_window),
-                                                     requires_grad=False)
-    bias.relative_position_index = relative_position_index(new_window).view(-1)
-    bias.window_size = (new_window, new_window)
-    bias.window_area = new_window * new_window
-    attention.relative_position_bias = bias
+    """A copy of a Swin or SwinV2 layer for k x k windows, its weights shared: Swin's bias table resized and
+    its index rebuilt, or SwinV2's coordinate table and index rebuilt (its bias MLP is shared); no shift when
+    the clustered map is a single window, as Swin itself does for a map no larger than its window."""
+    new = _shallow(layer)
+    attention = _shallow(layer.attention)
+    if hasattr(attention, "relative_position_bias"):  # Swin, transformers 5.2x
+        bias = _shallow(layer.attention.relative_position_bias)
+        table = layer.attention.relative_position_bias.relative_position_bias_table
+        bias.relative_position_bias_table = nn.Parameter(resize_bias_table(table.detach(), window, new_window),
+                                                         requires_grad=False)
+        bias.relative_position_index = relative_position_index(new_window).view(-1)
+        bias.window_size = (new_window, new_window)
+        bias.window_area = new_window * new_window
+        attention.relative_position_bias = bias
+    elif hasattr(getattr(attention, "self", None), "relative_coords_table"):  # SwinV2
+        inner = _shallow(layer.attention.self)
+        pretrained = inner.pretrained_window_size[0]
+        inner.relative_coords_table = swinv2_coords_table(window, new_window, pretrained).to(
+            layer.attention.self.relative_coords_table.dtype)
+        inner.relative_position_index = relative_position_index(new_window)
+        inner.window_size = (new_window, new_window)
+        attention.self = inner
+    else:
+        raise ValueError(f"{type(layer).__name__}: not a Swin or SwinV2 layer of a supported transformers layout")
     new.attention = attention
     new.window_size = new_window
     new.shift_size = new_window // 2 if layer.shift_size > 0 and min(clustered_size) > new_window else 0
@@ -64,6 +82,9 @@ class SwinWindowSpan(nn.Module):
                              f"whole, there are no windows to cluster")
         self.blocks = nn.ModuleList([refit_layer(b, window, cluster_window, self.clustering.clustered_size)
                                      for b in layers])
+        # Swin's layers re-clamp their window to the map unless told not to; SwinV2's fix it at build time.
+        takes = inspect.signature(layers[0].forward).parameters
+        self.call_kwargs = {"always_partition": True} if "always_partition" in takes else {}
 
     def forward(self, hidden_states: Tensor, input_dimensions: tuple[int, int], *args: Any,
                 **kwargs: Any) -> tuple[Tensor, None]:
@@ -73,7 +94,7 @@ class SwinWindowSpan(nn.Module):
         h, w = self.clustering.clustered_size
         x = clusters.reshape(B, h * w, C)
         for block in self.blocks:
-            x = block(x, (h, w), always_partition=True)[0]
+            x = block(x, (h, w), **self.call_kwargs)[0]
         rebuilt = self.reconstruction(x.view(B, h, w, C), z, s)
         return rebuilt.reshape(B, H * W, C), None
 
@@ -89,7 +110,7 @@ def insert_window_span(stage: nn.Module, size: tuple[int, int], alpha: int, afte
                        **options: Any) -> nn.Module:
     """Blocks alpha..after-1 of `stage` (0-based within the stage) run clustered; `size` is the stage's map."""
     blocks = list(stage.blocks)
-    window = blocks[0].window_size
+    window = int(blocks[0].window_size)
     span = SwinWindowSpan(blocks[alpha:after], size, window, cluster_window, **options)
     stage.blocks = nn.ModuleList(blocks[:alpha] + [span] + [SwinPassthrough() for _ in range(alpha + 1, after)]
                                  + blocks[after:])
