@@ -77,8 +77,7 @@ class _Captured(Exception):
 def calibrate(family: Family, baseline: nn.Module, request: PlanRequest, facts: ModelFacts, device: str,
               images: torch.Tensor) -> tuple[float, dict[str, Any]]:
     """tau from the model's own tokens entering the clustering layer, on `images` (layers.calibrate_tau)."""
-    probe = family.patch(structural_copy(baseline), make_plan(request.with_tau(1.0), facts, family.name,
-                                                              family.reconstruct_on, device)).eval()
+    _, probe = patch_for(family, baseline, facts, request.with_tau(1.0), device)
     layer = next(m for m in probe.modules() if isinstance(m, TokenClustering))
     tokens: list[torch.Tensor] = []
 

@@ -34,13 +34,14 @@ from hgdeploy.export import export_onnx
 from hgdeploy.flops import count_gflops_fast
 from hgdeploy.images import Photo, load_photos, to_batch
 from hgdeploy.layers import TokenClustering, calibrate_tau
+from hgdeploy.outputs import check_output_folder
 from hgdeploy.patching import patch_for
-from hgdeploy.plan import ClusterPlan, PlanRequest
+from hgdeploy.plan import ClusterPlan, PlanRequest, parse_grid
 from hgdeploy.recipe import load_recipe
 from hgdeploy.replay import PrefixCache, clustered_span, find_blocks
 from hgdeploy.space import (DEFAULT_CONFIDENCE, Budget, Space, candidates, check_budget_metric, default_space,
                             parse_budget, plan_key, pool_request, read_space)
-from hgdeploy.tune_report import matched, plan_text, save_progress, select_best, within, write_results
+from hgdeploy.tune_report import cluster_section, matched, plan_text, save_progress, select_best, within, write_results
 
 GROUP = 4  # plans timed per interleaved run with the unpatched model
 BASELINES_MATCHED = 3  # the cheapest timed plans whose pooling and downscaled baselines are timed too
@@ -56,14 +57,14 @@ def fingerprint(photos: list[Photo]) -> list[dict[str, str]]:
     return [{"name": p.name, "sha256": hashlib.sha256(p.image.tobytes()).hexdigest()[:16]} for p in photos]
 
 
-def previous(folder: Path, context: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Rows of an earlier tune.json in `folder` (to resume), refused when it tuned something else."""
+def previous(folder: Path, context: dict[str, Any]) -> dict[str, Any]:
+    """An earlier tune.json in `folder` (to resume; {} without one), refused when it tuned something else."""
     path = folder / "tune.json"
     if not path.is_file():
         return {}
     try:
         old = json.loads(path.read_text())
-        rows, ctx = old["rows"], old["context"]
+        ctx, _ = old["context"], list(old["rows"])
     except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"{path} is not a tune.json this version can resume; choose another --out or remove it") \
             from None
@@ -71,7 +72,7 @@ def previous(folder: Path, context: dict[str, Any]) -> dict[str, dict[str, Any]]
         if ctx.get(part) != context[part] or (part == "recipe" and ctx.get("values") != context["values"]):
             raise UserError(f"{folder} holds a tune run with other {what}; rerun with the same ones to resume, or "
                             f"choose another --out")
-    return {r["key"]: r for r in rows}
+    return old
 
 
 class Sweep:
@@ -192,7 +193,7 @@ class Sweep:
         seen: dict[str, PlanRequest] = {}
         for row in [r for r in self.result["rows"] if r["kind"] == "clustering"]:
             p = row["plan"]
-            request = pool_request(PlanRequest(p["alpha"], _grid(p["grid"]), p["reconstruct_after"],
+            request = pool_request(PlanRequest(p["alpha"], parse_grid(p["grid"]), p["reconstruct_after"],
                                                {"k": p["k"], "reconstruct_on": p["reconstruct_on"]}))
             seen.setdefault(plan_key("pool_bilinear", request), request)
         progress.info(f"Scoring the average-pool + bilinear baseline at {len(seen)} alpha and grid points")
@@ -279,7 +280,7 @@ class Sweep:
         """What the profile's engine runs for one row: the export, the graph passes for patched graphs, fp16."""
         folder.mkdir(parents=True, exist_ok=True)
         if row["kind"] == "downscale":
-            size = _grid(row["plan"]["input_size"])
+            size = parse_grid(row["plan"]["input_size"])
             path = export_onnx(model, torch.zeros(1, 3, *size), folder / "baseline.onnx", self.family.output_names)
             return self.fp16_baseline(path, folder)
         path = export_onnx(model, self.job.example, folder / "patched.onnx", self.family.output_names,
@@ -352,10 +353,7 @@ class Sweep:
     def holdout(self, best: dict[str, Any], photos: list[Photo]) -> dict[str, Any]:
         images = to_batch(photos, self.models.preprocess)
         cache = self.cache(images, best["plan"]["alpha"])
-        p = best["plan"]
-        request = PlanRequest(p["alpha"], _grid(p["grid"]), p["reconstruct_after"],
-                              {k: p[k] for k in ("neighbours", "iters", "tau", "k", "reconstruction", "form",
-                                                 "reconstruct_on", "reconstruct_from")})
+        request = PlanRequest.from_section(cluster_section(best))
         plan, model = patch_for(self.family, self.models.baseline, self.facts, request, self.device)
         fid = self.score(cache, cache.run(model, plan.alpha), [ph.name for ph in photos])
         mean = dataclasses.replace(self.budget, confidence=0.5)  # a check of the estimate: its plain mean
@@ -366,11 +364,6 @@ class Sweep:
 def reusable(row: dict[str, Any] | None) -> bool:
     """A row of an earlier run that can stand: scored, with the per-image values a budget's bound needs."""
     return row is not None and bool((row.get("fidelity") or {}).get("per_image"))
-
-
-def _grid(text: str) -> tuple[int, int]:
-    h, w = text.split("x")
-    return int(h), int(w)
 
 
 def tune(recipe: str | None, overrides: list[str], engine: str | None, images: str | None, budget_text: str,
@@ -384,8 +377,6 @@ def tune(recipe: str | None, overrides: list[str], engine: str | None, images: s
         raise UserError(f"--time-limit {time_limit} must be a positive number of minutes")
     rec = load_recipe(recipe, overrides)
     folder = default_folder(rec.name, out)
-    from hgdeploy.outputs import check_output_folder
-
     check_output_folder(folder)
     held = load_photos(holdout) if holdout else None
     job = pipeline.prepare(recipe, overrides, engine, images, need_profile=True, need_photos=True)
@@ -393,14 +384,14 @@ def tune(recipe: str | None, overrides: list[str], engine: str | None, images: s
     info = pipeline.describe(job)
     context = {"recipe": rec.name, "values": info["recipe"]["values"], "images": fingerprint(job.photos),
                "engine": job.profile.name}
-    done = previous(folder, context)
+    old = previous(folder, context)
+    done = {r["key"]: r for r in old.get("rows", [])}
     facts = job.models.family.facts(job.models.baseline)
     space = dataclasses.replace(default_space(facts, job.recipe.request, job.models.plan.device), **space_values)
     result: dict[str, Any] = {"tool": "hgdeploy tune", "state": "running", "context": context, "budget": str(budget),
                               "confidence": budget.confidence,
                               "space": space.to_dict(), "backend": pipeline.backend_info(job), "rows": [],
                               "pruned": [], "best": None, "resumed_rows": len(done)}
-    old = json.loads((folder / "tune.json").read_text()) if done else {}
     result["downscale_gflops"] = old.get("downscale_gflops", {})
     sweep = Sweep(job, budget, space, folder, result, done, limit_s)
     try:
