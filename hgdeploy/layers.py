@@ -321,20 +321,28 @@ class TokenReconstruction(nn.Module):
         w = torch.exp(logits)
         return w / w.norm(p=2, dim=-1, keepdim=True).clamp_min(1e-12)
 
-    def weights(self, z_alpha: Tensor, s_alpha: Tensor) -> tuple[Tensor, Tensor]:
-        """([B, N, K] weights, [B, N, K] or [N, K] cluster indices) from clustering-time tokens and centres."""
+    def weights(self, z_alpha: Tensor, s_alpha: Tensor,
+                dropped: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """([B, N, K] weights, [B, N, K] or [N, K] cluster indices) from clustering-time tokens and centres.
+
+        dropped: [B, M] penalties (0 or MASK_PENALTY) of centres no block refined, so no token is rebuilt
+        from them (window clustering's padding-only clusters)."""
         if self.candidates == "neighbourhood":
             cand = take(s_alpha, self.cand)  # [B, N, J, C]
             cross = (cand @ z_alpha.unsqueeze(-1)).squeeze(-1)  # [B, N, J]
             ss = (s_alpha * s_alpha).sum(-1).index_select(1, self.cand.reshape(-1)).view_as(cross)
             dist = (z_alpha * z_alpha).sum(-1, keepdim=True) + ss - 2.0 * cross
-            return self._normalised(-dist * self.inv_tau - self.penalty), self.cand
+            penalty = self.penalty if dropped is None else (
+                self.penalty + dropped.index_select(1, self.cand.reshape(-1)).view_as(cross))
+            return self._normalised(-dist * self.inv_tau - penalty), self.cand
         logits = -squared_distances(z_alpha, s_alpha) * self.inv_tau
+        if dropped is not None:
+            logits = logits - dropped.unsqueeze(1)
         top, index = torch.topk(logits, self.k, dim=-1)
         return self._normalised(top), index
 
-    def forward(self, s_refined: Tensor, z_alpha: Tensor, s_alpha: Tensor) -> Tensor:
-        w, index = self.weights(z_alpha, s_alpha)
+    def forward(self, s_refined: Tensor, z_alpha: Tensor, s_alpha: Tensor, dropped: Tensor | None = None) -> Tensor:
+        w, index = self.weights(z_alpha, s_alpha, dropped)
         if self.candidates == "neighbourhood":
             picked = take(s_refined, index)  # [B, N, J, C]
             return (w.unsqueeze(-2) @ picked).squeeze(-2)
@@ -348,8 +356,12 @@ class TokenReconstruction(nn.Module):
 # Windowed transformers (Swin, SAM's ViT) attend inside K x K windows. Window token clustering runs the
 # same local soft k-means inside every window, K x K tokens -> k x k clusters, so the blocks after it work
 # on k x k windows; window token reconstruction rebuilds each window's K x K tokens. Partitioning is a
-# constant reshape/permute; a feature map that is not a multiple of K is zero-padded right and bottom as
-# Swin pads, the padded tokens take part in clustering (as in the authors' code) and are cropped at the end.
+# constant reshape/permute. A feature map that is not a multiple of K is zero-padded right and bottom as
+# Swin pads; the padded tokens take part in clustering (as in the authors' code), but the clusters whose
+# cell starts in the padding are dropped before the blocks (which then pad to whole k x k windows
+# themselves, as Swin and SAM pad every layer) and no token is rebuilt from them. The authors keep those
+# clusters through every later block; dropping them is what makes zero reduction the unpatched model on
+# any map size (Swin re-pads with zeros at every layer, a kept padding cluster would evolve instead).
 
 
 def padded_size(size: tuple[int, int], window: int) -> tuple[int, int]:
@@ -373,12 +385,28 @@ def window_merge(windows: Tensor, window: int, size: tuple[int, int]) -> Tensor:
     return x.reshape(-1, H, W, C)
 
 
+def kept_size(size: tuple[int, int], window: int, cluster_window: int) -> tuple[int, int]:
+    """Rows and columns of clusters whose cell starts inside the (unpadded) map: cluster i of a side covers
+    tokens [i K / k, (i + 1) K / k), kept while i K / k < H. k = K keeps exactly (H, W)."""
+    return (-(-size[0] * cluster_window // window), -(-size[1] * cluster_window // window))
+
+
+def dropped_clusters(size: tuple[int, int], window: int, cluster_window: int) -> Tensor:
+    """[nW, k^2] booleans, the clusters of each window (row-major) that lie outside kept_size."""
+    Hp, Wp = padded_size(size, window)
+    h, w = Hp // window * cluster_window, Wp // window * cluster_window
+    kh, kw = kept_size(size, window, cluster_window)
+    rows, cols = torch.arange(h).view(-1, 1), torch.arange(w).view(1, -1)
+    outside = ((rows >= kh) | (cols >= kw)).view(1, h, w, 1)
+    return window_partition(outside, cluster_window).squeeze(-1)
+
+
 class WindowTokenClustering(nn.Module):
     """[B, H, W, C] tokens -> [B, h', w', C] clusters: every K x K window clustered to k x k on its own grid.
 
     Returns (clusters, windows' tokens [B * nW, K^2, C], clustering-time centres [B * nW, k^2, C]); the last
-    two are what WindowTokenReconstruction rebuilds from. (h', w') = (Hp / K * k, Wp / K * k) for the padded
-    size (Hp, Wp): a whole number of k x k windows, so the blocks after it never pad.
+    two are what WindowTokenReconstruction rebuilds from. (h', w') = kept_size: the clusters of the padded
+    map (Hp / K * k, Wp / K * k) less those that start in the padding; k = K returns the map itself.
     """
 
     def __init__(self, size: tuple[int, int], window: int, cluster_window: int, neighbours: int, iters: int,
@@ -393,9 +421,15 @@ class WindowTokenClustering(nn.Module):
         self.form, self.form_reason = self.inner.form, self.inner.form_reason
 
     @property
-    def clustered_size(self) -> tuple[int, int]:
+    def grid_size(self) -> tuple[int, int]:
+        """The clusters of the padded map, whole k x k windows."""
         k, K = self.cluster_window, self.window
         return (self.padded[0] // K * k, self.padded[1] // K * k)
+
+    @property
+    def clustered_size(self) -> tuple[int, int]:
+        """The map the blocks after clustering see (kept_size)."""
+        return kept_size(self.size, self.window, self.cluster_window)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         (H, W), (Hp, Wp) = self.size, self.padded
@@ -403,21 +437,33 @@ class WindowTokenClustering(nn.Module):
             x = nn.functional.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
         z = window_partition(x, self.window)
         s = self.inner(z)
-        return window_merge(s, self.cluster_window, self.clustered_size), z, s
+        clusters = window_merge(s, self.cluster_window, self.grid_size)
+        (h, w), (gh, gw) = self.clustered_size, self.grid_size
+        return (clusters if (h, w) == (gh, gw) else clusters[:, :h, :w]), z, s
 
 
 class WindowTokenReconstruction(nn.Module):
     """[B, h', w', C] refined clusters -> [B, H, W, C] tokens, each window rebuilt from its own clusters with
-    the plain TokenReconstruction (its candidates: nearest centres or the window's neighbourhood)."""
+    the plain TokenReconstruction (its candidates: nearest centres or the window's neighbourhood); dropped
+    clusters (padding only) are never candidates."""
 
     def __init__(self, clustering: WindowTokenClustering, reconstruction: TokenReconstruction):
         super().__init__()
         self.size, self.padded = clustering.size, clustering.padded
         self.window, self.cluster_window = clustering.window, clustering.cluster_window
+        self.kept, self.grid_size = clustering.clustered_size, clustering.grid_size
         self.inner = reconstruction
+        dropped = dropped_clusters(self.size, self.window, self.cluster_window)
+        self.has_dropped = bool(dropped.any())
+        self.register_buffer("dropped", dropped.float() * MASK_PENALTY, persistent=False)
 
     def forward(self, refined: Tensor, z: Tensor, s: Tensor) -> Tensor:
-        windows = self.inner(window_partition(refined, self.cluster_window), z, s)
+        (h, w), (gh, gw) = self.kept, self.grid_size
+        dropped = None
+        if self.has_dropped:
+            refined = nn.functional.pad(refined, (0, 0, 0, gw - w, 0, gh - h))
+            dropped = self.dropped.repeat(refined.shape[0], 1)
+        windows = self.inner(window_partition(refined, self.cluster_window), z, s, dropped)
         x = window_merge(windows, self.window, self.padded)
         H, W = self.size
         return x if tuple(self.padded) == (H, W) else x[:, :H, :W]

@@ -3,6 +3,8 @@ re-fitted blocks share the weights and carry the resized bias table, a real redu
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -16,10 +18,10 @@ from hgdeploy.adapters.swin_windows import SwinWindowSpan, insert_window_span  #
 from hgdeploy.adapters.window_attention import resize_bias_table  # noqa: E402
 
 
-def _tiny_swin():
+def _tiny_swin(image_size: int = 64):
     """Patch 4 on 64x64: stage maps 16, 8, 4; window 4; stage 1 (8x8, four 4x4 windows) is clustered."""
     torch.manual_seed(0)
-    cfg = transformers.SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[2, 2, 2], num_heads=[2, 2, 2],
+    cfg = transformers.SwinConfig(image_size=image_size, patch_size=4, embed_dim=16, depths=[2, 2, 2], num_heads=[2, 2, 2],
                                   window_size=4, drop_path_rate=0.0)
     model = transformers.SwinModel(cfg).eval()
     for p in model.parameters():  # trained-looking bias tables: random, not zeros
@@ -45,6 +47,19 @@ def test_zero_reduction_reproduces_the_unpatched_swin():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         want, got = base(x).last_hidden_state, patched(x).last_hidden_state
+    assert (got - want).abs().max() / want.abs().max() < 1e-5
+
+
+def test_zero_reduction_reproduces_swin_on_a_map_of_partial_windows():
+    """Mask2Former Swin-L at 640 x 640: stage 3 is 40 x 40 in windows of 12 (padded to 48). Here stage 1 is
+    9 x 9 in windows of 4 (padded to 12): Swin pads every layer; the clustered span drops the padding's clusters."""
+    base = _tiny_swin(72)
+    patched = copy.deepcopy(base)
+    insert_window_span(patched.encoder.layers[1], (9, 9), alpha=0, after=2, cluster_window=4, neighbours=3, iters=3,
+                       tau=1e-6, k=4)
+    x = torch.randn(1, 3, 72, 72)
+    with torch.no_grad():
+        want, got = base(x).last_hidden_state, patched.eval()(x).last_hidden_state
     assert (got - want).abs().max() / want.abs().max() < 1e-5
 
 

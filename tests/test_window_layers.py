@@ -9,7 +9,8 @@ import torch
 
 from hgdeploy.contract import static_shape_problems
 from hgdeploy.layers import (TokenClustering, TokenReconstruction, WindowTokenClustering, WindowTokenReconstruction,
-                             padded_size, window_merge, window_partition)
+                             dropped_clusters, kept_size, padded_size, window_merge,
+                             window_partition)
 
 
 def _map(B=2, H=13, W=11, C=8, seed=0):
@@ -31,7 +32,9 @@ def test_each_window_is_clustered_on_its_own_as_the_plain_layer_would(form):
     x = _map()
     layer = WindowTokenClustering((13, 11), 6, 4, 3, 3, 0.5, form)
     clusters, z, s = layer(x)
-    assert clusters.shape == (2, 12, 8, 8) and layer.clustered_size == (12, 8)
+    # 13 x 11 pads to 18 x 12: 3 x 2 windows of 4 x 4 clusters; the clusters starting in the padding (rows 9..11,
+    # cell 9 starts at token 9 * 6 / 4 = 13.5 > 13) are dropped, columns 0..7 all start inside.
+    assert layer.grid_size == (12, 8) and layer.clustered_size == (9, 8) and clusters.shape == (2, 9, 8, 8)
     padded = torch.nn.functional.pad(x, (0, 0, 0, 1, 0, 5))  # Swin pads right and bottom with zeros
     plain = TokenClustering((6, 6), (4, 4), 3, 3, 0.5, form)
     one = plain(padded[1:2, 6:12, 0:6].reshape(1, 36, 8))  # image 1, window row 1, column 0, by hand
@@ -40,6 +43,36 @@ def test_each_window_is_clustered_on_its_own_as_the_plain_layer_would(form):
     moved[0, :6, :6] += 3.0  # change one window: no other window's clusters may move
     changed = (layer(moved)[0] - clusters).abs().amax(-1) > 1e-6
     assert changed[0, :4, :4].all() and changed.sum() == 16
+
+
+def test_kept_clusters_are_those_whose_cell_starts_inside_the_map():
+    assert kept_size((13, 11), 6, 4) == (9, 8)
+    assert kept_size((40, 40), 12, 8) == (27, 27)  # Mask2Former Swin-L at 640: stage 3 is 40 x 40, window 12
+    assert kept_size((40, 40), 12, 12) == (40, 40)  # zero reduction keeps the map itself
+    dropped = dropped_clusters((13, 11), 6, 4)
+    assert dropped.shape == (6, 16)
+    # windows of the last row (4, 5) keep cluster row 8 (local row 0) and drop rows 9..11; the others drop none
+    last = dropped[4:].view(2, 4, 4)
+    assert not dropped[:4].any() and not last[:, 0].any() and last[:, 1:].all()
+
+
+@pytest.mark.parametrize("candidates", ["nearest", "neighbourhood"])
+def test_no_token_is_rebuilt_from_a_dropped_cluster(candidates):
+    from hgdeploy.layers import neighbour_table
+
+    layer = WindowTokenClustering((13, 11), 6, 4, 3, 3, 0.5, "local")
+    cells = neighbour_table((6, 6), (4, 4), 3) if candidates == "neighbourhood" else None
+    rebuild = WindowTokenReconstruction(layer, TokenReconstruction(16, 0.5, "softmax", cells))  # k: all clusters
+    clusters, z, s = layer(_map())
+    w, index = rebuild.inner.weights(z, s, rebuild.dropped.repeat(2, 1))
+    index = index.expand_as(w) if index.dim() == 2 else index
+    on_dropped = (rebuild.dropped.repeat(2, 1).gather(1, index.flatten(1)).view_as(w) > 0)
+    inside = torch.zeros(1, 18, 12, 1, dtype=torch.bool)
+    inside[:, :13, :11] = True
+    real = window_partition(inside, 6).squeeze(-1).repeat(2, 1)  # [B * nW, 36]: the tokens that are cropped out
+    assert (w * on_dropped)[real].sum() < 1e-6 and on_dropped[real].any()  # candidates there, but no weight
+    base = rebuild(clusters, z, s)
+    assert base.abs().max() < 1e3 and torch.isfinite(base).all()
 
 
 @pytest.mark.parametrize("candidates", ["nearest", "neighbourhood"])

@@ -1,7 +1,7 @@
 """Window token clustering in transformers' SAM vision encoder (ViT-H: 14 x 14 windows and four global layers).
 
 As the authors' Expedit-SAM: from layer `alpha` on, the 64 x 64 map is clustered per 14 x 14 window to
-k x k (zero padding to whole windows kept, as they keep it), the windowed layers run on k x k windows and the
+k x k (zero padding to whole windows; the clusters of the padding are dropped, see layers.py), the windowed layers run on k x k windows and the
 global layers attend over the whole clustered map; each window's tokens are rebuilt after the last layer, before
 the neck. SAM resizes its decomposed relative positions linearly at every forward; here each re-fitted layer
 gets them resized once, at patch time (2k - 1 rows for a windowed layer, 2 h' - 1 for a global one), so the
