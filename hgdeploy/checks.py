@@ -124,13 +124,19 @@ def depth_metrics(p: np.ndarray, b: np.ndarray) -> dict[str, float]:
     return {"cosine": cosine(p, b), "depth_rel_error": float(np.mean(np.abs(_f64(p) - b)) / scale)}
 
 
+def features_metrics(p: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Per-position cosine of the channel vectors of [B, C, H, W] maps."""
+    vectors_p, vectors_b = (x.reshape(x.shape[0], x.shape[1], -1).transpose(0, 2, 1) for x in (p, b))
+    return {"cosine": token_cosine(vectors_p, vectors_b)}
+
+
 def classification_metrics(p: np.ndarray, b: np.ndarray) -> dict[str, float]:
     return {"cosine": token_cosine(p, b), "top1_agreement": float(np.mean(p.argmax(-1) == b.argmax(-1)))}
 
 
 # kind -> per-image metrics of (patched, baseline); every metric is "higher is better" except *_mae, *_error.
 METRICS = {"tokens": tokens_metrics, "heatmap": heatmap_metrics, "segmentation": segmentation_metrics,
-           "depth": depth_metrics, "classification": classification_metrics}
+           "depth": depth_metrics, "classification": classification_metrics, "features": features_metrics}
 LOWER_IS_BETTER = ("_mae", "_error")
 
 

@@ -32,12 +32,12 @@ def resize_output(a: np.ndarray, kind: str, like: np.ndarray, grid: tuple[int, i
                   full_grid: tuple[int, int]) -> np.ndarray:
     """An output of the downscaled model in the shape of the full-size one's.
 
-    Maps ([B, K, h, w] segmentation or heatmap, [B, h, w] depth) are resized bilinearly; tokens [B, P + n, C]
+    Maps ([B, K, h, w] segmentation, heatmap or features, [B, h, w] depth) are resized bilinearly; tokens [B, P + n, C]
     are resized as a grid (`grid` -> `full_grid`), their P prefix tokens kept; class logits are unchanged.
     """
     if kind == "classification" or a.shape == like.shape:
         return a
-    if kind in ("heatmap", "segmentation"):
+    if kind in ("heatmap", "segmentation", "features"):
         return _bilinear(a, like.shape[-2:])
     if kind == "depth":
         return _bilinear(a[:, None], like.shape[-2:])[:, 0]

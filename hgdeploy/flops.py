@@ -28,8 +28,9 @@ if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
     _CUSTOM[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa
 
 
-def count_gflops(model: nn.Module, example: Tensor) -> FlopCount:
-    """Count one forward of `model` on `example` (batch 1 expected)."""
+def count_gflops(model: nn.Module, example: Tensor, parts: tuple[tuple[str, str], ...] = ()) -> FlopCount:
+    """Count one forward of `model` on `example` (batch 1 expected); parts: (label, submodule path) pairs counted
+    on their own too (a backbone, as papers often count it)."""
     root = type(model).__name__
     layer_names = [
         f"{root}.{name}" for name, mod in model.named_modules()
@@ -40,7 +41,8 @@ def count_gflops(model: nn.Module, example: Tensor) -> FlopCount:
         model(example)
     per_module = counter.get_flop_counts()
     clustering = sum(sum(per_module.get(name, {}).values()) for name in layer_names)
-    return FlopCount(total=counter.get_total_flops() / 2e9, clustering=clustering / 2e9)
+    counted = tuple((label, sum(per_module.get(f"{root}.{path}", {}).values()) / 2e9) for label, path in parts)
+    return FlopCount(total=counter.get_total_flops() / 2e9, clustering=clustering / 2e9, parts=counted)
 
 
 def meta_copy(model: nn.Module) -> nn.Module:
@@ -55,7 +57,7 @@ def meta_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def count_gflops_fast(model: nn.Module, example: Tensor) -> FlopCount:
+def count_gflops_fast(model: nn.Module, example: Tensor, parts: tuple[tuple[str, str], ...] = ()) -> FlopCount:
     """count_gflops on a weightless copy on the meta device: the count needs shapes, not values.
 
     Large models at full resolution count in seconds instead of minutes; models with an op that
@@ -63,6 +65,6 @@ def count_gflops_fast(model: nn.Module, example: Tensor) -> FlopCount:
     """
     try:
         meta = meta_copy(model)
-        return count_gflops(meta, torch.zeros(example.shape, dtype=example.dtype, device="meta"))
+        return count_gflops(meta, torch.zeros(example.shape, dtype=example.dtype, device="meta"), parts)
     except (NotImplementedError, RuntimeError):
-        return count_gflops(model, example)
+        return count_gflops(model, example, parts)

@@ -20,9 +20,10 @@ class FlopCount:
 
     total: float
     clustering: float  # token clustering + reconstruction layers, included in total
+    parts: tuple[tuple[str, float], ...] = ()  # (label, GFLOPs) of named submodules (a family's `parts`)
 
     def to_dict(self) -> dict[str, float]:
-        return {"total": self.total, "clustering": self.clustering}
+        return {"total": self.total, "clustering": self.clustering} | {f"part_{k}": v for k, v in self.parts}
 
 
 def _dims(shapes: dict[str, list[int]], name: str) -> list[int]:

@@ -153,10 +153,14 @@ def export_deployable(job: Job, folder: Path) -> dict[str, Path]:
 
 def flops(job: Job) -> dict[str, Any]:
     with progress.step("Counting FLOPs of baseline and patched models"):
-        base = count_gflops_fast(job.models.baseline, job.example)
-        patched = count_gflops_fast(job.models.patched, job.example)
-    return {"gflops": {"baseline": base.total, "patched": patched.total, "clustering": patched.clustering,
-                       "ratio": patched.total / base.total}}
+        parts = job.models.family.parts
+        base = count_gflops_fast(job.models.baseline, job.example, parts)
+        patched = count_gflops_fast(job.models.patched, job.example, parts)
+    counted = {"baseline": base.total, "patched": patched.total, "clustering": patched.clustering,
+               "ratio": patched.total / base.total}
+    for (label, b), (_, p) in zip(base.parts, patched.parts):
+        counted |= {f"{label}_baseline": b, f"{label}_patched": p, f"{label}_ratio": p / b if b else None}
+    return {"gflops": counted}
 
 
 def torch_runners(job: Job, on_profile: bool = False) -> dict[str, Any]:

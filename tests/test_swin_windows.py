@@ -16,6 +16,7 @@ if not hasattr(modeling_swin, "SwinRelativePositionBias"):
 
 from hgdeploy.adapters.swin_windows import SwinWindowSpan, insert_window_span  # noqa: E402
 from hgdeploy.adapters.window_attention import resize_bias_table  # noqa: E402
+from hgdeploy.errors import UserError  # noqa: E402
 
 
 def _tiny_swin(image_size: int = 64):
@@ -95,7 +96,7 @@ def test_a_plan_counted_over_the_network_maps_to_one_stage():
 
     assert stage_blocks((2, 2, 18, 2), 12, 22) == (2, 8, 18)  # the paper's SwinV2-L: alpha 12, alpha + beta 22
     assert stage_blocks((2, 2, 18, 2), 10, 22) == (2, 6, 18)  # Mask2Former COCO panoptic: stage-3 block 6
-    with pytest.raises(ValueError, match="reconstruct at most after block 22"):
+    with pytest.raises(UserError, match="reconstruct at most after block 22"):
         stage_blocks((2, 2, 18, 2), 12, 23)
 
 

@@ -6,7 +6,7 @@ record here; the tests are parametrised from this list.
 
 from __future__ import annotations
 
-from hgdeploy.adapters import focus, hf_depth, segmenter, timm_vit, torchvision_vit
+from hgdeploy.adapters import focus, hf_depth, mask2former, sam, segmenter, swinv2, timm_vit, torchvision_vit
 from hgdeploy.adapters.registry import Family, Registry
 
 BUILTIN = Registry([
@@ -16,6 +16,9 @@ BUILTIN = Registry([
     hf_depth.DEPTH_ANYTHING,
     timm_vit.FAMILY,
     torchvision_vit.FAMILY,
+    mask2former.FAMILY,
+    swinv2.FAMILY,
+    sam.FAMILY,
 ])
 
 

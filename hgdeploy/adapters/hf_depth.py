@@ -7,19 +7,18 @@ The models run through our own loop (`hgdeploy.models.hf_depth`, which says why)
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import json
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
+from hgdeploy.adapters import hf_folder
 from hgdeploy.adapters.registry import Family
 from hgdeploy.adapters.span import insert_span
 from hgdeploy.errors import UserError
-from hgdeploy.models.checkpoints import existing, load_state_strict, read_safetensors, read_weights, state_dict_from
+from hgdeploy.models.checkpoints import load_state_strict
 from hgdeploy.models.dinov2 import rename_dinov2_keys
 from hgdeploy.models.hf_depth import WRAPPERS, DepthAnythingDepth, HFDepth
 from hgdeploy.plan import ClusterPlan, ModelFacts
@@ -29,8 +28,6 @@ from hgdeploy.preprocess import Preprocess, check_patch_multiple
 # image_mean = image_std = [0.5, 0.5, 0.5] and resample 2 (PIL bilinear);
 # LiheYoung/depth-anything-small-hf has ImageNet mean/std and resample 3 (PIL bicubic).
 PREPROCESS = {"dpt": ("bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), "depth_anything": ("bicubic", None, None)}
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-SHARD_INDEX = "model.safetensors.index.json"
 
 # model.arch -> the published config.json values (DPTConfig / DepthAnythingConfig keyword arguments).
 ARCHS: dict[str, dict[str, dict[str, Any]]] = {
@@ -137,32 +134,10 @@ def fingerprint(family: str, config: Any) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: the folders save_pretrained writes.
 
-def checkpoint_folder(path: str | Path) -> Path:
-    folder = existing(path)
-    if not folder.is_dir() or not (folder / "config.json").is_file():
-        raise UserError(f"checkpoint {folder} is not a Hugging Face model folder: pass the folder save_pretrained "
-                        f"wrote (config.json + model.safetensors)")
-    return folder
-
-
 def read_config(family: str, folder: Path) -> Any:
     """The model's config from folder/config.json only (never the hub); its model_type must be the family's."""
-    path = folder / "config.json"
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path} is not readable JSON ({str(exc)[:160]})") from exc
-    if not isinstance(data, dict):
-        raise UserError(f"{path} is not a model configuration (expected a JSON object)")
-    model_type = WRAPPERS[family].model_type
-    if data.get("model_type") != model_type:
-        raise UserError(f"{path} has model_type {data.get('model_type')!r}, family {family} needs {model_type!r}; "
-                        f"use the family that matches the checkpoint")
-    try:
-        config = config_class(family).from_dict(data)
-    except (ValueError, TypeError, KeyError) as exc:
-        raise UserError(f"{path} is not a valid {model_type} configuration ({str(exc).splitlines()[0][:160]})") from exc
-    check_supported(family, config, path)
+    config = hf_folder.read_config(folder, WRAPPERS[family].model_type, config_class(family), family)
+    check_supported(family, config, folder / "config.json")
     return config
 
 
@@ -185,44 +160,11 @@ def check_supported(family: str, config: Any, where: Path) -> None:
                         f"need transformers' fused-MLP conversion; use the small, base or large model")
 
 
-def read_folder_weights(folder: Path) -> tuple[dict[str, Tensor], str]:
-    """The state dict in a save_pretrained folder: model.safetensors, its shards, or pytorch_model.bin."""
-    index = folder / SHARD_INDEX
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise UserError(f"{index} is not a readable shard index ({str(exc)[:160]})") from exc
-        state: dict[str, Tensor] = {}
-        for shard in shards:
-            state.update(read_safetensors(folder / shard))
-        return state, str(index)
-    for name in WEIGHT_FILES:
-        path = folder / name
-        if path.is_file():
-            return state_dict_from(read_weights(path), str(path)), str(path)
-    raise UserError(f"{folder} has a config.json but no weights ({' or '.join(WEIGHT_FILES)})")
-
-
 def load_weights(model: HFDepth, folder: Path) -> None:
-    state, source = read_folder_weights(folder)
+    state, source = hf_folder.read_folder_weights(folder)
     if isinstance(model, DepthAnythingDepth):  # its DINOv2 backbone is saved under the old attention names
         state = rename_dinov2_keys(state, set(model.hf.state_dict()))
     load_state_strict(model.hf, state, source)
-
-
-@contextlib.contextmanager
-def _quiet_saving() -> Iterator[None]:
-    """save_pretrained draws a progress bar per call; not in our output."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,7 +186,7 @@ def load_depth(family: str, checkpoint: str | None, input_size: tuple[int, int],
         config = arch_config(family, arch)
         torch.manual_seed(0)
         return build(family, config, input_size)
-    folder = checkpoint_folder(checkpoint)
+    folder = hf_folder.checkpoint_folder(checkpoint)
     config = read_config(family, folder)
     if arch is not None and fingerprint(family, arch_config(family, arch)) != fingerprint(family, config):
         raise UserError(f"{folder}/config.json ({fingerprint(family, config)}) is not model.arch={arch!r} "
@@ -270,10 +212,7 @@ def depth_facts(model: nn.Module) -> ModelFacts:
 
 def write_checkpoint(model: nn.Module, folder: Path) -> Path:
     """save_pretrained(folder): config.json + model.safetensors, the layout users download."""
-    folder = Path(folder)
-    with _quiet_saving():
-        model.hf.save_pretrained(str(folder))
-    return folder
+    return hf_folder.save(model.hf, folder)
 
 
 def tiny(family: str) -> tuple[HFDepth, tuple[int, int]]:

@@ -18,8 +18,9 @@ from hgdeploy.plan import ClusterPlan, ModelFacts
 
 # What an output is, so checks know how to compare it: "tokens" [B, N, C]; "heatmap" [B, 1, H, W]
 # probabilities in [0, 1]; "segmentation" [B, K, H, W] class logits; "depth" [B, H, W];
-# "classification" [B, K] class logits.
-OUTPUT_KINDS = ("tokens", "heatmap", "segmentation", "depth", "classification")
+# "classification" [B, ..., K] class logits (per image, or per query); "features" [B, C, H, W] maps a later
+# model reads (backbone stages, SAM's image embeddings, Mask2Former's per-query mask logits).
+OUTPUT_KINDS = ("tokens", "heatmap", "segmentation", "depth", "classification", "features")
 INFERENCE_MODES = ("resize", "slide")
 DEPTH_OUTPUTS = ("metric", "disparity")
 
@@ -39,7 +40,8 @@ class Family:
     output resized back bilinearly) or "slide" (short side resized to the window, windows of the input
     size, logits averaged where they overlap: Segmenter's own test-time inference). depth_output: what a
     depth output is, "metric" (metres) or "disparity" (relative inverse depth); a recipe's [eval] may say
-    otherwise for its weights.
+    otherwise for its weights. parts: (label, submodule path) pairs `hgdeploy flops` also counts on their own
+    (Mask2Former's backbone: the authors publish its FLOPs alone).
     """
 
     name: str
@@ -54,6 +56,7 @@ class Family:
     reconstruct_on: tuple[str, ...] = ("features",)
     inference: str = "resize"
     depth_output: str = "metric"
+    parts: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         for _, kind in self.outputs:

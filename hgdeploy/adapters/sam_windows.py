@@ -14,9 +14,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from hgdeploy.adapters.swin_windows import _shallow
+from hgdeploy.adapters.swin_windows import _shallow, window_layers
 from hgdeploy.adapters.window_attention import resize_rel_pos
-from hgdeploy.layers import TokenReconstruction, WindowTokenClustering, WindowTokenReconstruction, neighbour_table
 
 
 def refit_sam_layer(layer: nn.Module, cluster_window: int, clustered_size: tuple[int, int]) -> nn.Module:
@@ -40,12 +39,10 @@ class SamWindowSpan(nn.Module):
 
     def __init__(self, layers: list[nn.Module], size: tuple[int, int], window: int, cluster_window: int,
                  neighbours: int, iters: int, tau: float, k: int, reconstruct_from: str = "nearest",
-                 form: str = "auto", device: str = "cpu"):
+                 form: str = "auto", device: str = "cpu", reconstruction: str = "softmax"):
         super().__init__()
-        self.clustering = WindowTokenClustering(size, window, cluster_window, neighbours, iters, tau, form, device)
-        cells = (neighbour_table((window, window), (cluster_window, cluster_window), neighbours)
-                 if reconstruct_from == "neighbourhood" else None)
-        self.reconstruction = WindowTokenReconstruction(self.clustering, TokenReconstruction(k, tau, "softmax", cells))
+        self.clustering, self.reconstruction = window_layers(size, window, cluster_window, neighbours, iters, tau, k,
+                                                             reconstruct_from, form, device, reconstruction)
         self.blocks = nn.ModuleList([refit_sam_layer(b, cluster_window, self.clustering.clustered_size)
                                      for b in layers])
 
@@ -61,11 +58,14 @@ class SamPassthrough(nn.Module):
         return hidden_states
 
 
-def insert_sam_span(encoder: nn.Module, size: tuple[int, int], alpha: int, cluster_window: int,
+def insert_sam_span(encoder: nn.Module, size: tuple[int, int], alpha: int, cluster_window: int, after: int | None = None,
                     **options: Any) -> nn.Module:
-    """Layers alpha.. of the SAM vision encoder run clustered (rebuilt before the neck, as the authors do)."""
+    """Layers alpha..after-1 of the SAM vision encoder run clustered (after: default the last layer, before the neck,
+    where the authors rebuild)."""
     layers = list(encoder.layers)
+    after = len(layers) if after is None else after
     window = next(int(layer.window_size) for layer in layers if layer.window_size > 0)
-    span = SamWindowSpan(layers[alpha:], size, window, cluster_window, **options)
-    encoder.layers = nn.ModuleList(layers[:alpha] + [span] + [SamPassthrough() for _ in layers[alpha + 1:]])
+    span = SamWindowSpan(layers[alpha:after], size, window, cluster_window, **options)
+    encoder.layers = nn.ModuleList(layers[:alpha] + [span] + [SamPassthrough() for _ in range(alpha + 1, after)]
+                                   + layers[after:])
     return encoder

@@ -22,7 +22,9 @@ from typing import Any
 from torch import Tensor, nn
 
 from hgdeploy.adapters.window_attention import relative_position_index, resize_bias_table, swinv2_coords_table
+from hgdeploy.errors import UserError
 from hgdeploy.layers import TokenReconstruction, WindowTokenClustering, WindowTokenReconstruction, neighbour_table
+from hgdeploy.plan import ClusterPlan
 
 
 def _shallow(module: nn.Module) -> nn.Module:
@@ -64,19 +66,40 @@ def refit_layer(layer: nn.Module, window: int, new_window: int, clustered_size: 
     return new
 
 
+def window_layers(size: tuple[int, int], window: int, cluster_window: int, neighbours: int, iters: int, tau: float,
+                  k: int, reconstruct_from: str, form: str, device: str,
+                  reconstruction: str) -> tuple[WindowTokenClustering, WindowTokenReconstruction]:
+    """The clustering and reconstruction pair of a window span (Swin's or SAM's)."""
+    clustering = WindowTokenClustering(size, window, cluster_window, neighbours, iters, tau, form, device)
+    cells = (neighbour_table((window, window), (cluster_window, cluster_window), neighbours)
+             if reconstruct_from == "neighbourhood" else None)
+    return clustering, WindowTokenReconstruction(clustering, TokenReconstruction(k, tau, reconstruction, cells))
+
+
+def window_options(plan: ClusterPlan, family: str) -> dict[str, Any]:
+    """A plan's values as a window span takes them; refuses what windows do not support. plan.token_grid is
+    the model's window (K, K) and plan.grid the clustered window (k, k)."""
+    if plan.grid[0] != plan.grid[1]:
+        raise UserError(f"{family}: cluster.grid {plan.grid[0]}x{plan.grid[1]} must be square, the clustered window "
+                        f"(e.g. {plan.grid[0]}x{plan.grid[0]})")
+    if plan.method != "cluster":
+        raise UserError(f"{family}: cluster.method={plan.method!r} is for plain ViTs; windows cluster only")
+    return {"neighbours": plan.neighbours, "iters": plan.iters, "tau": plan.tau, "k": plan.k,
+            "reconstruct_from": plan.reconstruct_from, "form": plan.form, "device": plan.device,
+            "reconstruction": plan.reconstruction}
+
+
 class SwinWindowSpan(nn.Module):
     """cluster per window -> the stage's blocks on k x k windows -> rebuild each window; stands in the stage's
     block list and answers like a SwinLayer: (hidden_states [B, H * W, C], attention weights None)."""
 
     def __init__(self, layers: list[nn.Module], size: tuple[int, int], window: int, cluster_window: int,
                  neighbours: int, iters: int, tau: float, k: int, reconstruct_from: str = "nearest",
-                 form: str = "auto", device: str = "cpu"):
+                 form: str = "auto", device: str = "cpu", reconstruction: str = "softmax"):
         super().__init__()
         self.size = tuple(size)
-        self.clustering = WindowTokenClustering(size, window, cluster_window, neighbours, iters, tau, form, device)
-        cells = (neighbour_table((window, window), (cluster_window, cluster_window), neighbours)
-                 if reconstruct_from == "neighbourhood" else None)
-        self.reconstruction = WindowTokenReconstruction(self.clustering, TokenReconstruction(k, tau, "softmax", cells))
+        self.clustering, self.reconstruction = window_layers(size, window, cluster_window, neighbours, iters, tau, k,
+                                                             reconstruct_from, form, device, reconstruction)
         if min(size) <= window:
             raise ValueError(f"a {size[0]}x{size[1]} map is at most one {window}x{window} window: Swin attends to it "
                              f"whole, there are no windows to cluster")
@@ -118,16 +141,37 @@ def insert_window_span(stage: nn.Module, size: tuple[int, int], alpha: int, afte
 
 
 def stage_blocks(depths: tuple[int, ...], alpha: int, after: int) -> tuple[int, int, int]:
-    """(stage, first block, end block) within the stage for a plan counted over the whole network, as the
+    """(stage, first block, end block) within the stage (0-based) for a plan counted over the whole network, as the
     paper counts it (SwinV2-L: alpha 12, alpha + beta 22 over depths 2, 2, 18, 2 -> stage 2, blocks 8..18).
     Clustering and reconstruction must lie in one stage: patch merging between them would see clusters."""
     start = 0
     for stage, depth in enumerate(depths):
         if start <= alpha < start + depth:
             if not alpha < after <= start + depth:
-                raise ValueError(f"clustering after block {alpha} lies in stage {stage + 1} (blocks {start + 1}.."
+                raise UserError(f"clustering after block {alpha} lies in stage {stage + 1} (blocks {start + 1}.."
                                  f"{start + depth}); reconstruct at most after block {start + depth}, before its "
                                  f"patch merging")
             return stage, alpha - start, after - start
         start += depth
-    raise ValueError(f"alpha {alpha} is beyond the network's {start} blocks")
+    raise UserError(f"cluster.alpha={alpha} is beyond the network's {start} blocks")
+
+
+def stage_size(input_size: tuple[int, int], patch: int, stage: int) -> tuple[int, int]:
+    """The token map of a stage: Swin pads the image to whole patches and every merging to even sides."""
+    h, w = -(-input_size[0] // patch), -(-input_size[1] // patch)
+    for _ in range(stage):
+        h, w = -(-h // 2), -(-w // 2)
+    return (h, w)
+
+
+def patch_stages(stages: Any, depths: tuple[int, ...], patch: int, input_size: tuple[int, int], plan: ClusterPlan,
+                 family: str) -> None:
+    """Insert the window span a plan asks for into the stage it falls in (a Swin or SwinV2 encoder's stages)."""
+    options = window_options(plan, family)
+    stage, first, end = stage_blocks(depths, plan.alpha, plan.reconstruct_after)
+    size = stage_size(input_size, patch, stage)
+    window = int(stages[stage].blocks[0].window_size)
+    if min(size) <= window:
+        raise UserError(f"{family}: stage {stage + 1} is a {size[0]}x{size[1]} map, at most one {window}x{window} "
+                        f"window: nothing to cluster; use a larger model.input_size or cluster in an earlier stage")
+    insert_window_span(stages[stage], size, first, end, plan.grid[0], **options)
