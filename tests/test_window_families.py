@@ -1,0 +1,115 @@
+"""The windowed families (mask2former, swinv2, sam) beyond the generic family tests: zero reduction reproduces
+each model to 1e-5 relative on maps of partial windows (the tiny models pad every clustered stage), the tiny
+exports keep ONNX Runtime parity and lint clean (the recipes' CI exports check only the patched graph: their
+unpatched graphs are transformers' own, checked here), the Mask2Former recipe counts the published backbone
+FLOPs, and impossible plans are one-line errors."""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from hgdeploy.adapters.catalogue import get_family
+from hgdeploy.checks import cosine
+from hgdeploy.config import REPO_ROOT
+from hgdeploy.contract import INPUT_NAME
+from hgdeploy.errors import UserError
+from hgdeploy.export import export_onnx
+from hgdeploy.flops import count_gflops_fast
+from hgdeploy.lint import format_finding, lint_path
+from hgdeploy.patching import build_models
+from hgdeploy.plan import ClusterPlan, default_reconstruct_after
+from hgdeploy.recipe import load_recipe
+
+WINDOWED = ("mask2former", "swinv2", "sam")
+PUBLISHED = REPO_ROOT / "scripts" / "published_gflops.toml"
+
+
+def _plan(family, model, alpha: int, cluster_window: int | None = None, **options) -> ClusterPlan:
+    facts = family.facts(model)
+    K = facts.token_grid[0]
+    k = K if cluster_window is None else cluster_window
+    return ClusterPlan(token_grid=facts.token_grid, grid=(k, k), alpha=alpha, depth=facts.depth,
+                       reconstruct_after=default_reconstruct_after(facts.reads, alpha, facts.depth), **options)
+
+
+def _run(model, x):
+    with torch.no_grad():
+        return list(model(x))
+
+
+@pytest.mark.parametrize("alpha", [1, 3])
+@pytest.mark.parametrize("name", WINDOWED)
+def test_zero_reduction_reproduces_the_model_to_1e_5(name: str, alpha: int):
+    """alpha 1 clusters stage 1 (Swin: 16 x 16 in windows of 5, padded to 20), alpha 3 stage 2 (8 x 8, padded to
+    10); SAM: layers 1.. or 3.. of a 16 x 16 map in windows of 6 (padded to 18), across its global layer."""
+    family = get_family(name)
+    model, size = family.tiny()
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, *size)
+    patched = family.patch(copy.deepcopy(model), _plan(family, model, alpha, tau=1e-4, k=1)).eval()
+    for got, want in zip(_run(patched, x), _run(model, x), strict=True):
+        assert got.shape == want.shape
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("name", WINDOWED)
+def test_tiny_exports_keep_onnxruntime_parity_and_lint_clean(name: str, tmp_path):
+    family = get_family(name)
+    model, size = family.tiny()
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, *size)
+    K = family.facts(model).token_grid[0]
+    patched = family.patch(copy.deepcopy(model), _plan(family, model, 1, K - 2, tau=1.0, k=4)).eval()
+    assert any(float((a - b).abs().max()) > 1e-4 for a, b in zip(_run(patched, x), _run(model, x)))  # it clusters
+    for key, m in (("baseline", model), ("patched", patched)):
+        path = export_onnx(m, x, tmp_path / f"{key}.onnx", family.output_names)
+        assert [format_finding(f) for f in lint_path(path)] == []
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = session.run(list(family.output_names), {INPUT_NAME: x.numpy()})
+        for name_, g, w in zip(family.output_names, got, _run(m, x), strict=True):
+            assert g.shape == tuple(w.shape) and np.isfinite(g).all()
+            assert cosine(g, w.numpy()) >= 0.9999, f"{name} {key} {name_}"
+
+
+def _published(recipe: str) -> list[dict]:
+    return [e for e in tomllib.loads(PUBLISHED.read_text())["entry"] if e["recipe"] == recipe]
+
+
+@pytest.mark.parametrize("entry", _published("mask2former_swin_l_ade20k"), ids=lambda e: e["label"])
+def test_mask2former_backbone_flops_match_the_published_table_within_2_5_percent(entry: dict):
+    rec = load_recipe("mask2former_swin_l_ade20k", entry.get("set", []))
+    models = build_models(rec)
+    parts = models.family.parts
+    count = count_gflops_fast(models.baseline if entry.get("baseline") else models.patched,
+                              torch.zeros(1, 3, *rec.input_size), parts)
+    ours = dict(count.parts)[entry["part"]]
+    assert abs(ours / entry["published"] - 1) <= 0.025, f"{ours:.1f} vs published {entry['published']}"
+
+
+@pytest.mark.parametrize("name", ["mask2former", "swinv2"])
+def test_impossible_window_plans_are_one_line_errors(name: str):
+    family = get_family(name)
+    model, _ = family.tiny()
+    facts = family.facts(model)
+    K = facts.token_grid[0]
+    across = ClusterPlan(token_grid=(K, K), grid=(K - 1, K - 1), alpha=1, reconstruct_after=3, depth=facts.depth, k=1)
+    oblong = ClusterPlan(token_grid=(K, K), grid=(K - 1, K - 2), alpha=1, reconstruct_after=2, depth=facts.depth, k=1)
+    small = ClusterPlan(token_grid=(K, K), grid=(K - 1, K - 1), alpha=5, reconstruct_after=6, depth=facts.depth, k=1)
+    for plan, words in ((across, "patch merging"), (oblong, "must be square"), (small, "nothing to cluster")):
+        with pytest.raises(UserError, match=words) as err:
+            family.patch(copy.deepcopy(model), plan)
+        assert "\n" not in str(err.value)
+
+
+def test_sam_weights_run_at_their_own_size(tmp_path):
+    family = get_family("sam")
+    model, size = family.tiny()
+    folder = family.write_checkpoint(model, tmp_path / "sam")
+    with pytest.raises(UserError, match="run at 64x64"):
+        family.load(str(folder), (128, 128), {})
