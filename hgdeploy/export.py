@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from hgdeploy.contract import CLUSTERING_METADATA, EXPORT_METADATA, INPUT_NAME, check_model
-from hgdeploy.layers import TokenClustering, TokenReconstruction
+from hgdeploy.layers import TokenClustering, TokenReconstruction, WindowTokenClustering, WindowTokenReconstruction
 
 OPSET = 18
 _EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GiB limit, with margin
@@ -94,6 +94,12 @@ def clustering_specs(model: nn.Module) -> list[dict]:
         elif isinstance(mod, TokenReconstruction):
             specs.append({"scope": name, "kind": "reconstruction", "k": mod.k, "variant": mod.variant,
                           "candidates": mod.candidates})
+        elif isinstance(mod, (WindowTokenClustering, WindowTokenReconstruction)):
+            # the window partition, padding and crop around the plain layers: fp32 with them, as the authors
+            # run window clustering and reconstruction outside autocast
+            kind = "window_clustering" if isinstance(mod, WindowTokenClustering) else "window_reconstruction"
+            specs.append({"scope": name, "kind": kind, "size": list(mod.size), "window": mod.window,
+                          "cluster_window": mod.cluster_window})
     return specs
 
 

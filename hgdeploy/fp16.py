@@ -150,10 +150,16 @@ def to_fp16(model: onnx.ModelProto, keep_fp32: Callable[[onnx.NodeProto], bool])
 def to_half(values: np.ndarray) -> np.ndarray:
     """fp32 -> fp16 with finite values clipped to fp16's range: a mask fill of float32's minimum
     (-3.4e38, what torch writes for masked attention) would otherwise overflow to -inf, and a row
-    whose every entry is masked would turn a softmax into NaN. Infinities stay infinite."""
+    whose every entry is masked would turn a softmax into NaN. Infinities stay infinite. Non-zero values
+    below fp16's smallest subnormal keep their sign at that value instead of flushing to zero: F.normalize's
+    eps (1e-12, the floor of x / max(|x|, eps)) would become 0, and a zero vector 0 / 0 = NaN (SwinV2's
+    cosine attention over Swin's zero padding: its keys have no bias)."""
     values = np.asarray(values, dtype=np.float32)
-    limit = float(np.finfo(np.float16).max)
-    return np.where(np.isfinite(values), np.clip(values, -limit, limit), values).astype(np.float16)
+    half = np.finfo(np.float16)
+    limit, tiny = float(half.max), float(half.smallest_subnormal)
+    clipped = np.where(np.isfinite(values), np.clip(values, -limit, limit), values)
+    clipped = np.where((clipped != 0) & (np.abs(clipped) < tiny), np.copysign(tiny, clipped), clipped)
+    return clipped.astype(np.float16)
 
 
 def summarize(model: onnx.ModelProto, fp32_nodes: int, casts: int) -> Fp16Summary:

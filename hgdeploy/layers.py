@@ -332,8 +332,8 @@ class TokenReconstruction(nn.Module):
             cross = (cand @ z_alpha.unsqueeze(-1)).squeeze(-1)  # [B, N, J]
             ss = (s_alpha * s_alpha).sum(-1).index_select(1, self.cand.reshape(-1)).view_as(cross)
             dist = (z_alpha * z_alpha).sum(-1, keepdim=True) + ss - 2.0 * cross
-            penalty = self.penalty if dropped is None else (
-                self.penalty + dropped.index_select(1, self.cand.reshape(-1)).view_as(cross))
+            penalty = self.penalty if dropped is None else torch.maximum(  # one penalty value: fp16_safe_masks
+                self.penalty, dropped.index_select(1, self.cand.reshape(-1)).view_as(cross))
             return self._normalised(-dist * self.inv_tau - penalty), self.cand
         logits = -squared_distances(z_alpha, s_alpha) * self.inv_tau
         if dropped is not None:

@@ -106,6 +106,24 @@ def test_a_float32_minimum_mask_fill_stays_finite_in_fp16():
     assert np.isfinite(y).all() and np.allclose(y[1], 1 / 3, atol=1e-3)  # the fully masked row: uniform, not NaN
 
 
+def test_a_normalising_eps_does_not_flush_to_zero_in_fp16():
+    """F.normalize is x / max(|x|, 1e-12): in fp16 the eps would flush to 0 and a zero vector (SwinV2's key of a
+    zero-padded token) give 0 / 0 = NaN. The converter keeps tiny constants at fp16's smallest subnormal."""
+    eps = numpy_helper.from_array(np.array(1e-12, np.float32), "eps")
+    axes = numpy_helper.from_array(np.array([-1], np.int64), "axes")
+    nodes = [helper.make_node("ReduceL2", ["x", "axes"], ["n"], keepdims=1, name="norm"),
+             helper.make_node("Clip", ["n", "eps"], ["d"], name="floor"),  # torch exports clamp_min as Clip
+             helper.make_node("Div", ["x", "d"], ["y"], name="normalise")]
+    graph = helper.make_graph(nodes, "normalize", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], [eps, axes])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    fp16, _ = to_fp16(model, lambda n: False)
+    x = np.array([[3.0, 4.0, 0.0], [0.0, 0.0, 0.0]], np.float32)
+    y = _run(fp16, {"x": x})[0]
+    assert np.isfinite(y).all() and np.allclose(y, [[0.6, 0.8, 0.0], [0.0, 0.0, 0.0]], atol=1e-3)
+
+
 hgdeploy = hgdeploy_main  # in this process: these commands need no process of their own
 
 

@@ -21,7 +21,7 @@ from hgdeploy.contract import INPUT_NAME
 from hgdeploy.errors import UserError
 from hgdeploy.export import export_onnx
 from hgdeploy.flops import count_gflops_fast
-from hgdeploy.lint import format_finding, lint_path
+from hgdeploy.lint import format_finding, lint_model, lint_path
 from hgdeploy.patching import build_models
 from hgdeploy.plan import ClusterPlan, default_reconstruct_after
 from hgdeploy.recipe import load_recipe
@@ -113,3 +113,34 @@ def test_sam_weights_run_at_their_own_size(tmp_path):
     folder = family.write_checkpoint(model, tmp_path / "sam")
     with pytest.raises(UserError, match="run at 64x64"):
         family.load(str(folder), (128, 128), {})
+
+
+@pytest.mark.parametrize("candidates", ["nearest", "neighbourhood"])
+@pytest.mark.parametrize("name", ["swinv2", "sam"])
+def test_fp16_graphs_keep_the_window_layers_in_fp32_and_stay_finite(name: str, candidates: str, tmp_path):
+    """The deployed fp16 graph: the passes rewrite every masking penalty (the dropped clusters' included), the
+    window layers (partition, padding, crop and the plain layers inside) are marked fp32, the outputs finite and
+    close to PyTorch's. SwinV2's cosine attention over zero-padded keys needs its normalising eps kept above
+    zero (fp16.to_half)."""
+    import onnx
+
+    from hgdeploy.contract import is_layer_node, read_clustering_specs
+    from hgdeploy.fp16 import to_fp16
+    from hgdeploy.passes import optimize
+
+    family = get_family(name)
+    model, size = family.tiny()
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, *size)
+    K = family.facts(model).token_grid[0]
+    plan = _plan(family, model, 1, K - 2, tau=1.0, k=4, neighbours=3, reconstruct_from=candidates)
+    patched = family.patch(copy.deepcopy(model), plan).eval()
+    optimized, notes = optimize(onnx.load(str(export_onnx(patched, x, tmp_path / "p.onnx", family.output_names))))
+    kinds = {s["kind"] for s in read_clustering_specs(optimized)}
+    assert {"window_clustering", "window_reconstruction", "clustering", "reconstruction"} <= kinds
+    half, _ = to_fp16(optimized, is_layer_node(optimized))
+    assert [format_finding(f) for f in lint_model(half)] == []
+    session = ort.InferenceSession(half.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(list(family.output_names), {INPUT_NAME: x.numpy()})
+    for g, w in zip(got, _run(patched, x), strict=True):
+        assert np.isfinite(g).all() and cosine(g, w.numpy()) >= 0.999
