@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from hgdeploy import deploy, pipeline, progress
+from hgdeploy.adapters.catalogue import get_family
 from hgdeploy.checks import fidelity
 from hgdeploy.downscale import resize_output, smaller_sizes
 from hgdeploy.errors import UserError
@@ -376,6 +377,9 @@ def tune(recipe: str | None, overrides: list[str], engine: str | None, images: s
     if limit_s <= 0:
         raise UserError(f"--time-limit {time_limit} must be a positive number of minutes")
     rec = load_recipe(recipe, overrides)
+    if not get_family(rec.family).tunable:
+        raise UserError(f"hgdeploy tune does not sweep family {rec.family} yet (window clustering); compare plans with "
+                        f"`hgdeploy flops` and `hgdeploy check --set cluster.grid=...`")
     folder = default_folder(rec.name, out)
     check_output_folder(folder)
     held = load_photos(holdout) if holdout else None

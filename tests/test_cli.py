@@ -51,6 +51,11 @@ BAD_INPUTS = {
                        "must be a positive whole number"),
     "tune holdout of no photos": (lambda tmp, photos: ["tune", "--budget", "cosine>=0.9", "--holdout", str(photos)],
                                   "not a jpg/png image"),
+    "tune of a window family": (lambda tmp, photos: ["tune", "sam_vit_h", "--budget", "cosine>=0.9"],
+                                "does not sweep family sam"),
+    "window grid not square": (lambda tmp, photos: ["export", "mask2former_swin_l_ade20k", "--set",
+                                                    "model.input_size=320x320", "--set", "cluster.grid=8x6"],
+                               "must be square"),
 }
 
 

@@ -104,5 +104,5 @@ FAMILY = Family(
                                 "window clustering in one Swin stage; save_pretrained folder",
     outputs=(("class_logits", "classification"), ("mask_logits", "features"), ("semantic", "segmentation")),
     load=load, patch=patch, facts=facts, tiny=tiny, write_checkpoint=lambda m, folder: hf_folder.save(m.hf, folder),
-    options=("arch",), parts=(("backbone", "hf.model.pixel_level_module.encoder"),),
+    options=("arch",), tunable=False, parts=(("backbone", "hf.model.pixel_level_module.encoder"),),
 )

@@ -41,7 +41,8 @@ class Family:
     size, logits averaged where they overlap: Segmenter's own test-time inference). depth_output: what a
     depth output is, "metric" (metres) or "disparity" (relative inverse depth); a recipe's [eval] may say
     otherwise for its weights. parts: (label, submodule path) pairs `hgdeploy flops` also counts on their own
-    (Mask2Former's backbone: the authors publish its FLOPs alone).
+    (Mask2Former's backbone: the authors publish its FLOPs alone). tunable: `hgdeploy tune` can sweep its plans
+    (it replays the blocks of a plain-ViT span; window spans are not swept yet).
     """
 
     name: str
@@ -57,6 +58,7 @@ class Family:
     inference: str = "resize"
     depth_output: str = "metric"
     parts: tuple[tuple[str, str], ...] = ()
+    tunable: bool = True
 
     def __post_init__(self) -> None:
         for _, kind in self.outputs:

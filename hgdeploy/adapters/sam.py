@@ -100,5 +100,5 @@ FAMILY = Family(
                         "clustering from one layer on; save_pretrained folder",
     outputs=(("image_embeddings", "features"),),
     load=load, patch=patch, facts=facts, tiny=tiny, write_checkpoint=lambda m, folder: hf_folder.save(m.hf, folder),
-    options=("arch",),
+    options=("arch",), tunable=False,
 )

@@ -88,5 +88,5 @@ FAMILY = Family(
                            "in one stage; save_pretrained folder",
     outputs=tuple((name, "features") for name in STAGES),
     load=load, patch=patch, facts=facts, tiny=tiny, write_checkpoint=lambda m, folder: hf_folder.save(m.hf, folder),
-    options=("arch",),
+    options=("arch",), tunable=False,
 )
