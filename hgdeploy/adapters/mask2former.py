@@ -11,15 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
 from hgdeploy.adapters import hf_folder
 from hgdeploy.adapters.registry import Family
-from hgdeploy.adapters.swin_windows import patch_stages
+from hgdeploy.adapters.swin_windows import patch_model, stage_facts
 from hgdeploy.errors import UserError
 from hgdeploy.models.hf_windowed import Mask2FormerSemantic, randomised
-from hgdeploy.plan import ClusterPlan, ModelFacts
-from hgdeploy.preprocess import Preprocess
 
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
 
@@ -79,21 +75,6 @@ def load(checkpoint: str | None, input_size: tuple[int, int], options: dict[str,
     return Mask2FormerSemantic(hf, input_size).eval()
 
 
-def facts(model: nn.Module) -> ModelFacts:
-    b = model.backbone_config
-    ends = tuple(sum(b.depths[: i + 1]) for i in range(len(b.depths)))
-    return ModelFacts(token_grid=(b.window_size, b.window_size), depth=sum(b.depths),
-                      preprocess=Preprocess(model.input_size, "bilinear"), head_reads=ends)
-
-
-def patch(model: nn.Module, plan: ClusterPlan) -> nn.Module:
-    if not isinstance(model, Mask2FormerSemantic):
-        raise UserError(f"the mask2former adapter patches models it loaded, got {type(model).__name__}")
-    b = model.backbone_config
-    patch_stages(model.stages, tuple(b.depths), b.patch_size, model.input_size, plan, "mask2former")
-    return model
-
-
 def tiny() -> tuple[Mask2FormerSemantic, tuple[int, int]]:
     config_class, model_class = _classes()
     return Mask2FormerSemantic(randomised(model_class(config_class(**_tiny_config()))), (64, 64)).eval(), (64, 64)
@@ -103,6 +84,7 @@ FAMILY = Family(
     name="mask2former", summary="Mask2Former with a Swin backbone (transformers Mask2FormerForUniversalSegmentation): "
                                 "window clustering in one Swin stage; save_pretrained folder",
     outputs=(("class_logits", "classification"), ("mask_logits", "features"), ("semantic", "segmentation")),
-    load=load, patch=patch, facts=facts, tiny=tiny, write_checkpoint=lambda m, folder: hf_folder.save(m.hf, folder),
+    load=load, patch=lambda model, plan: patch_model(model, plan, Mask2FormerSemantic, "mask2former"),
+    facts=lambda model: stage_facts(model, "bilinear"), tiny=tiny, write_checkpoint=lambda m, folder: hf_folder.save(m.hf, folder),
     options=("arch",), tunable=False, parts=(("backbone", "hf.model.pixel_level_module.encoder"),),
 )

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from hgdeploy.adapters.window_attention import relative_position_index, resize_bias_table, swinv2_coords_table
 from hgdeploy.errors import UserError
 from hgdeploy.layers import TokenReconstruction, WindowTokenClustering, WindowTokenReconstruction, neighbour_table
-from hgdeploy.plan import ClusterPlan
+from hgdeploy.plan import ClusterPlan, ModelFacts
+from hgdeploy.preprocess import Preprocess
 
 
 def _shallow(module: nn.Module) -> nn.Module:
@@ -175,3 +176,21 @@ def patch_stages(stages: Any, depths: tuple[int, ...], patch: int, input_size: t
         raise UserError(f"{family}: stage {stage + 1} is a {size[0]}x{size[1]} map, at most one {window}x{window} "
                         f"window: nothing to cluster; use a larger model.input_size or cluster in an earlier stage")
     insert_window_span(stages[stage], size, first, end, plan.grid[0], **options)
+
+
+def stage_facts(model: nn.Module, resize: str) -> ModelFacts:
+    """A Swin-backed model's facts (model.backbone_config, model.input_size): the window is the plan's token grid,
+    blocks count over every stage, and a head reads every stage's end."""
+    c = model.backbone_config
+    ends = tuple(sum(c.depths[: i + 1]) for i in range(len(c.depths)))
+    return ModelFacts(token_grid=(c.window_size, c.window_size), depth=sum(c.depths),
+                      preprocess=Preprocess(model.input_size, resize), head_reads=ends)
+
+
+def patch_model(model: nn.Module, plan: ClusterPlan, wrapper: type, family: str) -> nn.Module:
+    """Patch a Swin-backed model the family loaded (a `wrapper` with backbone_config, stages and input_size)."""
+    if not isinstance(model, wrapper):
+        raise UserError(f"the {family} adapter patches models it loaded, got {type(model).__name__}")
+    c = model.backbone_config
+    patch_stages(model.stages, tuple(c.depths), c.patch_size, model.input_size, plan, family)
+    return model

@@ -12,15 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
 from hgdeploy.adapters import hf_folder
 from hgdeploy.adapters.registry import Family
-from hgdeploy.adapters.swin_windows import patch_stages
+from hgdeploy.adapters.swin_windows import patch_model, stage_facts
 from hgdeploy.errors import UserError
 from hgdeploy.models.hf_windowed import Swinv2Features, randomised
-from hgdeploy.plan import ClusterPlan, ModelFacts
-from hgdeploy.preprocess import Preprocess
 
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
 # model.arch -> Swinv2Config keyword arguments.
@@ -63,21 +59,6 @@ def load(checkpoint: str | None, input_size: tuple[int, int], options: dict[str,
     return Swinv2Features(hf, input_size).eval()
 
 
-def facts(model: nn.Module) -> ModelFacts:
-    c = model.backbone_config
-    ends = tuple(sum(c.depths[: i + 1]) for i in range(len(c.depths)))
-    return ModelFacts(token_grid=(c.window_size, c.window_size), depth=sum(c.depths),
-                      preprocess=Preprocess(model.input_size, "bicubic"), head_reads=ends)
-
-
-def patch(model: nn.Module, plan: ClusterPlan) -> nn.Module:
-    if not isinstance(model, Swinv2Features):
-        raise UserError(f"the swinv2 adapter patches models it loaded, got {type(model).__name__}")
-    c = model.backbone_config
-    patch_stages(model.stages, tuple(c.depths), c.patch_size, model.input_size, plan, "swinv2")
-    return model
-
-
 def tiny() -> tuple[Swinv2Features, tuple[int, int]]:
     config_class, model_class = _classes()
     return Swinv2Features(randomised(model_class(config_class(**TINY))), (64, 64)).eval(), (64, 64)
@@ -87,6 +68,7 @@ FAMILY = Family(
     name="swinv2", summary="SwinV2 backbone (transformers Swinv2Backbone), four stage feature maps: window clustering "
                            "in one stage; save_pretrained folder",
     outputs=tuple((name, "features") for name in STAGES),
-    load=load, patch=patch, facts=facts, tiny=tiny, write_checkpoint=lambda m, folder: hf_folder.save(m.hf, folder),
+    load=load, patch=lambda model, plan: patch_model(model, plan, Swinv2Features, "swinv2"),
+    facts=lambda model: stage_facts(model, "bicubic"), tiny=tiny, write_checkpoint=lambda m, folder: hf_folder.save(m.hf, folder),
     options=("arch",), tunable=False,
 )

@@ -15,15 +15,19 @@ import torch
 from torch import Tensor, nn
 
 
-class Mask2FormerSemantic(nn.Module):
-    """pixel_values -> (class logits [B, Q, K + 1], mask logits [B, Q, H / 4, W / 4], semantic [B, K, H, W])."""
-
-    output_names = ("class_logits", "mask_logits", "semantic")
+class HFWrapper(nn.Module):
+    """A transformers model `hf` run at one input size."""
 
     def __init__(self, hf: nn.Module, input_size: tuple[int, int]):
         super().__init__()
         self.hf = hf
         self.input_size = tuple(input_size)
+
+
+class Mask2FormerSemantic(HFWrapper):
+    """pixel_values -> (class logits [B, Q, K + 1], mask logits [B, Q, H / 4, W / 4], semantic [B, K, H, W])."""
+
+    output_names = ("class_logits", "mask_logits", "semantic")
 
     @property
     def backbone(self) -> nn.Module:
@@ -48,15 +52,10 @@ class Mask2FormerSemantic(nn.Module):
         return classes, masks, semantic
 
 
-class Swinv2Features(nn.Module):
+class Swinv2Features(HFWrapper):
     """pixel_values -> the four stage feature maps [B, C_i, H_i, W_i] of transformers' Swinv2Backbone."""
 
     output_names = ("stage1", "stage2", "stage3", "stage4")
-
-    def __init__(self, hf: nn.Module, input_size: tuple[int, int]):
-        super().__init__()
-        self.hf = hf
-        self.input_size = tuple(input_size)
 
     @property
     def backbone_config(self) -> Any:
@@ -70,16 +69,11 @@ class Swinv2Features(nn.Module):
         return tuple(self.hf(pixel_values).feature_maps)
 
 
-class SamImageEncoder(nn.Module):
+class SamImageEncoder(HFWrapper):
     """pixel_values -> (image embeddings [B, 256, H / 16, W / 16],) of a SamModel's vision encoder; the whole
     SamModel is kept so a checkpoint saved from it is the folder users have (facebook/sam-vit-huge)."""
 
     output_names = ("image_embeddings",)
-
-    def __init__(self, hf: nn.Module, input_size: tuple[int, int]):
-        super().__init__()
-        self.hf = hf
-        self.input_size = tuple(input_size)
 
     @property
     def encoder(self) -> nn.Module:
