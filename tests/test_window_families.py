@@ -115,8 +115,7 @@ def test_sam_weights_run_at_their_own_size(tmp_path):
         family.load(str(folder), (128, 128), {})
 
 
-@pytest.mark.parametrize("candidates", ["nearest", "neighbourhood"])
-@pytest.mark.parametrize("name", ["swinv2", "sam"])
+@pytest.mark.parametrize(("name", "candidates"), [("swinv2", "nearest"), ("sam", "neighbourhood")])
 def test_fp16_graphs_keep_the_window_layers_in_fp32_and_stay_finite(name: str, candidates: str, tmp_path):
     """The deployed fp16 graph: the passes rewrite every masking penalty (the dropped clusters' included), the
     window layers (partition, padding, crop and the plain layers inside) are marked fp32, the outputs finite and
