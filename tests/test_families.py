@@ -240,6 +240,7 @@ def test_recipe_exports_and_matches_onnxruntime_at_its_ci_shape(recipe: str, tmp
             p.unlink()
         for name, g, w in zip(names, got, want, strict=True):
             assert g.shape == tuple(w.shape)
+            assert float(w.abs().max()) > 1e-6, f"{recipe} {key} {name}: the reference is ~0, parity would prove nothing"
             assert cosine(g, w.numpy()) >= 0.9999, f"{recipe} {key} {name}"
             assert np.isfinite(g).all()
 

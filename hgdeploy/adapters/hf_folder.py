@@ -126,10 +126,13 @@ def load_pretrained(model_class: Any, folder: Path, config: Any) -> nn.Module:
 
 
 def load_or_build(family: str, checkpoint: str | None, options: dict[str, Any], archs: dict[str, Any],
-                  model_type: str, config_class: Any, model_class: Any, fit: Any, fingerprint: Any) -> nn.Module:
+                  model_type: str, config_class: Any, model_class: Any, fit: Any, fingerprint: Any,
+                  randomise: Any = None) -> nn.Module:
     """The transformers model of a family: from a save_pretrained folder, or built from model.arch (a published
     configuration, data here) with random weights (seed 0). fit(config) adapts a config to the run (input size)
-    and returns it; fingerprint(config) is what a checkpoint and a named arch must agree on."""
+    and returns it; fingerprint(config) is what a checkpoint and a named arch must agree on; randomise(model)
+    re-draws the random weights where transformers' init leaves the outputs near zero (SAM: ~1e-22, where every
+    parity check passes whatever the graph computes)."""
     import torch
 
     arch = options.get("arch")
@@ -140,7 +143,8 @@ def load_or_build(family: str, checkpoint: str | None, options: dict[str, Any], 
             raise UserError(f"family {family} needs model.checkpoint (a save_pretrained folder) or model.arch "
                             f"(one of: {', '.join(archs)}) for random weights")
         torch.manual_seed(0)
-        return model_class(fit(config_class(**archs[arch]()))).eval()
+        model = model_class(fit(config_class(**archs[arch]()))).eval()
+        return model if randomise is None else randomise(model)
     folder = checkpoint_folder(checkpoint)
     config = read_config(folder, model_type, config_class, family)
     if arch is not None:

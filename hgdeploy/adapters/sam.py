@@ -67,7 +67,7 @@ def _fingerprint(config: Any) -> dict[str, Any]:
 def load(checkpoint: str | None, input_size: tuple[int, int], options: dict[str, Any]) -> SamImageEncoder:
     config_class, model_class = _classes()
     hf = hf_folder.load_or_build("sam", checkpoint, options, ARCHS, "sam", config_class, model_class,
-                                 _fitted(input_size, checkpoint is None), _fingerprint)
+                                 _fitted(input_size, checkpoint is None), _fingerprint, randomise=randomised)
     return SamImageEncoder(hf, input_size).eval()
 
 
