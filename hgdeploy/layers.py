@@ -391,10 +391,15 @@ def kept_size(size: tuple[int, int], window: int, cluster_window: int) -> tuple[
     return (-(-size[0] * cluster_window // window), -(-size[1] * cluster_window // window))
 
 
+def grid_size(size: tuple[int, int], window: int, cluster_window: int) -> tuple[int, int]:
+    """The clusters of the padded map: whole k x k windows, one per K x K window."""
+    Hp, Wp = padded_size(size, window)
+    return (Hp // window * cluster_window, Wp // window * cluster_window)
+
+
 def dropped_clusters(size: tuple[int, int], window: int, cluster_window: int) -> Tensor:
     """[nW, k^2] booleans, the clusters of each window (row-major) that lie outside kept_size."""
-    Hp, Wp = padded_size(size, window)
-    h, w = Hp // window * cluster_window, Wp // window * cluster_window
+    h, w = grid_size(size, window, cluster_window)
     kh, kw = kept_size(size, window, cluster_window)
     rows, cols = torch.arange(h).view(-1, 1), torch.arange(w).view(1, -1)
     outside = ((rows >= kh) | (cols >= kw)).view(1, h, w, 1)
@@ -423,8 +428,7 @@ class WindowTokenClustering(nn.Module):
     @property
     def grid_size(self) -> tuple[int, int]:
         """The clusters of the padded map, whole k x k windows."""
-        k, K = self.cluster_window, self.window
-        return (self.padded[0] // K * k, self.padded[1] // K * k)
+        return grid_size(self.size, self.window, self.cluster_window)
 
     @property
     def clustered_size(self) -> tuple[int, int]:

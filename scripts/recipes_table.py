@@ -40,28 +40,28 @@ PUBLISHED = REPO_ROOT / "scripts" / "published_gflops.toml"
 README = REPO_ROOT / "README.md"
 
 
-def count(models: Models, size: tuple[int, int], part: str | None = None) -> dict[str, float]:
-    """GFLOPs of the whole model, or of one of its family's named parts (Mask2Former's backbone)."""
+def count(models: Models, size: tuple[int, int]) -> dict:
+    """GFLOPs of the whole model, and under "parts" those of each of its family's named parts (Mask2Former's
+    backbone), from one count of each model."""
     x = torch.zeros(1, 3, *size)
     parts = models.family.parts
     base, patched = count_gflops_fast(models.baseline, x, parts), count_gflops_fast(models.patched, x, parts)
-    if part is not None:
-        return {"baseline": dict(base.parts)[part], "patched": dict(patched.parts)[part],
-                "clustering": patched.clustering}
-    return {"baseline": base.total, "patched": patched.total, "clustering": patched.clustering}
+    return {"baseline": base.total, "patched": patched.total, "clustering": patched.clustering,
+            "parts": {label: {"baseline": b, "patched": p} for (label, b), (_, p) in zip(base.parts, patched.parts)}}
 
 
-def gflops(recipe: str, overrides: list[str], part: str | None = None) -> dict[str, float]:
+def gflops(recipe: str, overrides: list[str]) -> dict:
     rec = load_recipe(recipe, overrides)
-    return count(build_models(rec), rec.input_size, part)
+    return count(build_models(rec), rec.input_size)
 
 
 def published_rows() -> list[dict]:
     entries = tomllib.loads(PUBLISHED.read_text())["entry"]
     rows = []
     for e in entries:
-        g = gflops(e["recipe"], e.get("set", []), e.get("part"))
-        ours = g["baseline"] if e.get("baseline") else g["patched"]
+        g = gflops(e["recipe"], e.get("set", []))
+        counted = g["parts"][e["part"]] if "part" in e else g
+        ours = counted["baseline" if e.get("baseline") else "patched"]
         rows.append({"recipe": e["recipe"], "config": e["label"], "published": e["published"], "ours": ours,
                      "diff_pct": 100 * (ours / e["published"] - 1)})
         print(f"  {e['recipe']:34s} {e['label']:18s} ours {ours:8.2f}  published {e['published']:8.2f}  "
@@ -90,11 +90,11 @@ def windowed_rows() -> list[dict]:
         models = build_models(rec)
         plan = models.plan
         g = count(models, rec.input_size)
+        parts = g.pop("parts")
         row = {"recipe": recipe, "input": "x".join(map(str, rec.input_size)),
-               "plan": f"windows {plan.token_grid[0]} -> {plan.grid[0]}, blocks {plan.alpha + 1}..{plan.reconstruct_after}"
-                       f" of {plan.depth} clustered", **g}
-        for label, _ in models.family.parts:
-            part = count(models, rec.input_size, label)
+               "plan": f"windows {plan.token_grid[0]} -> {plan.grid[0]}, blocks {plan.alpha + 1}.."
+                       f"{plan.reconstruct_after} of {plan.depth} clustered", **g}
+        for label, part in parts.items():
             row |= {f"{label}_baseline": part["baseline"], f"{label}_patched": part["patched"]}
         rows.append(row)
         print(f"  {recipe:28s} {g['baseline']:9.2f} -> {g['patched']:9.2f}", file=sys.stderr)

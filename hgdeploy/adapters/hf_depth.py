@@ -210,11 +210,6 @@ def depth_facts(model: nn.Module) -> ModelFacts:
     return ModelFacts(token_grid=model.token_grid(), depth=len(model.layers), preprocess=pre, head_reads=model.reads())
 
 
-def write_checkpoint(model: nn.Module, folder: Path) -> Path:
-    """save_pretrained(folder): config.json + model.safetensors, the layout users download."""
-    return hf_folder.save(model.hf, folder)
-
-
 def tiny(family: str) -> tuple[HFDepth, tuple[int, int]]:
     values, size = TINY[family]
     return _randomised(build(family, make_config(family, values), size)), size
@@ -246,8 +241,8 @@ def _family(name: str, summary: str, depth_output: str) -> Family:
     load: Callable[[str | None, tuple[int, int], dict[str, Any]], HFDepth] = (
         lambda checkpoint, input_size, options: load_depth(name, checkpoint, input_size, options))
     return Family(name=name, summary=summary, outputs=(("depth", "depth"),), load=load, patch=patch_depth,
-                  facts=depth_facts, tiny=lambda: tiny(name), write_checkpoint=write_checkpoint, options=("arch",),
-                  depth_output=depth_output)
+                  facts=depth_facts, tiny=lambda: tiny(name), write_checkpoint=hf_folder.write_checkpoint,
+                  options=("arch",), depth_output=depth_output)
 
 
 DPT = _family("dpt", "DPT depth (transformers DPTForDepthEstimation): ViT-L or hybrid ResNet-50+ViT-B; "

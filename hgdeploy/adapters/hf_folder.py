@@ -66,8 +66,8 @@ def read_folder_weights(folder: Path) -> tuple[dict[str, Tensor], str]:
 
 
 @contextlib.contextmanager
-def quiet_saving() -> Iterator[None]:
-    """save_pretrained draws a progress bar per call; not in our output."""
+def quiet_progress() -> Iterator[None]:
+    """save_pretrained and from_pretrained draw a progress bar per call; not in our output."""
     from transformers.utils import logging as hf_logging
 
     enabled = hf_logging.is_progress_bar_enabled()
@@ -79,11 +79,12 @@ def quiet_saving() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def save(model: nn.Module, folder: Path) -> Path:
-    """save_pretrained(folder): config.json + model.safetensors, the layout users download."""
+def write_checkpoint(model: nn.Module, folder: Path) -> Path:
+    """A wrapper's transformers model (`model.hf`) saved with save_pretrained(folder): config.json +
+    model.safetensors, the layout users download (every HF family's Family.write_checkpoint)."""
     folder = Path(folder)
-    with quiet_saving():
-        model.save_pretrained(str(folder))
+    with quiet_progress():
+        model.hf.save_pretrained(str(folder))
     return folder
 
 
@@ -92,15 +93,13 @@ def quiet_loading() -> Iterator[None]:
     """from_pretrained logs every missing key and draws a bar; we report what matters as one UserError."""
     from transformers.utils import logging as hf_logging
 
-    verbosity, enabled = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     try:
-        yield
+        with quiet_progress():
+            yield
     finally:
         hf_logging.set_verbosity(verbosity)
-        if enabled:
-            hf_logging.enable_progress_bar()
 
 
 def load_pretrained(model_class: Any, folder: Path, config: Any) -> nn.Module:
@@ -116,12 +115,14 @@ def load_pretrained(model_class: Any, folder: Path, config: Any) -> nn.Module:
     except Exception as exc:  # noqa: BLE001 - safetensors, torch and transformers each raise their own types
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise UserError(f"{folder}: the weights do not load ({first})") from exc
-    for key, what in (("missing_keys", "is missing weights for"), ("unexpected_keys", "has weights the model does "
-                                                                   "not have:"), ("mismatched_keys", "has weights of another shape:")):
+    problems = (("missing_keys", "is missing weights for"), ("unexpected_keys", "has weights the model does not have:"),
+                ("mismatched_keys", "has weights of another shape:"))
+    for key, what in problems:
         found = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(key) or [])
         if found:
             more = f" and {len(found) - 1} more" if len(found) > 1 else ""
-            raise UserError(f"{folder} {what} {found[0]}{more}: it was saved from another architecture or configuration")
+            raise UserError(f"{folder} {what} {found[0]}{more}: it was saved from another architecture or "
+                            f"configuration")
     return model.eval()
 
 
@@ -150,5 +151,6 @@ def load_or_build(family: str, checkpoint: str | None, options: dict[str, Any], 
     if arch is not None:
         want, got = fingerprint(config_class(**archs[arch]())), fingerprint(config)
         if want != got:
-            raise UserError(f"{folder}/config.json ({got}) is not model.arch={arch!r} ({want}); drop model.arch or fix it")
+            raise UserError(f"{folder}/config.json ({got}) is not model.arch={arch!r} ({want}); drop model.arch or "
+                            f"fix it")
     return load_pretrained(model_class, folder, fit(config))

@@ -85,6 +85,6 @@ FAMILY = Family(
                                 "window clustering in one Swin stage; save_pretrained folder",
     outputs=(("class_logits", "classification"), ("mask_logits", "features"), ("semantic", "segmentation")),
     load=load, patch=lambda model, plan: patch_model(model, plan, Mask2FormerSemantic, "mask2former"),
-    facts=lambda model: stage_facts(model, "bilinear"), tiny=tiny, write_checkpoint=lambda m, folder: hf_folder.save(m.hf, folder),
+    facts=lambda model: stage_facts(model, "bilinear"), tiny=tiny, write_checkpoint=hf_folder.write_checkpoint,
     options=("arch",), tunable=False, parts=(("backbone", "hf.model.pixel_level_module.encoder"),),
 )

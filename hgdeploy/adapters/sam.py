@@ -99,6 +99,6 @@ FAMILY = Family(
     name="sam", summary="SAM image encoder (transformers SamModel, ViT with windows and global layers): window "
                         "clustering from one layer on; save_pretrained folder",
     outputs=(("image_embeddings", "features"),),
-    load=load, patch=patch, facts=facts, tiny=tiny, write_checkpoint=lambda m, folder: hf_folder.save(m.hf, folder),
+    load=load, patch=patch, facts=facts, tiny=tiny, write_checkpoint=hf_folder.write_checkpoint,
     options=("arch",), tunable=False,
 )

@@ -1,11 +1,11 @@
 """Window token clustering in transformers' SAM vision encoder (ViT-H: 14 x 14 windows and four global layers).
 
 As the authors' Expedit-SAM: from layer `alpha` on, the 64 x 64 map is clustered per 14 x 14 window to
-k x k (zero padding to whole windows; the clusters of the padding are dropped, see layers.py), the windowed layers run on k x k windows and the
-global layers attend over the whole clustered map; each window's tokens are rebuilt after the last layer, before
-the neck. SAM resizes its decomposed relative positions linearly at every forward; here each re-fitted layer
-gets them resized once, at patch time (2k - 1 rows for a windowed layer, 2 h' - 1 for a global one), so the
-forward's own resize is the identity.
+k x k (zero padding to whole windows; the clusters of the padding are dropped, see layers.py), the windowed
+layers run on k x k windows and the global layers attend over the whole clustered map; each window's tokens are
+rebuilt after the last layer, before the neck. SAM resizes its decomposed relative positions linearly at every
+forward; here each re-fitted layer gets them resized once, at patch time (2k - 1 rows for a windowed layer,
+2 h' - 1 for a global one), so the forward's own resize is the identity.
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ class SamPassthrough(nn.Module):
         return hidden_states
 
 
-def insert_sam_span(encoder: nn.Module, size: tuple[int, int], alpha: int, cluster_window: int, after: int | None = None,
-                    **options: Any) -> nn.Module:
+def insert_sam_span(encoder: nn.Module, size: tuple[int, int], alpha: int, cluster_window: int,
+                    after: int | None = None, **options: Any) -> nn.Module:
     """Layers alpha..after-1 of the SAM vision encoder run clustered (after: default the last layer, before the neck,
     where the authors rebuild)."""
     layers = list(encoder.layers)

@@ -69,6 +69,6 @@ FAMILY = Family(
                            "in one stage; save_pretrained folder",
     outputs=tuple((name, "features") for name in STAGES),
     load=load, patch=lambda model, plan: patch_model(model, plan, Swinv2Features, "swinv2"),
-    facts=lambda model: stage_facts(model, "bicubic"), tiny=tiny, write_checkpoint=lambda m, folder: hf_folder.save(m.hf, folder),
+    facts=lambda model: stage_facts(model, "bicubic"), tiny=tiny, write_checkpoint=hf_folder.write_checkpoint,
     options=("arch",), tunable=False,
 )
