@@ -64,8 +64,20 @@ class FocusModel(nn.Module):
         self.grid = (input_size[0] // PATCH_SIZE, input_size[1] // PATCH_SIZE)
 
     def forward(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
-        tokens = self.backbone(pixel_values=pixel_values).last_hidden_state[:, 1:]
+        tokens = dinov2_tokens(self.backbone, pixel_values)[:, 1:]
         return self.decoder(tokens, self.grid, self.input_size), tokens
+
+
+def dinov2_tokens(backbone: nn.Module, pixel_values: Tensor) -> Tensor:
+    """What `Dinov2Model(pixel_values).last_hidden_state` computes, without an attention mask.
+
+    Under torch.export transformers >= 5 cannot check that no token is padded, so Dinov2Model.forward
+    builds an all-pass [B, 1, N, N] mask, which the ONNX graph then adds to every layer's attention scores
+    (with a NaN guard after each softmax): about 1 GB of memory traffic per forward at 518, for nothing.
+    Eager PyTorch passes no mask here; calling the same modules the way it does gives the export that too.
+    """
+    hidden = backbone.encoder(backbone.embeddings(pixel_values)).last_hidden_state
+    return backbone.layernorm(hidden)
 
 
 def package_onnx_path() -> Path:
