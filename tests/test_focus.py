@@ -11,7 +11,8 @@ import torch
 from hgdeploy.checks import cosine
 from hgdeploy.errors import UserError
 from hgdeploy.images import sample_photos, to_batch
-from hgdeploy.models.focus import dinov2_tokens, load_focus, package_onnx_path, tiny_focus
+from hgdeploy.models.dinov2 import dinov2_tokens
+from hgdeploy.models.focus import load_focus, package_onnx_path, tiny_focus
 from hgdeploy.preprocess import Preprocess
 
 

