@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from hgdeploy.contract import ExportError
+from hgdeploy.contract import ExportError, infer_shapes, shapes_of
 
 FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
 # Ops kept in fp32 wherever they are: LayerNorm's mean and variance over a wide channel axis overflow
@@ -89,7 +89,7 @@ def to_fp16(model: onnx.ModelProto, keep_fp32: Callable[[onnx.NodeProto], bool])
 
     keep_fp32(node) selects nodes (by their ONNX NodeProto) that compute in fp32, with FP32_OPS.
     """
-    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    inferred = infer_shapes(model)
     protos = {n.name: n for n in inferred.graph.node}
     graph = gs.import_onnx(inferred)
     fp32 = {id(n) for n in graph.nodes if n.op in FP32_OPS or keep_fp32(protos.get(n.name, onnx.NodeProto()))}
@@ -140,7 +140,7 @@ def to_fp16(model: onnx.ModelProto, keep_fp32: Callable[[onnx.NodeProto], bool])
         converted.metadata_props.add(key=prop.key, value=prop.value)
     try:
         onnx.checker.check_model(converted)
-        onnx.shape_inference.infer_shapes(converted, check_type=True, strict_mode=True, data_prop=True)
+        shapes_of(converted, check_type=True, strict_mode=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ExportError(f"the fp16 graph does not type-check: {str(exc).splitlines()[0]}") from exc
     return converted, summarize(converted, fp32_nodes=len(fp32), casts=len(casts.made) + sum(

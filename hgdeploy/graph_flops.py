@@ -13,6 +13,8 @@ from typing import Callable
 import onnx
 from onnx import helper
 
+from hgdeploy.contract import shapes_of
+
 
 @dataclass(frozen=True)
 class FlopCount:
@@ -57,7 +59,7 @@ def _node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
 
 def onnx_gflops(model: onnx.ModelProto, is_clustering: Callable[[onnx.NodeProto], bool]) -> FlopCount:
     """GFLOPs of an ONNX graph in the same convention, for comparing graphs before and after passes."""
-    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    inferred = shapes_of(model)
     g = inferred.graph
     shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
               for vi in list(g.input) + list(g.output) + list(g.value_info)}

@@ -32,6 +32,7 @@ import onnx
 from onnx import numpy_helper
 
 from hgdeploy.contract import ALWAYS_DATA_DEPENDENT, CONTROL_FLOW
+from hgdeploy.contract import infer_shapes as contract_infer_shapes
 from hgdeploy.errors import UserError
 
 SUPPORTED_MAJORS = (8, 10)
@@ -715,7 +716,7 @@ def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Finding]
     """ONNX shape inference with data propagation (as export.check_model), lenient: a graph it
     cannot infer is linted as it is, with a finding saying so."""
     try:
-        return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True), []
+        return contract_infer_shapes(model, check_type=False, strict_mode=False), []
     except Exception as e:  # inference errors surface as several exception types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return model, [Finding("", "", f"shape inference failed: {first}")]

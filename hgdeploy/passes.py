@@ -9,6 +9,7 @@ torch: the clustering form is chosen once, when the model is patched, not here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -18,9 +19,12 @@ import onnx_graphsurgeon as gs
 
 from hgdeploy.contract import (
     FP32_MARKER,
+    WEIGHT_ELEMENTS,
     ExportError,
+    infer_shapes,
     node_scopes,
     read_clustering_specs,
+    shapes_of,
     static_shape_problems,
     write_clustering_specs,
 )
@@ -142,9 +146,11 @@ def fp16_safe_masks(graph: gs.Graph, ctx: PassContext) -> gs.Graph:
         node.attrs = {}
         rewritten += 1
     graph.cleanup().toposort()
+    # the scope first: reading every weight's values to find the few constants of the clustering layers cost
+    # ViT-L 11 s
     bad = [t.name for t in graph.tensors().values() if isinstance(t, gs.Constant)
-           and np.asarray(t.values).dtype.kind == "f" and np.isfinite(t.values).all()
-           and (np.abs(t.values) > FP16_MAX).any() and any(scope_of(c, ctx) for c in t.outputs)]
+           and any(scope_of(c, ctx) for c in t.outputs) and np.asarray(t.values).dtype.kind == "f"
+           and np.isfinite(t.values).all() and (np.abs(t.values) > FP16_MAX).any()]
     if bad:
         raise ExportError(f"constants outside fp16 range remain in the clustering layers: {bad[:3]}")
     ctx.notes.append(f"fp16_safe_masks: rewrote {rewritten} masking penalt{'y' if rewritten == 1 else 'ies'}")
@@ -174,9 +180,25 @@ def mark_fp32(graph: gs.Graph, ctx: PassContext) -> gs.Graph:
     return graph
 
 
+def _weightless_export(graph: gs.Graph) -> onnx.ModelProto:
+    """The graph as ONNX with its large constants turned into typed graph inputs, for shape checks: exporting
+    the whole graph copies every weight (11 s for ViT-L's 1.2 GB); the graph itself is left as it is."""
+    light = graph.copy()
+    typed: dict[str, gs.Variable] = {}
+    for node in light.nodes:
+        for i, tensor in enumerate(node.inputs):
+            if isinstance(tensor, gs.Constant) and math.prod(tensor.shape) > WEIGHT_ELEMENTS:
+                if tensor.name not in typed:
+                    dtype = getattr(tensor, "export_dtype", None) or tensor.dtype
+                    typed[tensor.name] = gs.Variable(tensor.name, dtype=dtype, shape=list(tensor.shape))
+                node.inputs[i] = typed[tensor.name]
+    light.inputs.extend(typed.values())
+    return gs.export_onnx(light)
+
+
 def check_static(graph: gs.Graph, ctx: PassContext) -> gs.Graph:
     """Refuse a graph with any data-dependent or unknown shape."""
-    model = onnx.shape_inference.infer_shapes(gs.export_onnx(graph), data_prop=True)
+    model = shapes_of(_weightless_export(graph))
     problems = static_shape_problems(model)
     if problems:
         raise ExportError("graph is not static after the passes: " + "; ".join(problems[:5]))
@@ -196,7 +218,7 @@ PASSES: list[tuple[str, Pass]] = [
 
 def optimize(model: onnx.ModelProto, passes: list[tuple[str, Pass]] | None = None) -> tuple[onnx.ModelProto, list[str]]:
     """Run the passes in order; returns the new model (metadata kept) and what each pass did."""
-    model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    model = infer_shapes(model)
     ctx = PassContext(node_scopes(model), read_clustering_specs(model))
     graph = gs.import_onnx(model)
     for _, run in passes or PASSES:

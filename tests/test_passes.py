@@ -10,7 +10,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from hgdeploy.contract import FP32_MARKER, ExportError, read_clustering_specs
+from hgdeploy.contract import FP32_MARKER, ExportError, infer_shapes, read_clustering_specs, without_weights
 from hgdeploy.export import export_onnx
 from hgdeploy.layers import TokenClustering, TokenReconstruction
 from hgdeploy.passes import (
@@ -130,6 +130,29 @@ def test_mark_fp32_marks_only_the_layers():
     out, _ = _apply(mark_fp32, model, scopes, [{"scope": "enc.clustering", "kind": "clustering"}])
     names = {n.name for n in out.graph.node}
     assert f"{FP32_MARKER}/sub" in names and f"{FP32_MARKER}/softmax" in names and "sq" in names
+
+
+def test_shape_inference_without_the_weights_gives_the_shapes_inference_with_them_gives():
+    weight = numpy_helper.from_array(np.random.rand(64, 32).astype(np.float32), "w")  # 2048 elements: a weight
+    shape = numpy_helper.from_array(np.array([1, 4, 8], np.int64), "shape")  # small: data inference must read
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Reshape", ["h", "shape"], ["y"])]
+    graph = helper.make_graph(nodes, "t", [_vi("x", [1, 64])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=[weight, shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+    light = without_weights(model)
+    assert [i.name for i in light.graph.initializer] == ["shape"] and [i.name for i in light.graph.input] == ["x", "w"]
+    assert len(model.graph.initializer) == 2  # a copy: the model keeps its weights
+
+    def shapes(m):
+        return {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+                for v in list(m.graph.value_info) + list(m.graph.output)}
+
+    ours = infer_shapes(model)
+    assert shapes(ours) == shapes(onnx.shape_inference.infer_shapes(model, data_prop=True)) == {"h": [1, 32], "y": [1, 4, 8]}
+    assert [i.name for i in ours.graph.input] == ["x"]
+    assert [numpy_helper.to_array(i).tobytes() for i in ours.graph.initializer] == [
+        numpy_helper.to_array(i).tobytes() for i in model.graph.initializer]
 
 
 def test_check_static_refuses_data_dependent_shapes():
