@@ -18,6 +18,9 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 INPUT_NAME = "pixel_values"
+# What a model output is (a family names each output's kind): fidelity metrics and engine profiles' parity
+# bounds (parity.max_abs_per_kind) are stated per kind, so that one profile fits every model.
+OUTPUT_KINDS = ("tokens", "heatmap", "segmentation", "depth", "classification", "features")
 # Model metadata key holding, per clustering/reconstruction layer, its module path ("scope"), kind and
 # constants, so the passes find the subgraph (the exporter records module paths as node name scopes).
 CLUSTERING_METADATA = "hgdeploy.clustering"

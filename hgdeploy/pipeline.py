@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from hgdeploy import deploy, progress
+from hgdeploy.adapters.catalogue import get_family
 from hgdeploy.backends import EngineProfile, load_profile, make_runner, require_available
 from hgdeploy.backends.pyt import torch_runner
 from hgdeploy.checks import fidelity, outputs_of, parity, run_all
@@ -79,6 +80,11 @@ def prepare(recipe: str | None, overrides: list[str] | None = None, engine: str 
     profile = load_profile(engine) if need_profile else None
     if profile is not None and runs_here:
         require_available(profile)
+    family = get_family(rec.family)
+    unknown = profile.unknown_outputs(family.output_names) if profile else []
+    if unknown:  # before minutes of loading and exporting
+        raise UserError(f"{profile.path}: parity.max_abs_per_output.{unknown[0]} is not an output of family "
+                        f"{family.name} (its outputs: {', '.join(family.output_names)})")
     folder = deploy.output_folder(rec.name, out)
     paths, recorded = deploy.exported(folder, rec) if out_mode == "read" else (None, {})
     if out_mode == "write":
@@ -95,10 +101,6 @@ def prepare(recipe: str | None, overrides: list[str] | None = None, engine: str 
     with progress.step(f"Loading {rec.family} ({weights_source(rec)}) and patching for the {device}"):
         models = build_models(rec, device, lambda pre: to_batch(photos or load_photos(images), pre),
                               recorded.get("tau") if rec.request.tau_auto else None)
-    unknown = sorted(set(profile.max_abs_per_output) - set(models.family.output_names)) if profile else []
-    if unknown:
-        raise UserError(f"{profile.path}: parity.max_abs_per_output.{unknown[0]} is not an output of family "
-                        f"{models.family.name} (its outputs: {', '.join(models.family.output_names)})")
     return Job(rec, models, folder, profile, photos, paths)
 
 
@@ -186,7 +188,8 @@ def check(job: Job, paths: dict[str, Path]) -> dict[str, Any]:
     with progress.step(f"Running {len(feeds)} images through PyTorch (baseline, patched) and the {job.profile.name} engine"):
         results = run_all(runners, feeds)
     torch_patched, engine, torch_base = (outputs_of(results, r.name) for r in runners)
-    par = parity(engine, torch_patched, job.profile.cosine_min, job.profile.max_abs, job.profile.max_abs_per_output)
+    par = parity(engine, torch_patched, job.profile.cosine_min, job.profile.max_abs,
+                 job.profile.max_abs_bounds(job.models.family.outputs), job.profile.max_abs_rel)
     fid = fidelity(torch_patched, torch_base, dict(job.models.family.outputs), [p.name for p in job.photos or []])
     if not weights(job)["pretrained"]:
         fid["structure_check_only"] = STRUCTURE_ONLY

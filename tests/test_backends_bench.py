@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from hgdeploy.adapters.catalogue import families
 from hgdeploy.backends import load_profile, make_runner
+from hgdeploy.backends.profile import BUNDLED_PROFILES
 from hgdeploy.backends.pyt import torch_runner
 from hgdeploy.bench import bench_interleaved
 from hgdeploy.contract import INPUT_NAME
@@ -21,18 +24,40 @@ def test_bundled_profile_loads():
     assert profile.name == "ort-cpu" and profile.backend == "onnxruntime" and profile.cosine_min >= 0.9999
 
 
+@pytest.mark.parametrize("name", sorted({p.stem for folder in BUNDLED_PROFILES for p in Path(folder).glob("*.toml")}))
+def test_every_bundled_profile_takes_every_family(name):
+    """A bundled profile names no output one family lacks: the fp16 profiles' bounds for the default model's
+    tokens and heatmap once refused every other family (hgdeploy export segmenter --engine ort-cuda-fp16)."""
+    profile = load_profile(name)
+    refused = {f.name: profile.unknown_outputs(f.output_names) for f in families()}
+    assert not any(refused.values()), refused
+
+
 @pytest.mark.parametrize("text,needle", [
     ('[engine]\nbackend = "onnxruntime"\nprovders = ["cpu"]\n', "did you mean engine.providers"),
     ('[engine]\nbackend = "tensorflow"\n', "unknown engine.backend"),
     ('[engine]\nproviders = ["cpu"]\n', "missing required key engine.backend"),
     ('[engine]\nbackend = "onnxruntime"\n[bench]\nruns = "ten"\n', "bench.runs"),
     ('[engine\n', "cannot read engine profile"),
+    ('[engine]\nbackend = "onnxruntime"\n[parity.max_abs_per_kind]\nheatmaps = 0.1\n', "not an output kind"),
+    ('[engine]\nbackend = "onnxruntime"\n[parity.max_abs_per_kind]\nheatmap = "0.1"\n', "must be a number"),
+    ('[engine]\nbackend = "onnxruntime"\n[parity]\nmax_abs_rel = -1\n', "must be >= 0"),
 ])
 def test_bad_profiles_are_named(tmp_path, text, needle):
     path = tmp_path / "p.toml"
     path.write_text(text)
     with pytest.raises(UserError, match=needle):
         load_profile(str(path))
+
+
+def test_an_outputs_bound_is_its_names_then_its_kinds_then_max_abs(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text('[engine]\nbackend = "onnxruntime"\n[parity]\nmax_abs = 0.01\n'
+                    '[parity.max_abs_per_kind]\nheatmap = 0.3\nsegmentation = 0.2\n'
+                    '[parity.max_abs_per_output]\nlogits = 0.05\n')
+    bounds = load_profile(str(path)).max_abs_bounds((("heatmap", "heatmap"), ("tokens", "tokens"),
+                                                     ("logits", "segmentation")))
+    assert bounds == {"heatmap": 0.3, "logits": 0.05}  # tokens: no bound of its own, max_abs applies
 
 
 class _Sleep(torch.nn.Module):

@@ -39,6 +39,21 @@ def test_parity_passes_and_fails_on_thresholds():
     assert not bad.passed and bad.max_abs == pytest.approx(1.0)
 
 
+def test_parity_bound_grows_with_each_outputs_own_scale():
+    small = np.full((1, 8), 0.5)
+    large = np.linspace(-40, 40, 8)[None]
+    ref = [{"small": small, "large": large}]
+    engine = [{"small": small + 0.01, "large": large + 0.1}]
+    assert not parity(engine, ref, 0.99, 0.05).passed  # 0.1 over the absolute bound
+    scaled = parity(engine, ref, 0.99, 0.05, max_abs_rel=0.002)
+    assert scaled.passed
+    assert scaled.per_output["large"]["scale"] == pytest.approx(40)
+    assert scaled.per_output["large"]["max_abs_threshold"] == pytest.approx(0.05 + 0.002 * 40)
+    assert scaled.to_dict()["thresholds"]["max_abs_rel"] == 0.002
+    off = [{"small": small + 0.06, "large": large}]  # the small output does not borrow the large one's scale
+    assert not parity(off, ref, 0.99, 0.05, max_abs_rel=0.002).passed
+
+
 def test_fidelity_summary():
     base = [{"t": np.ones((1, 2, 3)), "h": np.full((1, 1, 2, 2), 0.9)}]
     patched = [{"t": np.ones((1, 2, 3)), "h": np.full((1, 1, 2, 2), 0.1)}]

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from torch import nn
 
+from hgdeploy.contract import OUTPUT_KINDS
 from hgdeploy.errors import UserError
 from hgdeploy.plan import ClusterPlan, ModelFacts
 
@@ -20,7 +21,6 @@ from hgdeploy.plan import ClusterPlan, ModelFacts
 # probabilities in [0, 1]; "segmentation" [B, K, H, W] class logits; "depth" [B, H, W];
 # "classification" [B, ..., K] class logits (per image, or per query); "features" [B, C, H, W] maps a later
 # model reads (backbone stages, SAM's image embeddings, Mask2Former's per-query mask logits).
-OUTPUT_KINDS = ("tokens", "heatmap", "segmentation", "depth", "classification", "features")
 INFERENCE_MODES = ("resize", "slide")
 DEPTH_OUTPUTS = ("metric", "disparity")
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from hgdeploy.config import bundled_folders, check_key, resolve_toml
+from hgdeploy.contract import OUTPUT_KINDS
 from hgdeploy.errors import UserError
 
 BUNDLED_PROFILES = bundled_folders("engines")
@@ -22,7 +23,7 @@ PROFILE_SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
                "graph_optimization_level": (str,), "threads": (int,), "provider_options": (dict,),
                "cuda_graph": (bool,), "workspace_mb": (int,), "timing_cache": (bool,)},
     "parity": {"cosine_min": (float, int), "max_abs": (float, int), "max_abs_per_output": (dict,),
-               "task_agreement_min": (float, int)},
+               "max_abs_per_kind": (dict,), "max_abs_rel": (float, int), "task_agreement_min": (float, int)},
     "bench": {"warmup": (int,), "runs": (int,)},
 }
 # Keys that only mean something to one backend: setting one for the other backend is an error, not ignored.
@@ -55,6 +56,8 @@ class EngineProfile:
     cosine_min: float = 0.9999
     max_abs: float = 1e-2
     max_abs_per_output: dict[str, float] = field(default_factory=dict)  # output name -> its own max_abs
+    max_abs_per_kind: dict[str, float] = field(default_factory=dict)  # output kind (heatmap, ...) -> its max_abs
+    max_abs_rel: float = 0.0  # plus this times the output's largest |reference|: bounds that fit every model
     # `hgdeploy eval`: the engine's agreement with patched PyTorch in the task's headline metric, as a fraction
     # (mIoU / 100, depth delta1, saliency max F); below it eval exits 1. None: no task gate.
     task_agreement_min: float | None = None
@@ -70,6 +73,15 @@ class EngineProfile:
     @property
     def on_gpu(self) -> bool:
         return self.device == "gpu"
+
+    def unknown_outputs(self, output_names: tuple[str, ...]) -> list[str]:
+        """Names in parity.max_abs_per_output that the model does not output: a bound that would never apply."""
+        return sorted(set(self.max_abs_per_output) - set(output_names))
+
+    def max_abs_bounds(self, outputs: tuple[tuple[str, str], ...]) -> dict[str, float]:
+        """Each (name, kind) output's own absolute bound: by name, else by kind; outputs without one use max_abs."""
+        by_kind = {name: self.max_abs_per_kind[kind] for name, kind in outputs if kind in self.max_abs_per_kind}
+        return by_kind | self.max_abs_per_output
 
     def to_dict(self) -> dict[str, Any]:
         common = {"name": self.name, "backend": self.backend, "device": self.device, "precision": self.precision}
@@ -117,9 +129,16 @@ def parse_profile(path: Path) -> EngineProfile:
         raise UserError(f"{path}: engine.precision must be one of {', '.join(PRECISIONS)}, not {profile.precision!r}")
     if profile.warmup < 0 or profile.runs < 1:
         raise UserError(f"{path}: bench.warmup must be >= 0 and bench.runs >= 1")
-    bad = [k for k, v in profile.max_abs_per_output.items() if isinstance(v, bool) or not isinstance(v, (int, float))]
-    if bad:
-        raise UserError(f"{path}: parity.max_abs_per_output.{bad[0]} must be a number")
+    for table in ("max_abs_per_output", "max_abs_per_kind"):
+        bad = [k for k, v in getattr(profile, table).items() if isinstance(v, bool) or not isinstance(v, (int, float))]
+        if bad:
+            raise UserError(f"{path}: parity.{table}.{bad[0]} must be a number")
+    kinds = sorted(set(profile.max_abs_per_kind) - set(OUTPUT_KINDS))
+    if kinds:
+        raise UserError(f"{path}: parity.max_abs_per_kind.{kinds[0]} is not an output kind (kinds: "
+                        f"{', '.join(OUTPUT_KINDS)})")
+    if profile.max_abs < 0 or profile.max_abs_rel < 0:
+        raise UserError(f"{path}: parity.max_abs and parity.max_abs_rel must be >= 0")
     if profile.task_agreement_min is not None and not 0 <= profile.task_agreement_min <= 1:
         raise UserError(f"{path}: parity.task_agreement_min is a fraction between 0 and 1 (mIoU / 100, delta1, max F)")
     check_device(profile)
