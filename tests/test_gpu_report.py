@@ -1,0 +1,63 @@
+"""scripts/gpu_report.py, the GPU report, run here as its CPU smoke run: the same steps (export, fp16 parity,
+engine timings per setting and form, torch) on ONNX Runtime CPU at the CI shape, so that the script a short GPU
+lease depends on has run end to end before it gets there."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import onnxruntime
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "gpu_report.py"
+
+
+def report(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, capture_output=True, text=True, timeout=900)
+
+
+def readme_hash() -> str:
+    return hashlib.sha256((REPO / "README.md").read_bytes()).hexdigest()
+
+
+def test_the_smoke_run_measures_every_step_and_renders_them(tmp_path):
+    before = readme_hash()
+    ran = report("--cpu", "--ci-shapes", "--only", "dinov2_s14_focus", "--plans", "recipe", "--forms", "dense", "local",
+                 "--results", str(tmp_path))
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    data = json.loads((tmp_path / "gpu.json").read_text())
+    assert data["smoke"] is True
+    steps = data["steps"]
+    assert not [s for s in steps if "error" in s or "skipped" in s], steps
+    count = {k: sum(s["step"] == k for s in steps) for k in ("export", "parity", "engine", "torch")}
+    # two forms; parity in the first (GPU) form only; on the CPU the eager settings only, fp32 and fp16
+    assert count == {"export": 2, "parity": 1, "engine": 4, "torch": 4}, count
+    assert [s["form"] for s in steps if s["step"] == "parity"] == ["dense"]
+    for s in steps:
+        if s["step"] in ("engine", "torch"):
+            assert s["speedup"] > 0 and all(ms > 0 for ms in s["latency_ms"].values())
+    par = next(s for s in steps if s["step"] == "parity")["parity"]
+    assert set(par["per_output"]) == {"tokens", "heatmap"} and par["passed"]
+    md = (tmp_path / "gpu.md").read_text()
+    assert "| dinov2_s14_focus | recipe | local | fp16, eager |" in md
+    assert "target: dinov2_s14_focus, ort-cpu-fp16 parity cosine ≥ 0.999 on every output" in md
+    assert "a smoke run, not a GPU figure" in md
+    assert readme_hash() == before  # a smoke run never writes the README
+
+    rendered = report("--render", str(tmp_path / "gpu.json"), "--results", str(tmp_path / "again"), "--no-readme")
+    assert rendered.returncode == 0, rendered.stderr[-3000:]
+    assert (tmp_path / "again" / "gpu.md").read_text() == md
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in onnxruntime.get_available_providers(),
+                    reason="this machine has ONNX Runtime's CUDA provider: the refusal is for machines without it")
+def test_without_a_cuda_provider_it_stops_in_one_line_before_any_work(tmp_path):
+    ran = report("--results", str(tmp_path / "out"), "--no-readme")
+    assert ran.returncode == 2
+    assert len(ran.stderr.strip().splitlines()) == 1 and "CUDA" in ran.stderr
+    assert not (tmp_path / "out").exists()
