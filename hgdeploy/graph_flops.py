@@ -51,7 +51,9 @@ def _node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
         return math.prod(x) * math.prod(w[1:])  # w: [C_in, C_out / group, *kernel]
     if node.op_type == "Einsum":
         sizes: dict[str, int] = {}
-        for labels, name in zip(attrs["equation"].replace(" ", "").split("->")[0].split(","), node.input):
+        equation = attrs["equation"]  # onnx.helper returns string attributes as bytes
+        equation = equation.decode() if isinstance(equation, bytes) else equation
+        for labels, name in zip(equation.replace(" ", "").split("->")[0].split(","), node.input):
             sizes.update(zip(labels, _dims(shapes, name)))
         return math.prod(sizes.values())
     return 0

@@ -97,3 +97,20 @@ def test_clustering_cost_is_reported_separately():
     expected_cluster = n * m * c * (1 + 2 * 2)  # pooling + 2 iterations x (distances + M-step)
     assert count.clustering * 1e9 == pytest.approx(expected_cluster)
     assert count.total * 1e9 == pytest.approx(expected_cluster + 64 * 4 * 4)
+
+
+def test_onnx_gflops_counts_matmul_and_einsum_multiply_adds():
+    """Einsum's equation arrives from onnx.helper as bytes: counting a graph with one (Mask2Former's decoder)
+    once crashed `hgdeploy export` with a TypeError."""
+    from onnx import TensorProto, helper
+
+    from hgdeploy.graph_flops import onnx_gflops
+
+    nodes = [helper.make_node("MatMul", ["a", "w"], ["h"], name="mm"),  # [2,3,4] x [4,5]: 2*3*5*4 = 120
+             helper.make_node("Einsum", ["h", "b"], ["y"], name="es", equation="bij,bjk->bik")]  # 2*3*5*6 = 180
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in
+                                           (("a", [2, 3, 4]), ("w", [4, 5]), ("b", [2, 5, 6]))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 6])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    count = onnx_gflops(model, lambda n: n.name == "es")
+    assert count.total * 1e9 == pytest.approx(300) and count.clustering * 1e9 == pytest.approx(180)
