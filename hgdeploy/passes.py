@@ -56,11 +56,19 @@ def _quiet_onnxruntime() -> None:
     onnxruntime.set_default_logger_severity(3)
 
 
+# Folded results larger than this stay computed in the graph (engines fold them again when they load it):
+# SwinV2's per-block position-bias tables ([heads, 1024, 1024], 100 MB each in stage 3) folded took the
+# optimized graph past protobuf's 2 GB limit at 544 px, where the unfolded graph is 0.8 GB. Weights (the
+# largest, SwinV2-L's 1536 x 6144 matrices, are 38 MB) still fold.
+FOLD_MAX_BYTES = 64 << 20
+
+
 def fold_constants(graph: gs.Graph, ctx: PassContext) -> gs.Graph:
-    """Evaluate everything that depends only on constants (masks, pooling matrix, index arithmetic)."""
+    """Evaluate everything that depends only on constants (masks, pooling matrix, index arithmetic), up to
+    FOLD_MAX_BYTES a result."""
     before = len(graph.nodes)
     _quiet_onnxruntime()
-    graph.fold_constants(error_ok=False).cleanup().toposort()
+    graph.fold_constants(error_ok=False, size_threshold=FOLD_MAX_BYTES).cleanup().toposort()
     ctx.notes.append(f"fold_constants: {before} -> {len(graph.nodes)} nodes")
     return graph
 

@@ -63,6 +63,24 @@ def test_fold_constants_evaluates_constant_arithmetic():
     np.testing.assert_allclose(_run(out, {"x": x})[0], x + 6)
 
 
+def test_fold_constants_leaves_results_over_the_size_limit_to_the_engine(monkeypatch):
+    import hgdeploy.passes as passes
+
+    a = numpy_helper.from_array(np.full((4,), 2.0, np.float32), "a")
+    big = numpy_helper.from_array(np.array([64, 4], np.int64), "big")  # the Expand's result: 64 x 4 floats
+    model = _model([helper.make_node("Expand", ["a", "big"], ["table"], name="expand"),
+                    helper.make_node("Add", ["x", "table"], ["y"], name="add")],
+                   [_vi("x", [64, 4])], [_vi("y", [64, 4])], [a, big])
+    monkeypatch.setattr(passes, "FOLD_MAX_BYTES", 64 * 4 * 4 - 1)
+    out, _ = _apply(fold_constants, model)
+    assert _ops(out) == ["Expand", "Add"]
+    monkeypatch.setattr(passes, "FOLD_MAX_BYTES", 64 * 4 * 4)
+    out, _ = _apply(fold_constants, model)
+    assert _ops(out) == ["Add"]
+    x = np.ones((64, 4), np.float32)
+    np.testing.assert_allclose(_run(out, {"x": x})[0], x + 2)
+
+
 def _softmax_with_norm_term(axis=-1):
     """softmax(||x||^2 + c - t): the ||x||^2 term is [1, 4, 1], constant along the softmax axis."""
     axes = numpy_helper.from_array(np.array([-1], np.int64), "axes")
