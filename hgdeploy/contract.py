@@ -18,8 +18,12 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 INPUT_NAME = "pixel_values"
-# What a model output is (a family names each output's kind): fidelity metrics and engine profiles' parity
-# bounds (parity.max_abs_per_kind) are stated per kind, so that one profile fits every model.
+# What an output is, so checks know how to compare it: "tokens" [B, N, C]; "heatmap" [B, 1, H, W]
+# probabilities in [0, 1]; "segmentation" [B, K, H, W] class logits; "depth" [B, H, W];
+# "classification" [B, ..., K] class logits (per image, or per query); "features" [B, C, H, W] maps a later
+# model reads (backbone stages, SAM's image embeddings, Mask2Former's per-query mask logits).
+# A family names each output's kind; fidelity metrics and engine profiles' parity bounds
+# (parity.max_abs_per_kind) are stated per kind, so that one profile fits every model.
 OUTPUT_KINDS = ("tokens", "heatmap", "segmentation", "depth", "classification", "features")
 # Model metadata key holding, per clustering/reconstruction layer, its module path ("scope"), kind and
 # constants, so the passes find the subgraph (the exporter records module paths as node name scopes).

@@ -24,13 +24,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the checkout's hgdeploy, also before it is installed
 
+from hgdeploy.adapters.catalogue import get_family  # noqa: E402
 from hgdeploy.outputs import to_json, write_atomic  # noqa: E402
+from hgdeploy.recipe import bundled_recipes, load_recipe  # noqa: E402
 from hgdeploy.report import publish  # noqa: E402
 
 RESULTS = REPO / "scripts" / "results" / "parity_bounds.json"
@@ -46,27 +47,22 @@ BOUNDED_KINDS = {"fp16": ("heatmap",), "fp32": ()}
 
 
 def recipes() -> list[str]:
-    return sorted(p.stem for p in (REPO / "export").glob("*.toml"))
-
-
-def recipe_toml(recipe: str) -> dict:
-    return tomllib.loads((REPO / "export" / f"{recipe}.toml").read_text())
+    return sorted(bundled_recipes())
 
 
 def ci_shape(recipe: str) -> list[str]:
-    return recipe_toml(recipe).get("ci", {}).get("set", [])
+    return load_recipe(recipe).ci_overrides
 
 
 def output_kinds(recipe: str) -> dict[str, str]:
-    from hgdeploy.adapters.catalogue import get_family
-
-    return dict(get_family(recipe_toml(recipe)["model"]["family"]).outputs)
+    return dict(get_family(bundled_recipes()[recipe]).outputs)
 
 
 def permissive_profile(folder: Path, precision: str) -> Path:
     """ort-cpu(-fp16) with bounds that pass any finite output: the measurement, not the gate."""
     path = folder / f"ort-cpu-{precision}-measure.toml"
-    path.write_text(f'[engine]\nbackend = "onnxruntime"\ndevice = "cpu"\nproviders = ["cpu"]\nprecision = "{precision}"\n'
+    path.write_text('[engine]\nbackend = "onnxruntime"\ndevice = "cpu"\nproviders = ["cpu"]\n'
+                    f'precision = "{precision}"\n'
                     '[parity]\ncosine_min = 0.0\nmax_abs = 1e30\n')
     return path
 
@@ -83,25 +79,27 @@ def measure(recipe: str, full: bool, tmp: Path, profiles: dict[str, Path]) -> li
     """One export (it writes the fp32 and the fp16 graphs), then a check of each precision's patched graph."""
     sets = [] if full else [a for s in ci_shape(recipe) for a in ("--set", s)]
     out = tmp / f"{recipe}-{'full' if full else 'ci'}"
-    hgdeploy("export", recipe, *sets, "--engine", "ort-cpu-fp16", "--out", str(out))
+    try:
+        hgdeploy("export", recipe, *sets, "--engine", "ort-cpu-fp16", "--out", str(out))
+        return [row(recipe, full, precision,
+                    hgdeploy("check", recipe, *sets, "--engine", str(profile), "--out", str(out)))
+                for precision, profile in profiles.items()]
+    finally:
+        shutil.rmtree(out, ignore_errors=True)  # ViT-L/H exports: gigabytes no later step reads
+
+
+def row(recipe: str, full: bool, precision: str, report: dict) -> dict:
+    """One precision's parity report as a table row: per output, its worst cosine, error, scale and kind."""
     kinds = output_kinds(recipe)
-    rows = []
-    for precision, profile in profiles.items():
-        try:
-            report = hgdeploy("check", recipe, *sets, "--engine", str(profile), "--out", str(out))
-        finally:
-            if precision == list(profiles)[-1]:
-                shutil.rmtree(out, ignore_errors=True)  # ViT-L/H exports: gigabytes no later step reads
-        outputs = {name: {k: v[k] for k in ("cosine_min", "max_abs", "scale")}
-                   | {"ratio": v["max_abs"] / max(v["scale"], 1e-30), "kind": kinds[name]}
-                   for name, v in report["parity"]["per_output"].items()}
-        rows.append({"recipe": recipe, "size": "full" if full else "ci", "precision": precision,
-                     "input_size": report["plan"].get("input_size"), "pretrained": report["weights"]["pretrained"],
-                     "outputs": outputs})
-        worst = max(outputs.values(), key=lambda o: o["ratio"])
-        print(f"{recipe} ({rows[-1]['size']}, {precision}): worst max_abs/scale {worst['ratio']:.2e}, cosine min "
-              f"{min(o['cosine_min'] for o in outputs.values()):.6f}", file=sys.stderr, flush=True)
-    return rows
+    outputs = {name: {k: v[k] for k in ("cosine_min", "max_abs", "scale")}
+               | {"ratio": v["max_abs"] / max(v["scale"], 1e-30), "kind": kinds[name]}
+               for name, v in report["parity"]["per_output"].items()}
+    worst = max(outputs.values(), key=lambda o: o["ratio"])
+    size = "full" if full else "ci"
+    print(f"{recipe} ({size}, {precision}): worst max_abs/scale {worst['ratio']:.2e}, cosine min "
+          f"{min(o['cosine_min'] for o in outputs.values()):.6f}", file=sys.stderr, flush=True)
+    return {"recipe": recipe, "size": size, "precision": precision, "input_size": report["plan"].get("input_size"),
+            "pretrained": report["weights"]["pretrained"], "outputs": outputs}
 
 
 def round_up_125(x: float) -> float:
@@ -145,7 +143,8 @@ def render(rows: list[dict], versions: dict, failed: list[dict] | None = None) -
         cos = min((o["cosine_min"], r["recipe"], name) for r in mine for name, o in r["outputs"].items())
         rel = s["max_abs_rel"]
         kinds = "; ".join(f"{kind}: worst max abs {v['worst'][0]:.3g} ({v['worst'][1]}, {v['worst'][2]}) → "
-                          f"**max_abs_per_kind.{kind} = {v['bound']:.2g}**" for kind, v in s["max_abs_per_kind"].items())
+                          f"**max_abs_per_kind.{kind} = {v['bound']:.2g}**"
+                          for kind, v in s["max_abs_per_kind"].items())
         lines.append(f"- {precision}: worst cosine {cos[0]:.6f} ({cos[1]}, {cos[2]}); outputs bounded relative to "
                      f"their scale: worst max abs / scale {rel['worst'][0]:.2e} ({rel['worst'][1]}, {rel['worst'][2]})"
                      f" → **max_abs_rel = {rel['bound']:.2g}**" + (f"; {kinds}" if kinds else "") + ".")
@@ -153,8 +152,8 @@ def render(rows: list[dict], versions: dict, failed: list[dict] | None = None) -
     lines += [f"\nBounds: {MARGIN:g}× the worst, rounded up to 1, 2 or 5 × 10^n (engines/*.toml [parity]).",
               "", f"Produced by `python scripts/parity_bounds.py` (each patched graph, fp16 and fp32, on ONNX Runtime "
               f"{versions.get('onnxruntime')} CPU against the patched PyTorch model in fp32, torch "
-              f"{versions.get('torch')}, the 8 bundled photos, {versions.get('cpu_count')} CPU cores). Random-weight rows check the graph's numerics, not a trained "
-              "model's."]
+              f"{versions.get('torch')}, the 8 bundled photos, {versions.get('cpu_count')} CPU cores). Random-weight "
+              "rows check the graph's numerics, not a trained model's."]
     return "\n".join(lines)
 
 
@@ -164,14 +163,16 @@ def main() -> int:
     parser.add_argument("--full", nargs="*", default=["dinov2_s14_focus"],
                         help="recipes also measured at their own size (default: the default recipe)")
     parser.add_argument("--check", action="store_true", help="print only; write neither JSON nor README")
-    parser.add_argument("--resume", action="store_true", help=f"keep the rows of an interrupted run ({PARTIAL.name}), or of parity_bounds.json copied there")
+    parser.add_argument("--resume", action="store_true",
+                        help=f"keep the rows of an interrupted run ({PARTIAL.name}; or copy parity_bounds.json there)")
     parser.add_argument("--render", type=Path, default=None, metavar="JSON",
                         help="measure nothing: the README block from a parity_bounds.json")
     args = parser.parse_args()
     if args.render is not None:
         data = json.loads(args.render.read_text())
-        publish(render(data["rows"], data["versions"], data.get("failed", [])), "parity-bounds", REPO / "README.md", RESULTS,
-                data | {"suggested": suggestions(data["rows"])}, args.check)
+        text = render(data["rows"], data["versions"], data.get("failed", []))
+        publish(text, "parity-bounds", REPO / "README.md", RESULTS, data | {"suggested": suggestions(data["rows"])},
+                args.check)
         return 0
     import onnxruntime
     import torch

@@ -17,10 +17,6 @@ from hgdeploy.contract import OUTPUT_KINDS
 from hgdeploy.errors import UserError
 from hgdeploy.plan import ClusterPlan, ModelFacts
 
-# What an output is, so checks know how to compare it: "tokens" [B, N, C]; "heatmap" [B, 1, H, W]
-# probabilities in [0, 1]; "segmentation" [B, K, H, W] class logits; "depth" [B, H, W];
-# "classification" [B, ..., K] class logits (per image, or per query); "features" [B, C, H, W] maps a later
-# model reads (backbone stages, SAM's image embeddings, Mask2Former's per-query mask logits).
 INFERENCE_MODES = ("resize", "slide")
 DEPTH_OUTPUTS = ("metric", "disparity")
 
