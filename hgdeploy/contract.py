@@ -16,6 +16,9 @@ from typing import Callable
 import onnx
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
+from onnx.external_data_helper import _get_all_tensors
+
+from hgdeploy.outputs import staged_file
 
 INPUT_NAME = "pixel_values"
 # What an output is, so checks know how to compare it: "tokens" [B, N, C]; "heatmap" [B, 1, H, W]
@@ -40,6 +43,11 @@ FP32_MARKER = "hgdeploy_fp32"
 ALWAYS_DATA_DEPENDENT = frozenset({"NonZero", "Unique", "NonMaxSuppression", "Compress"})
 CONTROL_FLOW = frozenset({"Loop", "If", "Scan"})
 DATA_DEPENDENT_OPS = ALWAYS_DATA_DEPENDENT | CONTROL_FLOW
+# protobuf cannot serialise a message over 2 GiB: a graph whose tensors pass this (the limit, with margin for
+# the graph itself) keeps them in `<file>.data` beside the file, as ONNX's external data.
+INLINE_LIMIT_BYTES = 1_800_000_000
+# Tensors below this stay inside the graph even then: shapes, axes and scales the checks and lint read.
+EXTERNAL_MIN_BYTES = 1024
 
 
 class ExportError(RuntimeError):
@@ -120,6 +128,33 @@ def check_model(path: Path) -> onnx.ModelProto:
     if problems:
         raise ExportError(f"{Path(path).name} is not static: " + "; ".join(problems[:5]))
     return model
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of every tensor the graph holds (initializers, Constant attributes, subgraphs), from their shapes:
+    reading the protos' data would copy gigabytes."""
+    return sum(math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+               for t in _get_all_tensors(model))
+
+
+def save_onnx(model: onnx.ModelProto, path: Path) -> Path:
+    """Write `model` to `path` atomically, with its weights in `<path>.data` when protobuf's 2 GB limit forces it
+    (onnx's external data; a stale `.data` from an earlier, larger graph is removed).
+
+    Saving with external data moves the weights out of `model`: its large tensors then refer to the file.
+    """
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    external = tensor_bytes(model) > INLINE_LIMIT_BYTES
+    with staged_file(path) as tmp:
+        if external:
+            onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data.name, size_threshold=EXTERNAL_MIN_BYTES)
+        else:
+            tmp.write_bytes(model.SerializeToString())
+    if not external:
+        data.unlink(missing_ok=True)
+    return path
 
 
 # Initializers of more elements are weights; smaller ones are constants shape inference may need to read.

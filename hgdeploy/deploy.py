@@ -16,12 +16,13 @@ import onnx
 from hgdeploy import progress
 from hgdeploy.backends import EngineProfile, backend_versions, load_profile, make_runner, require_available
 from hgdeploy.bench import Timing, bench_interleaved, machine_info
-from hgdeploy.contract import INPUT_NAME, check_model, is_layer_node, read_export_info
+from hgdeploy.contract import INPUT_NAME, check_model, is_layer_node, read_export_info, save_onnx
 from hgdeploy.errors import UserError
 from hgdeploy.fp16 import to_fp16
 from hgdeploy.graph_flops import onnx_gflops
 from hgdeploy.lint import DEFAULT_MAJOR, format_finding, lint_model
-from hgdeploy.outputs import check_output_folder, file_sha256, to_json, write_atomic, write_atomic_bytes
+from hgdeploy.memory import releases_memory
+from hgdeploy.outputs import check_output_folder, file_sha256, to_json, write_atomic
 from hgdeploy.passes import PASSES, optimize
 from hgdeploy.recipe import Recipe, load_recipe
 
@@ -71,16 +72,20 @@ def write_fp16(paths: dict[str, Path], folder: Path, keys: tuple[str, ...] | Non
     report: dict[str, Any] = {}
     sources = (("baseline_fp16", paths["baseline"]), ("patched_fp16", deployed(paths)))
     for key, source in sources if keys is None else [s for s in sources if s[0] in keys]:
-        model = onnx.load(str(source))
-        with progress.step(f"Converting {source.name} to {ONNX_FILES[key]} (fp16, clustering kept in fp32)"):
-            converted, summary = to_fp16(model, is_layer_node(model))
-        target = Path(folder) / ONNX_FILES[key]
-        write_atomic_bytes(target, converted.SerializeToString())
-        paths[key] = target
-        findings = lint_model(converted, DEFAULT_MAJOR)
-        report[key] = summary.to_dict() | {"lint_clean": not findings,
-                                           "lint_findings": [format_finding(f) for f in findings]}
+        paths[key], report[key] = _fp16_graph(source, Path(folder) / ONNX_FILES[key])
     return {"fp16": report}
+
+
+@releases_memory
+def _fp16_graph(source: Path, target: Path) -> tuple[Path, dict[str, Any]]:
+    """One graph converted to fp16, saved and linted; its summary and lint findings."""
+    model = onnx.load(str(source))
+    with progress.step(f"Converting {source.name} to {target.name} (fp16, clustering kept in fp32)"):
+        converted, summary = to_fp16(model, is_layer_node(model))
+    save_onnx(converted, target)
+    findings = lint_model(converted, DEFAULT_MAJOR)
+    return target, summary.to_dict() | {"lint_clean": not findings,
+                                        "lint_findings": [format_finding(f) for f in findings]}
 
 
 def export_info(paths: dict[str, Path]) -> dict[str, Any]:
@@ -135,26 +140,13 @@ def open_export(recipe: str | None, overrides: list[str], engine: str | None, ou
     return paths, profile
 
 
-def passes_unsupported(paths: dict[str, Path]) -> str | None:
-    """Why the graph passes cannot run on this export (None when they can)."""
-    data = paths["patched"].with_name(paths["patched"].name + ".data")
-    if data.exists():
-        return (f"{paths['patched'].name} keeps its weights in {data.name} (over protobuf's 2 GB limit); the graph "
-                f"passes work on graphs held in memory and do not support that yet: build, check and bench "
-                f"{paths['patched'].name} directly")
-    return None
-
-
+@releases_memory
 def optimize_graph(paths: dict[str, Path], folder: Path) -> dict[str, Any]:
     """Run the graph passes on patched.onnx -> patched.opt.onnx; node counts and GFLOPs before/after, lint."""
-    reason = passes_unsupported(paths)
-    if reason:
-        raise UserError(reason)
-    model = onnx.load(str(paths["patched"]))
+    model = onnx.load(str(paths["patched"]))  # with its external weights, if it has them
     with progress.step(f"Optimizing {paths['patched'].name}: {', '.join(name for name, _ in PASSES)}"):
         out, notes = optimize(model)
-    target = Path(folder) / ONNX_FILES["optimized"]
-    write_atomic_bytes(target, out.SerializeToString())
+    target = save_onnx(out, Path(folder) / ONNX_FILES["optimized"])
     check_model(target)
     paths["optimized"] = target
     before, after = onnx_gflops(model, is_layer_node(model)), onnx_gflops(out, is_layer_node(out))

@@ -7,25 +7,21 @@ in the tool (and are recorded in the recipe/report).
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import gc
 import io
 import json
 import logging
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from hgdeploy.contract import CLUSTERING_METADATA, EXPORT_METADATA, INPUT_NAME, check_model
+from hgdeploy.contract import CLUSTERING_METADATA, EXPORT_METADATA, INLINE_LIMIT_BYTES, INPUT_NAME, check_model
 from hgdeploy.layers import TokenClustering, TokenReconstruction, WindowTokenClustering, WindowTokenReconstruction
+from hgdeploy.memory import release_memory
+from hgdeploy.outputs import staged_file
 
 OPSET = 18
-_EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GiB limit, with margin
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, output_names: tuple[str, ...],
@@ -37,36 +33,16 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, output_name
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    big = external_data if external_data is not None else weight_bytes(model) > _EXTERNAL_DATA_BYTES
-    # Saved under its final name in a staging folder: external data files are referenced by name.
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.staging-", dir=path.parent))
-    tmp = staging / path.name
-    try:
+    big = external_data if external_data is not None else weight_bytes(model) > INLINE_LIMIT_BYTES
+    with staged_file(path) as tmp:  # under its final name: external data files are referenced by name
         _export_and_save(model, example, tmp, output_names, info, big)
         release_memory()  # the exported program (and the weights its optimizer folded) is gone before the check
         check_model(tmp)
-        for item in sorted(staging.iterdir(), key=lambda f: f.name == path.name):  # the graph last
-            os.replace(item, path.parent / item.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return path
 
 
 def weight_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def release_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise).
-
-    An export of a ViT-L builds several gigabytes of temporary tensors and protobufs; without this the
-    process keeps their pages and the ONNX Runtime session that follows comes on top of them.
-    """
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
-        pass
 
 
 def _export_and_save(model: nn.Module, example: torch.Tensor, target: Path, output_names: tuple[str, ...],

@@ -20,7 +20,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from hgdeploy.contract import ExportError, infer_shapes, shapes_of
+from hgdeploy.contract import ExportError, shapes_of, without_weights
+from hgdeploy.passes import import_graph
 
 FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
 # Ops kept in fp32 wherever they are: LayerNorm's mean and variance over a wide channel axis overflow
@@ -89,9 +90,8 @@ def to_fp16(model: onnx.ModelProto, keep_fp32: Callable[[onnx.NodeProto], bool])
 
     keep_fp32(node) selects nodes (by their ONNX NodeProto) that compute in fp32, with FP32_OPS.
     """
-    inferred = infer_shapes(model)
-    protos = {n.name: n for n in inferred.graph.node}
-    graph = gs.import_onnx(inferred)
+    protos = {n.name: n for n in model.graph.node}
+    graph = import_graph(model)
     fp32 = {id(n) for n in graph.nodes if n.op in FP32_OPS or keep_fp32(protos.get(n.name, onnx.NodeProto()))}
     # 1. Activations take the precision of the node that produces them; so do typed attributes (Cast's
     #    target, the tensors of Constant and ConstantOfShape).
@@ -139,7 +139,7 @@ def to_fp16(model: onnx.ModelProto, keep_fp32: Callable[[onnx.NodeProto], bool])
     for prop in model.metadata_props:
         converted.metadata_props.add(key=prop.key, value=prop.value)
     try:
-        onnx.checker.check_model(converted)
+        onnx.checker.check_model(without_weights(converted))  # in memory the checker stops at 2 GB
         shapes_of(converted, check_type=True, strict_mode=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ExportError(f"the fp16 graph does not type-check: {str(exc).splitlines()[0]}") from exc

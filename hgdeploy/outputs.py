@@ -40,6 +40,24 @@ def write_atomic_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+@contextlib.contextmanager
+def staged_file(path: Path) -> Iterator[Path]:
+    """`path`'s name inside a hidden staging folder beside it, for writers of more than one file (an ONNX graph
+    and the weights it references by file name). On success every staged file replaces its namesake beside
+    `path`, `path` itself last, so a reader never finds the graph without its weights; on failure or Ctrl-C
+    nothing is left behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.staging-", dir=path.parent))
+    try:
+        yield staging / path.name
+        for item in sorted(staging.iterdir(), key=lambda f: f.name == path.name):
+            os.chmod(item, file_mode())  # onnx writes external data as 0600
+            os.replace(item, path.parent / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def check_output_folder(out: Path) -> Path:
     """Refuse, before any work, an output folder that cannot be written: an existing file, a file on its
     path, no permission to write there (files are staged beside it, in its parent, then moved in)."""

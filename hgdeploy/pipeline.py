@@ -220,12 +220,7 @@ def run(recipe: str | None, overrides: list[str], engine: str | None, images: st
     report["images"] = [p.name for p in job.photos or []]
     with staged_output(job.folder) as stage:
         paths = export_models(job, stage)
-        skipped = deploy.passes_unsupported(paths)
-        if skipped:
-            progress.info(f"graph passes skipped: {skipped}")
-            report["optimize_skipped"] = skipped
-        else:
-            report |= deploy.optimize_graph(paths, stage)
+        report |= deploy.optimize_graph(paths, stage)
         if job.profile.precision == "fp16":
             report |= deploy.write_fp16(paths, stage)
         report |= check(job, paths)

@@ -14,7 +14,7 @@ from conftest import SMALL_EXPORT
 PACKAGE = Path(__file__).resolve().parents[1] / "hgdeploy"
 # The rooms, lowest first (ARCHITECTURE.md). A module may import its own room and the rooms below it.
 ROOMS = [
-    ("foundation", {"errors", "config", "progress", "contract", "preprocess", "plan", "outputs"}),
+    ("foundation", {"errors", "config", "progress", "contract", "preprocess", "plan", "outputs", "memory"}),
     ("layers", {"layers"}),
     ("models", {"models"}),
     ("adapters", {"adapters"}),
