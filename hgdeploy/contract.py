@@ -18,7 +18,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from onnx.external_data_helper import _get_all_tensors
 
-from hgdeploy.outputs import staged_file
+from hgdeploy.outputs import file_sha256, staged_file
 
 INPUT_NAME = "pixel_values"
 # What an output is, so checks know how to compare it: "tokens" [B, N, C]; "heatmap" [B, 1, H, W]
@@ -155,6 +155,18 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> Path:
     if not external:
         data.unlink(missing_ok=True)
     return path
+
+
+def graph_files(path: Path) -> list[Path]:
+    """The files an ONNX graph is: itself and, when it keeps its weights beside it (save_onnx, the exporter),
+    `<file>.data`."""
+    data = Path(path).with_name(Path(path).name + ".data")
+    return [Path(path), data] if data.exists() else [Path(path)]
+
+
+def graph_sha256(path: Path) -> str:
+    """sha256 of a graph with its weights: a new checkpoint of a ViT-H changes only its `.data` file."""
+    return file_sha256(*graph_files(path))
 
 
 # Initializers of more elements are weights; smaller ones are constants shape inference may need to read.

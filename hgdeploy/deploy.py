@@ -16,13 +16,13 @@ import onnx
 from hgdeploy import progress
 from hgdeploy.backends import EngineProfile, backend_versions, load_profile, make_runner, require_available
 from hgdeploy.bench import Timing, bench_interleaved, machine_info
-from hgdeploy.contract import INPUT_NAME, check_model, is_layer_node, read_export_info, save_onnx
+from hgdeploy.contract import INPUT_NAME, check_model, graph_sha256, is_layer_node, read_export_info, save_onnx
 from hgdeploy.errors import UserError
 from hgdeploy.fp16 import to_fp16
 from hgdeploy.graph_flops import onnx_gflops
 from hgdeploy.lint import DEFAULT_MAJOR, format_finding, lint_model
 from hgdeploy.memory import releases_memory
-from hgdeploy.outputs import check_output_folder, file_sha256, to_json, write_atomic
+from hgdeploy.outputs import check_output_folder, to_json, write_atomic
 from hgdeploy.passes import PASSES, optimize
 from hgdeploy.recipe import Recipe, load_recipe
 
@@ -238,7 +238,7 @@ def build(paths: dict[str, Path], profile: EngineProfile) -> dict[str, Any]:
         with progress.step(f"Building {profile.name} engine for {path.name}"):
             with make_runner(path, profile) as runner:
                 meta = runner.get_input_metadata(use_numpy_dtypes=False)
-        manifest["engines"][key] = {"source": str(path), "source_sha256": file_sha256(path),
+        manifest["engines"][key] = {"source": str(path), "source_sha256": graph_sha256(path),
                                     "inputs": {n: list(m.shape) for n, m in meta.items()}}
     write_atomic(paths["baseline"].parent / f"engine.{profile.name}.json", to_json(manifest))
     return {"backend": manifest["profile"], "engines": manifest["engines"]}

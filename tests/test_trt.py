@@ -21,7 +21,7 @@ from hgdeploy.backends.onnxrt import lost_providers
 from hgdeploy.backends.onnxrt import provider_name as ort_provider_name
 from hgdeploy.backends.onnxrt import providers as ort_providers
 from hgdeploy.backends.trt import engine_paths, manifest_mismatch, onnx_input_shapes, strongly_typed_flag
-from hgdeploy.contract import FP32_MARKER
+from hgdeploy.contract import FP32_MARKER, graph_sha256
 from hgdeploy.errors import UserError
 from hgdeploy.outputs import file_sha256
 
@@ -302,6 +302,28 @@ def _fake_build(tmp_path, profile, **manifest):
               "source_sha256": file_sha256(onnx_path), "engine_sha256": file_sha256(paths["engine"])}
     paths["manifest"].write_text(json.dumps(fields | manifest))
     return onnx_path, paths
+
+
+def test_an_engine_is_stale_when_only_the_external_weights_of_its_graph_change(tmp_path, monkeypatch):
+    """Over 2 GB a graph keeps its weights in `<graph>.data`: a new checkpoint of a ViT-H rewrites only that
+    file, and an engine built from the old weights must not be reused for it."""
+    profile = load_profile("trt-fp32")
+    onnx_path = tiny_onnx(tmp_path / "m.onnx")
+    model = onnx.load(str(onnx_path))
+    onnx.save_model(model, str(onnx_path), save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    paths = engine_paths(onnx_path, profile.name, tmp_path)
+    paths["engine"].write_bytes(b"serialized engine")
+    monkeypatch.setattr(machine, "tensorrt_version", lambda: "10.3.0")
+    monkeypatch.setattr(machine, "cuda_gpu_name", lambda: "NVIDIA L4")
+    paths["manifest"].write_text(json.dumps(
+        {"tensorrt": "10.3.0", "gpu": "NVIDIA L4", "precision": profile.precision,
+         "source_sha256": graph_sha256(onnx_path), "engine_sha256": file_sha256(paths["engine"])}))
+    graph_bytes = onnx_path.read_bytes()
+    assert trt_backend.engine_problem(paths["engine"], onnx_path, profile) is None
+    data = tmp_path / "m.onnx.data"
+    data.write_bytes(np.random.default_rng(1).standard_normal((8, 4)).astype(np.float32).tobytes())  # new weights
+    assert onnx_path.read_bytes() == graph_bytes  # the graph file itself is unchanged
+    assert "the ONNX file now has" in trt_backend.engine_problem(paths["engine"], onnx_path, profile)
 
 
 def test_load_trt_engine_checks_the_manifest_against_this_machine(tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ from polygraphy.backend.base import BaseRunner
 from hgdeploy.backends import machine
 from hgdeploy.backends.base import Backend
 from hgdeploy.backends.profile import EngineProfile
+from hgdeploy.contract import graph_sha256
 from hgdeploy.errors import UserError
 from hgdeploy.outputs import file_sha256
 
@@ -113,8 +114,9 @@ def engine_problem(engine_path: Path, onnx_path: Path, profile: EngineProfile) -
         return f"{manifest_path.name} is missing (interrupted build?)"
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         return f"cannot read {manifest_path.name}: {exc}"
-    here = {"tensorrt": machine.tensorrt_version(), "gpu": machine.cuda_gpu_name(), "source_sha256": file_sha256(Path(onnx_path)),
-            "precision": profile.precision, "engine_sha256": file_sha256(engine_path)}
+    here = {"tensorrt": machine.tensorrt_version(), "gpu": machine.cuda_gpu_name(),
+            "source_sha256": graph_sha256(onnx_path), "precision": profile.precision,
+            "engine_sha256": file_sha256(engine_path)}
     return manifest_mismatch(manifest, here)
 
 
@@ -150,7 +152,7 @@ def build_trt_engine(onnx_path: Path, profile: EngineProfile, out_dir: Path) -> 
         pg_util.save_file(engine, str(staged["engine"]), description="engine")
         manifest = {
             "profile": profile.name, "precision": profile.precision, "tensorrt": trt.__version__,
-            "gpu": machine.cuda_gpu_name(), "source": onnx_path.name, "source_sha256": file_sha256(onnx_path),
+            "gpu": machine.cuda_gpu_name(), "source": onnx_path.name, "source_sha256": graph_sha256(onnx_path),
             "inputs": shapes, "engine": final["engine"].name, "engine_sha256": file_sha256(staged["engine"]),
             "timing_cache": final["timing_cache"].name if profile.timing_cache else None,
             "workspace_mb": profile.workspace_mb, "strongly_typed": True,
