@@ -11,6 +11,7 @@ scripts/results/parity_bounds.json and the README block between the parity-bound
 
     python scripts/parity_bounds.py                                  # every recipe at its CI shape (~25 min)
     python scripts/parity_bounds.py --full segmenter_vit_l16_ade20k dinov2_s14_focus
+    python scripts/parity_bounds.py --only sam_vit_h --full                   # update one recipe's rows
     python scripts/parity_bounds.py --only dinov2_s14_focus --full --check   # CI shape only, print only
 """
 
@@ -159,7 +160,9 @@ def render(rows: list[dict], versions: dict, failed: list[dict] | None = None) -
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="*", default=None, help="recipes at their CI shape (default: every one)")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="recipes at their CI shape (default: every one); their rows replace theirs in the "
+                             "published results, the other recipes' rows stay")
     parser.add_argument("--full", nargs="*", default=["dinov2_s14_focus"],
                         help="recipes also measured at their own size (default: the default recipe)")
     parser.add_argument("--check", action="store_true", help="print only; write neither JSON nor README")
@@ -178,9 +181,15 @@ def main() -> int:
     import torch
 
     versions = {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__, "cpu_count": os.cpu_count()}
-    done = json.loads(PARTIAL.read_text()) if args.resume and PARTIAL.exists() else {"rows": [], "failed": []}
     todo = [(r, True) for r in args.full] + [(r, False) for r in (recipes() if args.only is None else args.only)]
     retried = {(r, "full" if full else "ci") for r, full in todo}
+    if args.resume and PARTIAL.exists():
+        done = json.loads(PARTIAL.read_text())
+    elif args.only is not None and RESULTS.exists():  # an update: the other recipes' published rows stay
+        done = json.loads(RESULTS.read_text())
+        done["rows"] = [r for r in done["rows"] if (r["recipe"], r["size"]) not in retried]
+    else:
+        done = {"rows": [], "failed": []}
     rows = done["rows"]
     failed = [f for f in done.get("failed", []) if (f["recipe"], f["size"]) not in retried]
     with tempfile.TemporaryDirectory(prefix="hgdeploy-parity-") as tmp:
@@ -196,6 +205,7 @@ def main() -> int:
                 print(f"{recipe} ({size}): {exc}", file=sys.stderr, flush=True)
             if not args.check:
                 write_atomic(PARTIAL, to_json({"rows": rows, "failed": failed, "versions": versions}))
+    rows.sort(key=lambda r: (r["size"] != "full", r["recipe"], r["precision"]))  # one order, however measured
     data = {"rows": rows, "failed": failed, "suggested": suggestions(rows), "versions": versions}
     publish(render(rows, versions, failed), "parity-bounds", REPO / "README.md", RESULTS, data, args.check)
     PARTIAL.unlink(missing_ok=True)
