@@ -3,7 +3,8 @@
 From a snapshot of the checkout in a throwaway venv, exactly the README's commands:
 `pip install -e ".[dev]"`, `hgdeploy run` (default recipe) and `python -m pytest`, each under
 /usr/bin/time -v; disk is what each leaves (the venv, the run folder, pytest's temporary files).
-Writes scripts/results/footprint.json and the README block between the footprint markers.
+Writes scripts/results/footprint.json (with the slowest tests) and the README block between the footprint
+markers.
 
     python scripts/footprint.py            # about 20 minutes on 2 cores
     python scripts/footprint.py --no-tests # install and run only
@@ -31,6 +32,7 @@ from version_matrix import snapshot  # noqa: E402
 
 RESULTS = REPO / "scripts" / "results" / "footprint.json"
 README = REPO / "README.md"
+SLOWEST = 30  # test phases listed in footprint.json, slowest first (the README keeps the totals)
 
 
 def timed(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> dict:
@@ -43,6 +45,12 @@ def timed(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> dict:
     text = stats.read_text()
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1))
     return {"seconds": round(time.perf_counter() - start, 1), "peak_rss_gb": round(rss / 1024 ** 2, 2), "exit": code}
+
+
+def slowest(log: str) -> list[dict]:
+    """pytest's --durations lines (setup, call and teardown of the slowest tests): where CI's minutes go."""
+    found = re.findall(r"^([0-9.]+)s (setup|call|teardown) +(.+?) *$", log, flags=re.M)
+    return [{"seconds": float(sec), "when": when, "test": test} for sec, when, test in found]
 
 
 def du(path: Path) -> float:
@@ -63,9 +71,12 @@ def measure(root: Path, tests: bool) -> dict:
                        root / "run.log")
     out["run"]["output_gb"] = du(root / "runs" / "default")
     if tests:
-        out["tests"] = timed([py, "-m", "pytest", "-p", "no:cacheprovider"], src, env, root / "tests.log")
-        summary = re.findall(r"^=+ (.*(?:passed|failed).*) in [0-9.]+s", (root / "tests.log").read_text(), flags=re.M)
+        out["tests"] = timed([py, "-m", "pytest", "-p", "no:cacheprovider", f"--durations={SLOWEST}"], src, env,
+                             root / "tests.log")
+        log = (root / "tests.log").read_text()
+        summary = re.findall(r"^=+ (.*(?:passed|failed).*) in [0-9.]+s", log, flags=re.M)
         out["tests"]["summary"] = summary[-1] if summary else "?"
+        out["tests"]["slowest"] = slowest(log)
         out["tests"]["tmp_gb"] = du(root / "tmp")
     versions = subprocess.run([py, "-c", "import torch, onnxruntime; print(torch.__version__, onnxruntime.__version__)"],
                               capture_output=True, text=True).stdout.split()
