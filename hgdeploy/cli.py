@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from hgdeploy.errors import UserError
+from hgdeploy.errors import EXIT_USAGE, UserError, exit_code
 
-EXIT_OK, EXIT_PARITY_FAILED, EXIT_USAGE = 0, 1, 2  # 1 also: lint findings
+EXIT_OK, EXIT_PARITY_FAILED = 0, 1  # 1 also: lint findings; EXIT_USAGE (2) comes with UserError
 DEFAULT_OUT_HELP = "default: runs/<recipe name>"
 COMMANDS_HELP = {
     "run": "whole pipeline: export, graph passes, parity + fidelity checks, FLOPs, latency; writes report.json/report.md",
@@ -426,20 +426,17 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return exit_code(lambda: _command(argv), "hgdeploy")
+
+
+def _command(argv: list[str] | None) -> int:
     parser = build_parser()
-    try:
-        _quiet_libraries()
-        args = parser.parse_args(argv)
-        if args.command is None:
-            parser.print_help()
-            return EXIT_USAGE
-        return COMMANDS[args.command](args)
-    except UserError as exc:
-        print(f"hgdeploy: error: {exc}", file=sys.stderr)
+    _quiet_libraries()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("hgdeploy: interrupted", file=sys.stderr)
-        return 130
+    return COMMANDS[args.command](args)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the checkout's hgdeploy, also before it is installed
 
-from hgdeploy.report import replace_block  # noqa: E402
 from version_matrix import snapshot  # noqa: E402
+
+from hgdeploy.errors import exit_code  # noqa: E402
+from hgdeploy.report import replace_block  # noqa: E402
 
 RESULTS = REPO / "scripts" / "results" / "footprint.json"
 README = REPO / "README.md"
@@ -122,4 +124,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_code(main, "footprint.py"))

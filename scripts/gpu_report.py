@@ -36,6 +36,7 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the checkout's hgdeploy, also before it is installed
 
+from hgdeploy.errors import exit_code  # noqa: E402
 from hgdeploy.outputs import to_json, write_atomic  # noqa: E402
 from hgdeploy.recipe import load_recipe  # noqa: E402
 from hgdeploy.report import replace_block  # noqa: E402
@@ -361,4 +362,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_code(main, "gpu_report.py"))

@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the checkout's hgdeploy, also before it is installed
 
 from hgdeploy.adapters.catalogue import get_family  # noqa: E402
+from hgdeploy.errors import exit_code  # noqa: E402
 from hgdeploy.outputs import to_json, write_atomic  # noqa: E402
 from hgdeploy.recipe import bundled_recipes, load_recipe  # noqa: E402
 from hgdeploy.report import publish  # noqa: E402
@@ -213,4 +214,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_code(main, "parity_bounds.py"))

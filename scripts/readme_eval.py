@@ -22,6 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the checkout's hgdeploy, also before it is installed
 
+from hgdeploy.errors import exit_code  # noqa: E402
 from hgdeploy.eval_report import tables  # noqa: E402
 from hgdeploy.report import replace_block  # noqa: E402
 from hgdeploy.sample_data import write_saliency  # noqa: E402
@@ -57,4 +58,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_code(main, "readme_eval.py"))

@@ -27,6 +27,7 @@ import torch
 from hgdeploy.checks import cosine
 from hgdeploy.config import REPO_ROOT
 from hgdeploy.contract import INPUT_NAME
+from hgdeploy.errors import exit_code
 from hgdeploy.export import export_onnx
 from hgdeploy.flops import count_gflops_fast
 from hgdeploy.images import sample_photos, to_batch
@@ -203,4 +204,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_code(main, "recipes_table.py"))

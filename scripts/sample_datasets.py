@@ -17,6 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the checkout's hgdeploy, also before it is installed
 
+from hgdeploy.errors import exit_code  # noqa: E402
 from hgdeploy.sample_data import SAMPLE_LAYOUTS, WRITERS  # noqa: E402
 
 
@@ -38,4 +39,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_code(main, "sample_datasets.py"))

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the checkout's hgdeploy, also before it is installed
 
 from hgdeploy.checks import token_cosine  # noqa: E402
+from hgdeploy.errors import exit_code  # noqa: E402
 from hgdeploy.images import sample_photos, to_batch  # noqa: E402
 from hgdeploy.patching import build_models  # noqa: E402
 from hgdeploy.recipe import load_recipe  # noqa: E402
@@ -74,4 +75,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_code(main, "tau_auto.py"))

@@ -25,6 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the checkout's hgdeploy, also before it is installed
 
+from hgdeploy.errors import exit_code  # noqa: E402
 from hgdeploy.report import publish  # noqa: E402
 
 OUT = REPO / "scripts" / "results" / "tune"
@@ -117,4 +118,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_code(main, "tune_readme.py"))

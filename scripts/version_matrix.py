@@ -29,7 +29,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the checkout's hgdeploy, also before it is installed
 
+from hgdeploy.errors import exit_code  # noqa: E402
 from hgdeploy.report import replace_block  # noqa: E402
+
 RESULTS = REPO / "scripts" / "results" / "versions.json"
 README = REPO / "README.md"
 PINNED = ("torch", "transformers", "onnxruntime")
@@ -172,4 +174,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_code(main, "version_matrix.py"))

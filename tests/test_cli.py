@@ -195,3 +195,28 @@ def test_lint_rejects_what_tensorrt_cannot_parse(tmp_path, op):
     result = hgdeploy_main("lint", str(path))
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"({op})" in result.stdout
+
+
+def test_a_user_error_or_ctrl_c_ends_in_one_line_not_a_traceback(capsys):
+    """The one ending of the CLI and of scripts/: UserError -> exit 2, Ctrl-C -> exit 130, each one line."""
+    from hgdeploy.errors import UserError, exit_code
+
+    def interrupted() -> int:
+        raise KeyboardInterrupt
+
+    def refused() -> int:
+        raise UserError("--only: no recipe named x; choose one of export/*.toml")
+
+    assert exit_code(interrupted, "parity_bounds.py") == 130
+    assert capsys.readouterr().err == "parity_bounds.py: interrupted\n"
+    assert exit_code(refused, "parity_bounds.py") == 2
+    assert capsys.readouterr().err == "parity_bounds.py: error: --only: no recipe named x; choose one of export/*.toml\n"
+    assert exit_code(lambda: 1, "x") == 1 and exit_code(lambda: None, "x") == 0
+
+
+def test_every_script_that_uses_hgdeploy_ends_through_exit_code():
+    """A script interrupted with Ctrl-C says so in one line (its staging is removed on the way out)."""
+    scripts = [p for p in (REPO / "scripts").glob("*.py") if "from hgdeploy" in p.read_text()]
+    assert len(scripts) >= 10
+    for script in scripts:
+        assert f'sys.exit(exit_code(main, "{script.name}"))' in script.read_text(), script.name
