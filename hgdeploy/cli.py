@@ -225,7 +225,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from hgdeploy.report import render_summary
 
     report, out = pipeline.run(args.recipe, args.overrides, args.engine, args.images, args.out)
-    written = sorted(p.name for p in out.iterdir() if p.suffix in (".onnx", ".json", ".md"))
+    written = sorted(p.name for p in out.iterdir() if p.suffix in (".onnx", ".data", ".json", ".md"))
     progress.info(f"wrote {out}/{', '.join(written)}")
     print(json.dumps(report, indent=2) if args.json else render_summary(report))
     return EXIT_OK if report["parity"]["passed"] else EXIT_PARITY_FAILED
