@@ -143,8 +143,7 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> Path:
 
     Saving with external data moves the weights out of `model`: its large tensors then refer to the file.
     """
-    path = Path(path)
-    data = path.with_name(path.name + ".data")
+    path, data = Path(path), external_data_file(path)
     external = tensor_bytes(model) > INLINE_LIMIT_BYTES
     with staged_file(path) as tmp:
         if external:
@@ -157,10 +156,14 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> Path:
     return path
 
 
+def external_data_file(path: Path) -> Path:
+    """Where a graph over 2 GB keeps its weights: `<file>.data` beside it (save_onnx; torch's exporter too)."""
+    return Path(path).with_name(Path(path).name + ".data")
+
+
 def graph_files(path: Path) -> list[Path]:
-    """The files an ONNX graph is: itself and, when it keeps its weights beside it (save_onnx, the exporter),
-    `<file>.data`."""
-    data = Path(path).with_name(Path(path).name + ".data")
+    """The files an ONNX graph is: itself and, when it keeps its weights beside it, external_data_file."""
+    data = external_data_file(path)
     return [Path(path), data] if data.exists() else [Path(path)]
 
 

@@ -47,15 +47,11 @@ def staged_file(path: Path) -> Iterator[Path]:
     `path`, `path` itself last, so a reader never finds the graph without its weights; on failure or Ctrl-C
     nothing is left behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.staging-", dir=path.parent))
-    try:
+    with _staging_beside(path) as staging:
         yield staging / path.name
         for item in sorted(staging.iterdir(), key=lambda f: f.name == path.name):
             os.chmod(item, file_mode())  # onnx writes external data as 0600
             os.replace(item, path.parent / item.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def check_output_folder(out: Path) -> Path:
@@ -80,13 +76,21 @@ def check_output_folder(out: Path) -> Path:
 def staged_output(out: Path) -> Iterator[Path]:
     """A hidden staging folder beside `out`; its files replace those in `out` only on success."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
-    try:
+    with _staging_beside(out) as staging:
         yield staging
         out.mkdir(parents=True, exist_ok=True)
         for item in staging.iterdir():
             item.replace(out / item.name)
+
+
+@contextlib.contextmanager
+def _staging_beside(path: Path) -> Iterator[Path]:
+    """A new hidden folder `.<name>.staging-*` beside `path` (the name .gitignore and users recognise), removed
+    with whatever is left in it when the block ends, however it ends."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.staging-", dir=path.parent))
+    try:
+        yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
