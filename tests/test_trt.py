@@ -361,6 +361,69 @@ def test_onnx_input_shapes(tmp_path):
         onnx_input_shapes(tmp_path / "dyn.onnx")
 
 
+def _feed(i: int, contiguous: bool = True) -> np.ndarray:
+    """The i-th input, a new array each call; or a non-contiguous view (eval's sliding windows pass those)."""
+    return np.full((2, 8), 0.1 * i, np.float32) if contiguous else np.full((2, 16), 0.1 * i, np.float32)[:, ::2]
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_the_device_resident_runner_copies_every_feed_into_its_fixed_buffers(tmp_path, cuda_graph):
+    """The GPU runner's binding code, run on ONNX Runtime's CPU device: every feed reaches the engine (an
+    id-keyed upload cache served the previous array's data to a new one with the same id), outputs stay
+    bound unless asked for, a feed of another shape is refused in one line."""
+    import onnxruntime as ort
+
+    from hgdeploy.backends.onnxrt import DeviceResidentRunner
+
+    onnx_path = tiny_onnx(tmp_path / "m.onnx")
+    runner = DeviceResidentRunner(lambda: ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]),
+                                  "t", cuda_graph=cuda_graph, device="cpu")
+    with runner:
+        for i in range(8):  # each feed made in the call and dropped after it: CPython gives the next one its id
+            np.testing.assert_allclose(runner.infer({"x": _feed(i)})["y"], _softmax_ref(_feed(i), onnx_path),
+                                       rtol=1e-5, atol=1e-6)
+        view = runner.infer({"x": _feed(9, contiguous=False)})["y"]
+        np.testing.assert_allclose(view, _softmax_ref(_feed(9), onnx_path), rtol=1e-5, atol=1e-6)
+        assert runner.infer({"x": np.zeros((2, 8), np.float32)}, copy_outputs_to_host=False) == {}
+        assert runner.last_inference_time() > 0
+        with pytest.raises(UserError, match=r"input x has shape \(2, 4\), the graph's is \(2, 8\)"):
+            runner.infer({"x": np.zeros((2, 4), np.float32)}, check_inputs=False)
+
+
+def test_the_tensorrt_runner_copies_every_feed_into_its_device_buffers(monkeypatch):
+    """DeviceFeedTrtRunner's buffers, with Polygraphy's DeviceArray holding host memory instead of CUDA
+    memory (its constructor and dtype handling stay Polygraphy's) and TensorRT's execution replaced by
+    reading the buffers back: each feed must arrive, whatever its layout or id."""
+    from polygraphy import cuda
+    from polygraphy.backend.trt import TrtRunner
+
+    class HostArray(cuda.DeviceArray):
+        def resize(self, shape):
+            self.host, self.shape = np.zeros(int(np.prod(shape)) * self.itemsize, np.uint8), shape
+            return self
+
+        def copy_from(self, host_buffer, stream=None):
+            assert host_buffer.flags["C_CONTIGUOUS"]
+            self.host[:] = host_buffer.view(np.uint8).ravel()
+            return self
+
+        def free(self):
+            self.freed = True
+
+    def execute(self, feed_dict, copy_outputs_to_host=True):
+        return {k: v.host.view(np.float32).reshape(v.shape).copy() for k, v in feed_dict.items()}
+
+    monkeypatch.setattr(cuda, "DeviceArray", HostArray)
+    monkeypatch.setattr(TrtRunner, "infer_impl", execute)
+    runner = trt_backend.DeviceFeedTrtRunner(engine=None, name="t")
+    for i in range(8):
+        np.testing.assert_array_equal(runner.infer_impl({"x": _feed(i)})["x"], _feed(i))
+    np.testing.assert_array_equal(runner.infer_impl({"x": _feed(9, contiguous=False)})["x"], _feed(9))
+    first = runner._device_inputs["x"][1]
+    runner.infer_impl({"x": np.ones((3, 8), np.float32)})  # another shape: a new buffer, the old one freed
+    assert first.freed and runner._device_inputs["x"][1].shape == (3, 8)
+
+
 # --- TensorRT build, run and manifest (need TensorRT and a CUDA GPU) -------------------------------
 
 

@@ -147,35 +147,36 @@ def _session_loader(onnx_path: Path, profile: EngineProfile, chosen: list[tuple[
 
 
 class DeviceResidentRunner(BaseRunner):
-    """ONNX Runtime on the GPU with inputs and outputs bound to device memory (IO binding).
+    """ONNX Runtime with inputs and outputs bound to fixed device buffers (IO binding).
 
-    The feed is uploaded once per distinct input array and outputs stay on the device unless asked
-    for: timing measures the engine, not host copies (a Segmenter's 150x640x640 logits cost ~25 ms to
-    copy on an H100). With cuda_graph the first run captures the graph and later runs replay it (it needs
-    the fixed device addresses IO binding gives). Latency is wall time around run + synchronize, on
-    device-resident data: ONNX Runtime has no CUDA-event API of its own.
+    Outputs stay on the device unless asked for: timing measures the engine, not host copies (a Segmenter's
+    150x640x640 logits cost ~25 ms to copy on an H100). The buffers are allocated once (the graphs are
+    static) and every feed is copied into them before the timed region, whatever array it comes in: a cache
+    keyed on the array's id would serve a freed array's data to the next one given its id, and a CUDA
+    graph needs the fixed addresses anyway (the first run captures it, later runs replay it). Latency is wall
+    time around run + synchronize: ONNX Runtime has no CUDA-event API of its own. `device` is "cuda" on a GPU;
+    "cpu" runs the same binding code where no GPU is (the tests).
     """
 
-    def __init__(self, session: Any, name: str, cuda_graph: bool = False):
+    def __init__(self, session: Any, name: str, cuda_graph: bool = False, device: str = "cuda"):
         super().__init__(name=name, prefix="ort-device-runner")
-        self._load, self._cuda_graph = session, cuda_graph
+        self._load, self._cuda_graph, self._device = session, cuda_graph, device
         self.sess = self.binding = None
-        self._fed: dict[str, int] = {}
+        self._inputs: dict[str, Any] = {}
+        self._outputs: list[Any] = []
 
     def activate_impl(self) -> None:
         import onnxruntime as ort
 
         self.sess = self._load()
         self.binding = self.sess.io_binding()
-        self._inputs: dict[str, Any] = {}
-        self._outputs = []  # with a CUDA graph, outputs need fixed device buffers too (static shapes: known)
+        self._inputs, self._outputs = {}, []
+        for inp in self.sess.get_inputs():
+            self._inputs[inp.name] = _buffer(ort, inp, self._device)
+            self.binding.bind_ortvalue_input(inp.name, self._inputs[inp.name])
         for out in self.sess.get_outputs():
-            if self._cuda_graph:
-                value = ort.OrtValue.ortvalue_from_shape_and_type(out.shape, _numpy_type(out.type), "cuda", 0)
-                self._outputs.append(value)
-                self.binding.bind_ortvalue_output(out.name, value)
-            else:
-                self.binding.bind_output(out.name, "cuda", 0)
+            self._outputs.append(_buffer(ort, out, self._device))
+            self.binding.bind_ortvalue_output(out.name, self._outputs[-1])
 
     def get_input_metadata_impl(self) -> Any:
         from polygraphy.common import TensorMetadata
@@ -185,22 +186,21 @@ class DeviceResidentRunner(BaseRunner):
             meta.add(inp.name, dtype=_numpy_type(inp.type), shape=inp.shape)
         return meta
 
-    def _bind_inputs(self, feed: dict[str, Any]) -> None:
-        """Upload arrays not seen before; with a CUDA graph, into the same device buffers (update_inplace)."""
-        import onnxruntime as ort
+    def _copy_inputs(self, feed: dict[str, Any]) -> None:
+        """Each array into its input's buffer, as the buffer's contiguous type (update_inplace copies raw
+        bytes: a float64 array would land in a float32 buffer unconverted)."""
+        import numpy as np
 
         for name, array in feed.items():
-            if self._fed.get(name) == id(array):
-                continue
-            if self._cuda_graph and name in self._inputs:
-                self._inputs[name].update_inplace(array)
-            else:
-                self._inputs[name] = ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0)
-                self.binding.bind_ortvalue_input(name, self._inputs[name])
-            self._fed[name] = id(array)
+            buffer = self._inputs[name]
+            array = np.ascontiguousarray(array, dtype=_numpy_type(buffer.data_type()))
+            if tuple(array.shape) != tuple(buffer.shape()):
+                raise UserError(f"{self.name}: input {name} has shape {tuple(array.shape)}, the graph's is "
+                                f"{tuple(buffer.shape())} (static shapes: export again at that size)")
+            buffer.update_inplace(array)
 
     def infer_impl(self, feed_dict: dict[str, Any], copy_outputs_to_host: bool = True) -> OrderedDict:
-        self._bind_inputs(feed_dict)
+        self._copy_inputs(feed_dict)
         self.binding.synchronize_inputs()
         start = time.perf_counter()
         self.sess.run_with_iobinding(self.binding)
@@ -213,14 +213,29 @@ class DeviceResidentRunner(BaseRunner):
 
     def deactivate_impl(self) -> None:
         self.sess = self.binding = None
-        self._inputs, self._outputs, self._fed = {}, [], {}
+        self._inputs, self._outputs = {}, []
+
+
+def _buffer(ort: Any, arg: Any, device: str) -> Any:
+    """A device buffer of a graph input's or output's static shape and type."""
+    if not all(isinstance(d, int) for d in arg.shape):
+        raise UserError(f"{arg.name} has shape {arg.shape}: the engine needs static shapes (export again)")
+    return ort.OrtValue.ortvalue_from_shape_and_type(arg.shape, _numpy_type(arg.type), device, 0)
+
+
+ORT_TYPES = {"float": "float32", "float16": "float16", "double": "float64", "int64": "int64", "int32": "int32",
+             "int8": "int8", "uint8": "uint8", "bool": "bool"}
 
 
 def _numpy_type(ort_type: str) -> Any:
+    """numpy's dtype for ONNX Runtime's type string ("tensor(float16)" -> float16)."""
     import numpy as np
 
-    return {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}.get(ort_type,
-                                                                                                      np.float32)
+    name = ORT_TYPES.get(ort_type.removeprefix("tensor(").removesuffix(")"))
+    if name is None:
+        raise UserError(f"ONNX Runtime type {ort_type} is not one hgdeploy binds to device buffers "
+                        f"({', '.join(ORT_TYPES)})")
+    return np.dtype(name)
 
 
 def versions(profile: EngineProfile) -> dict[str, str]:

@@ -18,9 +18,9 @@ class TorchRunner(BaseRunner):
     """Runs a torch module with Polygraphy's runner lifecycle, on the CPU or a CUDA device.
 
     On the CPU: eager, timed by wall clock (Polygraphy's own PytRunner moves inputs to CUDA, which most
-    of our machines do not have). On CUDA the model is a copy on the device in the given dtype, the
-    feed is uploaded once per distinct array, latency is measured with CUDA events, and with
-    `cuda_graph` the forward is captured once and replayed (no per-kernel launches).
+    of our machines do not have). On CUDA the model is a copy on the device in the given dtype, the feed is
+    copied into fixed device tensors before the timed region, latency is measured with CUDA events, and
+    with `cuda_graph` the forward is captured once and replayed (no per-kernel launches).
     """
 
     def __init__(self, model: torch.nn.Module, input_metadata: TensorMetadata, output_names: tuple[str, ...],
@@ -31,7 +31,6 @@ class TorchRunner(BaseRunner):
         self._input_metadata = input_metadata
         self._output_names = output_names
         self._device, self._dtype, self._cuda_graph = torch.device(device), dtype, cuda_graph
-        self._fed: dict[str, int] = {}
 
     @property
     def on_cuda(self) -> bool:
@@ -48,16 +47,16 @@ class TorchRunner(BaseRunner):
         return self._input_metadata
 
     def _upload(self, feed_dict: OrderedDict) -> list[torch.Tensor]:
+        """The feed on the model's device: copied into the same tensors every call (a CUDA graph replays on
+        fixed addresses; a cache keyed on arrays' ids would serve a freed array's data to a new one)."""
         if not self.on_cuda:
             return [torch.as_tensor(v) for v in feed_dict.values()]
-        if [id(v) for v in feed_dict.values()] != list(self._fed.values()) or not self._static:
-            tensors = [torch.as_tensor(v).to(self._device, self._dtype) for v in feed_dict.values()]
-            if self._static:
-                for static, new in zip(self._static, tensors):
-                    static.copy_(new)
-            else:
-                self._static = tensors
-            self._fed = {k: id(v) for k, v in feed_dict.items()}
+        tensors = [torch.as_tensor(v) for v in feed_dict.values()]
+        if not self._static:
+            self._static = [t.to(self._device, self._dtype) for t in tensors]
+        else:
+            for static, new in zip(self._static, tensors):
+                static.copy_(new)  # converts dtype and device
         return self._static
 
     def _capture(self, inputs: list[torch.Tensor]) -> None:
@@ -99,7 +98,6 @@ class TorchRunner(BaseRunner):
 
     def deactivate_impl(self) -> None:
         self._model, self._static, self._graph, self._graph_out = self._source, [], None, None
-        self._fed = {}
 
 
 def torch_runner(model: torch.nn.Module, example: torch.Tensor, output_names: tuple[str, ...], input_name: str,
