@@ -390,10 +390,11 @@ def test_the_device_resident_runner_copies_every_feed_into_its_fixed_buffers(tmp
             runner.infer({"x": np.zeros((2, 4), np.float32)}, check_inputs=False)
 
 
-def test_the_tensorrt_runner_copies_every_feed_into_its_device_buffers(monkeypatch):
-    """DeviceFeedTrtRunner's buffers, with Polygraphy's DeviceArray holding host memory instead of CUDA
-    memory (its constructor and dtype handling stay Polygraphy's) and TensorRT's execution replaced by
-    reading the buffers back: each feed must arrive, whatever its layout or id."""
+def test_the_tensorrt_runner_copies_every_feed_into_its_device_buffers(monkeypatch, capsys):
+    """DeviceFeedTrtRunner's buffers through Polygraphy's own infer path, with its DeviceArray holding host
+    memory instead of CUDA memory (its constructor and dtype handling stay Polygraphy's) and TensorRT's
+    engine (activation, execution) replaced by reading the buffers back: each feed must arrive, whatever its
+    layout or id, and Polygraphy must not warn about how it was called."""
     from polygraphy import cuda
     from polygraphy.backend.trt import TrtRunner
 
@@ -410,18 +411,25 @@ def test_the_tensorrt_runner_copies_every_feed_into_its_device_buffers(monkeypat
         def free(self):
             self.freed = True
 
-    def execute(self, feed_dict, copy_outputs_to_host=True):
+    def execute(self, feed_dict, copy_outputs_to_host, return_raw_buffers):
+        assert all(isinstance(v, HostArray) for v in feed_dict.values())
         return {k: v.host.view(np.float32).reshape(v.shape).copy() for k, v in feed_dict.items()}
 
     monkeypatch.setattr(cuda, "DeviceArray", HostArray)
-    monkeypatch.setattr(TrtRunner, "infer_impl", execute)
+    monkeypatch.setattr(TrtRunner, "activate_impl", lambda self: None)
+    monkeypatch.setattr(TrtRunner, "deactivate_impl", lambda self: None)
+    monkeypatch.setattr(TrtRunner, "_infer_impl", execute)
     runner = trt_backend.DeviceFeedTrtRunner(engine=None, name="t")
-    for i in range(8):
-        np.testing.assert_array_equal(runner.infer_impl({"x": _feed(i)})["x"], _feed(i))
-    np.testing.assert_array_equal(runner.infer_impl({"x": _feed(9, contiguous=False)})["x"], _feed(9))
-    first = runner._device_inputs["x"][1]
-    runner.infer_impl({"x": np.ones((3, 8), np.float32)})  # another shape: a new buffer, the old one freed
-    assert first.freed and runner._device_inputs["x"][1].shape == (3, 8)
+    with runner:
+        for i in range(8):  # each feed made in the call and dropped after it: CPython gives the next one its id
+            np.testing.assert_array_equal(runner.infer({"x": _feed(i)}, check_inputs=False)["x"], _feed(i))
+        np.testing.assert_array_equal(runner.infer({"x": _feed(9, contiguous=False)}, False)["x"], _feed(9))
+        first = runner._device_inputs["x"][1]
+        runner.infer({"x": np.ones((3, 8), np.float32)}, False)  # another shape: a new buffer, the old one freed
+        assert first.freed and runner._device_inputs["x"][1].shape == (3, 8)
+        last = runner._device_inputs["x"][1]
+    assert last.freed  # deactivate frees the buffers
+    assert "not recommended" not in capsys.readouterr().out
 
 
 # --- TensorRT build, run and manifest (need TensorRT and a CUDA GPU) -------------------------------

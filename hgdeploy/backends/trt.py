@@ -205,11 +205,12 @@ def runner(onnx_path: Path, profile: EngineProfile, engine_dir: Path | None = No
 
 def DeviceFeedTrtRunner(engine: Any, name: str) -> BaseRunner:  # noqa: N802 - builds a runner class lazily
     """Polygraphy's TrtRunner fed from device buffers: each host feed is copied into its input's buffer
-    (allocated once) before Polygraphy's timed region.
+    (allocated once) before Polygraphy's infer, whose timed region then sees device-resident inputs.
 
-    Timed runs then pass `copy_outputs_to_host=False` (Polygraphy's own argument): the engine is timed
-    on device-resident inputs and outputs, without host copies. Every feed is copied: a cache keyed on the
-    arrays' ids would serve a freed array's data to a new one that got its id.
+    Timed runs pass `copy_outputs_to_host=False` (Polygraphy's own argument), so outputs stay on the device
+    too. Every feed is copied: a cache keyed on the arrays' ids would serve a freed array's data to a new
+    one that got its id. The copy is done in `infer`, not `infer_impl`: Polygraphy warns on every call of
+    an infer_impl that `infer` did not make.
     """
     import numpy as np
     from polygraphy import cuda
@@ -217,7 +218,7 @@ def DeviceFeedTrtRunner(engine: Any, name: str) -> BaseRunner:  # noqa: N802 - b
     from polygraphy.datatype import DataType
 
     class _Runner(TrtRunner):
-        def infer_impl(self, feed_dict: dict, copy_outputs_to_host: bool = True) -> Any:
+        def infer(self, feed_dict: dict, check_inputs: bool = True, *args: Any, **kwargs: Any) -> Any:
             buffers = self.__dict__.setdefault("_device_inputs", {})  # name -> ((shape, dtype), DeviceArray)
             for key, array in feed_dict.items():
                 array = np.ascontiguousarray(array)
@@ -227,7 +228,7 @@ def DeviceFeedTrtRunner(engine: Any, name: str) -> BaseRunner:  # noqa: N802 - b
                         buffers[key][1].free()
                     buffers[key] = (kind, cuda.DeviceArray(shape=array.shape, dtype=DataType.from_dtype(array.dtype)))
                 buffers[key][1].copy_from(array)
-            return super().infer_impl({k: buffers[k][1] for k in feed_dict}, copy_outputs_to_host=copy_outputs_to_host)
+            return super().infer({k: buffers[k][1] for k in feed_dict}, check_inputs, *args, **kwargs)
 
         def deactivate_impl(self) -> None:
             for _, held in self.__dict__.pop("_device_inputs", {}).values():
