@@ -11,12 +11,11 @@ import ast
 import json
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import onnx
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
-from onnx.external_data_helper import _get_all_tensors
 
 from hgdeploy.outputs import file_sha256, staged_file
 
@@ -130,11 +129,26 @@ def check_model(path: Path) -> onnx.ModelProto:
     return model
 
 
+def all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor a graph holds: initializers, tensor attributes (Constant's value), subgraphs' too. onnx
+    has this walk only as a private helper (external_data_helper._get_all_tensors)."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from all_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from all_tensors(sub)
+
+
 def tensor_bytes(model: onnx.ModelProto) -> int:
     """Bytes of every tensor the graph holds (initializers, Constant attributes, subgraphs), from their shapes:
     reading the protos' data would copy gigabytes."""
     return sum(math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-               for t in _get_all_tensors(model))
+               for t in all_tensors(model.graph))
 
 
 def save_onnx(model: onnx.ModelProto, path: Path) -> Path:

@@ -137,3 +137,22 @@ def test_graphs_over_2_gb_go_through_the_passes_and_fp16_with_external_weights(s
     for got, want in zip(_outputs(folder / "patched.opt.onnx", x), _outputs(small_export / "patched.opt.onnx", x),
                          strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+def test_tensor_bytes_counts_initializers_constants_and_subgraphs():
+    """What save_onnx weighs against protobuf's 2 GB: every tensor, wherever the graph keeps it."""
+    from onnx import numpy_helper
+
+    from hgdeploy.contract import tensor_bytes
+
+    def const(name: str, array: np.ndarray) -> onnx.NodeProto:
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(array, name))
+
+    branch = helper.make_graph([const("b", np.zeros((5, 3), np.float16))], "branch", [],
+                               [helper.make_tensor_value_info("b", TensorProto.FLOAT16, [5, 3])])
+    nodes = [const("c", np.zeros((2, 3), np.float32)),
+             helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=branch)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [5, 3])],
+                              [numpy_helper.from_array(np.zeros((4, 4), np.int64), "w")])
+    assert tensor_bytes(helper.make_model(graph)) == 4 * 4 * 8 + 2 * 3 * 4 + 2 * (5 * 3 * 2)
