@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO))  # the checkout's hgdeploy, also before it is inst
 from version_matrix import snapshot  # noqa: E402
 
 from hgdeploy.errors import exit_code  # noqa: E402
+from hgdeploy.outputs import write_atomic  # noqa: E402
 from hgdeploy.report import replace_block  # noqa: E402
 
 RESULTS = REPO / "scripts" / "results" / "footprint.json"
@@ -115,10 +116,10 @@ def main() -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    write_atomic(RESULTS, json.dumps(result, indent=2) + "\n")
     print(render(result))
     if not args.no_readme:
-        README.write_text(replace_block(README.read_text(), "footprint", render(result)))
+        write_atomic(README, replace_block(README.read_text(), "footprint", render(result)))
     failed = [k for k in ("install", "run", "tests") if k in result and result[k]["exit"] != 0]
     return 1 if failed else 0
 

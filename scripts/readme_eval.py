@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO))  # the checkout's hgdeploy, also before it is inst
 
 from hgdeploy.errors import exit_code  # noqa: E402
 from hgdeploy.eval_report import tables  # noqa: E402
+from hgdeploy.outputs import write_atomic  # noqa: E402
 from hgdeploy.report import replace_block  # noqa: E402
 from hgdeploy.sample_data import write_saliency  # noqa: E402
 
@@ -52,7 +53,7 @@ def main() -> int:
         print(body)
         return 0
     readme = REPO / "README.md"
-    readme.write_text(replace_block(readme.read_text(), "eval", body))
+    write_atomic(readme, replace_block(readme.read_text(), "eval", body))
     print(f"updated {readme}")
     return 0
 

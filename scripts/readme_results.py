@@ -17,6 +17,12 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the checkout's hgdeploy, also before it is installed
+
+from hgdeploy.errors import UserError, exit_code  # noqa: E402
+from hgdeploy.outputs import write_atomic, write_atomic_bytes  # noqa: E402
+from hgdeploy.report import replace_block  # noqa: E402
+
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 # (label, extra CLI arguments): the default recipe first, then the same model with other plans.
 CONFIGS = [
@@ -42,7 +48,7 @@ def run(label: str, extra: list[str], out: Path, command: str = "run") -> dict:
         sys.exit(f"{label}: hgdeploy {command} failed with exit code {done.returncode}")
     report = json.loads(done.stdout)
     if command != "run":  # run writes its own report.json
-        (out / f"{command}.json").write_text(done.stdout)
+        write_atomic(out / f"{command}.json", done.stdout)
     return report
 
 
@@ -66,6 +72,8 @@ def bench_table(r: dict) -> str:
 
 def plot(rows: list[tuple[str, list[str], dict]], path: Path) -> None:
     """Latency and fidelity against GFLOPs, one point per plan plus the unpatched baseline."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,8 +93,9 @@ def plot(rows: list[tuple[str, list[str], dict]], path: Path) -> None:
     ax_lat.legend(fontsize=7)
     ax_fid.legend(fontsize=6)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    write_atomic_bytes(path, png.getvalue())
 
 
 def table(rows: list[tuple[str, list[str], dict]]) -> str:
@@ -110,6 +119,7 @@ def table(rows: list[tuple[str, list[str], dict]]) -> str:
 
 
 def main() -> None:
+    """Every report, then the plot, then the README block: an interrupted run leaves whole files."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="print the table, do not touch README.md")
     parser.add_argument("--reuse", action="store_true", help="use the reports already in runs/readme/ (runs only the missing ones)")
@@ -132,11 +142,9 @@ def main() -> None:
         readme = REPO / "README.md"
         body = readme.read_text()
         if START not in body or END not in body:
-            sys.exit("README.md has no results markers")
-        before, rest = body.split(START, 1)
-        after = rest.split(END, 1)[1]
-        readme.write_text(f"{before}{START}\n{text}\n{END}{after}")
+            raise UserError(f"README.md has no {START} ... {END} markers to put the table between")
+        write_atomic(readme, replace_block(body, "results", text))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_code(main, "readme_results.py"))

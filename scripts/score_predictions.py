@@ -21,18 +21,30 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for the CLI's endings only: the scoring is plain numpy
+from hgdeploy.errors import UserError, exit_code  # noqa: E402
+
 DEPTH = {"nyuv2": (1000.0, 10.0, (45 / 480, 471 / 480, 41 / 640, 601 / 640)),
          "kitti": (256.0, 80.0, (0.40810811, 0.99189189, 0.03594771, 0.96405229))}
 
 
 def read(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise UserError(f"{path} not found: the dataset and the predictions must hold the same file names")
     with Image.open(path) as img:
         return np.asarray(img).astype(np.float64)
 
 
+def labels(folder: Path) -> list[Path]:
+    found = sorted(folder.glob("*.png"))
+    if not found:
+        raise UserError(f"no ground-truth PNGs in {folder}: give the dataset folder `hgdeploy eval` read")
+    return found
+
+
 def ade20k(dataset: Path, predictions: Path) -> dict[str, float]:
     matrix = np.zeros((150, 150))
-    for label in sorted((dataset / "annotations" / "validation").glob("*.png")):
+    for label in labels(dataset / "annotations" / "validation"):
         gt, pred = read(label).astype(np.int64), read(predictions / label.name).astype(np.int64)
         keep = gt > 0
         np.add.at(matrix, (gt[keep] - 1, pred[keep] - 1), 1)
@@ -45,7 +57,7 @@ def ade20k(dataset: Path, predictions: Path) -> dict[str, float]:
 def depth(dataset: Path, predictions: Path, layout: str) -> dict[str, float]:
     scale, cap, (top, bottom, left, right) = DEPTH[layout]
     rows = []
-    for label in sorted((dataset / "depth").glob("*.png")):
+    for label in labels(dataset / "depth"):
         gt, pred = read(label) / scale, read(predictions / label.name) / scale
         h, w = gt.shape
         crop = np.zeros(gt.shape, bool)
@@ -67,6 +79,9 @@ def main() -> int:
     parser.add_argument("out", type=Path, help="the eval output folder (eval.json and predictions/)")
     args = parser.parse_args()
     preds = args.out / "predictions"
+    if not (args.out / "eval.json").is_file() or not preds.is_dir():
+        raise UserError(f"{args.out} has no eval.json and predictions/: write them with "
+                        f"`hgdeploy eval ... --save-predictions --out {args.out}`")
     mine = ade20k(args.dataset, preds) if args.layout == "ade20k" else depth(args.dataset, preds, args.layout)
     reported = json.loads((args.out / "eval.json").read_text())["metrics"]["engine"]
     worst = max(abs(mine[k] - reported[k]) for k in mine)
@@ -77,4 +92,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_code(main, "score_predictions.py"))

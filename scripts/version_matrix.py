@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the checkout's hgdeploy, also before it is installed
 
 from hgdeploy.errors import exit_code  # noqa: E402
+from hgdeploy.outputs import write_atomic  # noqa: E402
 from hgdeploy.report import replace_block  # noqa: E402
 
 RESULTS = REPO / "scripts" / "results" / "versions.json"
@@ -165,11 +166,11 @@ def main() -> int:
     for name in chosen:
         previous[name] = one(name, configs[name], args.keep)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(list(previous.values()), indent=2) + "\n")
+        write_atomic(RESULTS, json.dumps(list(previous.values()), indent=2) + "\n")
     rows = list(previous.values())
     print(render(rows))
     if not args.no_readme:
-        README.write_text(replace_block(README.read_text(), "versions", render(rows)))
+        write_atomic(README, replace_block(README.read_text(), "versions", render(rows)))
     return 0 if all(r.get("tests_passed") and "cosine_mean" in r.get("run", {}) for r in rows) else 1
 
 
