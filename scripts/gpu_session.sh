@@ -3,15 +3,17 @@
 # lease: the GPU report first (the acceptance figures: Segmenter ViT-L/16 640 in fp16 and fp32 on ONNX Runtime
 # CUDA, then the default recipe's plans), then the GPU test module, each under its own time limit. Everything
 # lands in the results folder as it is measured: gpu.json / gpu.md (scripts/gpu_report.py), pytest-gpu.log,
-# session.log. Back on a machine with the checkout:
+# session.log. The defaults (5 + at most 3 + 2 minutes) are sized to leave a 15-minute device lease about 5 minutes
+# for its start and the kit's transfers (an estimate: no lease has run this yet).
+# Back on a machine with the checkout:
 #   python scripts/gpu_report.py --render RESULTS/gpu.json     # README "On a GPU" block + scripts/results/gpu.md
 #
 # Usage, from the project root on the GPU machine, after the kit's unpack.sh:
 #   bash scripts/gpu_session.sh RESULTS_DIR [REPORT_MINUTES] [TEST_MINUTES]
 set -uo pipefail
 results=${1:?usage: bash scripts/gpu_session.sh RESULTS_DIR [REPORT_MINUTES] [TEST_MINUTES]}
-report_min=${2:-6}
-test_min=${3:-2.5}
+report_min=${2:-5}
+test_min=${3:-2}
 mkdir -p "$results"
 exec > >(tee -a "$results/session.log") 2>&1
 export PYTHONUNBUFFERED=1
@@ -30,8 +32,8 @@ print("gpu:", cuda_gpu_name(), "| torch", torch.__version__, "| onnxruntime", on
 PY
 start=$(date +%s)
 limit_s() { python3 -c "print(int(float('$1') * 60))"; }
-# The report starts no new step after REPORT_MINUTES; the step under way may run on, up to 4 more minutes.
-timeout --signal=INT $(( $(limit_s "$report_min") + 240 )) \
+# The report starts no new step after REPORT_MINUTES; the step under way may run on, up to 3 more minutes.
+timeout --signal=INT $(( $(limit_s "$report_min") + 180 )) \
   python3 scripts/gpu_report.py --results "$results" --no-readme --time-limit "$report_min"
 echo "gpu_report: exit $? after $(( $(date +%s) - start )) s"
 timeout --signal=INT "$(limit_s "$test_min")" \
