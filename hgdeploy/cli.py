@@ -57,7 +57,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse with exit code 2 and a one-line error, like every other bad input."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"{self.prog}: {message} (see --help)")
+        """A subcommand's parser names itself ("hgdeploy run: ..."); the top level's would say "hgdeploy" twice."""
+        where = f"{self.prog.split(' ', 1)[1]}: " if " " in self.prog else ""
+        raise UserError(f"{where}{message} (see --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:

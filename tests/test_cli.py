@@ -53,6 +53,8 @@ BAD_INPUTS = {
                                   "not a jpg/png image"),
     "tune of a window family": (lambda tmp, photos: ["tune", "sam_vit_h", "--budget", "cosine>=0.9"],
                                 "does not sweep family sam"),
+    "unknown option": (lambda tmp, photos: ["families", "--bogus"], "error: unrecognized arguments: --bogus"),
+    "option without its value": (lambda tmp, photos: ["run", "--engine"], "error: run: argument --engine"),
     "window grid not square": (lambda tmp, photos: ["export", "mask2former_swin_l_ade20k", "--set",
                                                     "model.input_size=320x320", "--set", "cluster.grid=8x6"],
                                "must be square"),
