@@ -198,7 +198,9 @@ RUNNER_NAMES = {"baseline": "engine, baseline", "patched": "engine, patched (dep
 
 
 def _print_bench(report: dict[str, Any]) -> None:
-    """One row per runner, then the ratios: what `hgdeploy bench` is for."""
+    """One row per runner, then the ratios and the verdict: what `hgdeploy bench` is for."""
+    from hgdeploy.report import speed_verdict
+
     plan, g = report.get("plan") or {}, report.get("gflops") or {}
     backend = report.get("backend", {})
     lines = []
@@ -217,6 +219,7 @@ def _print_bench(report: dict[str, Any]) -> None:
            no_wrap=(0,))
     print(f"speedup (baseline / patched median): {report['speedup']:.3f}x"
           + (f"; torch eager: {report['speedup_torch']:.3f}x" if "speedup_torch" in report else ""))
+    print(speed_verdict(report))
 
 
 # ---------------------------------------------------------------------------------------------- commands

@@ -11,6 +11,7 @@ import pytest
 from conftest import SMALL_EXPORT, TINY_TIMM, hgdeploy_cli, hgdeploy_main
 
 from hgdeploy.cli import main
+from hgdeploy.report import speed_verdict
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = [a for s in SMALL_EXPORT for a in ("--set", s)]
@@ -160,6 +161,18 @@ def test_default_run_meets_the_acceptance_figures(tmp_path):
     assert r["gflops"]["patched"] <= 0.8 * r["gflops"]["baseline"]
     assert r["parity"]["cosine_min"] >= 0.9999
     assert r["speedup"] > 1.0  # the 1.15 target is measured by scripts/; CI machines are shared and noisy
+    assert speed_verdict(r) in (tmp_path / "default" / "report.md").read_text()  # the verdict leads the summary
+
+
+def test_the_speed_verdict_says_faster_within_noise_or_no_gain_and_where():
+    cpu = {"name": "ort-cpu", "device": "cpu", "versions": {}, "machine": {"cpu_count": 2}}
+    gpu = {"name": "ort-cuda-fp16", "device": "gpu", "versions": {"gpu": "NVIDIA H200"}, "machine": {"cpu_count": 16}}
+    assert speed_verdict({"speedup": 1.2, "backend": cpu}).startswith("Faster here: the patched engine runs 1.20x")
+    assert "(ort-cpu on this CPU, 2 cores)" in speed_verdict({"speedup": 1.2, "backend": cpu})
+    assert speed_verdict({"speedup": 1.01, "backend": gpu}).startswith("No measurable gain here: 1.01x")
+    slower = speed_verdict({"speedup": 0.8, "backend": gpu})
+    assert slower.startswith("No gain here: the patched engine is slower") and "ort-cuda-fp16 on NVIDIA H200" in slower
+    assert speed_verdict({"plan": {}}) is None  # nothing timed, nothing said
 
 
 def _write_graph(path: Path, op: str) -> None:
