@@ -390,6 +390,33 @@ def test_the_device_resident_runner_copies_every_feed_into_its_fixed_buffers(tmp
             runner.infer({"x": np.zeros((2, 4), np.float32)}, check_inputs=False)
 
 
+def test_the_device_resident_runner_takes_an_output_of_unknown_shape_only_without_a_cuda_graph(tmp_path):
+    """An output ONNX Runtime cannot size before the run (here NonZero's) is bound for ORT to allocate; a CUDA
+    graph, which replays on fixed buffers, refuses it in one line."""
+    import onnxruntime as ort
+
+    from hgdeploy.backends.onnxrt import DeviceResidentRunner
+
+    model = onnx.load(str(tiny_onnx(tmp_path / "m.onnx")))
+    zero = numpy_helper.from_array(np.zeros((), np.float32), "zero")
+    model.graph.initializer.append(zero)
+    model.graph.node.extend([helper.make_node("Greater", ["x", "zero"], ["positive"]),
+                             helper.make_node("NonZero", ["positive"], ["where"])])
+    model.graph.output.append(helper.make_tensor_value_info("where", TensorProto.INT64, None))
+    onnx.save(model, str(tmp_path / "nonzero.onnx"))
+
+    def load():
+        return ort.InferenceSession(str(tmp_path / "nonzero.onnx"), providers=["CPUExecutionProvider"])
+
+    x = np.where(np.arange(16).reshape(2, 8) % 3 == 0, 1.0, -1.0).astype(np.float32)
+    with DeviceResidentRunner(load, "t", cuda_graph=False, device="cpu") as runner:
+        out = runner.infer({"x": x})
+    np.testing.assert_allclose(out["y"], _softmax_ref(x, tmp_path / "m.onnx"), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(out["where"], np.stack(np.nonzero(x > 0)))
+    with pytest.raises(UserError, match=r"where has shape .*: device buffers \(and CUDA graphs\) need"):
+        DeviceResidentRunner(load, "t", cuda_graph=True, device="cpu").activate()
+
+
 def test_the_tensorrt_runner_copies_every_feed_into_its_device_buffers(monkeypatch, capsys):
     """DeviceFeedTrtRunner's buffers through Polygraphy's own infer path, with its DeviceArray holding host
     memory instead of CUDA memory (its constructor and dtype handling stay Polygraphy's) and TensorRT's

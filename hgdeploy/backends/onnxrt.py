@@ -175,6 +175,9 @@ class DeviceResidentRunner(BaseRunner):
             self._inputs[inp.name] = _buffer(ort, inp, self._device)
             self.binding.bind_ortvalue_input(inp.name, self._inputs[inp.name])
         for out in self.sess.get_outputs():
+            if not self._cuda_graph and not _static(out):  # ONNX Runtime sizes it on each run
+                self.binding.bind_output(out.name, self._device, 0)
+                continue
             self._outputs.append(_buffer(ort, out, self._device))
             self.binding.bind_ortvalue_output(out.name, self._outputs[-1])
 
@@ -216,10 +219,16 @@ class DeviceResidentRunner(BaseRunner):
         self._inputs, self._outputs = {}, []
 
 
+def _static(arg: Any) -> bool:
+    return all(isinstance(d, int) for d in arg.shape)
+
+
 def _buffer(ort: Any, arg: Any, device: str) -> Any:
-    """A device buffer of a graph input's or output's static shape and type."""
-    if not all(isinstance(d, int) for d in arg.shape):
-        raise UserError(f"{arg.name} has shape {arg.shape}: the engine needs static shapes (export again)")
+    """A device buffer of a graph input's or output's static shape and type (a CUDA graph replays on fixed
+    buffers, and inputs are copied into theirs)."""
+    if not _static(arg):
+        raise UserError(f"{arg.name} has shape {arg.shape}: device buffers (and CUDA graphs) need the static shapes "
+                        "`hgdeploy export` writes; export again")
     return ort.OrtValue.ortvalue_from_shape_and_type(arg.shape, _numpy_type(arg.type), device, 0)
 
 
