@@ -61,7 +61,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in sorted(backend.get("versions", {}).items()))
     lines = [f"# hgdeploy eval: {report['recipe']['name']} on {d['path']} ({d['layout']}, {d['images']} images)", "",
              f"Engine: {backend.get('name', '?')} ({report.get('engine_model', '?')}) on the {backend.get('device', '?')}; "
-             f"{versions}.", ""]
+             f"{versions}. PyTorch (unpatched and patched, fp32): on the {report.get('torch_device', 'cpu')}.", ""]
     if report.get("structure_check_only"):
         lines += [f"Note: {report['structure_check_only']}.", ""]
     lines += tables(report)

@@ -210,7 +210,8 @@ def evaluate(recipe: str | None, overrides: list[str], engine: str | None, datas
         fixed = (settings["disparity_scale"], settings["disparity_shift"]) if "disparity_scale" in settings else None
         scorer = make_scorer(kind, layout, output_classes(graph, output) if kind == "segmentation" else 0,
                              settings.get("depth_output", job.models.family.depth_output), fixed)
-        torch_side = torch_runners(job)
+        torch_side = torch_runners(job, reference_on_device=True)
+        report["torch_device"] = "gpu" if torch_side["torch_patched"].on_cuda else "cpu"
         runners = {"unpatched": torch_side["torch_baseline"], "patched": torch_side["torch_patched"],
                    "engine": make_runner(graph, job.profile)}
         with contextlib.ExitStack() as stack:

@@ -165,14 +165,19 @@ def flops(job: Job) -> dict[str, Any]:
     return {"gflops": counted}
 
 
-def torch_runners(job: Job, on_profile: bool = False) -> dict[str, Any]:
-    """The unpatched and patched PyTorch models as runners: the fp32 CPU reference (parity), or on the
-    profile's device, precision and CUDA-graph setting (`on_profile`, for timing like against like)."""
+def torch_runners(job: Job, on_profile: bool = False, reference_on_device: bool = False) -> dict[str, Any]:
+    """The unpatched and patched PyTorch models as runners: the fp32 reference on the CPU (parity on a few
+    photos); with `reference_on_device` the fp32 reference, eager, on a GPU profile's GPU (eval: a dataset of
+    ViT-L windows takes hours on a CPU); with `on_profile` the profile's device, precision and CUDA-graph
+    setting (timing like against like)."""
     names, example = job.models.family.output_names, job.example
     settings: dict[str, Any] = {}
-    if on_profile and job.profile is not None and job.profile.on_gpu:
+    on_gpu = job.profile is not None and job.profile.on_gpu
+    if on_gpu and on_profile:
         settings = {"device": "cuda", "cuda_graph": job.profile.cuda_graph,
                     "dtype": torch.float16 if job.profile.precision == "fp16" else torch.float32}
+    elif on_gpu and reference_on_device:
+        settings = {"device": "cuda"}
     return {"torch_patched": torch_runner(job.models.patched, example, names, INPUT_NAME, "torch-patched", **settings),
             "torch_baseline": torch_runner(job.models.baseline, example, names, INPUT_NAME, "torch-baseline",
                                            **settings)}

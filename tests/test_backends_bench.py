@@ -107,3 +107,30 @@ def test_staged_output_leaves_nothing_on_failure(tmp_path):
     with staged_output(out) as stage:
         (stage / "report.json").write_text("{}")
     assert (out / "report.json").read_text() == "{}" and len(list(tmp_path.iterdir())) == 1
+
+
+@pytest.mark.parametrize("engine, reference, on_device, timed", [
+    ("ort-cpu", ("cpu", torch.float32, False), ("cpu", torch.float32, False), ("cpu", torch.float32, False)),
+    ("ort-cuda", ("cpu", torch.float32, False), ("cuda", torch.float32, False), ("cuda", torch.float32, True)),
+    ("ort-cuda-fp16", ("cpu", torch.float32, False), ("cuda", torch.float32, False), ("cuda", torch.float16, True)),
+])
+def test_pytorch_runs_where_each_use_needs_it(engine, reference, on_device, timed):
+    """Parity's reference stays fp32 on the CPU; eval's fp32 reference moves to a GPU profile's GPU (a dataset
+    of ViT-L windows takes hours on a CPU); timing follows the profile's device, precision and CUDA graph.
+    The runners are only built here (a GPU one allocates nothing until activated)."""
+    from conftest import TINY_TIMM
+
+    from hgdeploy import pipeline
+
+    job = pipeline.prepare(TINY_TIMM[0], [a for a in TINY_TIMM[1:] if a != "--set"], engine, need_profile=True,
+                           runs_here=False)
+
+    def where(**kwargs):
+        runners = pipeline.torch_runners(job, **kwargs)
+        seen = {(r._device.type, r._dtype, r._cuda_graph) for r in runners.values()}
+        assert len(seen) == 1
+        return seen.pop()
+
+    assert where() == reference
+    assert where(reference_on_device=True) == on_device
+    assert where(on_profile=True) == timed

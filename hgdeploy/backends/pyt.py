@@ -37,6 +37,10 @@ class TorchRunner(BaseRunner):
         return self._device.type == "cuda"
 
     def activate_impl(self) -> None:
+        if self.on_cuda and self._dtype == torch.float32:
+            # fp32 means fp32, as the engine profiles' use_tf32 = false: cuDNN's convolutions default to TF32
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
         if self.on_cuda or self._dtype != torch.float32:  # a copy: the CPU fp32 model is shared with parity
             self._model = copy.deepcopy(self._source).to(self._device, self._dtype)
         self._model.eval()
