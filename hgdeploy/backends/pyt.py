@@ -13,6 +13,8 @@ import torch
 from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
+from hgdeploy.errors import UserError
+
 
 class TorchRunner(BaseRunner):
     """Runs a torch module with Polygraphy's runner lifecycle, on the CPU or a CUDA device.
@@ -56,7 +58,10 @@ class TorchRunner(BaseRunner):
         if not self.on_cuda:
             return [torch.as_tensor(v) for v in feed_dict.values()]
         tensors = [torch.as_tensor(v) for v in feed_dict.values()]
-        if not self._static:
+        if [t.shape for t in tensors] != [t.shape for t in self._static]:
+            if self._graph is not None:
+                raise UserError(f"{self.name}: a CUDA graph replays its captured input shapes "
+                                f"{[tuple(t.shape) for t in self._static]}, given {[tuple(t.shape) for t in tensors]}")
             self._static = [t.to(self._device, self._dtype) for t in tensors]
         else:
             for static, new in zip(self._static, tensors):
