@@ -218,8 +218,14 @@ def DeviceFeedTrtRunner(engine: Any, name: str) -> BaseRunner:  # noqa: N802 - b
     from polygraphy.datatype import DataType
 
     class _Runner(TrtRunner):
+        def activate_impl(self) -> None:
+            self._device_inputs: dict[str, tuple[Any, Any]] = {}  # name -> ((shape, dtype), DeviceArray)
+            super().activate_impl()
+
         def infer(self, feed_dict: dict, check_inputs: bool = True, *args: Any, **kwargs: Any) -> Any:
-            buffers = self.__dict__.setdefault("_device_inputs", {})  # name -> ((shape, dtype), DeviceArray)
+            if not self.is_active:  # Polygraphy's own message for it
+                return super().infer(feed_dict, check_inputs, *args, **kwargs)
+            buffers = self._device_inputs
             for key, array in feed_dict.items():
                 array = np.ascontiguousarray(array)
                 kind = (array.shape, array.dtype.str)
@@ -231,8 +237,9 @@ def DeviceFeedTrtRunner(engine: Any, name: str) -> BaseRunner:  # noqa: N802 - b
             return super().infer({k: buffers[k][1] for k in feed_dict}, check_inputs, *args, **kwargs)
 
         def deactivate_impl(self) -> None:
-            for _, held in self.__dict__.pop("_device_inputs", {}).values():
+            for _, held in self._device_inputs.values():
                 held.free()
+            self._device_inputs = {}
             super().deactivate_impl()
 
     return _Runner(engine, name=name)
