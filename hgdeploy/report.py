@@ -78,6 +78,14 @@ def _passes_section(report: dict[str, Any]) -> list[str]:
 SPEED_NOISE = 0.03
 
 
+def speed_band(speedup: float) -> str:
+    """"faster", "noise" (inside 1 ± SPEED_NOISE) or "slower": the one reading of a speed-up that every verdict
+    (run, bench, the GPU report) words."""
+    if speedup >= 1 + SPEED_NOISE:
+        return "faster"
+    return "noise" if speedup > 1 - SPEED_NOISE else "slower"
+
+
 def speed_verdict(report: dict[str, Any]) -> str | None:
     """One sentence on whether the patched engine is faster here, read off the measured speed-up: the answer a
     user wants before any table, including an honest "no gain here"."""
@@ -88,9 +96,10 @@ def speed_verdict(report: dict[str, Any]) -> str | None:
     gpu = (backend.get("versions") or {}).get("gpu")
     where = (f"{backend.get('name', 'this engine')} on "
              + (gpu if backend.get("device") == "gpu" and gpu else f"this CPU, {machine.get('cpu_count', '?')} cores"))
-    if speedup >= 1 + SPEED_NOISE:
+    band = speed_band(speedup)
+    if band == "faster":
         return f"Faster here: the patched engine runs {speedup:.2f}x the baseline's speed ({where})."
-    if speedup > 1 - SPEED_NOISE:
+    if band == "noise":
         return (f"No measurable gain here: {speedup:.2f}x, inside the ±{SPEED_NOISE:.0%} timing noise ({where}); "
                 "`hgdeploy tune` searches for a faster plan within a quality budget.")
     return (f"No gain here: the patched engine is slower than the baseline, {speedup:.2f}x ({where}); keep the "

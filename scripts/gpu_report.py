@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))  # the checkout's hgdeploy, also before it is inst
 from hgdeploy.errors import exit_code  # noqa: E402
 from hgdeploy.outputs import to_json, write_atomic  # noqa: E402
 from hgdeploy.recipe import load_recipe  # noqa: E402
-from hgdeploy.report import SPEED_NOISE, replace_block  # noqa: E402
+from hgdeploy.report import SPEED_NOISE, replace_block, speed_band  # noqa: E402
 
 RESULTS = REPO / "scripts" / "results"
 SEGMENTER = "segmenter_vit_l16_ade20k"
@@ -270,10 +270,11 @@ def render(data: dict[str, Any]) -> str:
     device = "this GPU" if v.get("gpu") else "this CPU (a smoke run, not a GPU figure)"
     for recipe in dict.fromkeys(s["recipe"] for s in engine):
         best = max((s for s in engine if s["recipe"] == recipe), key=lambda s: s["speedup"])
-        verdict = ("gains" if best["speedup"] >= 1 + SPEED_NOISE
-                   else f"shows no measurable gain: no plan measured here is more than {SPEED_NOISE:.0%} faster than "
-                        "the unpatched model" if best["speedup"] > 1 - SPEED_NOISE
-                   else "does not gain: every plan measured here is slower than the unpatched model")
+        verdict = {"faster": "gains",
+                   "noise": f"shows no measurable gain: no plan measured here is more than {SPEED_NOISE:.0%} faster "
+                            "than the unpatched model",
+                   "slower": "does not gain: every plan measured here is slower than the unpatched model",
+                   }[speed_band(best["speedup"])]
         lines.append(f"- {recipe} {verdict} on {device}: best {best['speedup']:.2f}× ({best['plan']}, "
                      f"{best['form']} form, ONNX Runtime {best['setting']}).")
     lines += target_lines(steps, device)
