@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the checkout's hgdeploy, also before it is installed
 
 from hgdeploy.adapters.catalogue import get_family  # noqa: E402
-from hgdeploy.errors import exit_code  # noqa: E402
+from hgdeploy.errors import exit_code, run_child  # noqa: E402
 from hgdeploy.outputs import to_json, write_atomic  # noqa: E402
 from hgdeploy.recipe import bundled_recipes, load_recipe  # noqa: E402
 from hgdeploy.report import publish  # noqa: E402
@@ -70,8 +70,8 @@ def permissive_profile(folder: Path, precision: str) -> Path:
 
 
 def hgdeploy(*args: str) -> dict:
-    done = subprocess.run([sys.executable, "-m", "hgdeploy.cli", *args, "--json"], cwd=REPO, capture_output=True,
-                          text=True)
+    done = run_child([sys.executable, "-m", "hgdeploy.cli", *args, "--json"], cwd=REPO, stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"hgdeploy {' '.join(args)} failed: {done.stderr.strip().splitlines()[-1:]}")
     return json.loads(done.stdout)

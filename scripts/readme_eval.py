@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the checkout's hgdeploy, also before it is installed
 
-from hgdeploy.errors import exit_code  # noqa: E402
+from hgdeploy.errors import exit_code, run_child  # noqa: E402
 from hgdeploy.eval_report import tables  # noqa: E402
 from hgdeploy.outputs import write_atomic  # noqa: E402
 from hgdeploy.report import replace_block  # noqa: E402
@@ -37,7 +37,7 @@ def main() -> int:
         data = write_saliency(Path(tmp) / "saliency")
         cmd = [sys.executable, "-m", "hgdeploy.cli", "eval", "--dataset", str(data), "--out", str(Path(tmp) / "eval"),
                "--json"]
-        done = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True)
+        done = run_child(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True)
         if done.returncode not in (0, 1):
             sys.exit(f"hgdeploy eval failed with exit code {done.returncode}")
         report = json.loads(done.stdout)

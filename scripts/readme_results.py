@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the checkout's hgdeploy, also before it is installed
 
-from hgdeploy.errors import UserError, exit_code  # noqa: E402
+from hgdeploy.errors import UserError, exit_code, run_child  # noqa: E402
 from hgdeploy.outputs import write_atomic, write_atomic_bytes  # noqa: E402
 from hgdeploy.report import replace_block  # noqa: E402
 
@@ -43,7 +43,7 @@ PLOT = REPO / "scripts" / "results" / "latency_fidelity.png"
 def run(label: str, extra: list[str], out: Path, command: str = "run") -> dict:
     cmd = [sys.executable, "-m", "hgdeploy.cli", command, *extra, "--out", str(out), "--json"]
     print(f"[{label}] {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
-    done = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    done = run_child(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True)
     if done.returncode not in (0, 1):
         sys.exit(f"{label}: hgdeploy {command} failed with exit code {done.returncode}")
     report = json.loads(done.stdout)

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the checkout's hgdeploy, also before it is installed
 
-from hgdeploy.errors import exit_code  # noqa: E402
+from hgdeploy.errors import exit_code, run_child  # noqa: E402
 from hgdeploy.report import publish  # noqa: E402
 
 OUT = REPO / "scripts" / "results" / "tune"
@@ -105,7 +104,7 @@ def main() -> int:
             tune, held = write_split(Path(tmp))
             start = time.monotonic()
             env = dict(os.environ, NO_COLOR="1")
-            done = subprocess.run(command(tune, held), env=env)
+            done = run_child(command(tune, held), env=env)
             minutes = (time.monotonic() - start) / 60
             if done.returncode not in (0, 1):
                 return done.returncode

@@ -235,3 +235,51 @@ def test_every_script_that_uses_hgdeploy_ends_through_exit_code():
     assert len(scripts) >= 10
     for script in scripts:
         assert f'sys.exit(exit_code(main, "{script.name}"))' in script.read_text(), script.name
+
+
+CHILD = """
+import os, shutil, sys, time
+folder = sys.argv[1]
+os.makedirs(folder)
+open(folder + ".ready", "w").close()
+try:
+    time.sleep(60)
+except KeyboardInterrupt:
+    time.sleep(1)  # a clean-up slower than subprocess.run's 0.25 s of patience
+    shutil.rmtree(folder)
+    sys.exit(130)
+"""
+PARENT = """
+import sys
+sys.path.insert(0, {repo!r})
+import hgdeploy.errors as errors
+errors.CHILD_GRACE_S = 3  # more than the child's clean-up, which a second SIGINT would cut short
+sys.exit(errors.exit_code(lambda: errors.run_child([sys.executable, "-c", {child!r}, sys.argv[1]]).returncode, "parent"))
+"""
+
+
+@pytest.mark.parametrize("whom", ["process group", "parent only"])
+def test_a_script_interrupted_lets_its_hgdeploy_child_clean_up(tmp_path, whom):
+    """Ctrl-C in a terminal reaches a script and the hgdeploy command it runs; errors.run_child waits for the
+    child's clean-up (its staging folders) instead of killing it, and interrupts the child itself when only
+    the script was interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "staging"
+    parent = subprocess.Popen([sys.executable, "-c", PARENT.format(repo=str(REPO), child=CHILD), str(folder)],
+                              start_new_session=True, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "staging.ready").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if whom == "process group":
+        os.killpg(parent.pid, signal.SIGINT)
+    else:
+        parent.send_signal(signal.SIGINT)
+    _, stderr = parent.communicate(timeout=60)
+    assert parent.returncode == 130 and stderr.strip() == "parent: interrupted", stderr
+    assert not folder.exists()  # the child finished removing it
