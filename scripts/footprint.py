@@ -29,9 +29,9 @@ sys.path.insert(0, str(REPO))  # the checkout's hgdeploy, also before it is inst
 
 from version_matrix import snapshot  # noqa: E402
 
-from hgdeploy.errors import exit_code  # noqa: E402
-from hgdeploy.outputs import write_atomic  # noqa: E402
-from hgdeploy.report import replace_block  # noqa: E402
+from hgdeploy.core.errors import exit_code  # noqa: E402
+from hgdeploy.core.files import write_atomic  # noqa: E402
+from hgdeploy.measure.report import replace_block  # noqa: E402
 
 RESULTS = REPO / "scripts" / "results" / "footprint.json"
 README = REPO / "README.md"

@@ -36,10 +36,10 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the checkout's hgdeploy, also before it is installed
 
-from hgdeploy.errors import exit_code  # noqa: E402
-from hgdeploy.outputs import to_json, write_atomic  # noqa: E402
-from hgdeploy.recipe import load_recipe  # noqa: E402
-from hgdeploy.report import SPEED_NOISE, replace_block, speed_band  # noqa: E402
+from hgdeploy.core.errors import exit_code  # noqa: E402
+from hgdeploy.core.files import to_json, write_atomic  # noqa: E402
+from hgdeploy.core.recipe import load_recipe  # noqa: E402
+from hgdeploy.measure.report import SPEED_NOISE, replace_block, speed_band  # noqa: E402
 
 RESULTS = REPO / "scripts" / "results"
 SEGMENTER = "segmenter_vit_l16_ade20k"
@@ -103,7 +103,7 @@ class Options:
 
 
 def export_step(opts: Options, recipe: str, label: str, extra: list[str], form: str) -> dict[str, Any]:
-    from hgdeploy import pipeline
+    from hgdeploy.pipeline import steps as pipeline
 
     report = pipeline.export(recipe, opts.overrides(recipe, extra, form), opts.folder(recipe, label, form),
                              opts.profile(PARITY_PROFILE, True).path)
@@ -112,7 +112,7 @@ def export_step(opts: Options, recipe: str, label: str, extra: list[str], form: 
 
 
 def parity_step(opts: Options, recipe: str, label: str, extra: list[str], form: str) -> dict[str, Any]:
-    from hgdeploy import pipeline
+    from hgdeploy.pipeline import steps as pipeline
 
     profile = opts.profile(PARITY_PROFILE, True)
     report = pipeline.check_folder(recipe, opts.overrides(recipe, extra, form), profile.path, None,
@@ -124,7 +124,7 @@ def parity_step(opts: Options, recipe: str, label: str, extra: list[str], form: 
 def graph_gflops(folder: Path, base: str) -> dict[str, float]:
     """deploy.graph_gflops once per exported folder and profile: it reads both graphs whole (2.4 GB for
     Segmenter-L) and the count does not change between settings."""
-    from hgdeploy import deploy
+    from hgdeploy.pipeline import deploy
     from hgdeploy.backends import load_profile
 
     return deploy.graph_gflops(deploy.existing_onnx(folder), load_profile(base))
@@ -134,7 +134,7 @@ def engine_step(opts: Options, recipe: str, label: str, extra: list[str], form: 
                 cuda_graph: bool) -> dict[str, Any]:
     """deploy.bench's timing of baseline and patched only: the graph before the passes (which bench also times
     for an fp32 profile) would cost a third of a short lease for a question this report does not ask."""
-    from hgdeploy import deploy
+    from hgdeploy.pipeline import deploy
     from hgdeploy.backends import make_runner
 
     profile = opts.profile(base, cuda_graph)
@@ -148,8 +148,8 @@ def engine_step(opts: Options, recipe: str, label: str, extra: list[str], form: 
 
 def torch_steps(opts: Options, recipe: str, label: str, extra: list[str], form: str) -> list[dict[str, Any]]:
     """Torch on each setting's device, precision and CUDA-graph mode; the models are built once."""
-    from hgdeploy import deploy, pipeline
-    from hgdeploy.contract import INPUT_NAME
+    from hgdeploy.pipeline import deploy, steps as pipeline
+    from hgdeploy.core.contract import INPUT_NAME
 
     settings = opts.settings()
     job = pipeline.prepare(recipe, opts.overrides(recipe, extra, form), opts.profile(settings[0][1], True).path,
@@ -337,7 +337,7 @@ def main() -> int:
         data = json.loads(args.render.read_text())
     else:
         from hgdeploy.backends import availability, load_profile
-        from hgdeploy.cli import _quiet_libraries
+        from hgdeploy.cli.main import _quiet_libraries
 
         if not args.cpu:
             missing = availability(load_profile("ort-cuda"))

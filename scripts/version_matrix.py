@@ -29,9 +29,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the checkout's hgdeploy, also before it is installed
 
-from hgdeploy.errors import exit_code  # noqa: E402
-from hgdeploy.outputs import write_atomic  # noqa: E402
-from hgdeploy.report import replace_block  # noqa: E402
+from hgdeploy.core.errors import exit_code  # noqa: E402
+from hgdeploy.core.files import write_atomic  # noqa: E402
+from hgdeploy.measure.report import replace_block  # noqa: E402
 
 RESULTS = REPO / "scripts" / "results" / "versions.json"
 README = REPO / "README.md"

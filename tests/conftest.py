@@ -56,7 +56,7 @@ def small_export(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def two_photos(tmp_path_factory) -> Path:
     """A folder with two of the bundled sample photos as JPEG files, the way users bring theirs."""
-    from hgdeploy.images import sample_photos
+    from hgdeploy.measure.images import sample_photos
 
     folder = tmp_path_factory.mktemp("two_photos")
     for photo in sample_photos()[:2]:

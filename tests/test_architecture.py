@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import os
 import subprocess
 import sys
@@ -12,20 +13,17 @@ import pytest
 from conftest import SMALL_EXPORT
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hgdeploy"
-# The rooms, lowest first (ARCHITECTURE.md). A module may import its own room and the rooms below it.
-ROOMS = [
-    ("foundation", {"errors", "config", "progress", "contract", "preprocess", "plan", "outputs", "memory"}),
-    ("layers", {"layers"}),
-    ("models", {"models"}),
-    ("adapters", {"adapters"}),
-    ("plan/export", {"recipe", "patching", "export", "space"}),
-    ("passes/lint", {"passes", "lint", "graph_flops", "fp16"}),
-    ("backends", {"backends"}),
-    ("checks/bench/report", {"checks", "bench", "flops", "images", "report", "datasets", "task_metrics", "scoring",
-                             "eval_report", "sample_data", "replay", "downscale", "tune_report"}),
-    ("pipeline", {"pipeline", "deploy", "evaluate", "tune"}),
-    ("cli", {"cli"}),
-]
+ARCHITECTURE = PACKAGE.parent / "ARCHITECTURE.md"
+
+
+def rooms() -> list[str]:
+    """The rooms, lowest first: the package's folders, in the order `hgdeploy.ROOMS` gives them (the one place
+    the order is written); a folder missing from it, or a name without a folder, fails here."""
+    import hgdeploy
+
+    folders = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file())
+    assert sorted(hgdeploy.ROOMS) == folders, f"hgdeploy.ROOMS {hgdeploy.ROOMS} != the package's folders {folders}"
+    return list(hgdeploy.ROOMS)
 
 
 def module_name(path: Path) -> str:
@@ -38,12 +36,10 @@ def modules() -> dict[str, Path]:
 
 
 def room(module: str) -> int:
-    """Index of the module's room in ROOMS; the package's own __init__ belongs to the foundation."""
-    first = module.split(".")[1] if "." in module else ""
-    for rank, (_, names) in enumerate(ROOMS):
-        if first in names or (first == "" and "errors" in names):
-            return rank
-    raise AssertionError(f"{module} belongs to no room: add it to ROOMS and to ARCHITECTURE.md")
+    """Index of the module's room: the folder it lives in."""
+    parts = module.split(".")
+    assert len(parts) > 1, f"{module} is the package itself, which is no room"
+    return rooms().index(parts[1])
 
 
 def imports(path: Path, known: set[str]) -> set[str]:
@@ -64,14 +60,28 @@ def graph() -> dict[str, set[str]]:
     return {name: imports(path, set(mods)) - {name} for name, path in mods.items()}
 
 
-def test_every_module_has_a_room():
+def test_every_module_lives_in_a_room():
+    """No module beside the rooms: the package's own __init__ holds only the room order."""
+    loose = [p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py"]
+    assert loose == [], f"modules outside every room folder: {loose}"
     for name in modules():
-        room(name)
+        if name != "hgdeploy":
+            room(name)
+
+
+def test_the_package_init_imports_nothing():
+    assert imports(PACKAGE / "__init__.py", set(modules())) == set()
+
+
+def test_architecture_md_maps_the_rooms_in_order():
+    """ARCHITECTURE.md is the one prose map: its table names every room folder, lowest first."""
+    listed = re.findall(r"^\| `([a-z_]+)/` \|", ARCHITECTURE.read_text(), flags=re.M)
+    assert listed == rooms()
 
 
 def test_imports_never_point_to_a_higher_room():
-    upward = [f"{a} ({ROOMS[room(a)][0]}) imports {b} ({ROOMS[room(b)][0]})"
-              for a, targets in graph().items() for b in targets if room(b) > room(a)]
+    upward = [f"{a} imports {b}, a higher room" for a, targets in graph().items() if a != "hgdeploy"
+              for b in targets if room(b) > room(a)]
     assert upward == []
 
 
@@ -107,7 +117,7 @@ def test_the_graph_check_would_catch_an_upward_import(tmp_path):
     """The checks above must be able to fail: a layer importing the CLI is an upward import."""
     fake = tmp_path / "layers.py"
     fake.write_text("from hgdeploy.cli import main\n")
-    assert imports(fake, set(modules())) == {"hgdeploy.cli"} and room("hgdeploy.cli") > room("hgdeploy.layers")
+    assert imports(fake, set(modules())) == {"hgdeploy.cli.main"} and room("hgdeploy.cli.main") > room("hgdeploy.layers")
 
 
 BLOCK_TORCH = """
@@ -127,8 +137,8 @@ def python(code: str) -> subprocess.CompletedProcess:
 
 
 def test_the_deploy_side_imports_no_torch():
-    done = python("import sys, hgdeploy.lint, hgdeploy.passes, hgdeploy.backends, hgdeploy.deploy, hgdeploy.cli, "
-                  "hgdeploy.scoring, hgdeploy.eval_report, hgdeploy.sample_data; sys.exit('torch' in sys.modules)")
+    done = python("import sys, hgdeploy.graph.lint, hgdeploy.graph.passes, hgdeploy.backends, hgdeploy.pipeline.deploy, hgdeploy.cli, "
+                  "hgdeploy.evaluation.scoring, hgdeploy.evaluation.report, hgdeploy.evaluation.samples; sys.exit('torch' in sys.modules)")
     assert done.returncode == 0, done.stderr
 
 

@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from hgdeploy.adapters.catalogue import families
+from hgdeploy.families.catalogue import families
 from hgdeploy.backends import load_profile, make_runner
 from hgdeploy.backends.profile import BUNDLED_PROFILES
 from hgdeploy.backends.pyt import torch_runner
-from hgdeploy.bench import bench_interleaved
-from hgdeploy.contract import INPUT_NAME
-from hgdeploy.errors import UserError
-from hgdeploy.export import export_onnx
-from hgdeploy.outputs import staged_output
+from hgdeploy.measure.timing import bench_interleaved
+from hgdeploy.core.contract import INPUT_NAME
+from hgdeploy.core.errors import UserError
+from hgdeploy.patch.export import export_onnx
+from hgdeploy.core.files import staged_output
 
 
 def test_bundled_profile_loads():
@@ -120,7 +120,7 @@ def test_pytorch_runs_where_each_use_needs_it(engine, reference, on_device, time
     The runners are only built here (a GPU one allocates nothing until activated)."""
     from conftest import TINY_TIMM
 
-    from hgdeploy import pipeline
+    from hgdeploy.pipeline import steps as pipeline
 
     job = pipeline.prepare(TINY_TIMM[0], [a for a in TINY_TIMM[1:] if a != "--set"], engine, need_profile=True,
                            runs_here=False)

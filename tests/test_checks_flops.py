@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from hgdeploy.checks import cosine, fidelity, heatmap_iou, parity, token_cosine
-from hgdeploy.flops import count_gflops
+from hgdeploy.measure.checks import cosine, fidelity, heatmap_iou, parity, token_cosine
+from hgdeploy.measure.flops import count_gflops
 from hgdeploy.layers import TokenClustering
 
 
@@ -104,7 +104,7 @@ def test_onnx_gflops_counts_matmul_and_einsum_multiply_adds():
     once crashed `hgdeploy export` with a TypeError."""
     from onnx import TensorProto, helper
 
-    from hgdeploy.graph_flops import onnx_gflops
+    from hgdeploy.graph.flops import onnx_gflops
 
     nodes = [helper.make_node("MatMul", ["a", "w"], ["h"], name="mm"),  # [2,3,4] x [4,5]: 2*3*5*4 = 120
              helper.make_node("Einsum", ["h", "b"], ["y"], name="es", equation="bij,bjk->bik")]  # 2*3*5*6 = 180

@@ -11,7 +11,7 @@ import pytest
 from conftest import SMALL_EXPORT, TINY_TIMM, hgdeploy_cli, hgdeploy_main
 
 from hgdeploy.cli import main
-from hgdeploy.report import speed_verdict
+from hgdeploy.measure.report import speed_verdict
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = [a for s in SMALL_EXPORT for a in ("--set", s)]
@@ -214,7 +214,7 @@ def test_lint_rejects_what_tensorrt_cannot_parse(tmp_path, op):
 
 def test_a_user_error_or_ctrl_c_ends_in_one_line_not_a_traceback(capsys):
     """The one ending of the CLI and of scripts/: UserError -> exit 2, Ctrl-C -> exit 130, each one line."""
-    from hgdeploy.errors import UserError, exit_code
+    from hgdeploy.core.errors import UserError, exit_code
 
     def interrupted() -> int:
         raise KeyboardInterrupt
@@ -252,7 +252,7 @@ except KeyboardInterrupt:
 PARENT = """
 import sys
 sys.path.insert(0, {repo!r})
-import hgdeploy.errors as errors
+import hgdeploy.core.errors as errors
 errors.CHILD_GRACE_S = 3  # more than the child's clean-up, which a second SIGINT would cut short
 sys.exit(errors.exit_code(lambda: errors.run_child([sys.executable, "-c", {child!r}, sys.argv[1]]).returncode, "parent"))
 """

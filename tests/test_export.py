@@ -11,12 +11,12 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from hgdeploy.adapters.dinov2 import patch_dinov2
-from hgdeploy.checks import cosine
-from hgdeploy.contract import INPUT_NAME, static_shape_problems
-from hgdeploy.export import export_onnx
+from hgdeploy.families.dinov2 import patch_dinov2
+from hgdeploy.measure.checks import cosine
+from hgdeploy.core.contract import INPUT_NAME, static_shape_problems
+from hgdeploy.patch.export import export_onnx
 from hgdeploy.layers import TokenClustering, TokenReconstruction, neighbour_table
-from hgdeploy.plan import ClusterPlan
+from hgdeploy.core.plan import ClusterPlan
 
 
 class _Tokens(torch.nn.Module):
@@ -107,9 +107,9 @@ def test_graphs_over_2_gb_go_through_the_passes_and_fp16_with_external_weights(s
     """SAM ViT-H and SWAG ViT-H/14 keep their weights in patched.onnx.data (protobuf's 2 GB limit): the passes
     and the fp16 conversion read them, and write external weights again where their result is still too big.
     The limit is lowered here to make the default model's export "too big" without gigabytes of test data."""
-    import hgdeploy.contract as contract
-    from hgdeploy.deploy import existing_onnx, optimize_graph, write_fp16
-    from hgdeploy.outputs import file_mode
+    import hgdeploy.core.contract as contract
+    from hgdeploy.pipeline.deploy import existing_onnx, optimize_graph, write_fp16
+    from hgdeploy.core.files import file_mode
 
     folder = tmp_path / "big"
     folder.mkdir()
@@ -143,7 +143,7 @@ def test_tensor_bytes_counts_initializers_constants_and_subgraphs():
     """What save_onnx weighs against protobuf's 2 GB: every tensor, wherever the graph keeps it."""
     from onnx import numpy_helper
 
-    from hgdeploy.contract import tensor_bytes
+    from hgdeploy.core.contract import tensor_bytes
 
     def const(name: str, array: np.ndarray) -> onnx.NodeProto:
         return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(array, name))

@@ -8,15 +8,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from hgdeploy.errors import UserError
-from hgdeploy.lint import (
-    SUPPORT,
-    SUPPORTED_MAJORS,
-    Finding,
-    format_findings,
-    lint_model,
-    lint_path,
-)
+from hgdeploy.core.errors import UserError
+from hgdeploy.graph.lint import SUPPORT, SUPPORTED_MAJORS, Finding, format_findings, lint_model, lint_path
 
 F, I64 = TensorProto.FLOAT, TensorProto.INT64
 
@@ -273,7 +266,7 @@ def test_lint_path_junk_file(tmp_path, junk):
 @pytest.mark.parametrize("op", ["NonZero", "Unique"])
 def test_the_contracts_data_dependent_ops_are_findings(op):
     """Export refuses these ops (contract.static_shape_problems); lint must name them too."""
-    from hgdeploy.contract import ALWAYS_DATA_DEPENDENT, static_shape_problems
+    from hgdeploy.core.contract import ALWAYS_DATA_DEPENDENT, static_shape_problems
 
     assert op in ALWAYS_DATA_DEPENDENT
     model = _model([helper.make_node(op, ["x"], ["y"], name="dd")], [("x", F, [4])], [("y", I64, None)], check=False)
@@ -300,7 +293,7 @@ class _LinearSoftmax(torch.nn.Module):
 
 def test_exported_torch_model_lints_clean(tmp_path):
     """Guards against a table stricter than what our own exporter emits."""
-    from hgdeploy.export import export_onnx
+    from hgdeploy.patch.export import export_onnx
 
     torch.manual_seed(0)
     path = export_onnx(_LinearSoftmax().eval(), torch.randn(2, 5, 16), tmp_path / "m.onnx", ("y",))

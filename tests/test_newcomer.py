@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import SMALL_EXPORT, TINY_TIMM, hgdeploy_cli, hgdeploy_main
 
-from hgdeploy.checks import HEATMAP_MIN_AREA, fidelity, heatmap_metrics
+from hgdeploy.measure.checks import HEATMAP_MIN_AREA, fidelity, heatmap_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = [a for s in SMALL_EXPORT for a in ("--set", s)]
@@ -102,7 +102,7 @@ def test_a_stale_export_is_refused_by_name(small_export, command, quick_profile)
 def test_the_export_records_its_plan_and_names_layers_by_alpha(small_export):
     import onnx
 
-    from hgdeploy.contract import read_clustering_specs, read_export_info
+    from hgdeploy.core.contract import read_clustering_specs, read_export_info
 
     model = onnx.load(str(small_export / "patched.onnx"), load_external_data=False)
     info = read_export_info(model)
@@ -128,7 +128,7 @@ def test_bench_prints_one_row_per_runner(small_export, quick_profile):
 def test_families_table_keeps_brackets_and_whole_names_at_80_columns():
     result = hgdeploy_main("families")  # not a terminal, as when piped: nothing may be cut
     assert result.returncode == 0, result.stderr
-    from hgdeploy.recipe import bundled_recipes
+    from hgdeploy.core.recipe import bundled_recipes
 
     assert "[model] options" in result.stdout
     for name in bundled_recipes():

@@ -10,20 +10,11 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from hgdeploy.contract import FP32_MARKER, ExportError, infer_shapes, read_clustering_specs, without_weights
-from hgdeploy.export import export_onnx
+from hgdeploy.core.contract import FP32_MARKER, ExportError, infer_shapes, read_clustering_specs, without_weights
+from hgdeploy.patch.export import export_onnx
 from hgdeploy.layers import TokenClustering, TokenReconstruction
-from hgdeploy.passes import (
-    FP16_MAX,
-    PASSES,
-    PassContext,
-    check_static,
-    drop_softmax_invariant_terms,
-    fold_constants,
-    fp16_safe_masks,
-    mark_fp32,
-    optimize,
-)
+from hgdeploy.graph.passes import (FP16_MAX, PASSES, PassContext, check_static, drop_softmax_invariant_terms,
+                                   fold_constants, fp16_safe_masks, mark_fp32, optimize)
 
 
 def _model(nodes, inputs, outputs, inits=()):
@@ -64,7 +55,7 @@ def test_fold_constants_evaluates_constant_arithmetic():
 
 
 def test_fold_constants_leaves_results_over_the_size_limit_to_the_engine(monkeypatch):
-    import hgdeploy.passes as passes
+    import hgdeploy.graph.passes as passes
 
     a = numpy_helper.from_array(np.full((4,), 2.0, np.float32), "a")
     big = numpy_helper.from_array(np.array([64, 4], np.int64), "big")  # the Expand's result: 64 x 4 floats

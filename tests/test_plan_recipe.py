@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from hgdeploy.errors import UserError
-from hgdeploy.plan import ClusterPlan, parse_grid
-from hgdeploy.recipe import load_recipe, parse_override
+from hgdeploy.core.errors import UserError
+from hgdeploy.core.plan import ClusterPlan, parse_grid
+from hgdeploy.core.recipe import load_recipe, parse_override
 
 GOOD = dict(token_grid=(32, 32), grid=(24, 24), alpha=6, reconstruct_after=12, depth=12, neighbours=5, iters=5, tau=0.1, k=20)
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import TINY_TIMM, hgdeploy_main
 
-from hgdeploy.errors import UserError
+from hgdeploy.core.errors import UserError
 from hgdeploy.layers import BilinearUpsampling, TokenPooling
-from hgdeploy.plan import PlanRequest
+from hgdeploy.core.plan import PlanRequest
 
 hgdeploy = hgdeploy_main
 

@@ -10,8 +10,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from hgdeploy.adapters.sam_windows import SamWindowSpan, insert_sam_span  # noqa: E402
-from hgdeploy.adapters.window_attention import resize_rel_pos  # noqa: E402
+from hgdeploy.spans.sam import SamWindowSpan, insert_sam_span  # noqa: E402
+from hgdeploy.spans.window_attention import resize_rel_pos  # noqa: E402
 
 
 def _tiny_sam(image_size: int = 64):

@@ -13,14 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hgdeploy.adapters.catalogue import get_family
+from hgdeploy.families.catalogue import get_family
 from hgdeploy.cli import main
-from hgdeploy.config import REPO_ROOT
-from hgdeploy.contract import INPUT_NAME
-from hgdeploy.export import export_onnx
-from hgdeploy.flops import count_gflops_fast
-from hgdeploy.patching import build_models
-from hgdeploy.recipe import load_recipe
+from hgdeploy.core.config import REPO_ROOT
+from hgdeploy.core.contract import INPUT_NAME
+from hgdeploy.patch.export import export_onnx
+from hgdeploy.measure.flops import count_gflops_fast
+from hgdeploy.patch.models import build_models
+from hgdeploy.core.recipe import load_recipe
 
 PUBLISHED = REPO_ROOT / "scripts" / "published_gflops.toml"
 
@@ -74,7 +74,7 @@ def test_baseline_onnx_computes_the_published_architecture(tmp_path: Path):
     """Our rebuilt modules, exported, against a functional implementation from the state dict alone."""
     import yaml
 
-    from hgdeploy.adapters.segmenter import _VariantLoader
+    from hgdeploy.families.segmenter import _VariantLoader
 
     family = get_family("segmenter")
     torch.manual_seed(3)

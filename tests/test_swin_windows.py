@@ -14,9 +14,9 @@ if not hasattr(modeling_swin, "SwinRelativePositionBias"):
     pytest.skip("this transformers keeps Swin's bias table in SwinSelfAttention (before 5.2x): the window span is "
                 "written for the current layout", allow_module_level=True)
 
-from hgdeploy.adapters.swin_windows import SwinWindowSpan, insert_window_span  # noqa: E402
-from hgdeploy.adapters.window_attention import resize_bias_table  # noqa: E402
-from hgdeploy.errors import UserError  # noqa: E402
+from hgdeploy.spans.swin import SwinWindowSpan, insert_window_span  # noqa: E402
+from hgdeploy.spans.window_attention import resize_bias_table  # noqa: E402
+from hgdeploy.core.errors import UserError  # noqa: E402
 
 
 def _tiny_swin(image_size: int = 64):
@@ -92,7 +92,7 @@ def test_a_map_of_one_window_has_nothing_to_cluster():
 
 
 def test_a_plan_counted_over_the_network_maps_to_one_stage():
-    from hgdeploy.adapters.swin_windows import stage_blocks
+    from hgdeploy.spans.swin import stage_blocks
 
     assert stage_blocks((2, 2, 18, 2), 12, 22) == (2, 8, 18)  # the paper's SwinV2-L: alpha 12, alpha + beta 22
     assert stage_blocks((2, 2, 18, 2), 10, 22) == (2, 6, 18)  # Mask2Former COCO panoptic: stage-3 block 6
@@ -103,7 +103,7 @@ def test_a_plan_counted_over_the_network_maps_to_one_stage():
 def test_swinv2_windows_rebuild_the_coordinate_table_and_zero_reduction_is_the_model():
     import copy
 
-    from hgdeploy.adapters.window_attention import swinv2_coords_table
+    from hgdeploy.spans.window_attention import swinv2_coords_table
 
     torch.manual_seed(0)
     cfg = transformers.Swinv2Config(image_size=64, patch_size=4, embed_dim=16, depths=[2, 2, 2], num_heads=[2, 2, 2],

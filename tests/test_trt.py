@@ -21,9 +21,9 @@ from hgdeploy.backends.onnxrt import lost_providers
 from hgdeploy.backends.onnxrt import provider_name as ort_provider_name
 from hgdeploy.backends.onnxrt import providers as ort_providers
 from hgdeploy.backends.trt import engine_paths, manifest_mismatch, onnx_input_shapes, strongly_typed_flag
-from hgdeploy.contract import FP32_MARKER, graph_sha256
-from hgdeploy.errors import UserError
-from hgdeploy.outputs import file_sha256
+from hgdeploy.core.contract import FP32_MARKER, graph_sha256
+from hgdeploy.core.errors import UserError
+from hgdeploy.core.files import file_sha256
 
 ENGINES = Path(__file__).resolve().parents[1] / "engines"
 GPU_PROFILES = {  # profile -> words one of which its "cannot run here" reason must contain
@@ -499,7 +499,7 @@ def test_trt_manifest_mismatch_is_a_user_error(tmp_path):
 
 def test_trt_fp16_builds_a_strongly_typed_engine_from_the_fp16_graph(tmp_path):
     require_tensorrt_gpu()
-    from hgdeploy.fp16 import to_fp16
+    from hgdeploy.graph.fp16 import to_fp16
 
     fp32_path = tiny_onnx(tmp_path / "m.onnx", marked=True)
     converted, _ = to_fp16(onnx.load(str(fp32_path)), lambda n: n.name.startswith(FP32_MARKER))

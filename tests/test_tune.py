@@ -15,13 +15,13 @@ import pytest
 import torch
 from conftest import REPO, TINY_TIMM, hgdeploy_main
 
-from hgdeploy.downscale import resize_output, smaller_sizes
-from hgdeploy.errors import UserError
-from hgdeploy.plan import ModelFacts, PlanRequest
-from hgdeploy.preprocess import Preprocess
-from hgdeploy.recipe import load_recipe
-from hgdeploy.space import candidates, default_space, parse_budget, read_space
-from hgdeploy.tune_report import best_recipe, matched, select_best
+from hgdeploy.tune.downscale import resize_output, smaller_sizes
+from hgdeploy.core.errors import UserError
+from hgdeploy.core.plan import ModelFacts, PlanRequest
+from hgdeploy.core.preprocess import Preprocess
+from hgdeploy.core.recipe import load_recipe
+from hgdeploy.tune.space import candidates, default_space, parse_budget, read_space
+from hgdeploy.tune.report import best_recipe, matched, select_best
 
 TINY_SPACE = """[space]
 alpha = [1, 2]
@@ -75,15 +75,15 @@ def test_plans_go_from_most_clusters_to_fewest_within_each_alpha():
 
 
 def _tiny_models():
-    from hgdeploy.patching import build_models
+    from hgdeploy.patch.models import build_models
 
     args = TINY_TIMM[1:]
     return build_models(load_recipe(TINY_TIMM[0], [args[i + 1] for i in range(0, len(args), 2)]), "cpu")
 
 
 def test_replayed_blocks_give_the_patched_model_its_own_outputs_and_are_really_used():
-    from hgdeploy.patching import patch_for
-    from hgdeploy.replay import PrefixCache, find_blocks
+    from hgdeploy.patch.models import patch_for
+    from hgdeploy.tune.replay import PrefixCache, find_blocks
 
     models = _tiny_models()
     facts = models.family.facts(models.baseline)

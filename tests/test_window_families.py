@@ -14,17 +14,17 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from hgdeploy.adapters.catalogue import get_family
-from hgdeploy.checks import cosine
-from hgdeploy.config import REPO_ROOT
-from hgdeploy.contract import INPUT_NAME
-from hgdeploy.errors import UserError
-from hgdeploy.export import export_onnx
-from hgdeploy.flops import count_gflops_fast
-from hgdeploy.lint import format_finding, lint_model, lint_path
-from hgdeploy.patching import build_models
-from hgdeploy.plan import ClusterPlan, default_reconstruct_after
-from hgdeploy.recipe import load_recipe
+from hgdeploy.families.catalogue import get_family
+from hgdeploy.measure.checks import cosine
+from hgdeploy.core.config import REPO_ROOT
+from hgdeploy.core.contract import INPUT_NAME
+from hgdeploy.core.errors import UserError
+from hgdeploy.patch.export import export_onnx
+from hgdeploy.measure.flops import count_gflops_fast
+from hgdeploy.graph.lint import format_finding, lint_model, lint_path
+from hgdeploy.patch.models import build_models
+from hgdeploy.core.plan import ClusterPlan, default_reconstruct_after
+from hgdeploy.core.recipe import load_recipe
 
 WINDOWED = ("mask2former", "swinv2", "sam")
 PUBLISHED = REPO_ROOT / "scripts" / "published_gflops.toml"
@@ -123,9 +123,9 @@ def test_fp16_graphs_keep_the_window_layers_in_fp32_and_stay_finite(name: str, c
     zero (fp16.to_half)."""
     import onnx
 
-    from hgdeploy.contract import is_layer_node, read_clustering_specs
-    from hgdeploy.fp16 import to_fp16
-    from hgdeploy.passes import optimize
+    from hgdeploy.core.contract import is_layer_node, read_clustering_specs
+    from hgdeploy.graph.fp16 import to_fp16
+    from hgdeploy.graph.passes import optimize
 
     family = get_family(name)
     model, size = family.tiny()

@@ -16,7 +16,7 @@ from polygraphy.backend.base import BaseRunner
 from hgdeploy.backends import machine, onnxrt, trt
 from hgdeploy.backends.base import Backend
 from hgdeploy.backends.profile import EngineProfile, parse_profile, resolve_profile_path
-from hgdeploy.errors import UserError
+from hgdeploy.core.errors import UserError
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (onnxrt.BACKEND, trt.BACKEND)}
 

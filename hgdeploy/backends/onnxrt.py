@@ -12,7 +12,7 @@ from polygraphy.backend.base import BaseRunner
 from hgdeploy.backends import machine
 from hgdeploy.backends.base import Backend
 from hgdeploy.backends.profile import ORT_OPT_LEVELS, EngineProfile
-from hgdeploy.errors import UserError
+from hgdeploy.core.errors import UserError
 
 PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hgdeploy.config import bundled_folders, check_key, resolve_toml
-from hgdeploy.contract import OUTPUT_KINDS
-from hgdeploy.errors import UserError
+from hgdeploy.core.config import bundled_folders, check_key, resolve_toml
+from hgdeploy.core.contract import OUTPUT_KINDS
+from hgdeploy.core.errors import UserError
 
 BUNDLED_PROFILES = bundled_folders("engines")
 DEFAULT_PROFILE = "ort-cpu"

@@ -13,7 +13,7 @@ import torch
 from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
-from hgdeploy.errors import UserError
+from hgdeploy.core.errors import UserError
 
 
 class TorchRunner(BaseRunner):

@@ -1,7 +1,7 @@
 """TensorRT through Polygraphy: network from ONNX, builder config, engine, runner; engines kept with a manifest.
 
 Networks are strongly typed: precision is what the ONNX graph says (fp16 graphs come from
-hgdeploy.fp16, with the clustering layers as fp32 islands), as TensorRT 11 requires and TensorRT 10
+hgdeploy.graph.fp16, with the clustering layers as fp32 islands), as TensorRT 11 requires and TensorRT 10
 allows with the STRONGLY_TYPED flag; no builder precision flags, no per-layer precision. TensorRT is
 imported inside functions only, so a machine without it can still check profiles and manifests.
 Written against TensorRT's and Polygraphy's documented APIs; it has not run on our machines
@@ -22,9 +22,9 @@ from polygraphy.backend.base import BaseRunner
 from hgdeploy.backends import machine
 from hgdeploy.backends.base import Backend
 from hgdeploy.backends.profile import EngineProfile
-from hgdeploy.contract import graph_sha256
-from hgdeploy.errors import UserError
-from hgdeploy.outputs import file_sha256
+from hgdeploy.core.contract import graph_sha256
+from hgdeploy.core.errors import UserError
+from hgdeploy.core.files import file_sha256
 
 
 def check(profile: EngineProfile) -> None:
@@ -187,7 +187,7 @@ def runner(onnx_path: Path, profile: EngineProfile, engine_dir: Path | None = No
     `engine_dir` defaults to the ONNX file's folder, so engines sit beside the models they came from.
     """
 
-    from hgdeploy import progress
+    from hgdeploy.core import progress
 
     onnx_path = Path(onnx_path)
     folder = Path(engine_dir) if engine_dir is not None else onnx_path.parent

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hgdeploy.errors import UserError
+from hgdeploy.core.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hgdeploy.errors import UserError
+from hgdeploy.core.errors import UserError
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 

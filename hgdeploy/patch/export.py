@@ -1,0 +1,95 @@
+"""PyTorch -> ONNX at a fixed input shape, then checked: onnx.checker, shape inference, static shapes.
+
+The exported graph takes the preprocessed float32 NCHW tensor; resizing and normalisation stay
+in the tool (and are recorded in the recipe/report).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hgdeploy.core.contract import CLUSTERING_METADATA, EXPORT_METADATA, INLINE_LIMIT_BYTES, INPUT_NAME, check_model
+from hgdeploy.layers import TokenClustering, TokenReconstruction, WindowTokenClustering, WindowTokenReconstruction
+from hgdeploy.core.memory import release_memory
+from hgdeploy.core.files import staged_file
+
+OPSET = 18
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, output_names: tuple[str, ...],
+                info: dict | None = None, external_data: bool | None = None) -> Path:
+    """Export `model` at `example`'s shape to `path` (written atomically), check it, return the path.
+
+    info: what the export was made from (recipe values, plan), recorded in the model's metadata.
+    external_data: weights in `<path>.data` beside the graph; None: only when protobuf's 2 GB limit forces it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    big = external_data if external_data is not None else weight_bytes(model) > INLINE_LIMIT_BYTES
+    with staged_file(path) as tmp:  # under its final name: external data files are referenced by name
+        _export_and_save(model, example, tmp, output_names, info, big)
+        release_memory()  # the exported program (and the weights its optimizer folded) is gone before the check
+        check_model(tmp)
+    return path
+
+
+def weight_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _export_and_save(model: nn.Module, example: torch.Tensor, target: Path, output_names: tuple[str, ...],
+                     info: dict | None, external_data: bool) -> None:
+    """torch.onnx.export (dynamo) with our metadata, saved to `target`; nothing of it outlives the call."""
+    with quiet_exporter(), torch.no_grad():
+        program = torch.onnx.export(
+            model.eval(), (example,), dynamo=True, opset_version=OPSET, input_names=[INPUT_NAME],
+            output_names=list(output_names), external_data=external_data, optimize=True, verbose=False,
+        )
+        specs = clustering_specs(model)
+        if specs:
+            program.model.metadata_props[CLUSTERING_METADATA] = json.dumps(specs)
+        if info is not None:
+            program.model.metadata_props[EXPORT_METADATA] = json.dumps(info)
+        program.save(str(target), external_data=external_data)
+
+
+def clustering_specs(model: nn.Module) -> list[dict]:
+    """One entry per clustering or reconstruction layer: its module path ("scope"), kind and constants."""
+    specs = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, TokenClustering):
+            specs.append({"scope": name, "kind": "clustering", **mod.spec, "form_reason": mod.form_reason})
+        elif isinstance(mod, TokenReconstruction):
+            specs.append({"scope": name, "kind": "reconstruction", "k": mod.k, "variant": mod.variant,
+                          "candidates": mod.candidates})
+        elif isinstance(mod, (WindowTokenClustering, WindowTokenReconstruction)):
+            # the window partition, padding and crop around the plain layers: fp32 with them, as the authors
+            # run window clustering and reconstruction outside autocast
+            kind = "window_clustering" if isinstance(mod, WindowTokenClustering) else "window_reconstruction"
+            specs.append({"scope": name, "kind": kind, "size": list(mod.size), "window": mod.window,
+                          "cluster_window": mod.cluster_window})
+    return specs
+
+
+@contextlib.contextmanager
+def quiet_exporter():
+    """The dynamo exporter prints progress lines and warnings we do not want in a CLI's output."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
