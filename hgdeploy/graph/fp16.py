@@ -93,8 +93,19 @@ def to_fp16(model: onnx.ModelProto, keep_fp32: Callable[[onnx.NodeProto], bool])
     protos = {n.name: n for n in model.graph.node}
     graph = import_graph(model)
     fp32 = {id(n) for n in graph.nodes if n.op in FP32_OPS or keep_fp32(protos.get(n.name, onnx.NodeProto()))}
-    # 1. Activations take the precision of the node that produces them; so do typed attributes (Cast's
-    #    target, the tensors of Constant and ConstantOfShape).
+    _half_outputs(graph, fp32)
+    casts = _typed_inputs(graph, fp32)
+    _float_graph_outputs(graph)
+    graph.cleanup().toposort()
+    converted = _exported(graph, model)
+    _type_check(converted)
+    return converted, summarize(converted, fp32_nodes=len(fp32), casts=len(casts.made) + sum(
+        1 for n in graph.nodes if n.name.endswith("/cast_output")))
+
+
+def _half_outputs(graph: gs.Graph, fp32: set[int]) -> None:
+    """Step 1. Activations take the precision of the node that produces them; so do typed attributes
+    (Cast's target, the tensors of Constant and ConstantOfShape)."""
     for node in graph.nodes:
         if id(node) in fp32:
             continue
@@ -107,8 +118,11 @@ def to_fp16(model: onnx.ModelProto, keep_fp32: Callable[[onnx.NodeProto], bool])
         for key, value in node.attrs.items():
             if isinstance(value, gs.Constant) and np.asarray(value.values).dtype == np.float32:
                 node.attrs[key] = gs.Constant(value.name, to_half(value.values))
-    # 2. Every float input gets the type its node computes in: constants converted once per type,
-    #    activations (and graph inputs) through a Cast.
+
+
+def _typed_inputs(graph: gs.Graph, fp32: set[int]) -> _Casts:
+    """Step 2. Every float input gets the type its node computes in: constants converted once per type,
+    activations (and graph inputs) through a Cast. Returns the Casts it made."""
     casts, halves = _Casts(graph), {}
     for node in list(graph.nodes):
         if node.op == "Cast" and node.name.endswith(("/cast_float16", "/cast_float32")):
@@ -124,7 +138,11 @@ def to_fp16(model: onnx.ModelProto, keep_fp32: Callable[[onnx.NodeProto], bool])
                     node.inputs[slot] = halves[t.name]
             elif t.dtype != want:
                 node.inputs[slot] = casts.of(t, want)
-    # 3. The graph's outputs stay float32: the fp16 tensor is renamed, a Cast writes the output name.
+    return casts
+
+
+def _float_graph_outputs(graph: gs.Graph) -> None:
+    """Step 3. The graph's outputs stay float32: the fp16 tensor is renamed, a Cast writes the output name."""
     for i, out in enumerate(list(graph.outputs)):
         if out.dtype == np.float16:
             name = out.name
@@ -133,18 +151,24 @@ def to_fp16(model: onnx.ModelProto, keep_fp32: Callable[[onnx.NodeProto], bool])
             graph.nodes.append(gs.Node("Cast", name=f"{name}/cast_output", attrs={"to": FLOAT}, inputs=[out],
                                        outputs=[final]))
             graph.outputs[i] = final
-    graph.cleanup().toposort()
+
+
+def _exported(graph: gs.Graph, model: onnx.ModelProto) -> onnx.ModelProto:
+    """The converted graph as ONNX, with the source model's IR version and metadata."""
     converted = gs.export_onnx(graph)
     converted.ir_version = model.ir_version
     for prop in model.metadata_props:
         converted.metadata_props.add(key=prop.key, value=prop.value)
+    return converted
+
+
+def _type_check(converted: onnx.ModelProto) -> None:
+    """ExportError unless the converted model passes the checker and strict, typed shape inference."""
     try:
         onnx.checker.check_model(without_weights(converted))  # in memory the checker stops at 2 GB
         shapes_of(converted, check_type=True, strict_mode=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ExportError(f"the fp16 graph does not type-check: {str(exc).splitlines()[0]}") from exc
-    return converted, summarize(converted, fp32_nodes=len(fp32), casts=len(casts.made) + sum(
-        1 for n in graph.nodes if n.name.endswith("/cast_output")))
 
 
 def to_half(values: np.ndarray) -> np.ndarray:
