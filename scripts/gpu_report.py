@@ -103,63 +103,69 @@ class Options:
 
 
 def export_step(opts: Options, recipe: str, label: str, extra: list[str], form: str) -> dict[str, Any]:
-    from hgdeploy.pipeline import steps as pipeline
+    from hgdeploy.pipeline import commands
 
-    report = pipeline.export(recipe, opts.overrides(recipe, extra, form), opts.folder(recipe, label, form),
-                             opts.profile(PARITY_PROFILE, True).path)
+    rec = load_recipe(recipe, opts.overrides(recipe, extra, form))
+    report = commands.export(rec, opts.profile(PARITY_PROFILE, True), opts.folder(recipe, label, form))
     return {"plan": report["plan"], "fp16": {k: {"fp16_weight_share": v.get("fp16_weight_share")}
                                              for k, v in report.get("fp16", {}).items()}}
 
 
 def parity_step(opts: Options, recipe: str, label: str, extra: list[str], form: str) -> dict[str, Any]:
-    from hgdeploy.pipeline import steps as pipeline
+    from hgdeploy.graph.folder import ExportFolder
+    from hgdeploy.measure.images import load_photos
+    from hgdeploy.pipeline import commands
 
     profile = opts.profile(PARITY_PROFILE, True)
-    report = pipeline.check_folder(recipe, opts.overrides(recipe, extra, form), profile.path, None,
-                                   opts.folder(recipe, label, form))
+    rec = load_recipe(recipe, opts.overrides(recipe, extra, form))
+    folder = ExportFolder.open(opts.folder(recipe, label, form), rec.data)
+    report = commands.check_folder(rec, profile, load_photos(None), folder)
     return {"profile": profile.name, "parity": report["parity"], "weights": report["weights"]["source"]}
 
 
 @functools.cache
 def graph_gflops(folder: Path, base: str) -> dict[str, float]:
-    """deploy.graph_gflops once per exported folder and profile: it reads both graphs whole (2.4 GB for
+    """engines.graph_gflops once per exported folder and profile: it reads both graphs whole (2.4 GB for
     Segmenter-L) and the count does not change between settings."""
-    from hgdeploy.pipeline import deploy
     from hgdeploy.backends import load_profile
+    from hgdeploy.graph.folder import ExportFolder
+    from hgdeploy.pipeline import engines
 
-    return deploy.graph_gflops(deploy.existing_onnx(folder), load_profile(base))
+    return engines.graph_gflops(ExportFolder.scan(folder), load_profile(base))
 
 
 def engine_step(opts: Options, recipe: str, label: str, extra: list[str], form: str, setting: str, base: str,
                 cuda_graph: bool) -> dict[str, Any]:
-    """deploy.bench's timing of baseline and patched only: the graph before the passes (which bench also times
-    for an fp32 profile) would cost a third of a short lease for a question this report does not ask."""
-    from hgdeploy.pipeline import deploy
-    from hgdeploy.backends import make_runner
+    """The timing `hgdeploy bench` does, of baseline and patched only: the graph before the passes (which bench
+    also times for an fp32 profile) would cost a third of a short lease for a question this report does not ask."""
+    from hgdeploy.graph.folder import ExportFolder
+    from hgdeploy.pipeline import engines
 
     profile = opts.profile(base, cuda_graph)
-    paths = deploy.existing_onnx(opts.folder(recipe, label, form))
-    graphs = {k: g for k, g in deploy.engine_graphs(paths, profile).items() if k in ("baseline", "patched")}
-    timed = deploy.time_runners({k: make_runner(g, profile) for k, g in graphs.items()},
-                                deploy.zeros_feed(paths["baseline"]), profile)
+    timed = engines.time_engines(ExportFolder.scan(opts.folder(recipe, label, form)), profile,
+                                 roles=("baseline", "patched"))
     return {"gflops": graph_gflops(opts.folder(recipe, label, form), base), "latency_ms": timed["latency_ms"],
-            "speedup": timed["speedup"], "versions": deploy.backend_info(profile)["versions"]}
+            "speedup": timed["speedup"], "versions": engines.backend_info(profile)["versions"]}
 
 
 def torch_steps(opts: Options, recipe: str, label: str, extra: list[str], form: str) -> list[dict[str, Any]]:
     """Torch on each setting's device, precision and CUDA-graph mode; the models are built once."""
-    from hgdeploy.pipeline import deploy, steps as pipeline
     from hgdeploy.core.contract import INPUT_NAME
+    from hgdeploy.graph.folder import ExportFolder
+    from hgdeploy.pipeline import engines
+    from hgdeploy.pipeline.context import load_context
+    from hgdeploy.pipeline.steps import torch_runners
 
     settings = opts.settings()
-    job = pipeline.prepare(recipe, opts.overrides(recipe, extra, form), opts.profile(settings[0][1], True).path,
-                           out=opts.folder(recipe, label, form), out_mode="read", need_profile=True)
+    rec = load_recipe(recipe, opts.overrides(recipe, extra, form))
+    ctx = load_context(rec, opts.profile(settings[0][1], True),
+                       export=ExportFolder.open(opts.folder(recipe, label, form), rec.data))
     rows = []
     for setting, base, cuda_graph in settings:
         profile = opts.profile(base, cuda_graph)
-        each = dataclasses.replace(job, profile=profile)
-        timed = deploy.time_interleaved(pipeline.torch_runners(each, on_profile=True),
-                                        {INPUT_NAME: each.example.numpy()}, profile, what=f"torch, {setting}")
+        each = dataclasses.replace(ctx, engine=profile)
+        timed = engines.time_runners(torch_runners(each, on_profile=True), {INPUT_NAME: each.example.numpy()},
+                                     profile, what=f"torch, {setting}")
         lat = {k.removeprefix("torch_"): t.median_ms for k, t in timed.items()}
         rows.append({"setting": setting, "latency_ms": lat, "speedup": lat["baseline"] / lat["patched"]})
     return rows
@@ -337,14 +343,14 @@ def main() -> int:
         data = json.loads(args.render.read_text())
     else:
         from hgdeploy.backends import availability, load_profile
-        from hgdeploy.cli.main import _quiet_libraries
+        from hgdeploy.cli.main import quiet_libraries
 
         if not args.cpu:
             missing = availability(load_profile("ort-cuda"))
             if missing:  # before minutes of exports that could only end in the first bench's refusal
                 print(f"gpu_report: {missing}", file=sys.stderr)
                 return 2
-        _quiet_libraries()
+        quiet_libraries()
         import tempfile
 
         plans = [p for p in PLANS

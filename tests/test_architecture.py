@@ -137,7 +137,7 @@ def python(code: str) -> subprocess.CompletedProcess:
 
 
 def test_the_deploy_side_imports_no_torch():
-    done = python("import sys, hgdeploy.graph.lint, hgdeploy.graph.passes, hgdeploy.backends, hgdeploy.pipeline.deploy, hgdeploy.cli, "
+    done = python("import sys, hgdeploy.graph.lint, hgdeploy.graph.passes, hgdeploy.backends, hgdeploy.pipeline.engines, hgdeploy.graph.folder, hgdeploy.graph.deploy, hgdeploy.cli, hgdeploy.cli.commands, "
                   "hgdeploy.evaluation.scoring, hgdeploy.evaluation.report, hgdeploy.evaluation.samples; sys.exit('torch' in sys.modules)")
     assert done.returncode == 0, done.stderr
 
@@ -160,3 +160,29 @@ def test_the_torch_block_works():
     """Without this the test above could pass with torch imported after all."""
     done = python(BLOCK_TORCH + "import torch")
     assert done.returncode != 0 and "blocked by the test" in done.stderr
+
+
+def callers(name: str) -> set[str]:
+    """Modules of the package that call `name` (a plain function name, or an attribute of anything but
+    graph-surgeon, whose `gs.export_onnx` is another function)."""
+    found = set()
+    for module, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                f = node.func
+                external = isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == "gs"
+                called = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
+                called = None if external else called
+                if called == name:
+                    found.add(module)
+    return found
+
+
+def test_one_road_writes_graphs_from_models():
+    """Only the export road exports models and derives the fp16 twins; the passes run there and in `hgdeploy
+    optimize` (which rewrites an existing folder's patched.opt.onnx)."""
+    assert callers("export_onnx") == {"hgdeploy.pipeline.road"}
+    assert callers("write_fp16") == {"hgdeploy.pipeline.road"}
+    assert callers("optimize_patched") == {"hgdeploy.pipeline.road", "hgdeploy.pipeline.engines"}
+    assert callers("write_deployable") == {"hgdeploy.pipeline.commands", "hgdeploy.evaluation.run",
+                                           "hgdeploy.tune.run"}

@@ -12,7 +12,7 @@ from hgdeploy.families.catalogue import families
 from hgdeploy.backends import load_profile, make_runner
 from hgdeploy.backends.profile import BUNDLED_PROFILES
 from hgdeploy.backends.pyt import torch_runner
-from hgdeploy.measure.timing import bench_interleaved
+from hgdeploy.measure.timing import time_interleaved
 from hgdeploy.core.contract import INPUT_NAME
 from hgdeploy.core.errors import UserError
 from hgdeploy.patch.export import export_onnx
@@ -73,7 +73,7 @@ class _Sleep(torch.nn.Module):
 def test_interleaved_bench_ranks_runners_by_their_cost():
     x = torch.zeros(1, 4)
     runners = {name: torch_runner(_Sleep(s), x, ("y",), INPUT_NAME, name) for name, s in (("slow", 0.012), ("fast", 0.004))}
-    timings = bench_interleaved(runners, {INPUT_NAME: x.numpy()}, warmup=1, runs=7)
+    timings = time_interleaved(runners, {INPUT_NAME: x.numpy()}, warmup=1, runs=7)
     assert timings["slow"].runs == 7 and timings["fast"].runs == 7
     assert 2.0 < timings["slow"].median_ms / timings["fast"].median_ms < 4.0
     assert timings["fast"].p90_ms >= timings["fast"].median_ms >= timings["fast"].min_ms
@@ -120,13 +120,14 @@ def test_pytorch_runs_where_each_use_needs_it(engine, reference, on_device, time
     The runners are only built here (a GPU one allocates nothing until activated)."""
     from conftest import TINY_TIMM
 
-    from hgdeploy.pipeline import steps as pipeline
+    from hgdeploy.core.recipe import load_recipe
+    from hgdeploy.pipeline.context import load_context
+    from hgdeploy.pipeline.steps import torch_runners
 
-    job = pipeline.prepare(TINY_TIMM[0], [a for a in TINY_TIMM[1:] if a != "--set"], engine, need_profile=True,
-                           runs_here=False)
+    ctx = load_context(load_recipe(TINY_TIMM[0], [a for a in TINY_TIMM[1:] if a != "--set"]), load_profile(engine))
 
     def where(**kwargs):
-        runners = pipeline.torch_runners(job, **kwargs)
+        runners = torch_runners(ctx, **kwargs)
         seen = {(r._device.type, r._dtype, r._cuda_graph) for r in runners.values()}
         assert len(seen) == 1
         return seen.pop()

@@ -108,7 +108,8 @@ def test_graphs_over_2_gb_go_through_the_passes_and_fp16_with_external_weights(s
     and the fp16 conversion read them, and write external weights again where their result is still too big.
     The limit is lowered here to make the default model's export "too big" without gigabytes of test data."""
     import hgdeploy.core.contract as contract
-    from hgdeploy.pipeline.deploy import existing_onnx, optimize_graph, write_fp16
+    from hgdeploy.graph.deploy import optimize_patched, write_fp16
+    from hgdeploy.graph.folder import ExportFolder
     from hgdeploy.core.files import file_mode
 
     folder = tmp_path / "big"
@@ -116,13 +117,13 @@ def test_graphs_over_2_gb_go_through_the_passes_and_fp16_with_external_weights(s
     for name in ("baseline.onnx", "patched.onnx"):
         onnx.save_model(onnx.load(str(small_export / name)), str(folder / name), save_as_external_data=True,
                         location=name + ".data", size_threshold=1024)
-    paths = existing_onnx(folder)
+    export = ExportFolder.scan(folder)
     x = np.random.default_rng(0).standard_normal((1, 3, 112, 112), dtype=np.float32)
 
     monkeypatch.setattr(contract, "INLINE_LIMIT_BYTES", 0)  # every graph "too big": all written with .data
-    report = optimize_graph(paths, folder)
+    export, report = optimize_patched(export)
     assert report["lint"]["clean"] and report["optimize"]["nodes"]["after"] < report["optimize"]["nodes"]["before"]
-    write_fp16(paths, folder)
+    write_fp16(export)
     for name in ("patched.opt.onnx", "baseline.fp16.onnx", "patched.fp16.onnx"):
         data = folder / (name + ".data")
         assert data.stat().st_size > 10 * (folder / name).stat().st_size, name  # the weights are outside
@@ -132,7 +133,7 @@ def test_graphs_over_2_gb_go_through_the_passes_and_fp16_with_external_weights(s
     assert not list(folder.glob(".*staging*"))
 
     monkeypatch.undo()  # small again: written inline, and the earlier .data file goes
-    optimize_graph(paths, folder)
+    optimize_patched(export)
     assert not (folder / "patched.opt.onnx.data").exists()
     for got, want in zip(_outputs(folder / "patched.opt.onnx", x), _outputs(small_export / "patched.opt.onnx", x),
                          strict=True):

@@ -15,6 +15,8 @@ class UserError(Exception):
     """
 
 
+EXIT_OK = 0
+EXIT_CHECK_FAILED = 1  # a check the command makes failed: parity, lint findings, no tune plan, the eval gate, held-out
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130  # 130: a shell's code for a process ended by Ctrl-C (128 + SIGINT)
 
 

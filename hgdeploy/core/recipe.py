@@ -152,15 +152,20 @@ def validate_data(data: dict[str, Any], where: str) -> None:
         raise UserError(f"{where}: ci.set must be a list of 'section.key=value' strings")
 
 
-def load_recipe(name_or_path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, override and validate a recipe; raises UserError naming the first problem."""
-    path = resolve_recipe_path(name_or_path)
+def read_recipe_file(path: Path) -> dict[str, Any]:
+    """The recipe file's TOML: the one place it is read (a command reads its recipe once)."""
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read recipe {path}: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"recipe {path} is not valid TOML: {exc}") from exc
+
+
+def load_recipe(name_or_path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe; raises UserError naming the first problem."""
+    path = resolve_recipe_path(name_or_path)
+    data = read_recipe_file(path)
     validate_data(data, str(path))
     data = copy.deepcopy(data)
     for text in overrides:

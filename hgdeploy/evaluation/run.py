@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import resource
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,22 +21,24 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from hgdeploy.evaluation import datasets as ds
-from hgdeploy.pipeline import deploy
-from hgdeploy.evaluation import report as eval_report
+from hgdeploy.backends import EngineProfile, make_runner
 from hgdeploy.core import progress
-from hgdeploy.families.catalogue import get_family
-from hgdeploy.families.registry import Family
-from hgdeploy.backends import make_runner
 from hgdeploy.core.contract import INPUT_NAME
 from hgdeploy.core.errors import UserError
-from hgdeploy.measure.images import Photo, open_rgb, to_tensor
-from hgdeploy.core.files import check_output_folder, staged_output, write_atomic_bytes
-from hgdeploy.pipeline.steps import (STRUCTURE_ONLY, Job, backend_info, describe, export_deployable, prepare,
-                                     torch_runners)
+from hgdeploy.core.files import staged_output, write_atomic_bytes
+from hgdeploy.core.memory import peak_rss_mb, rss_mb
 from hgdeploy.core.preprocess import Preprocess
-from hgdeploy.core.recipe import load_recipe
+from hgdeploy.core.recipe import Recipe
+from hgdeploy.evaluation import datasets as ds
+from hgdeploy.evaluation import report as eval_report
 from hgdeploy.evaluation.scoring import MODELS, Scorer, make_scorer
+from hgdeploy.families.catalogue import get_family
+from hgdeploy.families.registry import Family
+from hgdeploy.graph.folder import ExportFolder
+from hgdeploy.measure.images import Photo, open_rgb, to_tensor
+from hgdeploy.pipeline.context import STRUCTURE_ONLY, Context, load_context
+from hgdeploy.pipeline.road import write_deployable
+from hgdeploy.pipeline.steps import backend_info, torch_runners
 
 DENSE_KINDS = ("segmentation", "depth", "heatmap")
 EVAL_FOLDER = "eval"
@@ -138,31 +138,39 @@ def check_truth(layout: ds.Layout, samples: list[ds.Sample]) -> None:
             advance()
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalData:
+    """A dataset checked for a recipe before any model is loaded: its samples and the output it scores."""
+
+    path: str
+    layout: ds.Layout
+    samples: list[ds.Sample]
+    output: str
+    kind: str
+
+
+def read_dataset(path: str, layout_name: str | None, limit: int | None, recipe: Recipe) -> EvalData:
+    """The dataset's layout (given or told by its folders) and samples (the first `limit`), the recipe family's
+    output it scores, and every ground-truth file read once: all before a model is loaded."""
+    layout, samples = ds.open_dataset(path, layout_name)
+    if limit is not None:
+        if limit < 1:
+            raise UserError(f"--limit {limit}: give a positive number of images")
+        samples = samples[:limit]
+    output, kind = dense_output(get_family(recipe.family), layout)
+    check_truth(layout, samples)
+    return EvalData(str(path), layout, samples, output, kind)
+
+
 @contextlib.contextmanager
-def engine_graphs(job: Job, export: Path | None) -> Iterator[dict[str, Path]]:
-    """The exported folder's graphs, or a fresh export in a temporary folder (passes, fp16 as the profile asks)."""
-    if export is not None:
-        assert job.paths is not None
-        yield job.paths
+def graphs_to_score(ctx: Context) -> Iterator[ExportFolder]:
+    """The context's export folder, or a fresh one from the export road in a temporary folder."""
+    if ctx.export is not None:
+        yield ctx.export
         return
-    assert job.profile is not None
     with tempfile.TemporaryDirectory(prefix="hgdeploy-eval-") as tmp:
-        yield export_deployable(job, Path(tmp))
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
-
-
-def rss_mb() -> float:
-    """Resident memory now (Linux); elsewhere the peak so far. The allocators warm up over the first images
-    (the peak settles after a dozen), so "flat" is judged on the memory in use, not on the peak."""
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / (1 << 20)
-    except (OSError, IndexError, ValueError):
-        return peak_rss_mb()
+        folder, _ = write_deployable(ctx.models, ctx.example, ctx.engine, Path(tmp), ctx.describe())
+        yield folder
 
 
 def pick_figure_images(rows: list[dict[str, Any]], scorer: Scorer) -> list[tuple[str, int]]:
@@ -177,64 +185,69 @@ def pick_figure_images(rows: list[dict[str, Any]], scorer: Scorer) -> list[tuple
     return picks if picks[0][1] != picks[1][1] else picks[:1]
 
 
-def evaluate(recipe: str | None, overrides: list[str], engine: str | None, dataset: str, layout_name: str | None,
-             limit: int | None, save_predictions: bool, export: Path | None, out: Path | None) -> tuple[dict, Path]:
-    """`hgdeploy eval`; (report, output folder). Every input is checked before a model is loaded."""
-    rec = load_recipe(recipe, overrides)
-    folder = check_output_folder(out if out is not None else deploy.output_folder(rec.name, None) / EVAL_FOLDER)
-    layout, samples = ds.open_dataset(dataset, layout_name)
-    if limit is not None:
-        if limit < 1:
-            raise UserError(f"--limit {limit}: give a positive number of images")
-        samples = samples[:limit]
-    output, kind = dense_output(get_family(rec.family), layout)
-    check_truth(layout, samples)
-    job = prepare(recipe, overrides, engine, out=export, out_mode="read" if export is not None else None,
-                  need_profile=True)
-    assert job.profile is not None
-    settings = rec.data.get("eval", {})
-    pre = job.models.preprocess
-    how = Inference(job.models.family.inference, output, kind, pre,
+def inference(ctx: Context, data: EvalData) -> Inference:
+    """How each image runs: the family's mode, and for a sliding window the recipe's stride (checked)."""
+    settings, pre = ctx.recipe.data.get("eval", {}), ctx.models.preprocess
+    how = Inference(ctx.models.family.inference, data.output, data.kind, pre,
                     (settings.get("window_stride", pre.size[0]), settings.get("window_stride", pre.size[1])))
     if how.mode == "slide" and (how.stride[0] > pre.size[0] or how.stride[1] > pre.size[1]):
         raise UserError(f"eval.window_stride = {how.stride[0]} is larger than the {pre.size[0]}x{pre.size[1]} window: "
                         f"windows would leave pixels unseen; give a stride of at most {min(pre.size)}")
-    report: dict[str, Any] = describe(job) | {"backend": backend_info(job)}
-    with engine_graphs(job, export) as paths, staged_output(folder) as stage:
-        graph = deploy.deployed(paths, job.profile)
-        fixed = (settings["disparity_scale"], settings["disparity_shift"]) if "disparity_scale" in settings else None
-        scorer = make_scorer(kind, layout, output_classes(graph, output) if kind == "segmentation" else 0,
-                             settings.get("depth_output", job.models.family.depth_output), fixed)
-        torch_side = torch_runners(job, reference_on_device=True)
+    return how
+
+
+def scorer_for(ctx: Context, data: EvalData, graph: Path) -> Scorer:
+    """The task's scorer: classes read from the engine graph, the depth output and fixed disparity from [eval]."""
+    settings = ctx.recipe.data.get("eval", {})
+    fixed = (settings["disparity_scale"], settings["disparity_shift"]) if "disparity_scale" in settings else None
+    return make_scorer(data.kind, data.layout, output_classes(graph, data.output) if data.kind == "segmentation" else 0,
+                       settings.get("depth_output", ctx.models.family.depth_output), fixed)
+
+
+def evaluate(recipe: Recipe, engine: EngineProfile, data: EvalData, export: ExportFolder | None, out: Path,
+             save_predictions: bool) -> dict[str, Any]:
+    """`hgdeploy eval`: every sample through the unpatched and patched PyTorch models and the engine, scored;
+    eval.json, eval.md, eval.png (and predictions/) staged into `out`, which appears whole."""
+    ctx = load_context(recipe, engine, export=export)
+    how = inference(ctx, data)
+    report: dict[str, Any] = ctx.describe() | {"backend": backend_info(ctx)}
+    with graphs_to_score(ctx) as folder, staged_output(out) as stage:
+        graph = folder.patched_graph(engine)
+        scorer = scorer_for(ctx, data, graph)
+        torch_side = torch_runners(ctx, reference_on_device=True)
         report["torch_device"] = "gpu" if torch_side["torch_patched"].on_cuda else "cpu"
         runners = {"unpatched": torch_side["torch_baseline"], "patched": torch_side["torch_patched"],
-                   "engine": make_runner(graph, job.profile)}
+                   "engine": make_runner(graph, engine)}
         with contextlib.ExitStack() as stack:
             for r in runners.values():
                 stack.enter_context(r)
-            rows, memory = run_dataset(samples, runners, how, scorer, stage if save_predictions else None,
-                                       f"{layout.name}, {job.profile.name} engine")
-            panels = [(label, samples[i], *one_image(samples[i], runners, how, scorer))
+            rows, memory = run_dataset(data.samples, runners, how, scorer, stage if save_predictions else None,
+                                       f"{data.layout.name}, {engine.name} engine")
+            panels = [(label, data.samples[i], *one_image(data.samples[i], runners, how, scorer))
                       for label, i in pick_figure_images(rows, scorer)]
-        report |= {"dataset": {"path": str(dataset), "layout": layout.name, "images": len(samples),
-                               "scoring": scorer.describe(), "inference": how.describe(),
-                               "depth_output": scorer.output if kind == "depth" else None},
-                   "engine_model": graph.name} | scorer.metrics()
-        if kind == "segmentation":
-            report["per_class"] = scorer.per_class()
-        report["gate"] = gate(scorer, report, job)
-        report["memory"] = memory
-        if not report["weights"]["pretrained"]:
+        report |= scores(data, how, scorer, graph, rows) | {"gate": gate(scorer, report | scorer.metrics(), engine),
+                                                            "memory": memory}
+        if not ctx.pretrained:
             report["structure_check_only"] = STRUCTURE_ONLY
-        report["per_image"] = [{"image": s.stem} | r for s, r in zip(samples, rows)]
-        eval_report.write(stage, report, panels, kind)
-    return report, folder
+        report["per_image"] = [{"image": s.stem} | r for s, r in zip(data.samples, rows)]
+        eval_report.write(stage, report, panels, data.kind)
+    return report
 
 
-def gate(scorer: Scorer, report: dict[str, Any], job: Job) -> dict[str, Any]:
+def scores(data: EvalData, how: Inference, scorer: Scorer, graph: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The report's dataset description, the metrics and, for segmentation, the per-class table."""
+    out = {"dataset": {"path": data.path, "layout": data.layout.name, "images": len(data.samples),
+                       "scoring": scorer.describe(), "inference": how.describe(),
+                       "depth_output": scorer.output if data.kind == "depth" else None},
+           "engine_model": graph.name} | scorer.metrics()
+    if data.kind == "segmentation":
+        out["per_class"] = scorer.per_class()
+    return out
+
+
+def gate(scorer: Scorer, report: dict[str, Any], engine: EngineProfile) -> dict[str, Any]:
     """The profile's task gate: the engine's agreement with patched PyTorch in the task's headline metric."""
-    assert job.profile is not None
-    threshold = job.profile.task_agreement_min
+    threshold = engine.task_agreement_min
     value = scorer.gate_value(report)
     passed = True if threshold is None or value is None else value >= threshold
     return {"metric": f"agreement.engine_vs_patched.{scorer.gate}" + (" / 100" if scorer.gate == "mIoU" else ""),

@@ -32,7 +32,7 @@ def summarize(seconds: list[float]) -> Timing:
     return Timing(float(np.median(ms)), float(np.percentile(ms, 90)), float(ms.min()), len(ms))
 
 
-def bench_interleaved(runners: dict[str, BaseRunner], feed: dict[str, np.ndarray], warmup: int, runs: int,
+def time_interleaved(runners: dict[str, BaseRunner], feed: dict[str, np.ndarray], warmup: int, runs: int,
                       on_round: Callable[[int], None] | None = None,
                       infer_kwargs: dict[str, Any] | None = None,
                       feeds: dict[str, dict[str, np.ndarray]] | None = None) -> dict[str, Timing]:

@@ -6,33 +6,33 @@ recipe's [cluster] request; the family patches a copy. Nothing here reads the re
 
 from __future__ import annotations
 
-import copy
-import itertools
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from hgdeploy.families.catalogue import get_family
-from hgdeploy.families.registry import Family
 from hgdeploy.core.errors import UserError
-from hgdeploy.layers import TAU_SHARPNESS, TokenClustering, calibrate_tau, sharpness
-from hgdeploy.core.plan import ClusterPlan, ModelFacts, PlanRequest, make_plan
+from hgdeploy.core.plan import ClusterPlan, ModelFacts
 from hgdeploy.core.preprocess import Preprocess
 from hgdeploy.core.recipe import Recipe
+from hgdeploy.families.catalogue import get_family
+from hgdeploy.families.registry import Family
+from hgdeploy.patch.patched import patch_for
+from hgdeploy.patch.tau import calibrate
 
 
 @dataclass(frozen=True)
 class Models:
-    """The unpatched model, its patched copy and the plan that links them (and, for tau = "auto", how tau
-    was calibrated)."""
+    """The unpatched model, its patched copy, the plan that links them and the facts it was made from (and, for
+    tau = "auto", how tau was calibrated)."""
 
     family: Family
     baseline: nn.Module
     patched: nn.Module
     plan: ClusterPlan
     preprocess: Preprocess
+    facts: ModelFacts
     tau_auto: dict[str, Any] | None = None
 
 
@@ -59,55 +59,4 @@ def build_models(recipe: Recipe, device: str = "cpu", calibration: Callable[[Pre
             calibrated = {"tau": tau, "source": "recorded by the export"}
         request = request.with_tau(tau)
     plan, patched = patch_for(family, baseline, facts, request, device)
-    return Models(family, baseline, patched, plan, preprocess, calibrated)
-
-
-def patch_for(family: Family, baseline: nn.Module, facts: ModelFacts, request: PlanRequest,
-              device: str) -> tuple[ClusterPlan, nn.Module]:
-    """The plan for `request` (tau a number) on this loaded model and a patched copy sharing its weights:
-    cheap enough to do once per plan of a sweep."""
-    plan = make_plan(request, facts, family.name, family.reconstruct_on, device)
-    return plan, family.patch(structural_copy(baseline), plan).eval()
-
-
-class _Captured(Exception):
-    """Raised by the calibration hook: the layers after alpha need not run."""
-
-
-def calibrate(family: Family, baseline: nn.Module, request: PlanRequest, facts: ModelFacts, device: str,
-              images: torch.Tensor) -> tuple[float, dict[str, Any]]:
-    """tau from the model's own tokens entering the clustering layer, on `images` (layers.calibrate_tau)."""
-    _, probe = patch_for(family, baseline, facts, request.with_tau(1.0), device)
-    layer = next(m for m in probe.modules() if isinstance(m, TokenClustering))
-    tokens: list[torch.Tensor] = []
-
-    def grab(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        tokens.append(inputs[0].detach())
-        raise _Captured
-
-    handle = layer.register_forward_pre_hook(grab)
-    try:
-        with torch.no_grad():
-            for i in range(images.shape[0]):
-                try:
-                    probe(images[i:i + 1])
-                except _Captured:
-                    pass
-    finally:
-        handle.remove()
-    z = torch.cat(tokens)
-    tau = calibrate_tau(layer, z)
-    with torch.no_grad():
-        reached = sharpness(layer.initial_distances(z), tau)
-    return tau, {"tau": tau, "source": f"calibrated on {images.shape[0]} images", "target_sharpness": TAU_SHARPNESS,
-                 "sharpness": reached, "images": int(images.shape[0])}
-
-
-def structural_copy(model: nn.Module) -> nn.Module:
-    """A copy of the module tree that shares its parameter and buffer tensors with `model`.
-
-    Patching changes the structure, never a weight; a second copy of a ViT-H's 2.5 GB of weights is what
-    a large model (and a 2-core CI machine) cannot afford.
-    """
-    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    return copy.deepcopy(model, shared)
+    return Models(family, baseline, patched, plan, preprocess, facts, calibrated)

@@ -26,20 +26,23 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from hgdeploy.pipeline import deploy, steps as pipeline
+from hgdeploy.backends import EngineProfile, make_runner
 from hgdeploy.core import progress
 from hgdeploy.families.catalogue import get_family
 from hgdeploy.measure.checks import fidelity
 from hgdeploy.tune.downscale import resize_output, smaller_sizes
 from hgdeploy.core.errors import UserError
-from hgdeploy.patch.export import export_onnx
 from hgdeploy.measure.flops import count_gflops_fast
 from hgdeploy.measure.images import Photo, load_photos, to_batch
-from hgdeploy.layers import TokenClustering, calibrate_tau
-from hgdeploy.core.files import check_output_folder
-from hgdeploy.patch.models import patch_for
+from hgdeploy.layers import TokenClustering
+from hgdeploy.patch.patched import patch_for
+from hgdeploy.patch.tau import probe, tau_from_tokens
 from hgdeploy.core.plan import ClusterPlan, PlanRequest, parse_grid
-from hgdeploy.core.recipe import load_recipe
+from hgdeploy.core.recipe import Recipe
+from hgdeploy.pipeline import engines
+from hgdeploy.pipeline.context import STRUCTURE_ONLY, Context, load_context
+from hgdeploy.pipeline.road import write_deployable
+from hgdeploy.pipeline.steps import backend_info
 from hgdeploy.tune.replay import PrefixCache, clustered_span, find_blocks
 from hgdeploy.tune.space import (DEFAULT_CONFIDENCE, Budget, Space, candidates, check_budget_metric, default_space,
                                  parse_budget, plan_key, pool_request, read_space)
@@ -51,8 +54,33 @@ FIDELITY_SHARE = 0.5  # of --time-limit: after it the fidelity phase stops, so t
 DEFAULT_TIME_LIMIT = 30.0
 
 
-def default_folder(recipe_name: str, out: Path | None) -> Path:
-    return Path(out) if out is not None else deploy.DEFAULT_OUT / recipe_name / "tune"
+TUNE_FOLDER = "tune"  # runs/<recipe>/tune by default
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What a sweep must keep and how long it may take, read from the command line before any model."""
+
+    budget: Budget
+    space: dict[str, Any]
+    limit_s: float
+    holdout: list[Photo] | None = None
+
+
+def settings(budget_text: str, confidence: float, space_file: str | None, time_limit: float | None) -> Settings:
+    """--budget, --confidence, --space and --time-limit, each checked."""
+    budget = parse_budget(budget_text, confidence)
+    space_values = read_space(space_file) if space_file else {}
+    limit_s = 60.0 * (DEFAULT_TIME_LIMIT if time_limit is None else time_limit)
+    if limit_s <= 0:
+        raise UserError(f"--time-limit {time_limit} must be a positive number of minutes")
+    return Settings(budget, space_values, limit_s)
+
+
+def check_tunable(recipe: Recipe) -> None:
+    if not get_family(recipe.family).tunable:
+        raise UserError(f"hgdeploy tune does not sweep family {recipe.family} yet (window clustering); compare plans "
+                        f"with `hgdeploy flops` and `hgdeploy check --set cluster.grid=...`")
 
 
 def fingerprint(photos: list[Photo]) -> list[dict[str, str]]:
@@ -80,15 +108,15 @@ def previous(folder: Path, context: dict[str, Any]) -> dict[str, Any]:
 class Sweep:
     """The state of one tune run: the model, the cached unpatched pass, the rows measured so far."""
 
-    def __init__(self, job: pipeline.Job, budget: Budget, space: Space, folder: Path, result: dict[str, Any],
+    def __init__(self, ctx: Context, budget: Budget, space: Space, folder: Path, result: dict[str, Any],
                  done: dict[str, dict[str, Any]], limit_s: float):
-        self.job, self.budget, self.space, self.folder, self.result = job, budget, space, folder, result
+        self.job, self.budget, self.space, self.folder, self.result = ctx, budget, space, folder, result
         self.done, self.start, self.limit_s = done, time.monotonic(), limit_s
-        self.family, self.models = job.models.family, job.models
-        self.facts = self.family.facts(job.models.baseline)
+        self.family, self.models = ctx.models.family, ctx.models
+        self.facts = ctx.models.facts
         self.kinds = dict(self.family.outputs)
-        self.names = [p.name for p in job.photos or []]
-        self.device = job.profile.device if job.profile else "cpu"
+        self.names = [p.name for p in ctx.photos]
+        self.device = ctx.engine.device
         self.models_for: dict[str, Callable[[], nn.Module]] = {}  # row key -> its model, for the rows to be timed
         self.sizes: dict[str, float] = dict(result.get("downscale_gflops", {}))
 
@@ -136,9 +164,9 @@ class Sweep:
         """The plan and patched model; tau "auto" calibrated on the cached tokens entering the clustering layer."""
         source = "given"
         if request.tau_auto:
-            _, probe = patch_for(self.family, self.models.baseline, self.facts, request.with_tau(1.0), self.device)
-            layer = next(m for m in probe.modules() if isinstance(m, TokenClustering))
-            request = request.with_tau(calibrate_tau(layer, cache.tokens_at(request.alpha, clustered_span(probe))))
+            model, layer = probe(self.family, self.models.baseline, request, self.facts, self.device)
+            tau, _ = tau_from_tokens(layer, cache.tokens_at(request.alpha, clustered_span(model)), "auto")
+            request = request.with_tau(tau)
             source = "auto"
         plan, model = patch_for(self.family, self.models.baseline, self.facts, request, self.device)
         return plan, model, source
@@ -245,7 +273,7 @@ class Sweep:
                 continue
             model, pre = self.downscale_model(size)
             grid = self.family.facts(model).token_grid
-            batch = to_batch(self.job.photos or [], pre)
+            batch = to_batch(list(self.job.photos), pre)
             outs = []
             with torch.no_grad():
                 for j in range(batch.shape[0]):
@@ -278,44 +306,32 @@ class Sweep:
                     chosen.append(twin)
         return [r for r in chosen if r.get("speedup") is None and r["key"] in self.models_for]
 
-    def export_graph(self, row: dict[str, Any], model: nn.Module, folder: Path, baseline: Path) -> Path:
-        """What the profile's engine runs for one row: the export, the graph passes for patched graphs, fp16."""
-        folder.mkdir(parents=True, exist_ok=True)
+    def export_graph(self, row: dict[str, Any], model: nn.Module, folder: Path) -> Path:
+        """What the profile's engine runs for one row, from the export road: a downscaled input as a baseline
+        graph; a plan as a patched graph with the graph passes; both in the profile's precision."""
+        engine = self.job.engine
         if row["kind"] == "downscale":
-            size = parse_grid(row["plan"]["input_size"])
-            path = export_onnx(model, torch.zeros(1, 3, *size), folder / "baseline.onnx", self.family.output_names)
-            return self.fp16_baseline(path, folder)
-        path = export_onnx(model, self.job.example, folder / "patched.onnx", self.family.output_names,
-                           {"plan": row["plan"]})
-        paths = {"baseline": baseline, "patched": path}
-        deploy.optimize_graph(paths, folder)
-        if self.job.profile and self.job.profile.precision == "fp16":
-            deploy.write_fp16(paths, folder, keys=("patched_fp16",))
-        return deploy.deployed(paths, self.job.profile)
-
-    def fp16_baseline(self, path: Path, folder: Path) -> Path:
-        if not (self.job.profile and self.job.profile.precision == "fp16"):
-            return path
-        paths = {"baseline": path, "patched": path}
-        deploy.write_fp16(paths, folder, keys=("baseline_fp16",))
-        return paths["baseline_fp16"]
+            example = torch.zeros(1, 3, *parse_grid(row["plan"]["input_size"]))
+            export, _ = write_deployable(dataclasses.replace(self.models, baseline=model), example, engine, folder,
+                                         roles=("baseline",))
+            return export.baseline_graph(engine)
+        export, _ = write_deployable(dataclasses.replace(self.models, patched=model), self.job.example, engine, folder,
+                                     {"plan": row["plan"]}, roles=("patched",))
+        return export.patched_graph(engine)
 
     def latency_phase(self) -> None:
-        from hgdeploy.backends import make_runner
-
         queue = self.to_time()
         if not queue:
             return
-        profile = self.job.profile
-        assert profile is not None
+        profile = self.job.engine
         progress.info(f"Timing {len(queue)} plans on {profile.name}, {GROUP} at a time interleaved with the "
                       f"unpatched model")
         group_s: list[float] = []
         with tempfile.TemporaryDirectory(prefix="hgdeploy-tune-") as tmp:
-            with progress.step("Exporting the unpatched model"):
-                base = export_onnx(self.models.baseline, self.job.example, Path(tmp) / "baseline.onnx",
-                                   self.family.output_names)
-                base_graph = self.fp16_baseline(base, Path(tmp))
+            with progress.step("Exporting the unpatched model"), progress.muted():
+                base, _ = write_deployable(self.models, self.job.example, profile, Path(tmp) / "baseline",
+                                           roles=("baseline",))
+                base_graph = base.baseline_graph(profile)
             for start in range(0, len(queue), GROUP):
                 group = queue[start:start + GROUP]
                 estimate = max(group_s) if group_s else 0.0
@@ -329,11 +345,11 @@ class Sweep:
                 with progress.step(f"Exporting {len(group)} plans (ONNX, graph passes)"), progress.muted():
                     for j, row in enumerate(group):
                         graphs[row["key"]] = self.export_graph(row, self.models_for[row["key"]](),
-                                                               Path(tmp) / f"g{start + j}", base)
+                                                               Path(tmp) / f"g{start + j}")
                 runners = {"baseline": make_runner(base_graph, profile)}
                 runners |= {r["key"]: make_runner(graphs[r["key"]], profile) for r in group}
-                feeds = {k: deploy.zeros_feed(p) for k, p in graphs.items()}
-                timings = deploy.time_interleaved(runners, deploy.zeros_feed(base_graph), profile, feeds,
+                feeds = {k: engines.zeros_feed(p) for k, p in graphs.items()}
+                timings = engines.time_runners(runners, engines.zeros_feed(base_graph), profile, feeds,
                                                   what=f"plans {start + 1}-{start + len(group)} of {len(queue)} "
                                                        f"and the unpatched model")
                 self.result["baseline"]["latency_ms"] = timings["baseline"].median_ms
@@ -368,34 +384,20 @@ def reusable(row: dict[str, Any] | None) -> bool:
     return row is not None and bool((row.get("fidelity") or {}).get("per_image"))
 
 
-def tune(recipe: str | None, overrides: list[str], engine: str | None, images: str | None, budget_text: str,
-         space_file: str | None, time_limit: float | None, holdout: str | None, out: Path | None,
-         confidence: float = DEFAULT_CONFIDENCE) -> tuple[dict[str, Any], Path]:
-    """`hgdeploy tune`: every input checked first, then the sweep; (tune.json's content, output folder)."""
-    budget = parse_budget(budget_text, confidence)
-    space_values = read_space(space_file) if space_file else {}
-    limit_s = 60.0 * (DEFAULT_TIME_LIMIT if time_limit is None else time_limit)
-    if limit_s <= 0:
-        raise UserError(f"--time-limit {time_limit} must be a positive number of minutes")
-    rec = load_recipe(recipe, overrides)
-    if not get_family(rec.family).tunable:
-        raise UserError(f"hgdeploy tune does not sweep family {rec.family} yet (window clustering); compare plans with "
-                        f"`hgdeploy flops` and `hgdeploy check --set cluster.grid=...`")
-    folder = default_folder(rec.name, out)
-    check_output_folder(folder)
-    held = load_photos(holdout) if holdout else None
-    job = pipeline.prepare(recipe, overrides, engine, images, need_profile=True, need_photos=True)
-    assert job.profile is not None and job.photos is not None
-    info = pipeline.describe(job)
-    context = {"recipe": rec.name, "values": info["recipe"]["values"], "images": fingerprint(job.photos),
-               "engine": job.profile.name}
+def tune(recipe: Recipe, engine: EngineProfile, photos: list[Photo], settings: Settings, folder: Path) -> dict[str, Any]:
+    """`hgdeploy tune`: the sweep, its inputs checked by the command line; tune.json's content."""
+    budget, limit_s, held = settings.budget, settings.limit_s, settings.holdout
+    job = load_context(recipe, engine, photos)
+    info = job.describe()
+    context = {"recipe": recipe.name, "values": info["recipe"]["values"], "images": fingerprint(photos),
+               "engine": engine.name}
     old = previous(folder, context)
     done = {r["key"]: r for r in old.get("rows", [])}
-    facts = job.models.family.facts(job.models.baseline)
-    space = dataclasses.replace(default_space(facts, job.recipe.request, job.models.plan.device), **space_values)
+    facts = job.models.facts
+    space = dataclasses.replace(default_space(facts, recipe.request, job.models.plan.device), **settings.space)
     result: dict[str, Any] = {"tool": "hgdeploy tune", "state": "running", "context": context, "budget": str(budget),
                               "confidence": budget.confidence,
-                              "space": space.to_dict(), "backend": pipeline.backend_info(job), "rows": [],
+                              "space": space.to_dict(), "backend": backend_info(job), "rows": [],
                               "pruned": [], "best": None, "resumed_rows": len(done)}
     result["downscale_gflops"] = old.get("downscale_gflops", {})
     sweep = Sweep(job, budget, space, folder, result, done, limit_s)
@@ -405,9 +407,9 @@ def tune(recipe: str | None, overrides: list[str], engine: str | None, images: s
         metrics = [k for k in sweep.score(cache, cache.outputs)
                    if k not in ("images", "per_image") and not k.endswith("_undefined")]
         check_budget_metric(budget, metrics)
-        if not pipeline.weights(job)["pretrained"]:
-            result["structure_check_only"] = pipeline.STRUCTURE_ONLY
-            progress.info(f"note: {pipeline.STRUCTURE_ONLY}")
+        if not job.pretrained:
+            result["structure_check_only"] = STRUCTURE_ONLY
+            progress.info(f"note: {STRUCTURE_ONLY}")
         result["baseline"] = {"gflops": count_gflops_fast(job.models.baseline, job.example).total,
                               "latency_ms": (old.get("baseline") or {}).get("latency_ms")}
         if done:
@@ -431,9 +433,9 @@ def tune(recipe: str | None, overrides: list[str], engine: str | None, images: s
     result["best"] = best
     result["comparison"] = matched(result["rows"], budget)
     result["elapsed_s"] = sweep.elapsed()
-    header = [f"Tuned by hgdeploy tune from recipe {rec.name} for {job.profile.name}, budget {budget}, on "
-              f"{len(job.photos)} images.",
+    header = [f"Tuned by hgdeploy tune from recipe {recipe.name} for {engine.name}, budget {budget}, on "
+              f"{len(photos)} images.",
               f"Measured speed-up {best['speedup']:.3f}x, {budget.key} {best['fidelity'][budget.key]:.4f}."
               if best else "No plan was within the budget and faster."]
     write_results(folder, result, budget, info["recipe"]["values"], header)
-    return result, folder
+    return result

@@ -1,0 +1,65 @@
+"""Argument groups: each reads and checks its own options and builds the library object a command takes
+(Polygraphy's tools/args shape). Commands call them in the order their inputs should be checked, so that
+every mistake is named before anything is loaded or written; the recipe is read here, once per command."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the deploy-side commands must run where torch cannot be imported
+    from hgdeploy.backends import EngineProfile
+    from hgdeploy.core.recipe import Recipe
+    from hgdeploy.graph.folder import ExportFolder
+    from hgdeploy.measure.images import Photo
+
+
+def recipe(args: argparse.Namespace) -> Recipe:
+    """The recipe (a path or a bundled name) with its --set overrides, validated."""
+    from hgdeploy.core.recipe import load_recipe
+
+    return load_recipe(args.recipe, args.overrides)
+
+
+def engine(args: argparse.Namespace, rec: Recipe | None = None, runs_here: bool = True) -> EngineProfile:
+    """--engine, validated; it must run on this machine unless `runs_here` is False (an export only needs its
+    device and precision). With `rec`, its per-output parity bounds must name the recipe family's outputs."""
+    from hgdeploy.backends import load_profile, require_available
+
+    profile = load_profile(args.engine)
+    if runs_here:
+        require_available(profile)
+    if rec is not None:
+        from hgdeploy.pipeline.context import check_engine_outputs
+
+        check_engine_outputs(rec, profile)
+    return profile
+
+
+def photos(args: argparse.Namespace) -> list[Photo]:
+    """--images DIR, every file a readable photo; the bundled sample photos without it."""
+    from hgdeploy.measure.images import load_photos
+
+    return load_photos(args.images)
+
+
+def write_folder(args: argparse.Namespace, rec: Recipe, subfolder: str | None = None) -> Path:
+    """--out (default runs/<recipe>[/subfolder]) where this command may write."""
+    from hgdeploy.core.files import check_output_folder
+    from hgdeploy.graph.folder import output_folder
+
+    default = output_folder(rec.name, None) / subfolder if subfolder else output_folder(rec.name, None)
+    return check_output_folder(args.out if args.out is not None else default)
+
+
+def export_folder(args: argparse.Namespace, rec: Recipe, out: Path | None = None, writes: bool = False) -> ExportFolder:
+    """The export in --out (or `out`): its two graphs there, exported with this recipe's values; with `writes`,
+    a folder this command may write into."""
+    from hgdeploy.core.files import check_output_folder
+    from hgdeploy.graph.folder import ExportFolder, output_folder
+
+    folder = ExportFolder.open(output_folder(rec.name, out if out is not None else args.out), rec.data)
+    if writes:
+        check_output_folder(folder.path)
+    return folder

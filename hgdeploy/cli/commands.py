@@ -1,0 +1,178 @@
+"""One function per subcommand: read its argument groups in the order their inputs are checked, call one library
+function, print the result. Exit codes: 0 success, 1 a check failed (EXIT_CHECK_FAILED), 2 bad input."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from typing import Callable
+
+from hgdeploy.cli import args as groups
+from hgdeploy.cli.show import emit, print_bench, print_eval, print_families, print_tune
+from hgdeploy.core.errors import EXIT_CHECK_FAILED, EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from hgdeploy.core import progress
+    from hgdeploy.measure.report import render_summary
+    from hgdeploy.pipeline import commands
+
+    rec = groups.recipe(args)
+    engine, out = groups.engine(args, rec), groups.write_folder(args, rec)
+    report = commands.run(rec, engine, groups.photos(args), out)
+    written = sorted(p.name for p in out.iterdir() if p.suffix in (".onnx", ".data", ".json", ".md"))
+    progress.info(f"wrote {out}/{', '.join(written)}")
+    print(json.dumps(report, indent=2) if args.json else render_summary(report))
+    return EXIT_OK if report["parity"]["passed"] else EXIT_CHECK_FAILED
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from hgdeploy.pipeline import commands
+
+    rec = groups.recipe(args)
+    engine = groups.engine(args, rec, runs_here=False)
+    emit(commands.export(rec, engine, groups.write_folder(args, rec)), args.json, ["plan", "engine", "fp16", "onnx"])
+    return EXIT_OK
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    from hgdeploy.pipeline import engines
+
+    rec = groups.recipe(args)
+    engine = groups.engine(args)
+    report = engines.optimize_folder(groups.export_folder(args, rec, writes=True), engine)
+    if args.json:
+        emit(report, True, ["optimize", "lint", "latency_ms", "latency", "speedup"])
+        return EXIT_OK
+    emit(report, False, ["optimize", "lint"])
+    print_bench(report)
+    return EXIT_OK
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from hgdeploy.pipeline import engines
+
+    rec = groups.recipe(args)
+    engine = groups.engine(args)
+    emit(engines.build(groups.export_folder(args, rec, writes=True), engine), args.json)
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from hgdeploy.pipeline import commands
+
+    rec = groups.recipe(args)
+    engine = groups.engine(args, rec)
+    folder = groups.export_folder(args, rec)
+    report = commands.check_folder(rec, engine, groups.photos(args), folder)
+    emit(report, args.json, ["weights", "plan", "parity", "fidelity"])
+    return EXIT_OK if report["parity"]["passed"] else EXIT_CHECK_FAILED
+
+
+def cmd_flops(args: argparse.Namespace) -> int:
+    from hgdeploy.pipeline import commands
+
+    emit(commands.flops_report(groups.recipe(args)), args.json, ["plan", "gflops"])
+    return EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Engines only on an exported folder (no PyTorch needed); with --torch, or without a folder, via the models."""
+    rec = groups.recipe(args)
+    if args.out is not None and not args.torch:
+        from hgdeploy.pipeline import engines
+
+        engine = groups.engine(args)
+        report = engines.bench_folder(groups.export_folder(args, rec), engine)
+    else:
+        from hgdeploy.pipeline import commands
+
+        engine = groups.engine(args, rec)
+        folder = groups.export_folder(args, rec) if args.out is not None else None
+        report = commands.bench_models(rec, engine, folder, args.torch)
+    if args.json:
+        emit(report, True, ["plan", "backend", "gflops", "latency_ms", "latency", "speedup", "speedup_torch"])
+    else:
+        print_bench(report)
+    return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from hgdeploy.core import progress
+    from hgdeploy.evaluation import run as evaluation
+
+    rec = groups.recipe(args)
+    out = groups.write_folder(args, rec, evaluation.EVAL_FOLDER)
+    data = evaluation.read_dataset(args.dataset, args.layout, args.limit, rec)
+    engine = groups.engine(args, rec)
+    export = groups.export_folder(args, rec, out=args.export) if args.export is not None else None
+    report = evaluation.evaluate(rec, engine, data, export, out, args.save_predictions)
+    progress.info(f"wrote {out}/eval.json, eval.md" + (", eval.png" if report.get("figure") else "")
+                  + (", predictions/" if args.save_predictions else ""))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_eval(report)
+    return EXIT_OK if report["gate"]["passed"] else EXIT_CHECK_FAILED
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from hgdeploy.core import progress
+    from hgdeploy.measure.images import load_photos
+    from hgdeploy.tune import run as tune
+    from hgdeploy.tune.report import TUNE_FILES
+
+    settings = tune.settings(args.budget, args.confidence, args.space, args.time_limit)
+    rec = groups.recipe(args)
+    tune.check_tunable(rec)
+    out = groups.write_folder(args, rec, tune.TUNE_FOLDER)
+    held = load_photos(args.holdout) if args.holdout else None
+    engine = groups.engine(args, rec)
+    result = tune.tune(rec, engine, groups.photos(args), dataclasses.replace(settings, holdout=held), out)
+    progress.info(f"wrote {out}/" + ", ".join(n for n in TUNE_FILES if (out / n).exists()))
+    best = result["best"]
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_tune(result)
+    if best is None:
+        return EXIT_CHECK_FAILED
+    return EXIT_OK if best.get("holdout", {}).get("within_budget", True) else EXIT_CHECK_FAILED
+
+
+def cmd_lint(args: argparse.Namespace) -> int:
+    from hgdeploy.graph import lint
+
+    major = args.trt_major if args.trt_major is not None else lint.DEFAULT_MAJOR
+    findings = lint.lint_path(args.model, major)
+    if args.json:
+        print(json.dumps({"model": str(args.model), "trt_major": major,
+                          "findings": [dataclasses.asdict(f) for f in findings]}, indent=2))
+    elif findings:
+        print(lint.format_findings(findings))
+    else:
+        print(f"{args.model}: clean for TensorRT {major}'s ONNX parser")
+    return EXIT_CHECK_FAILED if findings else EXIT_OK
+
+
+def cmd_families(args: argparse.Namespace) -> int:
+    from hgdeploy.core.recipe import bundled_recipes
+    from hgdeploy.families.catalogue import families
+
+    recipes = bundled_recipes()
+    rows = [{"family": f.name, "summary": f.summary, "options": list(f.options),
+             "outputs": {name: kind for name, kind in f.outputs}, "reconstruct_on": list(f.reconstruct_on),
+             "recipes": sorted(name for name, fam in recipes.items() if fam == f.name)} for f in families()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print_families(rows)
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": cmd_run, "export": cmd_export, "optimize": cmd_optimize, "lint": cmd_lint, "build": cmd_build,
+    "check": cmd_check, "flops": cmd_flops, "bench": cmd_bench, "families": cmd_families, "eval": cmd_eval,
+    "tune": cmd_tune,
+}

@@ -1,0 +1,141 @@
+"""What the commands print on stdout: tables (rich, never markup), the bench, eval and tune summaries."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Iterable
+
+def console() -> Any:
+    """A console on stdout; piped or redirected, tables get the width they need (nothing cut at 80 columns)."""
+    from rich.console import Console
+
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 1000)
+
+
+def table(columns: Iterable[str], rows: Iterable[Iterable[Any]], title: str | None = None,
+           no_wrap: tuple[int, ...] = (), lines: bool = False) -> None:
+    """A table on stdout; cells are text, never rich markup ("[model]" stays "[model]")."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(show_header=True, header_style="bold", title=title, title_justify="left", show_lines=lines)
+    for i, col in enumerate(columns):
+        table.add_column(Text(col), no_wrap=i in no_wrap)
+    for row in rows:
+        table.add_row(*(Text(cell(v)) for v in row))
+    console().print(table)
+
+
+def cell(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else "—" if value is None else str(value)
+
+
+def emit(report: dict[str, Any], as_json: bool, keys: list[str] | None = None) -> None:
+    shown = {k: report[k] for k in (keys or report) if k in report}
+    if as_json:
+        print(json.dumps(shown, indent=2))
+        return
+    table(("key", "value"), flatten(shown), no_wrap=(0,))
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = []
+    for key, value in d.items():
+        if key in ("per_image", "per_output", "values", "versions", "machine", "passes"):
+            continue
+        if isinstance(value, dict):
+            rows += flatten(value, f"{prefix}{key}.")
+        else:
+            rows.append((f"{prefix}{key}", value))
+    return rows
+
+
+RUNNER_NAMES = {"baseline": "engine, baseline", "patched": "engine, patched (deployed graph)",
+                "patched_unoptimized": "engine, patched before the graph passes",
+                "torch_baseline": "torch eager, baseline", "torch_patched": "torch eager, patched"}
+
+
+def print_bench(report: dict[str, Any]) -> None:
+    """One row per runner, then the ratios and the verdict: what `hgdeploy bench` is for."""
+    from hgdeploy.measure.report import speed_verdict
+
+    plan, g = report.get("plan") or {}, report.get("gflops") or {}
+    backend = report.get("backend", {})
+    lines = []
+    if plan:
+        lines.append(f"plan: alpha={plan['alpha']}, {plan['num_clusters']} clusters ({plan['grid']}) of "
+                     f"{plan['num_tokens']} tokens, rebuilt after {plan['reconstruct_after']}"
+                     + (f", {plan['clustering_form']} clustering" if plan.get("clustering_form") else ""))
+    if g:
+        lines.append(f"GFLOPs: {g['baseline']:.2f} -> {g['patched']:.2f} (ratio {g['patched'] / g['baseline']:.3f}, "
+                     f"clustering + reconstruction {g['clustering']:.3f})")
+    print("\n".join(lines))
+    lat = report["latency"]
+    table(("runner", "median ms", "p90 ms", "min ms", "runs"),
+           ([RUNNER_NAMES.get(k, k), f"{t['median_ms']:.2f}", f"{t['p90_ms']:.2f}", f"{t['min_ms']:.2f}", t["runs"]]
+            for k, t in lat.items()), title=f"{backend.get('name', '')}: interleaved runs after warm-up",
+           no_wrap=(0,))
+    print(f"speedup (baseline / patched median): {report['speedup']:.3f}x"
+          + (f"; torch eager: {report['speedup_torch']:.3f}x" if "speedup_torch" in report else ""))
+    print(speed_verdict(report))
+
+
+def print_eval(report: dict[str, Any]) -> None:
+    """The metric x model table, then the agreement table and the gate: what eval.md leads with."""
+    from hgdeploy.evaluation.scoring import AGREEMENTS, MODELS
+
+    d = report["dataset"]
+    print(f"{report['recipe']['name']} on {d['path']} ({d['layout']}, {d['images']} images), engine "
+          f"{report['backend']['name']}")
+    if report.get("metrics"):
+        m = report["metrics"]
+        table(("metric", *MODELS, "Δ engine"), ([k, *(m[x][k] for x in MODELS),
+                                                  None if m["engine"][k] is None or m["unpatched"][k] is None
+                                                  else m["engine"][k] - m["unpatched"][k]] for k in m["unpatched"]),
+               title="against the ground truth", no_wrap=(0,))
+    a = report["agreement"]
+    table(("metric", *(k.replace("_", " ") for k in AGREEMENTS)), ([k, *(a[x][k] for x in AGREEMENTS)]
+                                                                   for k in a["patched"]),
+           title="agreement between the models", no_wrap=(0,))
+    g = report["gate"]
+    print(f"task gate {g['metric']}: {cell(g['value'])}"
+          + (f" >= {g['task_agreement_min']}: {'passed' if g['passed'] else 'FAILED'}"
+             if g["task_agreement_min"] is not None else " (no task_agreement_min in this profile)"))
+    if report.get("structure_check_only"):
+        print(f"note: {report['structure_check_only']}")
+
+
+def print_tune(result: dict[str, Any]) -> None:
+    """The timed plans by speed-up, then the verdict: what tune.md leads with."""
+    from hgdeploy.tune.space import parse_budget
+    from hgdeploy.tune.report import plan_text
+
+    budget = parse_budget(result["budget"], result["confidence"])
+    timed = sorted((r for r in result["rows"] if r.get("speedup") is not None), key=lambda r: -r["speedup"])
+    table(("kind", "plan", "GFLOPs", "ms", "speed-up", budget.key, f"{budget.confidence:.0%} bound"),
+           ([r["kind"] + (" (recipe)" if r.get("recipe") else ""), plan_text(r), r["gflops"], r["latency_ms"],
+             r["speedup"], r["fidelity"].get(budget.key), budget.bound(r["fidelity"])] for r in timed),
+           title=f"timed plans on {result['context']['engine']} (budget {budget})", no_wrap=(0, 1))
+    best = result["best"]
+    scored = sum(1 for r in result["rows"] if r["kind"] == "clustering")
+    print(f"{scored} clustering plans scored, {len(result['pruned'])} pruned, {len(timed)} rows timed "
+          f"({result['state']}, {result['elapsed_s'] / 60:.1f} min)")
+    if best is None:
+        print("no plan is within the budget and faster than the unpatched model on this device: deploy the "
+              "unpatched model or loosen the budget")
+        return
+    print(f"best: {plan_text(best)}, {best['speedup']:.3f}x, {budget.key} {best['fidelity'][budget.key]:.4f}")
+    hold = best.get("holdout")
+    if hold:
+        value = hold["fidelity"].get(budget.key)
+        print(f"held-out ({hold['images']} images): {budget.key} {cell(value)} "
+              f"{'within' if hold['within_budget'] else 'MISSES'} the budget")
+
+
+def print_families(rows: list[dict[str, Any]]) -> None:
+    """One row per family: what it is, its [model] options, its outputs and the bundled recipes that use it."""
+    table(("family", "what", "[model] options", "outputs", "bundled recipes"),
+          ([r["family"], r["summary"], ", ".join(r["options"]) or "-",
+            ", ".join(f"{k} ({v})" for k, v in r["outputs"].items()), "\n".join(r["recipes"])] for r in rows),
+          no_wrap=(0, 4), lines=True)

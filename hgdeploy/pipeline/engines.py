@@ -1,0 +1,109 @@
+"""Engines of an export folder: runners, interleaved timings, builds; and the deploy-side commands (optimize,
+build, bench of a folder) that need ONNX files alone, never torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from polygraphy.backend.base import BaseRunner
+
+from hgdeploy.backends import EngineProfile, backend_versions, make_runner
+from hgdeploy.core import progress
+from hgdeploy.core.contract import INPUT_NAME, graph_sha256, is_layer_node
+from hgdeploy.core.files import to_json, write_atomic
+from hgdeploy.graph.deploy import optimize_patched
+from hgdeploy.graph.flops import onnx_gflops
+from hgdeploy.graph.folder import ExportFolder
+from hgdeploy.measure.timing import Timing, machine_info, time_interleaved
+
+
+def engine_runners(folder: ExportFolder, engine: EngineProfile,
+                   roles: tuple[str, ...] | None = None) -> dict[str, BaseRunner]:
+    """The profile's runner for each graph it runs (ExportFolder.engine_graphs), or for `roles` of them."""
+    graphs = folder.engine_graphs(engine)
+    return {key: make_runner(path, engine) for key, path in graphs.items() if roles is None or key in roles}
+
+
+def time_runners(runners: dict[str, BaseRunner], feed: dict[str, np.ndarray], engine: EngineProfile,
+                 feeds: dict[str, dict[str, np.ndarray]] | None = None, what: str | None = None) -> dict[str, Timing]:
+    """The profile's warm-up and interleaved runs of every runner, with a progress bar; on a GPU on
+    device-resident inputs and outputs (no host copies). feeds: a feed of its own for some runners."""
+    kwargs = {"copy_outputs_to_host": False} if engine.on_gpu else {}
+    with progress.step(f"Timing {what or ', '.join(runners)} ({engine.warmup} warm-up, {engine.runs} interleaved "
+                       f"runs)", total=engine.runs) as advance:
+        return time_interleaved(runners, feed, engine.warmup, engine.runs, on_round=lambda _: advance(),
+                                infer_kwargs=kwargs, feeds=feeds)
+
+
+def latency(timings: dict[str, Timing]) -> dict[str, Any]:
+    """Medians, the full timings and speedup = baseline / patched (and PyTorch's, when it was timed): the
+    latency keys of every report."""
+    lat = {k: t.median_ms for k, t in timings.items()}
+    out: dict[str, Any] = {"latency_ms": lat, "latency": {k: t.to_dict() for k, t in timings.items()},
+                           "speedup": lat["baseline"] / lat["patched"]}
+    if "torch_baseline" in lat:
+        out["speedup_torch"] = lat["torch_baseline"] / lat["torch_patched"]
+    return out
+
+
+def zeros_feed(path: Path) -> dict[str, np.ndarray]:
+    """A zero input of the graph's static shape: latency does not depend on the values."""
+    model = onnx.load(str(path), load_external_data=False)
+    inp = next(i for i in model.graph.input if i.name == INPUT_NAME)
+    return {INPUT_NAME: np.zeros([d.dim_value for d in inp.type.tensor_type.shape.dim], np.float32)}
+
+
+def time_engines(folder: ExportFolder, engine: EngineProfile, roles: tuple[str, ...] | None = None,
+                 feed: dict[str, np.ndarray] | None = None,
+                 extra: dict[str, BaseRunner] | None = None) -> dict[str, Any]:
+    """The engines of a folder (or `roles` of them, and `extra` runners beside them) timed interleaved on `feed`
+    (zeros of the graphs' shape by default): what `hgdeploy bench`, `optimize`, `run` and the GPU report time."""
+    runners = engine_runners(folder, engine, roles) | (extra or {})
+    return latency(time_runners(runners, feed if feed is not None else zeros_feed(folder.graphs["baseline"]), engine))
+
+
+def graph_gflops(folder: ExportFolder, engine: EngineProfile) -> dict[str, float]:
+    """GFLOPs of the exported graphs the profile runs, counted from their static shapes."""
+    base = onnx.load(str(folder.baseline_graph(engine)), load_external_data=False)
+    patched = onnx.load(str(folder.patched_graph(engine)), load_external_data=False)
+    b, p = onnx_gflops(base, lambda n: False), onnx_gflops(patched, is_layer_node(patched))
+    return {"baseline": b.total, "patched": p.total, "clustering": p.clustering, "ratio": p.total / b.total}
+
+
+def backend_info(engine: EngineProfile, extra_versions: dict[str, str] | None = None) -> dict[str, Any]:
+    """The profile, the library versions behind it and the machine: where a timing was measured."""
+    return engine.to_dict() | {"versions": backend_versions(engine) | (extra_versions or {}),
+                               "machine": machine_info()}
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def bench_folder(folder: ExportFolder, engine: EngineProfile) -> dict[str, Any]:
+    """`hgdeploy bench --out DIR`: the engines of an exported folder timed interleaved (no PyTorch)."""
+    return ({"plan": folder.info.get("plan"), "backend": backend_info(engine), "gflops": graph_gflops(folder, engine)}
+            | time_engines(folder, engine))
+
+
+def optimize_folder(folder: ExportFolder, engine: EngineProfile) -> dict[str, Any]:
+    """`hgdeploy optimize`: the passes on folder/patched.onnx, then the engines before and after, timed."""
+    folder, report = optimize_patched(folder)
+    folder.write_manifest()
+    return report | time_engines(folder, engine)
+
+
+def build(folder: ExportFolder, engine: EngineProfile) -> dict[str, Any]:
+    """`hgdeploy build`: an engine for every exported graph; engine.<profile>.json records what was built."""
+    manifest: dict[str, Any] = {"profile": backend_info(engine), "engines": {}}
+    for key, path in folder.engine_graphs(engine).items():
+        with progress.step(f"Building {engine.name} engine for {path.name}"):
+            with make_runner(path, engine) as runner:
+                meta = runner.get_input_metadata(use_numpy_dtypes=False)
+        manifest["engines"][key] = {"source": str(path), "source_sha256": graph_sha256(path),
+                                    "inputs": {n: list(m.shape) for n, m in meta.items()}}
+    write_atomic(folder.path / f"engine.{engine.name}.json", to_json(manifest))
+    return {"backend": manifest["profile"], "engines": manifest["engines"]}

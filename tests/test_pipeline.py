@@ -1,0 +1,101 @@
+"""The pipeline's promises: one export road, one typed export folder, each command's recipe read once."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import SMALL_EXPORT, TINY_TIMM, hgdeploy_main
+
+import hgdeploy.core.recipe as recipe_module
+from hgdeploy.core.errors import UserError
+from hgdeploy.evaluation.samples import write_saliency
+from hgdeploy.graph.folder import GRAPH_FILES, MANIFEST, ExportFolder, recipe_difference
+
+TINY_SPACE = '[space]\nalpha = [1]\ngrid = ["2x2"]\niters = [1]\nreconstruct_from = ["nearest"]\nbaselines = []\ntimed = 1\n'
+FOCUS = [a for s in SMALL_EXPORT for a in ("--set", s)]
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    """The tiny timm model exported once for the commands that read a folder."""
+    out = tmp_path_factory.mktemp("tiny") / "out"
+    done = hgdeploy_main("export", *TINY_TIMM, "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def _commands(tmp_path, tiny_export, small_export, two_photos):
+    space = tmp_path / "space.toml"
+    space.write_text(TINY_SPACE)
+    saliency = write_saliency(tmp_path / "sal")
+    out = ["--out", str(tiny_export)]
+    return {
+        "run": ["run", *TINY_TIMM, "--images", str(two_photos), "--out", str(tmp_path / "run")],
+        "export": ["export", *TINY_TIMM, "--out", str(tmp_path / "export")],
+        "check": ["check", *TINY_TIMM, "--images", str(two_photos), *out],
+        "flops": ["flops", *TINY_TIMM],
+        "bench": ["bench", *TINY_TIMM, "--torch", *out],
+        "bench --out": ["bench", *TINY_TIMM, *out],
+        "optimize": ["optimize", *TINY_TIMM, *out],
+        "build": ["build", *TINY_TIMM, *out],
+        "eval": ["eval", *FOCUS, "--dataset", str(saliency), "--limit", "1", "--export", str(small_export), "--out",
+                 str(tmp_path / "eval")],
+        "tune": ["tune", *TINY_TIMM, "--images", str(two_photos), "--budget", "cosine>=0.5", "--space", str(space),
+                 "--out", str(tmp_path / "tune")],
+    }
+
+
+COMMANDS = ["run", "export", "check", "flops", "bench", "bench --out", "optimize", "build", "eval", "tune"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_command_reads_its_recipe_file_once(command, tmp_path, tiny_export, small_export, two_photos,
+                                                 monkeypatch):
+    """The recipe is read by the command line's argument group and handed down, never loaded again."""
+    reads = []
+    real = recipe_module.read_recipe_file
+
+    def counted(path):
+        reads.append(path)
+        return real(path)
+
+    monkeypatch.setattr(recipe_module, "read_recipe_file", counted)
+    args = _commands(tmp_path, tiny_export, small_export, two_photos)[command]
+    done = hgdeploy_main(*args, "--json")
+    assert done.returncode in (0, 1), done.stderr  # tune may find no faster plan on a busy 2-core machine
+    assert len(reads) == 1, reads
+
+
+def test_the_export_folder_lists_its_graphs_and_what_each_profile_runs(small_export):
+    folder = ExportFolder.open(small_export, recipe_values(small_export))
+    assert set(folder.graphs) == set(GRAPH_FILES)
+    fp16 = type("P", (), {"name": "p16", "precision": "fp16"})()
+    fp32 = type("P", (), {"name": "p32", "precision": "fp32"})()
+    assert folder.engine_graphs(fp16) == {"baseline": small_export / "baseline.fp16.onnx",
+                                          "patched": small_export / "patched.fp16.onnx"}
+    assert folder.engine_graphs(fp32) == {"baseline": small_export / "baseline.onnx",
+                                          "patched": small_export / "patched.opt.onnx",
+                                          "patched_unoptimized": small_export / "patched.onnx"}
+    manifest = json.loads((small_export / MANIFEST).read_text())
+    assert set(manifest["graphs"]) == set(GRAPH_FILES) and manifest["plan"] == folder.recorded_plan
+
+
+def recipe_values(folder):
+    return ExportFolder.scan(folder).info["recipe"]["values"]
+
+
+def test_an_export_folder_refuses_what_it_cannot_be(small_export, tmp_path):
+    with pytest.raises(UserError, match="baseline.onnx, .*patched.onnx not found"):
+        ExportFolder.open(tmp_path, {})
+    values = recipe_values(small_export)
+    other = json.loads(json.dumps(values))
+    other["cluster"]["grid"] = "5x5"
+    with pytest.raises(UserError, match="exported with cluster.grid = '6x6', but this command asks for '5x5'"):
+        ExportFolder.open(small_export, other)
+    fp32_only = ExportFolder(small_export, {"baseline": small_export / "baseline.onnx",
+                                            "patched": small_export / "patched.onnx"})
+    profile = type("P", (), {"name": "ort-cuda-fp16", "precision": "fp16"})()
+    with pytest.raises(UserError, match="hgdeploy export --engine ort-cuda-fp16"):
+        fp32_only.patched_graph(profile)
+    assert recipe_difference({"ci": {"set": ["a"]}, "x": {"k": 1}}, {"x": {"k": 1}}) is None
