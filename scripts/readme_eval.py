@@ -23,10 +23,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the checkout's hgdeploy, also before it is installed
 
 from hgdeploy.core.errors import exit_code, run_child  # noqa: E402
-from hgdeploy.evaluation.report import tables  # noqa: E402
 from hgdeploy.core.files import write_atomic  # noqa: E402
-from hgdeploy.measure.report import replace_block  # noqa: E402
+from hgdeploy.evaluation.report import tables  # noqa: E402
 from hgdeploy.evaluation.samples import write_saliency  # noqa: E402
+from hgdeploy.measure.report import replace_block  # noqa: E402
 
 
 def main() -> int:

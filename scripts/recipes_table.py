@@ -24,17 +24,17 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from hgdeploy.measure.checks import cosine
 from hgdeploy.core.config import REPO_ROOT
 from hgdeploy.core.contract import INPUT_NAME
 from hgdeploy.core.errors import exit_code
-from hgdeploy.patch.export import export_onnx
+from hgdeploy.core.files import write_atomic
+from hgdeploy.core.recipe import load_recipe
+from hgdeploy.measure.checks import cosine
 from hgdeploy.measure.flops import count_gflops_fast
 from hgdeploy.measure.images import sample_photos, to_batch
-from hgdeploy.core.files import write_atomic
-from hgdeploy.patch.models import Models, build_models
-from hgdeploy.core.recipe import load_recipe
 from hgdeploy.measure.report import replace_block
+from hgdeploy.patch.export import export_onnx
+from hgdeploy.patch.models import Models, build_models
 
 RESULTS = REPO_ROOT / "scripts" / "results" / "recipes.json"
 PUBLISHED = REPO_ROOT / "scripts" / "published_gflops.toml"

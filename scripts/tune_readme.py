@@ -55,8 +55,8 @@ def command(tune: Path, held: Path, out: Path = OUT) -> list[str]:
 
 
 def block(result: dict, minutes: float | None) -> str:
-    from hgdeploy.tune.space import parse_budget
     from hgdeploy.tune.report import KIND_LABELS, plan_text, wins
+    from hgdeploy.tune.space import parse_budget
 
     budget = parse_budget(result["budget"])
     key = budget.key

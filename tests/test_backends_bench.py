@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from hgdeploy.families.catalogue import families
 from hgdeploy.backends import load_profile, make_runner
 from hgdeploy.backends.profile import BUNDLED_PROFILES
 from hgdeploy.backends.pyt import torch_runner
-from hgdeploy.measure.timing import time_interleaved
 from hgdeploy.core.contract import INPUT_NAME
 from hgdeploy.core.errors import UserError
-from hgdeploy.patch.export import export_onnx
 from hgdeploy.core.files import staged_output
+from hgdeploy.families.catalogue import families
+from hgdeploy.measure.timing import time_interleaved
+from hgdeploy.patch.export import export_onnx
 
 
 def test_bundled_profile_loads():

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+from hgdeploy.layers import TokenClustering
 from hgdeploy.measure.checks import cosine, fidelity, heatmap_iou, parity, token_cosine
 from hgdeploy.measure.flops import count_gflops
-from hgdeploy.layers import TokenClustering
 
 
 def test_cosine_and_token_cosine():

@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import SMALL_EXPORT, TINY_TIMM, hgdeploy_cli, hgdeploy_main
 
 from hgdeploy.cli import main
@@ -176,8 +175,8 @@ def test_the_speed_verdict_says_faster_within_noise_or_no_gain_and_where():
 
 
 def _write_graph(path: Path, op: str) -> None:
-    from onnx import TensorProto, helper, numpy_helper, save
     import numpy as np
+    from onnx import TensorProto, helper, numpy_helper, save
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [5000])
     nodes, outs, inits = [], [], []

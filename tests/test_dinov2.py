@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
-from hgdeploy.families.dinov2 import patch_dinov2
-from hgdeploy.spans.vit import ClusteredSpan, Passthrough
 from hgdeploy.core.errors import UserError
 from hgdeploy.core.plan import ClusterPlan
+from hgdeploy.families.dinov2 import patch_dinov2
+from hgdeploy.spans.vit import ClusteredSpan, Passthrough
 
 
 def _plan(grid, alpha=1, after=4, tau=1e-4, k=4):

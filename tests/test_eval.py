@@ -15,12 +15,19 @@ import pytest
 from conftest import REPO, SMALL_EXPORT, hgdeploy_main
 from PIL import Image
 
-from hgdeploy.evaluation import datasets as ds
 from hgdeploy.core.errors import UserError
+from hgdeploy.evaluation import datasets as ds
+from hgdeploy.evaluation.metrics import (
+    SaliencyTotals,
+    SegmentationTotals,
+    align_disparity,
+    confusion,
+    depth_errors,
+    saliency_curves,
+    segmentation_scores,
+)
 from hgdeploy.evaluation.samples import write_nyuv2, write_saliency, write_voc
 from hgdeploy.evaluation.scoring import make_scorer
-from hgdeploy.evaluation.metrics import (SaliencyTotals, SegmentationTotals, align_disparity, confusion, depth_errors,
-                                         saliency_curves, segmentation_scores)
 
 sys.path.insert(0, str(REPO / "scripts"))
 import score_predictions  # noqa: E402  the independent implementation users can run too

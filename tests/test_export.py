@@ -11,12 +11,12 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from hgdeploy.families.dinov2 import patch_dinov2
-from hgdeploy.measure.checks import cosine
 from hgdeploy.core.contract import INPUT_NAME, static_shape_problems
-from hgdeploy.patch.export import export_onnx
-from hgdeploy.layers import TokenClustering, TokenReconstruction, neighbour_table
 from hgdeploy.core.plan import ClusterPlan
+from hgdeploy.families.dinov2 import patch_dinov2
+from hgdeploy.layers import TokenClustering, TokenReconstruction, neighbour_table
+from hgdeploy.measure.checks import cosine
+from hgdeploy.patch.export import export_onnx
 
 
 class _Tokens(torch.nn.Module):
@@ -108,9 +108,9 @@ def test_graphs_over_2_gb_go_through_the_passes_and_fp16_with_external_weights(s
     and the fp16 conversion read them, and write external weights again where their result is still too big.
     The limit is lowered here to make the default model's export "too big" without gigabytes of test data."""
     import hgdeploy.core.contract as contract
+    from hgdeploy.core.files import file_mode
     from hgdeploy.graph.deploy import optimize_patched, write_fp16
     from hgdeploy.graph.folder import ExportFolder
-    from hgdeploy.core.files import file_mode
 
     folder = tmp_path / "big"
     folder.mkdir()

@@ -16,17 +16,17 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from hgdeploy.families.catalogue import families
-from hgdeploy.families.registry import Family
-from hgdeploy.measure.checks import cosine
 from hgdeploy.core.config import REPO_ROOT
 from hgdeploy.core.contract import INPUT_NAME
 from hgdeploy.core.errors import UserError
-from hgdeploy.patch.export import export_onnx, weight_bytes
-from hgdeploy.graph.lint import format_finding, lint_path
-from hgdeploy.patch.models import build_models
 from hgdeploy.core.plan import ClusterPlan, default_reconstruct_after
 from hgdeploy.core.recipe import load_recipe
+from hgdeploy.families.catalogue import families
+from hgdeploy.families.registry import Family
+from hgdeploy.graph.lint import format_finding, lint_path
+from hgdeploy.measure.checks import cosine
+from hgdeploy.patch.export import export_onnx, weight_bytes
+from hgdeploy.patch.models import build_models
 
 FAMILIES = families()
 RECIPES = sorted(p.stem for p in (REPO_ROOT / "export").glob("*.toml"))

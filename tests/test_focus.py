@@ -8,12 +8,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from hgdeploy.measure.checks import cosine
 from hgdeploy.core.errors import UserError
+from hgdeploy.core.preprocess import Preprocess
+from hgdeploy.measure.checks import cosine
 from hgdeploy.measure.images import sample_photos, to_batch
 from hgdeploy.models.dinov2 import dinov2_tokens
 from hgdeploy.models.focus import load_focus, package_onnx_path, tiny_focus
-from hgdeploy.core.preprocess import Preprocess
 
 
 def test_rebuilt_model_matches_package_onnx_on_real_photos(focus_224):

@@ -12,10 +12,10 @@ import pytest
 from conftest import SMALL_EXPORT, hgdeploy_main
 from onnx import TensorProto, helper, numpy_helper
 
-from hgdeploy.measure.checks import cosine
 from hgdeploy.core.contract import INPUT_NAME, is_layer_node
 from hgdeploy.graph.fp16 import FP32_OPS, to_fp16
 from hgdeploy.graph.lint import lint_model
+from hgdeploy.measure.checks import cosine
 
 REPO = Path(__file__).resolve().parents[1]
 KEEP = "keep_fp32/"
@@ -157,8 +157,8 @@ def test_the_fp16_export_is_fp16_with_fp32_clustering(fp16_export):
 
 
 def test_the_fp16_export_runs_on_onnxruntime_cpu_close_to_fp32(fp16_export):
-    from hgdeploy.measure.images import sample_photos, to_batch
     from hgdeploy.core.preprocess import Preprocess
+    from hgdeploy.measure.images import sample_photos, to_batch
 
     x = to_batch(sample_photos()[:1], Preprocess((112, 112))).numpy()
     fp32 = ort.InferenceSession(str(fp16_export / "patched.opt.onnx"), providers=["CPUExecutionProvider"])

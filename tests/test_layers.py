@@ -6,8 +6,14 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from hgdeploy.layers import (TokenClustering, TokenReconstruction, choose_form, neighbour_table, neighbourhood_mask,
-                             pooling_matrix)
+from hgdeploy.layers import (
+    TokenClustering,
+    TokenReconstruction,
+    choose_form,
+    neighbour_table,
+    neighbourhood_mask,
+    pooling_matrix,
+)
 
 GRIDS = [((32, 32), (24, 24)), ((40, 40), (28, 28)), ((16, 16), (8, 8)), ((7, 9), (3, 4)), ((30, 30), (20, 20))]
 

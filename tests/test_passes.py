@@ -10,11 +10,26 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from hgdeploy.core.contract import FP32_MARKER, ExportError, infer_shapes, read_clustering_specs, without_weights
-from hgdeploy.patch.export import export_onnx
+from hgdeploy.core.contract import (
+    FP32_MARKER,
+    ExportError,
+    infer_shapes,
+    read_clustering_specs,
+    without_weights,
+)
+from hgdeploy.graph.passes import (
+    FP16_MAX,
+    PASSES,
+    PassContext,
+    check_static,
+    drop_softmax_invariant_terms,
+    fold_constants,
+    fp16_safe_masks,
+    mark_fp32,
+    optimize,
+)
 from hgdeploy.layers import TokenClustering, TokenReconstruction
-from hgdeploy.graph.passes import (FP16_MAX, PASSES, PassContext, check_static, drop_softmax_invariant_terms,
-                                   fold_constants, fp16_safe_masks, mark_fp32, optimize)
+from hgdeploy.patch.export import export_onnx
 
 
 def _model(nodes, inputs, outputs, inits=()):

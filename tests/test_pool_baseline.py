@@ -10,8 +10,8 @@ import torch
 from conftest import TINY_TIMM, hgdeploy_main
 
 from hgdeploy.core.errors import UserError
-from hgdeploy.layers import BilinearUpsampling, TokenPooling
 from hgdeploy.core.plan import PlanRequest
+from hgdeploy.layers import BilinearUpsampling, TokenPooling
 
 hgdeploy = hgdeploy_main
 

@@ -13,14 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hgdeploy.families.catalogue import get_family
 from hgdeploy.cli import main
 from hgdeploy.core.config import REPO_ROOT
 from hgdeploy.core.contract import INPUT_NAME
-from hgdeploy.patch.export import export_onnx
-from hgdeploy.measure.flops import count_gflops_fast
-from hgdeploy.patch.models import build_models
 from hgdeploy.core.recipe import load_recipe
+from hgdeploy.families.catalogue import get_family
+from hgdeploy.measure.flops import count_gflops_fast
+from hgdeploy.patch.export import export_onnx
+from hgdeploy.patch.models import build_models
 
 PUBLISHED = REPO_ROOT / "scripts" / "published_gflops.toml"
 

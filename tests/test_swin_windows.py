@@ -14,9 +14,9 @@ if not hasattr(modeling_swin, "SwinRelativePositionBias"):
     pytest.skip("this transformers keeps Swin's bias table in SwinSelfAttention (before 5.2x): the window span is "
                 "written for the current layout", allow_module_level=True)
 
+from hgdeploy.core.errors import UserError  # noqa: E402
 from hgdeploy.spans.swin import SwinWindowSpan, insert_window_span  # noqa: E402
 from hgdeploy.spans.window_attention import resize_bias_table  # noqa: E402
-from hgdeploy.core.errors import UserError  # noqa: E402
 
 
 def _tiny_swin(image_size: int = 64):

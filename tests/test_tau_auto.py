@@ -10,8 +10,8 @@ import torch
 from conftest import TINY_TIMM, hgdeploy_main
 
 from hgdeploy.core.errors import UserError
-from hgdeploy.layers import TAU_SHARPNESS, TokenClustering, calibrate_tau, sharpness
 from hgdeploy.core.plan import PlanRequest
+from hgdeploy.layers import TAU_SHARPNESS, TokenClustering, calibrate_tau, sharpness
 
 hgdeploy = hgdeploy_main
 

@@ -15,13 +15,13 @@ import pytest
 import torch
 from conftest import REPO, TINY_TIMM, hgdeploy_main
 
-from hgdeploy.tune.downscale import resize_output, smaller_sizes
 from hgdeploy.core.errors import UserError
 from hgdeploy.core.plan import ModelFacts, PlanRequest
 from hgdeploy.core.preprocess import Preprocess
 from hgdeploy.core.recipe import load_recipe
-from hgdeploy.tune.space import candidates, default_space, parse_budget, read_space
+from hgdeploy.tune.downscale import resize_output, smaller_sizes
 from hgdeploy.tune.report import best_recipe, matched, select_best
+from hgdeploy.tune.space import candidates, default_space, parse_budget, read_space
 
 TINY_SPACE = """[space]
 alpha = [1, 2]

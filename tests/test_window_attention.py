@@ -8,8 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from hgdeploy.spans.window_attention import (relative_position_index, resize_bias_table, resize_rel_pos,
-                                             swinv2_coords_table)
+from hgdeploy.spans.window_attention import (
+    relative_position_index,
+    resize_bias_table,
+    resize_rel_pos,
+    swinv2_coords_table,
+)
 
 
 def _linear_1d(src: np.ndarray, size: int) -> np.ndarray:

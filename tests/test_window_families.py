@@ -14,17 +14,17 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from hgdeploy.families.catalogue import get_family
-from hgdeploy.measure.checks import cosine
 from hgdeploy.core.config import REPO_ROOT
 from hgdeploy.core.contract import INPUT_NAME
 from hgdeploy.core.errors import UserError
-from hgdeploy.patch.export import export_onnx
-from hgdeploy.measure.flops import count_gflops_fast
-from hgdeploy.graph.lint import format_finding, lint_model, lint_path
-from hgdeploy.patch.models import build_models
 from hgdeploy.core.plan import ClusterPlan, default_reconstruct_after
 from hgdeploy.core.recipe import load_recipe
+from hgdeploy.families.catalogue import get_family
+from hgdeploy.graph.lint import format_finding, lint_model, lint_path
+from hgdeploy.measure.checks import cosine
+from hgdeploy.measure.flops import count_gflops_fast
+from hgdeploy.patch.export import export_onnx
+from hgdeploy.patch.models import build_models
 
 WINDOWED = ("mask2former", "swinv2", "sam")
 PUBLISHED = REPO_ROOT / "scripts" / "published_gflops.toml"

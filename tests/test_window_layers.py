@@ -8,8 +8,17 @@ import pytest
 import torch
 
 from hgdeploy.core.contract import static_shape_problems
-from hgdeploy.layers import (TokenClustering, TokenReconstruction, WindowTokenClustering, WindowTokenReconstruction,
-                             dropped_clusters, kept_size, padded_size, window_merge, window_partition)
+from hgdeploy.layers import (
+    TokenClustering,
+    TokenReconstruction,
+    WindowTokenClustering,
+    WindowTokenReconstruction,
+    dropped_clusters,
+    kept_size,
+    padded_size,
+    window_merge,
+    window_partition,
+)
 
 
 def _map(B=2, H=13, W=11, C=8, seed=0):

@@ -6,6 +6,7 @@ import json
 import sys
 from typing import Any, Iterable
 
+
 def console() -> Any:
     """A console on stdout; piped or redirected, tables get the width they need (nothing cut at 80 columns)."""
     from rich.console import Console
@@ -108,8 +109,8 @@ def print_eval(report: dict[str, Any]) -> None:
 
 def print_tune(result: dict[str, Any]) -> None:
     """The timed plans by speed-up, then the verdict: what tune.md leads with."""
-    from hgdeploy.tune.space import parse_budget
     from hgdeploy.tune.report import plan_text
+    from hgdeploy.tune.space import parse_budget
 
     budget = parse_budget(result["budget"], result["confidence"])
     timed = sorted((r for r in result["rows"] if r.get("speedup") is not None), key=lambda r: -r["speedup"])

@@ -12,8 +12,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from hgdeploy.core.files import to_json, write_atomic, write_atomic_bytes
-from hgdeploy.evaluation.scoring import AGREEMENTS, MODELS
 from hgdeploy.evaluation.metrics import LOWER_IS_BETTER
+from hgdeploy.evaluation.scoring import AGREEMENTS, MODELS
 
 PANEL_HEIGHT = 180
 AGREEMENT_LABELS = {"patched": "patched vs unpatched", "engine": "engine vs unpatched",

@@ -12,10 +12,15 @@ from typing import Any
 
 import numpy as np
 
+from hgdeploy.core.errors import UserError
 from hgdeploy.evaluation import datasets as ds
 from hgdeploy.evaluation.datasets import Layout, Sample
-from hgdeploy.core.errors import UserError
-from hgdeploy.evaluation.metrics import DepthTotals, SaliencyTotals, SegmentationTotals, align_disparity
+from hgdeploy.evaluation.metrics import (
+    DepthTotals,
+    SaliencyTotals,
+    SegmentationTotals,
+    align_disparity,
+)
 
 MODELS = ("unpatched", "patched", "engine")
 # agreement name -> (model, the model whose predictions serve as its labels)

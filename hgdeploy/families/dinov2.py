@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from hgdeploy.spans.vit import insert_span
 from hgdeploy.core.errors import UserError
 from hgdeploy.core.plan import ClusterPlan
+from hgdeploy.spans.vit import insert_span
 
 
 def check_dinov2(backbone: nn.Module) -> None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from torch import nn
 
+from hgdeploy.core.plan import ClusterPlan, ModelFacts
+from hgdeploy.core.preprocess import Preprocess
 from hgdeploy.families.dinov2 import dinov2_depth, patch_dinov2
 from hgdeploy.families.registry import Family
 from hgdeploy.models import focus
-from hgdeploy.core.plan import ClusterPlan, ModelFacts
-from hgdeploy.core.preprocess import Preprocess
 
 
 def patch_focus(model: nn.Module, plan: ClusterPlan) -> nn.Module:

@@ -14,15 +14,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from hgdeploy.models import hf_folder
-from hgdeploy.families.registry import Family
-from hgdeploy.spans.vit import insert_span
 from hgdeploy.core.errors import UserError
+from hgdeploy.core.plan import ClusterPlan, ModelFacts
+from hgdeploy.core.preprocess import Preprocess, check_patch_multiple
+from hgdeploy.families.registry import Family
+from hgdeploy.models import hf_folder
 from hgdeploy.models.checkpoints import load_state_strict
 from hgdeploy.models.dinov2 import rename_dinov2_keys
 from hgdeploy.models.hf_depth import WRAPPERS, DepthAnythingDepth, HFDepth
-from hgdeploy.core.plan import ClusterPlan, ModelFacts
-from hgdeploy.core.preprocess import Preprocess, check_patch_multiple
+from hgdeploy.spans.vit import insert_span
 
 # Image processors: Intel/dpt-large and Intel/dpt-hybrid-midas preprocessor_config.json have
 # image_mean = image_std = [0.5, 0.5, 0.5] and resample 2 (PIL bilinear);

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from hgdeploy.models import hf_folder
-from hgdeploy.families.registry import Family
-from hgdeploy.spans.swin import patch_model, stage_facts
 from hgdeploy.core.errors import UserError
+from hgdeploy.families.registry import Family
+from hgdeploy.models import hf_folder
 from hgdeploy.models.hf_windowed import Mask2FormerSemantic, randomised
+from hgdeploy.spans.swin import patch_model, stage_facts
 
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
 

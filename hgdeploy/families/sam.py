@@ -14,14 +14,14 @@ from typing import Any
 
 from torch import nn
 
-from hgdeploy.models import hf_folder
-from hgdeploy.families.registry import Family
-from hgdeploy.spans.sam import insert_sam_span
-from hgdeploy.spans.swin import window_options
 from hgdeploy.core.errors import UserError
-from hgdeploy.models.hf_windowed import SamImageEncoder, randomised
 from hgdeploy.core.plan import ClusterPlan, ModelFacts
 from hgdeploy.core.preprocess import Preprocess, check_patch_multiple
+from hgdeploy.families.registry import Family
+from hgdeploy.models import hf_folder
+from hgdeploy.models.hf_windowed import SamImageEncoder, randomised
+from hgdeploy.spans.sam import insert_sam_span
+from hgdeploy.spans.swin import window_options
 
 # model.arch -> SamConfig keyword arguments (the vision encoder's; the prompt and mask decoders keep SamConfig's
 # defaults, the published ones).

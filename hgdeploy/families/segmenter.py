@@ -16,13 +16,24 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from hgdeploy.families.registry import Family
-from hgdeploy.spans.vit import ClusteredSpan, insert_span
 from hgdeploy.core.errors import UserError
-from hgdeploy.models.checkpoints import existing, load_state_strict, read_torch_file, state_dict_from
-from hgdeploy.models.segmenter import BACKBONE_RE, NORMALIZATION, NetConfig, Segmenter, config_for
 from hgdeploy.core.plan import ClusterPlan, ModelFacts
 from hgdeploy.core.preprocess import Preprocess, check_patch_multiple
+from hgdeploy.families.registry import Family
+from hgdeploy.models.checkpoints import (
+    existing,
+    load_state_strict,
+    read_torch_file,
+    state_dict_from,
+)
+from hgdeploy.models.segmenter import (
+    BACKBONE_RE,
+    NORMALIZATION,
+    NetConfig,
+    Segmenter,
+    config_for,
+)
+from hgdeploy.spans.vit import ClusteredSpan, insert_span
 
 CHECKPOINT_NAME = "checkpoint.pth"
 VARIANT_NAME = "variant.yml"

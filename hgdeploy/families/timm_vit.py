@@ -15,15 +15,36 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hgdeploy.families.registry import Family
-from hgdeploy.spans.vit import insert_span
-from hgdeploy.families.vit_common import (OPTIONS, OUTPUTS, TINY_ARCH, TINY_CLASSES, TINY_RESIDUAL_GAIN, TINY_SIZE,
-                                          ViTClassifier, class_count, grid_side, read_state, require, required_arch,
-                                          residual_scale, resizable, vit_of, wrap)
 from hgdeploy.core.errors import UserError
-from hgdeploy.models.checkpoints import load_state_strict
 from hgdeploy.core.plan import ClusterPlan, ModelFacts
-from hgdeploy.core.preprocess import IMAGENET_MEAN, IMAGENET_STD, RESIZE_MODES, Preprocess, check_patch_multiple
+from hgdeploy.core.preprocess import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    RESIZE_MODES,
+    Preprocess,
+    check_patch_multiple,
+)
+from hgdeploy.families.registry import Family
+from hgdeploy.families.vit_common import (
+    OPTIONS,
+    OUTPUTS,
+    TINY_ARCH,
+    TINY_CLASSES,
+    TINY_RESIDUAL_GAIN,
+    TINY_SIZE,
+    ViTClassifier,
+    class_count,
+    grid_side,
+    read_state,
+    require,
+    required_arch,
+    residual_scale,
+    resizable,
+    vit_of,
+    wrap,
+)
+from hgdeploy.models.checkpoints import load_state_strict
+from hgdeploy.spans.vit import insert_span
 
 TIMM_FILE = "model.safetensors"
 TIMM_HEAD = "head.weight"

@@ -15,15 +15,30 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hgdeploy.families.registry import Family
-from hgdeploy.spans.vit import insert_span
-from hgdeploy.families.vit_common import (OPTIONS, OUTPUTS, TINY_ARCH, TINY_CLASSES, TINY_RESIDUAL_GAIN, TINY_SIZE,
-                                          ViTClassifier, class_count, grid_side, read_state, require, required_arch,
-                                          residual_scale, resizable, vit_of, wrap)
 from hgdeploy.core.errors import UserError
-from hgdeploy.models.checkpoints import load_state_strict
 from hgdeploy.core.plan import ClusterPlan, ModelFacts
 from hgdeploy.core.preprocess import Preprocess, check_patch_multiple
+from hgdeploy.families.registry import Family
+from hgdeploy.families.vit_common import (
+    OPTIONS,
+    OUTPUTS,
+    TINY_ARCH,
+    TINY_CLASSES,
+    TINY_RESIDUAL_GAIN,
+    TINY_SIZE,
+    ViTClassifier,
+    class_count,
+    grid_side,
+    read_state,
+    require,
+    required_arch,
+    residual_scale,
+    resizable,
+    vit_of,
+    wrap,
+)
+from hgdeploy.models.checkpoints import load_state_strict
+from hgdeploy.spans.vit import insert_span
 
 # torchvision arch -> patch size (torchvision.models.vit_*; SWAG weights exist for b_16, l_16, h_14).
 TORCHVISION_ARCHS = {"vit_b_16": 16, "vit_b_32": 32, "vit_l_16": 16, "vit_l_32": 32, "vit_h_14": 14}

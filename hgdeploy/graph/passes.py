@@ -17,8 +17,16 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from hgdeploy.core.contract import (FP32_MARKER, WEIGHT_ELEMENTS, ExportError, node_scopes, read_clustering_specs,
-                                    shapes_of, static_shape_problems, write_clustering_specs)
+from hgdeploy.core.contract import (
+    FP32_MARKER,
+    WEIGHT_ELEMENTS,
+    ExportError,
+    node_scopes,
+    read_clustering_specs,
+    shapes_of,
+    static_shape_problems,
+    write_clustering_specs,
+)
 
 FP16_MAX = 65504.0
 # What a masked logit becomes: finite in fp16, and far below any logit a softmax can tell apart.

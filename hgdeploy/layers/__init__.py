@@ -6,13 +6,40 @@ construction time (`tables`), so an ONNX export sees only MatMul/Softmax/TopK/Ga
 baselines), `windows` (both inside every window of a windowed transformer), `tau` (tau = "auto").
 """
 
-from hgdeploy.layers.clustering import EMPTY_CLUSTER_EPS, TokenClustering, choose_form, clustering_macs
-from hgdeploy.layers.reconstruction import BilinearUpsampling, TokenPooling, TokenReconstruction
-from hgdeploy.layers.tables import (MASK_PENALTY, inverse_table, neighbour_table, neighbourhood_mask, own_cells,
-                                    pooling_matrix, pooling_matrix_1d, sparse_rows, squared_distances, take)
+from hgdeploy.layers.clustering import (
+                                    EMPTY_CLUSTER_EPS,
+                                    TokenClustering,
+                                    choose_form,
+                                    clustering_macs,
+)
+from hgdeploy.layers.reconstruction import (
+                                    BilinearUpsampling,
+                                    TokenPooling,
+                                    TokenReconstruction,
+)
+from hgdeploy.layers.tables import (
+                                    MASK_PENALTY,
+                                    inverse_table,
+                                    neighbour_table,
+                                    neighbourhood_mask,
+                                    own_cells,
+                                    pooling_matrix,
+                                    pooling_matrix_1d,
+                                    sparse_rows,
+                                    squared_distances,
+                                    take,
+)
 from hgdeploy.layers.tau import TAU_SHARPNESS, calibrate_tau, sharpness
-from hgdeploy.layers.windows import (WindowTokenClustering, WindowTokenReconstruction, dropped_clusters, grid_size,
-                                     kept_size, padded_size, window_merge, window_partition)
+from hgdeploy.layers.windows import (
+                                    WindowTokenClustering,
+                                    WindowTokenReconstruction,
+                                    dropped_clusters,
+                                    grid_size,
+                                    kept_size,
+                                    padded_size,
+                                    window_merge,
+                                    window_partition,
+)
 
 __all__ = ["BilinearUpsampling", "EMPTY_CLUSTER_EPS", "MASK_PENALTY", "TAU_SHARPNESS", "TokenClustering",
            "TokenPooling", "TokenReconstruction", "WindowTokenClustering", "WindowTokenReconstruction",

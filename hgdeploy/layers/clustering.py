@@ -9,8 +9,16 @@ import torch
 from torch import Tensor, nn
 
 from hgdeploy.core.plan import FORMS
-from hgdeploy.layers.tables import (MASK_PENALTY, inverse_table, neighbour_table, neighbourhood_mask, pooling_matrix,
-                                    sparse_rows, squared_distances, take)
+from hgdeploy.layers.tables import (
+    MASK_PENALTY,
+    inverse_table,
+    neighbour_table,
+    neighbourhood_mask,
+    pooling_matrix,
+    sparse_rows,
+    squared_distances,
+    take,
+)
 
 # Keeps a centre where it was when (almost) no token is assigned to it, instead of 0/eps.
 EMPTY_CLUSTER_EPS = 1e-6

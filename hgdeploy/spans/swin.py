@@ -15,35 +15,36 @@ and SwinV2 checkpoints build on it.
 
 from __future__ import annotations
 
-import copy
 import inspect
 from typing import Any
 
 from torch import Tensor, nn
 
-from hgdeploy.spans.window_attention import relative_position_index, resize_bias_table, swinv2_coords_table
 from hgdeploy.core.errors import UserError
-from hgdeploy.layers import TokenReconstruction, WindowTokenClustering, WindowTokenReconstruction, neighbour_table
 from hgdeploy.core.plan import ClusterPlan, ModelFacts
 from hgdeploy.core.preprocess import Preprocess
-
-
-def _shallow(module: nn.Module) -> nn.Module:
-    """A copy whose submodules, parameters and buffers are the original's objects, in dicts of its own (so
-    replacing one in the copy leaves the original as it was)."""
-    new = copy.copy(module)
-    new._modules, new._parameters, new._buffers = dict(module._modules), dict(module._parameters), dict(module._buffers)
-    return new
+from hgdeploy.layers import (
+    TokenReconstruction,
+    WindowTokenClustering,
+    WindowTokenReconstruction,
+    neighbour_table,
+)
+from hgdeploy.spans.window_attention import (
+    relative_position_index,
+    resize_bias_table,
+    shallow_copy,
+    swinv2_coords_table,
+)
 
 
 def refit_layer(layer: nn.Module, window: int, new_window: int, clustered_size: tuple[int, int]) -> nn.Module:
     """A copy of a Swin or SwinV2 layer for k x k windows, its weights shared: Swin's bias table resized and
     its index rebuilt, or SwinV2's coordinate table and index rebuilt (its bias MLP is shared); no shift when
     the clustered map is a single window, as Swin itself does for a map no larger than its window."""
-    new = _shallow(layer)
-    attention = _shallow(layer.attention)
+    new = shallow_copy(layer)
+    attention = shallow_copy(layer.attention)
     if hasattr(attention, "relative_position_bias"):  # Swin, transformers 5.2x
-        bias = _shallow(layer.attention.relative_position_bias)
+        bias = shallow_copy(layer.attention.relative_position_bias)
         table = layer.attention.relative_position_bias.relative_position_bias_table
         bias.relative_position_bias_table = nn.Parameter(resize_bias_table(table.detach(), window, new_window),
                                                          requires_grad=False)
@@ -52,7 +53,7 @@ def refit_layer(layer: nn.Module, window: int, new_window: int, clustered_size: 
         bias.window_area = new_window * new_window
         attention.relative_position_bias = bias
     elif hasattr(getattr(attention, "self", None), "relative_coords_table"):  # SwinV2
-        inner = _shallow(layer.attention.self)
+        inner = shallow_copy(layer.attention.self)
         pretrained = inner.pretrained_window_size[0]
         inner.relative_coords_table = swinv2_coords_table(window, new_window, pretrained).to(
             layer.attention.self.relative_coords_table.dtype)

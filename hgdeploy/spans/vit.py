@@ -7,9 +7,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hgdeploy.layers import BilinearUpsampling, TokenClustering, TokenPooling, TokenReconstruction, neighbour_table
-from hgdeploy.models.blocks import BlockCall, inspect_block
 from hgdeploy.core.plan import ClusterPlan
+from hgdeploy.layers import (
+    BilinearUpsampling,
+    TokenClustering,
+    TokenPooling,
+    TokenReconstruction,
+    neighbour_table,
+)
+from hgdeploy.models.blocks import BlockCall, inspect_block
 
 
 class Passthrough(nn.Module):

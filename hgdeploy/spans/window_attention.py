@@ -9,11 +9,12 @@ indexes it. Same interpolation as the authors: bilinear (Swin) or linear (SAM), 
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def resize_bias_table(table: Tensor, window: int, new_window: int) -> Tensor:
@@ -59,3 +60,11 @@ def resize_rel_pos(rel_pos: Tensor, length: int) -> Tensor:
         return rel_pos
     out = F.interpolate(rel_pos.t().unsqueeze(0).float(), size=length, mode="linear", align_corners=False)
     return out[0].t().contiguous().to(rel_pos.dtype)
+
+
+def shallow_copy(module: nn.Module) -> nn.Module:
+    """A copy whose submodules, parameters and buffers are the original's objects, in dicts of its own (so
+    replacing one in the copy leaves the original as it was)."""
+    new = copy.copy(module)
+    new._modules, new._parameters, new._buffers = dict(module._modules), dict(module._parameters), dict(module._buffers)
+    return new

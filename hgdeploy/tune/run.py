@@ -28,25 +28,42 @@ from torch import nn
 
 from hgdeploy.backends import EngineProfile, make_runner
 from hgdeploy.core import progress
-from hgdeploy.families.catalogue import get_family
-from hgdeploy.measure.checks import fidelity
-from hgdeploy.tune.downscale import resize_output, smaller_sizes
 from hgdeploy.core.errors import UserError
-from hgdeploy.measure.flops import count_gflops_fast
-from hgdeploy.measure.images import Photo, load_photos, to_batch
-from hgdeploy.layers import TokenClustering
-from hgdeploy.patch.patched import patch_for
-from hgdeploy.patch.tau import probe, tau_from_tokens
 from hgdeploy.core.plan import ClusterPlan, PlanRequest, parse_grid
 from hgdeploy.core.recipe import Recipe
+from hgdeploy.families.catalogue import get_family
+from hgdeploy.layers import TokenClustering
+from hgdeploy.measure.checks import fidelity
+from hgdeploy.measure.flops import count_gflops_fast
+from hgdeploy.measure.images import Photo, to_batch
+from hgdeploy.patch.patched import patch_for
+from hgdeploy.patch.tau import probe, tau_from_tokens
 from hgdeploy.pipeline import engines
 from hgdeploy.pipeline.context import STRUCTURE_ONLY, Context, load_context
 from hgdeploy.pipeline.road import write_deployable
 from hgdeploy.pipeline.steps import backend_info
+from hgdeploy.tune.downscale import resize_output, smaller_sizes
 from hgdeploy.tune.replay import PrefixCache, clustered_span, find_blocks
-from hgdeploy.tune.space import (DEFAULT_CONFIDENCE, Budget, Space, candidates, check_budget_metric, default_space,
-                                 parse_budget, plan_key, pool_request, read_space)
-from hgdeploy.tune.report import cluster_section, matched, plan_text, save_progress, select_best, within, write_results
+from hgdeploy.tune.report import (
+    cluster_section,
+    matched,
+    plan_text,
+    save_progress,
+    select_best,
+    within,
+    write_results,
+)
+from hgdeploy.tune.space import (
+    Budget,
+    Space,
+    candidates,
+    check_budget_metric,
+    default_space,
+    parse_budget,
+    plan_key,
+    pool_request,
+    read_space,
+)
 
 GROUP = 4  # plans timed per interleaved run with the unpatched model
 BASELINES_MATCHED = 3  # the cheapest timed plans whose pooling and downscaled baselines are timed too

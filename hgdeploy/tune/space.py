@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from hgdeploy.core.errors import UserError
-from hgdeploy.core.plan import FORMS, RECONSTRUCT_FROM, TAU_AUTO, ModelFacts, PlanRequest, parse_grid
+from hgdeploy.core.plan import (
+    FORMS,
+    RECONSTRUCT_FROM,
+    TAU_AUTO,
+    ModelFacts,
+    PlanRequest,
+    parse_grid,
+)
 
 BASELINES = ("pool_bilinear", "downscale")
 # Metrics where lower is better (checks.LOWER_IS_BETTER names them by suffix).

@@ -8,17 +8,46 @@
 from __future__ import annotations
 
 from hgdeploy.graph.lint.check import (
-    Finding, format_finding, format_findings, infer_shapes, lint_model, lint_path, model_findings, node_findings,
-    op_type_reason, tensor_findings,
+    Finding,
+    format_finding,
+    format_findings,
+    infer_shapes,
+    lint_model,
+    lint_path,
+    model_findings,
+    node_findings,
+    op_type_reason,
+    tensor_findings,
 )
 from hgdeploy.graph.lint.graph import Graph, bind_function, build_graph
 from hgdeploy.graph.lint.rules import (
-    RULES, TOPK_MAX_K, Rule, constant_attributes, constant_input, dropout_training, einsum_equation,
-    grid_sample_rank, instance_norm_inputs, layer_norm_outputs, pool_shape, resize_attributes, resize_axes,
-    scatter_elements_reduction, scatter_nd_reduction, topk_k, topk_sorted, zero_point,
+    RULES,
+    TOPK_MAX_K,
+    Rule,
+    constant_attributes,
+    constant_input,
+    dropout_training,
+    einsum_equation,
+    grid_sample_rank,
+    instance_norm_inputs,
+    layer_norm_outputs,
+    pool_shape,
+    resize_attributes,
+    resize_axes,
+    scatter_elements_reduction,
+    scatter_nd_reduction,
+    topk_k,
+    topk_sorted,
+    zero_point,
 )
 from hgdeploy.graph.lint.support import (
-    DEFAULT_DOMAINS, DEFAULT_MAJOR, SUPPORT, SUPPORTED_MAJORS, OpSupport, ParserSupport, support_for,
+    DEFAULT_DOMAINS,
+    DEFAULT_MAJOR,
+    SUPPORT,
+    SUPPORTED_MAJORS,
+    OpSupport,
+    ParserSupport,
+    support_for,
 )
 
 __all__ = [
