@@ -106,7 +106,7 @@ def export_step(opts: Options, recipe: str, label: str, extra: list[str], form: 
     from hgdeploy.pipeline import commands
 
     rec = load_recipe(recipe, opts.overrides(recipe, extra, form))
-    report = commands.export(rec, opts.profile(PARITY_PROFILE, True), opts.folder(recipe, label, form))
+    report = commands.export(rec, opts.profile(PARITY_PROFILE, True), opts.folder(recipe, label, form)).to_json()
     return {"plan": report["plan"], "fp16": {k: {"fp16_weight_share": v.get("fp16_weight_share")}
                                              for k, v in report.get("fp16", {}).items()}}
 
@@ -119,7 +119,7 @@ def parity_step(opts: Options, recipe: str, label: str, extra: list[str], form: 
     profile = opts.profile(PARITY_PROFILE, True)
     rec = load_recipe(recipe, opts.overrides(recipe, extra, form))
     folder = ExportFolder.open(opts.folder(recipe, label, form), rec.data)
-    report = commands.check_folder(rec, profile, load_photos(None), folder)
+    report = commands.check_folder(rec, profile, load_photos(None), folder).to_json()
     return {"profile": profile.name, "parity": report["parity"], "weights": report["weights"]["source"]}
 
 
@@ -144,8 +144,8 @@ def engine_step(opts: Options, recipe: str, label: str, extra: list[str], form: 
     profile = opts.profile(base, cuda_graph)
     timed = engines.time_engines(ExportFolder.scan(opts.folder(recipe, label, form)), profile,
                                  roles=("baseline", "patched"))
-    return {"gflops": graph_gflops(opts.folder(recipe, label, form), base), "latency_ms": timed["latency_ms"],
-            "speedup": timed["speedup"], "versions": engines.backend_info(profile)["versions"]}
+    return {"gflops": graph_gflops(opts.folder(recipe, label, form), base), "latency_ms": timed.median_ms,
+            "speedup": timed.speedup, "versions": engines.backend_info(profile)["versions"]}
 
 
 def torch_steps(opts: Options, recipe: str, label: str, extra: list[str], form: str) -> list[dict[str, Any]]:

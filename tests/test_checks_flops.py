@@ -49,7 +49,7 @@ def test_parity_bound_grows_with_each_outputs_own_scale():
     assert scaled.passed
     assert scaled.per_output["large"]["scale"] == pytest.approx(40)
     assert scaled.per_output["large"]["max_abs_threshold"] == pytest.approx(0.05 + 0.002 * 40)
-    assert scaled.to_dict()["thresholds"]["max_abs_rel"] == 0.002
+    assert scaled.to_json()["thresholds"]["max_abs_rel"] == 0.002
     off = [{"small": small + 0.06, "large": large}]  # the small output does not borrow the large one's scale
     assert not parity(off, ref, 0.99, 0.05, max_abs_rel=0.002).passed
 

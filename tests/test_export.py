@@ -122,7 +122,7 @@ def test_graphs_over_2_gb_go_through_the_passes_and_fp16_with_external_weights(s
 
     monkeypatch.setattr(contract, "INLINE_LIMIT_BYTES", 0)  # every graph "too big": all written with .data
     export, report = optimize_patched(export)
-    assert report["lint"]["clean"] and report["optimize"]["nodes"]["after"] < report["optimize"]["nodes"]["before"]
+    assert not report.lint_findings and report.nodes_after < report.nodes_before
     write_fp16(export)
     for name in ("patched.opt.onnx", "baseline.fp16.onnx", "patched.fp16.onnx"):
         data = folder / (name + ".data")

@@ -23,8 +23,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     report = commands.run(rec, engine, groups.photos(args), out)
     written = sorted(p.name for p in out.iterdir() if p.suffix in (".onnx", ".data", ".json", ".md"))
     progress.info(f"wrote {out}/{', '.join(written)}")
-    print(json.dumps(report, indent=2) if args.json else render_summary(report))
-    return EXIT_OK if report["parity"]["passed"] else EXIT_CHECK_FAILED
+    print(json.dumps(report.to_json(), indent=2) if args.json else render_summary(report.to_json()))
+    return EXIT_OK if report.parity and report.parity.passed else EXIT_CHECK_FAILED
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -32,7 +32,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     rec = groups.recipe(args)
     engine = groups.engine(args, rec, runs_here=False)
-    emit(commands.export(rec, engine, groups.write_folder(args, rec)), args.json, ["plan", "engine", "fp16", "onnx"])
+    emit(commands.export(rec, engine, groups.write_folder(args, rec)).to_json(), args.json,
+         ["plan", "engine", "fp16", "onnx"])
     return EXIT_OK
 
 
@@ -41,7 +42,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
     rec = groups.recipe(args)
     engine = groups.engine(args)
-    report = engines.optimize_folder(groups.export_folder(args, rec, writes=True), engine)
+    report = engines.optimize_folder(groups.export_folder(args, rec, writes=True), engine).to_json()
     if args.json:
         emit(report, True, ["optimize", "lint", "latency_ms", "latency", "speedup"])
         return EXIT_OK
@@ -55,7 +56,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     rec = groups.recipe(args)
     engine = groups.engine(args)
-    emit(engines.build(groups.export_folder(args, rec, writes=True), engine), args.json)
+    emit(engines.build(groups.export_folder(args, rec, writes=True), engine).to_json(), args.json)
     return EXIT_OK
 
 
@@ -66,14 +67,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     engine = groups.engine(args, rec)
     folder = groups.export_folder(args, rec)
     report = commands.check_folder(rec, engine, groups.photos(args), folder)
-    emit(report, args.json, ["weights", "plan", "parity", "fidelity"])
-    return EXIT_OK if report["parity"]["passed"] else EXIT_CHECK_FAILED
+    emit(report.to_json(), args.json, ["weights", "plan", "parity", "fidelity"])
+    return EXIT_OK if report.parity and report.parity.passed else EXIT_CHECK_FAILED
 
 
 def cmd_flops(args: argparse.Namespace) -> int:
     from hgdeploy.pipeline import commands
 
-    emit(commands.flops_report(groups.recipe(args)), args.json, ["plan", "gflops"])
+    emit(commands.flops_report(groups.recipe(args)).to_json(), args.json, ["plan", "gflops"])
     return EXIT_OK
 
 
@@ -84,13 +85,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from hgdeploy.pipeline import engines
 
         engine = groups.engine(args)
-        report = engines.bench_folder(groups.export_folder(args, rec), engine)
+        report = engines.bench_folder(groups.export_folder(args, rec), engine).to_json()
     else:
         from hgdeploy.pipeline import commands
 
         engine = groups.engine(args, rec)
         folder = groups.export_folder(args, rec) if args.out is not None else None
-        report = commands.bench_models(rec, engine, folder, args.torch)
+        report = commands.bench_models(rec, engine, folder, args.torch).to_json()
     if args.json:
         emit(report, True, ["plan", "backend", "gflops", "latency_ms", "latency", "speedup", "speedup_torch"])
     else:

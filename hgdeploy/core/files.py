@@ -9,7 +9,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 from hgdeploy.core.errors import UserError
 
@@ -95,8 +95,14 @@ def _staging_beside(path: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def to_json(report: dict[str, Any]) -> str:
-    return json.dumps(report, indent=2, sort_keys=False) + "\n"
+# A JSON document as the reports and manifests write it: results are typed where they are made and cross
+# rooms, and serialised into this shape in one place each (their to_json).
+JsonValue = str | int | float | bool | None | list["JsonValue"] | dict[str, "JsonValue"]
+JsonObject = dict[str, JsonValue]
+
+
+def to_json(document: JsonObject) -> str:
+    return json.dumps(document, indent=2, sort_keys=False) + "\n"
 
 
 def file_sha256(*paths: Path) -> str:

@@ -18,6 +18,10 @@ from hgdeploy.core.errors import UserError
 from hgdeploy.core.plan import PlanRequest, parse_grid
 from hgdeploy.core.preprocess import RESIZE_MODES, Preprocess
 
+# A recipe value as TOML gives it (recipes hold no dates and no tables below their sections), and a section.
+Value = str | int | float | bool | list["Value"]
+Section = dict[str, Value]
+
 BUNDLED_RECIPES = bundled_folders("export")
 DEFAULT_RECIPE = "dinov2_s14_focus"
 
@@ -49,7 +53,7 @@ class Recipe:
 
     path: str
     name: str
-    data: dict[str, dict[str, Any]]
+    data: dict[str, Section]
     input_size: tuple[int, int]
     request: PlanRequest  # the [cluster] section; `plan.make_plan` turns it into a plan for a loaded model
 
@@ -62,7 +66,7 @@ class Recipe:
         return self.data["model"].get("checkpoint")
 
     @property
-    def options(self) -> dict[str, Any]:
+    def options(self) -> Section:
         """The family-specific [model] keys."""
         return {k: v for k, v in self.data["model"].items() if k not in ("family", "checkpoint", "input_size")}
 
@@ -115,7 +119,7 @@ def _check_key(section: str, key: str | None, where: str) -> None:
     check_key(SCHEMA, section, key, where)
 
 
-def validate_data(data: dict[str, Any], where: str) -> None:
+def validate_data(data: dict[str, Section], where: str) -> None:
     """Every section and key known, every value of an accepted type, required keys present."""
     for section, body in data.items():
         _check_key(section, None, where)
@@ -152,8 +156,9 @@ def validate_data(data: dict[str, Any], where: str) -> None:
         raise UserError(f"{where}: ci.set must be a list of 'section.key=value' strings")
 
 
-def read_recipe_file(path: Path) -> dict[str, Any]:
-    """The recipe file's TOML: the one place it is read (a command reads its recipe once)."""
+def read_recipe_file(path: Path) -> dict[str, Section]:
+    """The recipe file's TOML (its sections, checked by validate_data next): the one place it is read (a command
+    reads its recipe once)."""
     try:
         return tomllib.loads(path.read_text())
     except (OSError, UnicodeDecodeError) as exc:

@@ -169,7 +169,7 @@ def graphs_to_score(ctx: Context) -> Iterator[ExportFolder]:
         yield ctx.export
         return
     with tempfile.TemporaryDirectory(prefix="hgdeploy-eval-") as tmp:
-        folder, _ = write_deployable(ctx.models, ctx.example, ctx.engine, Path(tmp), ctx.describe())
+        folder, _ = write_deployable(ctx.models, ctx.example, ctx.engine, Path(tmp), ctx.describe().to_json())
         yield folder
 
 
@@ -210,7 +210,7 @@ def evaluate(recipe: Recipe, engine: EngineProfile, data: EvalData, export: Expo
     eval.json, eval.md, eval.png (and predictions/) staged into `out`, which appears whole."""
     ctx = load_context(recipe, engine, export=export)
     how = inference(ctx, data)
-    report: dict[str, Any] = ctx.describe() | {"backend": backend_info(ctx)}
+    report: dict[str, Any] = ctx.describe().to_json() | {"backend": backend_info(ctx)}
     with graphs_to_score(ctx) as folder, staged_output(out) as stage:
         graph = folder.patched_graph(engine)
         scorer = scorer_for(ctx, data, graph)

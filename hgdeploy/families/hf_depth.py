@@ -17,6 +17,7 @@ from torch import nn
 from hgdeploy.core.errors import UserError
 from hgdeploy.core.plan import ClusterPlan, ModelFacts
 from hgdeploy.core.preprocess import Preprocess, check_patch_multiple
+from hgdeploy.core.recipe import Section
 from hgdeploy.families.registry import Family
 from hgdeploy.models import hf_folder
 from hgdeploy.models.checkpoints import load_state_strict
@@ -176,7 +177,7 @@ def build(family: str, config: Any, input_size: tuple[int, int]) -> HFDepth:
     return model.eval()
 
 
-def load_depth(family: str, checkpoint: str | None, input_size: tuple[int, int], options: dict[str, Any]) -> HFDepth:
+def load_depth(family: str, checkpoint: str | None, input_size: tuple[int, int], options: Section) -> HFDepth:
     """A save_pretrained folder, or model.arch with random weights (seed 0) when there is no checkpoint."""
     arch = options.get("arch")
     if checkpoint is None:
@@ -238,7 +239,7 @@ def _family(name: str, summary: str, depth_output: str) -> Family:
     """depth_output "disparity": transformers' DPT and Depth Anything heads output (relative) inverse depth;
     the DPT authors' metric NYUv2/KITTI models turn it into metres outside the network (depth = 1 / (scale x
     output + shift)), which their recipes' [eval] states."""
-    load: Callable[[str | None, tuple[int, int], dict[str, Any]], HFDepth] = (
+    load: Callable[[str | None, tuple[int, int], Section], HFDepth] = (
         lambda checkpoint, input_size, options: load_depth(name, checkpoint, input_size, options))
     return Family(name=name, summary=summary, outputs=(("depth", "depth"),), load=load, patch=patch_depth,
                   facts=depth_facts, tiny=lambda: tiny(name), write_checkpoint=hf_folder.write_checkpoint,

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from hgdeploy.core.errors import UserError
+from hgdeploy.core.recipe import Section
 from hgdeploy.families.registry import Family
 from hgdeploy.models import hf_folder
 from hgdeploy.models.hf_windowed import Mask2FormerSemantic, randomised
@@ -68,7 +69,7 @@ def _fingerprint(config: Any) -> dict[str, Any]:
     return {"embed_dim": b.embed_dim, "depths": list(b.depths), "window_size": b.window_size}
 
 
-def load(checkpoint: str | None, input_size: tuple[int, int], options: dict[str, Any]) -> Mask2FormerSemantic:
+def load(checkpoint: str | None, input_size: tuple[int, int], options: Section) -> Mask2FormerSemantic:
     config_class, model_class = _classes()
     hf = hf_folder.load_or_build("mask2former", checkpoint, options, ARCHS, "mask2former", config_class, model_class,
                                  _check, _fingerprint)

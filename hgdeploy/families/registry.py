@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from torch import nn
 
 from hgdeploy.core.contract import OUTPUT_KINDS
 from hgdeploy.core.errors import UserError
 from hgdeploy.core.plan import ClusterPlan, ModelFacts
+from hgdeploy.core.recipe import Section
 
 INFERENCE_MODES = ("resize", "slide")
 DEPTH_OUTPUTS = ("metric", "disparity")
@@ -44,7 +45,7 @@ class Family:
     name: str
     summary: str
     outputs: tuple[tuple[str, str], ...]  # (output name, kind)
-    load: Callable[[str | None, tuple[int, int], dict[str, Any]], nn.Module]
+    load: Callable[[str | None, tuple[int, int], Section], nn.Module]
     patch: Callable[[nn.Module, ClusterPlan], nn.Module]
     facts: Callable[[nn.Module], ModelFacts]
     tiny: Callable[[], tuple[nn.Module, tuple[int, int]]]
@@ -67,7 +68,7 @@ class Family:
     def output_names(self) -> tuple[str, ...]:
         return tuple(name for name, _ in self.outputs)
 
-    def check_options(self, options: dict[str, Any]) -> None:
+    def check_options(self, options: Section) -> None:
         """Refuse [model] keys the family does not use: a silently ignored key is a wrong model."""
         unused = sorted(set(options) - set(self.options))
         if unused:

@@ -17,6 +17,7 @@ from torch import nn
 from hgdeploy.core.errors import UserError
 from hgdeploy.core.plan import ClusterPlan, ModelFacts
 from hgdeploy.core.preprocess import Preprocess, check_patch_multiple
+from hgdeploy.core.recipe import Section
 from hgdeploy.families.registry import Family
 from hgdeploy.models import hf_folder
 from hgdeploy.models.hf_windowed import SamImageEncoder, randomised
@@ -64,7 +65,7 @@ def _fingerprint(config: Any) -> dict[str, Any]:
     return {"hidden_size": v.hidden_size, "num_hidden_layers": v.num_hidden_layers, "window_size": v.window_size}
 
 
-def load(checkpoint: str | None, input_size: tuple[int, int], options: dict[str, Any]) -> SamImageEncoder:
+def load(checkpoint: str | None, input_size: tuple[int, int], options: Section) -> SamImageEncoder:
     config_class, model_class = _classes()
     hf = hf_folder.load_or_build("sam", checkpoint, options, ARCHS, "sam", config_class, model_class,
                                  _fitted(input_size, checkpoint is None), _fingerprint, randomise=randomised)

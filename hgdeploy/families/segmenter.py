@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from hgdeploy.core.errors import UserError
 from hgdeploy.core.plan import ClusterPlan, ModelFacts
 from hgdeploy.core.preprocess import Preprocess, check_patch_multiple
+from hgdeploy.core.recipe import Section
 from hgdeploy.families.registry import Family
 from hgdeploy.models.checkpoints import (
     existing,
@@ -100,7 +101,7 @@ def checkpoint_files(checkpoint: str) -> tuple[Path, Path]:
     return weights, variant
 
 
-def config_from_options(options: dict[str, Any], input_size: tuple[int, int]) -> NetConfig:
+def config_from_options(options: Section, input_size: tuple[int, int]) -> NetConfig:
     arch = options.get("arch")
     if not isinstance(arch, str) or not BACKBONE_RE.fullmatch(arch):
         raise UserError(f"model.arch={arch!r}: without a checkpoint the segmenter family needs an official backbone "
@@ -111,7 +112,7 @@ def config_from_options(options: dict[str, Any], input_size: tuple[int, int]) ->
     return config_for(arch, options.get("num_classes", 150), input_size, decoder, options.get("decoder_layers", 2))
 
 
-def load_segmenter(checkpoint: str | None, input_size: tuple[int, int], options: dict[str, Any]) -> Segmenter:
+def load_segmenter(checkpoint: str | None, input_size: tuple[int, int], options: Section) -> Segmenter:
     """From an official checkpoint (variant.yml decides the architecture) or random weights for `model.arch`."""
     if checkpoint:
         weights, variant = checkpoint_files(checkpoint)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from hgdeploy.core.errors import UserError
+from hgdeploy.core.recipe import Section
 from hgdeploy.families.registry import Family
 from hgdeploy.models import hf_folder
 from hgdeploy.models.hf_windowed import Swinv2Features, randomised
@@ -52,7 +53,7 @@ def _fingerprint(config: Any) -> dict[str, Any]:
     return {"embed_dim": config.embed_dim, "depths": list(config.depths), "window_size": config.window_size}
 
 
-def load(checkpoint: str | None, input_size: tuple[int, int], options: dict[str, Any]) -> Swinv2Features:
+def load(checkpoint: str | None, input_size: tuple[int, int], options: Section) -> Swinv2Features:
     config_class, model_class = _classes()
     hf = hf_folder.load_or_build("swinv2", checkpoint, options, ARCHS, "swinv2", config_class, model_class,
                                  _fitted(input_size), _fingerprint)

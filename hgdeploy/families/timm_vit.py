@@ -10,7 +10,6 @@ timm's own constructors (never a hub download); checkpoints are timm's state dic
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +23,7 @@ from hgdeploy.core.preprocess import (
     Preprocess,
     check_patch_multiple,
 )
+from hgdeploy.core.recipe import Section
 from hgdeploy.families.registry import Family
 from hgdeploy.families.vit_common import (
     OPTIONS,
@@ -96,7 +96,7 @@ def fit_timm_pos_embed(state: dict[str, Tensor], vit: nn.Module, source: str) ->
     return {**state, "pos_embed": resampled}
 
 
-def load_timm(checkpoint: str | None, input_size: tuple[int, int], options: dict[str, Any]) -> ViTClassifier:
+def load_timm(checkpoint: str | None, input_size: tuple[int, int], options: Section) -> ViTClassifier:
     """A timm ViT classifier; random weights seeded with 0 when there is no checkpoint."""
     arch = required_arch(options, "timm_vit", "a timm model name such as 'vit_base_patch16_384'")
     state, source = read_state(checkpoint) if checkpoint else (None, "")

@@ -10,7 +10,6 @@ torchvision's constructors (never a download); checkpoints are the state dicts t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 from hgdeploy.core.errors import UserError
 from hgdeploy.core.plan import ClusterPlan, ModelFacts
 from hgdeploy.core.preprocess import Preprocess, check_patch_multiple
+from hgdeploy.core.recipe import Section
 from hgdeploy.families.registry import Family
 from hgdeploy.families.vit_common import (
     OPTIONS,
@@ -94,7 +94,7 @@ def fit_torchvision_pos_embed(state: dict[str, Tensor], vit: nn.Module, source: 
     return dict(interpolate_embeddings(vit.image_size, vit.patch_size, dict(state), interpolation_mode="bicubic"))
 
 
-def load_torchvision(checkpoint: str | None, input_size: tuple[int, int], options: dict[str, Any]) -> ViTClassifier:
+def load_torchvision(checkpoint: str | None, input_size: tuple[int, int], options: Section) -> ViTClassifier:
     """A torchvision ViT classifier; random weights seeded with 0 when there is no checkpoint."""
     arch = required_arch(options, "torchvision_vit", ", ".join(TORCHVISION_ARCHS))
     torchvision_side(input_size)

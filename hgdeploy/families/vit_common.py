@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from hgdeploy.core.errors import UserError
+from hgdeploy.core.recipe import Section
 from hgdeploy.models.checkpoints import read_weights, state_dict_from
 
 TINY_ARCH = "tiny"  # reserved: 4 layers, width 64, 4 heads, patch 16; only for tests and CI
@@ -42,7 +42,7 @@ class ViTClassifier(nn.Module):
     `hgdeploy_options` holds the [model] options that rebuild this architecture with `load`.
     """
 
-    def __init__(self, vit: nn.Module, library: str, input_size: tuple[int, int], options: dict[str, Any]):
+    def __init__(self, vit: nn.Module, library: str, input_size: tuple[int, int], options: Section):
         super().__init__()
         self.vit = vit
         self.library = library
@@ -53,7 +53,7 @@ class ViTClassifier(nn.Module):
         return (self.vit(pixel_values),)
 
 
-def required_arch(options: dict[str, Any], family: str, choices: str) -> str:
+def required_arch(options: Section, family: str, choices: str) -> str:
     """A state dict does not say which architecture it belongs to: the recipe must."""
     arch = options.get("arch")
     if not arch:
@@ -69,7 +69,7 @@ def read_state(path: str) -> tuple[dict[str, Tensor], str]:
     return dict(obj) if flat else dict(state_dict_from(obj, source, NESTING_KEYS)), source
 
 
-def class_count(options: dict[str, Any], state: dict[str, Tensor] | None, head_key: str, source: str) -> int:
+def class_count(options: Section, state: dict[str, Tensor] | None, head_key: str, source: str) -> int:
     """model.num_classes, else the checkpoint's head size, else ImageNet-1k's 1000."""
     given = options.get("num_classes")
     if given is not None and given < 1:

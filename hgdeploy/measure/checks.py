@@ -7,10 +7,12 @@ Polygraphy's Comparator feeds every runner the same inputs and checks for NaN/In
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Iterable
 
 import numpy as np
 from polygraphy.comparator import Comparator, RunResults
+
+from hgdeploy.core.files import JsonObject
 
 HEATMAP_THRESHOLD = 0.5
 # Below this share of salient pixels in the unpatched heatmap an IoU is a ratio of a handful of pixels
@@ -58,6 +60,8 @@ def outputs_of(results: RunResults, runner_name: str) -> list[dict[str, np.ndarr
 
 @dataclass(frozen=True)
 class Parity:
+    """The engine against PyTorch on the same inputs: the worst cosine and abs error, per output, and the verdict."""
+
     cosine_min: float
     max_abs: float
     passed: bool
@@ -65,12 +69,14 @@ class Parity:
     max_abs_threshold: float
     per_output: dict[str, dict[str, float]]
     max_abs_rel: float = 0.0
+    engine_model: str | None = None  # the graph the engine ran
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"cosine_min": self.cosine_min, "max_abs": self.max_abs, "passed": self.passed,
-                "thresholds": {"cosine_min": self.cosine_threshold, "max_abs": self.max_abs_threshold,
-                               "max_abs_rel": self.max_abs_rel},
-                "per_output": self.per_output}
+    def to_json(self) -> JsonObject:
+        out: JsonObject = {"cosine_min": self.cosine_min, "max_abs": self.max_abs, "passed": self.passed,
+                           "thresholds": {"cosine_min": self.cosine_threshold, "max_abs": self.max_abs_threshold,
+                                          "max_abs_rel": self.max_abs_rel},
+                           "per_output": {k: dict(v) for k, v in self.per_output.items()}}
+        return out if self.engine_model is None else out | {"engine_model": self.engine_model}
 
 
 def parity(engine: list[dict[str, np.ndarray]], reference: list[dict[str, np.ndarray]],
@@ -147,21 +153,21 @@ LOWER_IS_BETTER = ("_mae", "_error")
 
 
 def fidelity(patched: list[dict[str, np.ndarray]], baseline: list[dict[str, np.ndarray]],
-             kinds: dict[str, str], names: list[str]) -> dict[str, Any]:
+             kinds: dict[str, str], names: list[str]) -> JsonObject:
     """Patched vs unpatched outputs per image, with the metrics of each output's kind.
 
     The summary has the mean of every metric ("cosine" -> cosine_mean, others by their own name, as
     the reports have always used) and the worst image ("_min", or "_max" where lower is better), over
     the images where the metric is defined; "<metric>_undefined" counts the others.
     """
-    per_image: list[dict[str, Any]] = []
+    per_image: list[dict[str, str | float | None]] = []
     for name, p, b in zip(names, patched, baseline):
-        row: dict[str, Any] = {"image": name}
+        row: dict[str, str | float | None] = {"image": name}
         for out, kind in kinds.items():
             for metric, value in METRICS[kind](p[out], b[out]).items():
                 row.setdefault(metric, value)  # the first output of a kind names the metric
         per_image.append(row)
-    summary: dict[str, Any] = {"images": len(per_image)}
+    summary: JsonObject = {"images": len(per_image)}
     metrics = [k for k in (per_image[0] if per_image else {}) if k != "image"]
     for metric in metrics:
         values = [r[metric] for r in per_image if r[metric] is not None]

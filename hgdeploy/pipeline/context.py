@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
 
 import numpy as np
 import torch
@@ -16,11 +15,13 @@ from hgdeploy.backends import EngineProfile
 from hgdeploy.core import progress
 from hgdeploy.core.contract import INPUT_NAME
 from hgdeploy.core.errors import UserError
+from hgdeploy.core.files import JsonObject
 from hgdeploy.core.recipe import Recipe
 from hgdeploy.families.catalogue import get_family
 from hgdeploy.graph.folder import ExportFolder
 from hgdeploy.layers import TokenClustering
 from hgdeploy.measure.images import Photo, load_photos, to_batch
+from hgdeploy.measure.results import RecipeInfo, Report, Weights
 from hgdeploy.patch.models import Models, build_models
 
 STRUCTURE_ONLY = ("random weights: these figures only show that the patched graph runs and stays close to "
@@ -58,20 +59,19 @@ class Context:
     def pretrained(self) -> bool:
         return bool(self.recipe.checkpoint)
 
-    def weights(self) -> dict[str, Any]:
-        """The weights' provenance: fidelity only means something for trained weights."""
-        return {"checkpoint": self.recipe.checkpoint, "pretrained": self.pretrained,
-                "source": weights_source(self.recipe)}
+    def weights(self) -> Weights:
+        return Weights(self.recipe.checkpoint, self.pretrained, weights_source(self.recipe))
 
-    def describe(self) -> dict[str, Any]:
-        """Report keys every command shares: recipe, weights, plan (with the clustering form and why), preprocessing."""
+    def describe(self) -> Report:
+        """What every command reports: recipe, weights, plan (with the clustering form and why), preprocessing.
+        Its JSON is also what an export records in its graphs."""
         layers = [m for m in self.models.patched.modules() if isinstance(m, TokenClustering)]
-        forms = {"clustering_form": ",".join(sorted({m.form for m in layers})),
-                 "clustering_form_reason": "; ".join(sorted({m.form_reason for m in layers}))} if layers else {}
-        auto = {"tau_auto": self.models.tau_auto} if self.models.tau_auto else {}
-        return {"recipe": {"name": self.recipe.name, "path": self.recipe.path, "values": self.recipe.data},
-                "weights": self.weights(), "plan": self.models.plan.to_dict() | forms | auto,
-                "preprocess": dataclasses.asdict(self.models.preprocess)}
+        forms: JsonObject = {"clustering_form": ",".join(sorted({m.form for m in layers})),
+                             "clustering_form_reason": "; ".join(sorted({m.form_reason for m in layers}))} if layers else {}
+        auto: JsonObject = {"tau_auto": self.models.tau_auto} if self.models.tau_auto else {}
+        return Report(recipe=RecipeInfo(self.recipe.name, self.recipe.path, self.recipe.data), weights=self.weights(),
+                      plan=self.models.plan.to_dict() | forms | auto,
+                      preprocess=dataclasses.asdict(self.models.preprocess))
 
 
 def weights_source(recipe: Recipe) -> str:

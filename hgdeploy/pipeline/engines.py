@@ -5,7 +5,6 @@ build, bench of a folder) that need ONNX files alone, never torch.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -14,10 +13,11 @@ from polygraphy.backend.base import BaseRunner
 from hgdeploy.backends import EngineProfile, backend_versions, make_runner
 from hgdeploy.core import progress
 from hgdeploy.core.contract import INPUT_NAME, graph_sha256, is_layer_node
-from hgdeploy.core.files import to_json, write_atomic
+from hgdeploy.core.files import JsonObject, to_json, write_atomic
 from hgdeploy.graph.deploy import optimize_patched
 from hgdeploy.graph.flops import onnx_gflops
 from hgdeploy.graph.folder import ExportFolder
+from hgdeploy.measure.results import Latency, Report
 from hgdeploy.measure.timing import Timing, machine_info, time_interleaved
 
 
@@ -39,17 +39,6 @@ def time_runners(runners: dict[str, BaseRunner], feed: dict[str, np.ndarray], en
                                 infer_kwargs=kwargs, feeds=feeds)
 
 
-def latency(timings: dict[str, Timing]) -> dict[str, Any]:
-    """Medians, the full timings and speedup = baseline / patched (and PyTorch's, when it was timed): the
-    latency keys of every report."""
-    lat = {k: t.median_ms for k, t in timings.items()}
-    out: dict[str, Any] = {"latency_ms": lat, "latency": {k: t.to_dict() for k, t in timings.items()},
-                           "speedup": lat["baseline"] / lat["patched"]}
-    if "torch_baseline" in lat:
-        out["speedup_torch"] = lat["torch_baseline"] / lat["torch_patched"]
-    return out
-
-
 def zeros_feed(path: Path) -> dict[str, np.ndarray]:
     """A zero input of the graph's static shape: latency does not depend on the values."""
     model = onnx.load(str(path), load_external_data=False)
@@ -58,12 +47,11 @@ def zeros_feed(path: Path) -> dict[str, np.ndarray]:
 
 
 def time_engines(folder: ExportFolder, engine: EngineProfile, roles: tuple[str, ...] | None = None,
-                 feed: dict[str, np.ndarray] | None = None,
-                 extra: dict[str, BaseRunner] | None = None) -> dict[str, Any]:
+                 feed: dict[str, np.ndarray] | None = None, extra: dict[str, BaseRunner] | None = None) -> Latency:
     """The engines of a folder (or `roles` of them, and `extra` runners beside them) timed interleaved on `feed`
     (zeros of the graphs' shape by default): what `hgdeploy bench`, `optimize`, `run` and the GPU report time."""
     runners = engine_runners(folder, engine, roles) | (extra or {})
-    return latency(time_runners(runners, feed if feed is not None else zeros_feed(folder.graphs["baseline"]), engine))
+    return Latency(time_runners(runners, feed if feed is not None else zeros_feed(folder.graphs["baseline"]), engine))
 
 
 def graph_gflops(folder: ExportFolder, engine: EngineProfile) -> dict[str, float]:
@@ -74,7 +62,7 @@ def graph_gflops(folder: ExportFolder, engine: EngineProfile) -> dict[str, float
     return {"baseline": b.total, "patched": p.total, "clustering": p.clustering, "ratio": p.total / b.total}
 
 
-def backend_info(engine: EngineProfile, extra_versions: dict[str, str] | None = None) -> dict[str, Any]:
+def backend_info(engine: EngineProfile, extra_versions: dict[str, str] | None = None) -> JsonObject:
     """The profile, the library versions behind it and the machine: where a timing was measured."""
     return engine.to_dict() | {"versions": backend_versions(engine) | (extra_versions or {}),
                                "machine": machine_info()}
@@ -83,27 +71,28 @@ def backend_info(engine: EngineProfile, extra_versions: dict[str, str] | None = 
 # ---------------------------------------------------------------------------------------------- commands
 
 
-def bench_folder(folder: ExportFolder, engine: EngineProfile) -> dict[str, Any]:
+def bench_folder(folder: ExportFolder, engine: EngineProfile) -> Report:
     """`hgdeploy bench --out DIR`: the engines of an exported folder timed interleaved (no PyTorch)."""
-    return ({"plan": folder.info.get("plan"), "backend": backend_info(engine), "gflops": graph_gflops(folder, engine)}
-            | time_engines(folder, engine))
+    return Report(plan=folder.info.get("plan"), backend=backend_info(engine), gflops=graph_gflops(folder, engine),
+                  latency=time_engines(folder, engine))
 
 
-def optimize_folder(folder: ExportFolder, engine: EngineProfile) -> dict[str, Any]:
+def optimize_folder(folder: ExportFolder, engine: EngineProfile) -> Report:
     """`hgdeploy optimize`: the passes on folder/patched.onnx, then the engines before and after, timed."""
-    folder, report = optimize_patched(folder)
+    folder, optimized = optimize_patched(folder)
     folder.write_manifest()
-    return report | time_engines(folder, engine)
+    return Report(optimize=optimized, latency=time_engines(folder, engine))
 
 
-def build(folder: ExportFolder, engine: EngineProfile) -> dict[str, Any]:
+def build(folder: ExportFolder, engine: EngineProfile) -> Report:
     """`hgdeploy build`: an engine for every exported graph; engine.<profile>.json records what was built."""
-    manifest: dict[str, Any] = {"profile": backend_info(engine), "engines": {}}
+    built: JsonObject = {}
     for key, path in folder.engine_graphs(engine).items():
         with progress.step(f"Building {engine.name} engine for {path.name}"):
             with make_runner(path, engine) as runner:
                 meta = runner.get_input_metadata(use_numpy_dtypes=False)
-        manifest["engines"][key] = {"source": str(path), "source_sha256": graph_sha256(path),
-                                    "inputs": {n: list(m.shape) for n, m in meta.items()}}
-    write_atomic(folder.path / f"engine.{engine.name}.json", to_json(manifest))
-    return {"backend": manifest["profile"], "engines": manifest["engines"]}
+        built[key] = {"source": str(path), "source_sha256": graph_sha256(path),
+                      "inputs": {n: list(m.shape) for n, m in meta.items()}}
+    report = Report(backend=backend_info(engine), engines=built)
+    write_atomic(folder.path / f"engine.{engine.name}.json", to_json({"profile": report.backend, "engines": built}))
+    return report

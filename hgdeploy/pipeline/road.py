@@ -7,14 +7,15 @@ tune for each plan it times); the deploy-side commands only read what it wrote.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from hgdeploy.backends import EngineProfile
 from hgdeploy.core import progress
+from hgdeploy.core.files import JsonObject
 from hgdeploy.graph.deploy import optimize_patched, write_fp16
 from hgdeploy.graph.folder import ExportFolder
+from hgdeploy.measure.results import Report
 from hgdeploy.patch.export import OPSET, export_onnx
 from hgdeploy.patch.models import Models
 
@@ -22,8 +23,8 @@ BOTH = ("baseline", "patched")
 
 
 def write_deployable(models: Models, example: torch.Tensor, engine: EngineProfile, folder: Path,
-                     info: dict[str, Any] | None = None, roles: tuple[str, ...] = BOTH,
-                     passes: bool = True) -> tuple[ExportFolder, dict[str, Any]]:
+                     info: JsonObject | None = None, roles: tuple[str, ...] = BOTH,
+                     passes: bool = True) -> tuple[ExportFolder, Report]:
     """`roles` of `models` ("baseline", "patched") exported at `example`'s shape into `folder`, `info` recorded in
     each graph; the graph passes on the patched graph (unless `passes` is False: `hgdeploy export` leaves them to
     `hgdeploy optimize` for an fp32 profile); the fp16 twins for an fp16 profile; manifest.json. Returns the
@@ -34,12 +35,12 @@ def write_deployable(models: Models, example: torch.Tensor, engine: EngineProfil
         with progress.step(f"Exporting {target.name} (opset {OPSET}, static shapes, checked)"):
             path = export_onnx(getattr(models, role), example, target, models.family.output_names, info)
         export = export.with_graph(role, path)
-    report: dict[str, Any] = {}
+    report = Report()
     if passes and "patched" in roles:
         export, optimized = optimize_patched(export)
-        report |= optimized
+        report |= Report(optimize=optimized)
     if engine.precision == "fp16":
         export, converted = write_fp16(export, roles)
-        report |= converted
+        report |= Report(fp16=converted)
     export.write_manifest()
     return export, report

@@ -3,7 +3,7 @@ and timings with PyTorch beside the engines."""
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
 
 import torch
 
@@ -11,9 +11,11 @@ from hgdeploy.backends import make_runner
 from hgdeploy.backends.pyt import TorchRunner, torch_runner
 from hgdeploy.core import progress
 from hgdeploy.core.contract import INPUT_NAME
+from hgdeploy.core.files import JsonObject
 from hgdeploy.graph.folder import ExportFolder
 from hgdeploy.measure.checks import fidelity, outputs_of, parity, run_all
 from hgdeploy.measure.flops import count_gflops_fast
+from hgdeploy.measure.results import Report
 from hgdeploy.pipeline import engines
 from hgdeploy.pipeline.context import STRUCTURE_ONLY, Context
 
@@ -24,7 +26,7 @@ def torch_runners(ctx: Context, on_profile: bool = False, reference_on_device: b
     ViT-L windows takes hours on a CPU); with `on_profile` the profile's device, precision and CUDA-graph
     setting (timing like against like)."""
     names, example, engine = ctx.models.family.output_names, ctx.example, ctx.engine
-    settings: dict[str, Any] = {}
+    settings: dict[str, str | bool | torch.dtype] = {}
     if engine.on_gpu and on_profile:
         settings = {"device": "cuda", "cuda_graph": engine.cuda_graph,
                     "dtype": torch.float16 if engine.precision == "fp16" else torch.float32}
@@ -35,7 +37,7 @@ def torch_runners(ctx: Context, on_profile: bool = False, reference_on_device: b
                                            **settings)}
 
 
-def check(ctx: Context, folder: ExportFolder) -> dict[str, Any]:
+def check(ctx: Context, folder: ExportFolder) -> Report:
     """Parity of the patched engine against PyTorch, fidelity of patched against unpatched PyTorch."""
     torch_side = torch_runners(ctx)
     graph = folder.patched_graph(ctx.engine)
@@ -50,28 +52,29 @@ def check(ctx: Context, folder: ExportFolder) -> dict[str, Any]:
     fid = fidelity(torch_patched, torch_base, dict(outputs), [p.name for p in ctx.photos])
     if not ctx.pretrained:
         fid["structure_check_only"] = STRUCTURE_ONLY
-    return {"parity": par.to_dict() | {"engine_model": graph.name}, "fidelity": fid}
+    return Report(parity=dataclasses.replace(par, engine_model=graph.name), fidelity=fid)
 
 
-def flops(ctx: Context) -> dict[str, Any]:
+def flops(ctx: Context) -> Report:
     """GFLOPs of baseline and patched (and of each part a family names), counted on the PyTorch models."""
     with progress.step("Counting FLOPs of baseline and patched models"):
         parts = ctx.models.family.parts
         base = count_gflops_fast(ctx.models.baseline, ctx.example, parts)
         patched = count_gflops_fast(ctx.models.patched, ctx.example, parts)
-    counted = {"baseline": base.total, "patched": patched.total, "clustering": patched.clustering,
-               "ratio": patched.total / base.total}
+    counted: dict[str, float | None] = {"baseline": base.total, "patched": patched.total,
+                                        "clustering": patched.clustering, "ratio": patched.total / base.total}
     for (label, b), (_, p) in zip(base.parts, patched.parts):
         counted |= {f"{label}_baseline": b, f"{label}_patched": p, f"{label}_ratio": p / b if b else None}
-    return {"gflops": counted}
+    return Report(gflops=counted)
 
 
-def bench(ctx: Context, folder: ExportFolder, with_torch: bool = False) -> dict[str, Any]:
+def bench(ctx: Context, folder: ExportFolder, with_torch: bool = False) -> Report:
     """Median latency of the baseline and patched engines (the graph before the passes too, for an fp32 profile;
     the PyTorch models on the profile's device too, with `with_torch`), all interleaved in one run."""
     extra = torch_runners(ctx, on_profile=True) if with_torch else {}
-    return engines.time_engines(folder, ctx.engine, feed={INPUT_NAME: ctx.example.numpy()}, extra=extra)
+    return Report(latency=engines.time_engines(folder, ctx.engine, feed={INPUT_NAME: ctx.example.numpy()},
+                                               extra=extra))
 
 
-def backend_info(ctx: Context) -> dict[str, Any]:
+def backend_info(ctx: Context) -> JsonObject:
     return engines.backend_info(ctx.engine, {"torch": torch.__version__})

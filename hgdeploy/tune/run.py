@@ -405,7 +405,7 @@ def tune(recipe: Recipe, engine: EngineProfile, photos: list[Photo], settings: S
     """`hgdeploy tune`: the sweep, its inputs checked by the command line; tune.json's content."""
     budget, limit_s, held = settings.budget, settings.limit_s, settings.holdout
     job = load_context(recipe, engine, photos)
-    info = job.describe()
+    info = job.describe().to_json()
     context = {"recipe": recipe.name, "values": info["recipe"]["values"], "images": fingerprint(photos),
                "engine": engine.name}
     old = previous(folder, context)

@@ -1,0 +1,109 @@
+"""What the commands measure, as types, and report.json's shape made from them in one place (`Report.to_json`).
+
+Each step returns the part of the report it measured; a command joins the parts with `|` (later parts win, as
+dict union did) and writes `to_json()`: the contract other tools read, whose keys and order do not change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+from hgdeploy.core.files import JsonObject
+from hgdeploy.core.recipe import Section
+from hgdeploy.graph.deploy import Converted, Optimized
+from hgdeploy.measure.checks import Parity
+from hgdeploy.measure.timing import Timing
+
+
+@dataclass(frozen=True)
+class RecipeInfo:
+    name: str
+    path: str
+    values: dict[str, Section]
+
+    def to_json(self) -> JsonObject:
+        return {"name": self.name, "path": self.path, "values": self.values}
+
+
+@dataclass(frozen=True)
+class Weights:
+    """The weights' provenance: fidelity only means something for trained weights."""
+
+    checkpoint: str | None
+    pretrained: bool
+    source: str
+
+    def to_json(self) -> JsonObject:
+        return {"checkpoint": self.checkpoint, "pretrained": self.pretrained, "source": self.source}
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Interleaved timings of every runner (baseline, patched, ... torch_baseline, torch_patched)."""
+
+    timings: dict[str, Timing]
+
+    @property
+    def median_ms(self) -> dict[str, float]:
+        return {k: t.median_ms for k, t in self.timings.items()}
+
+    @property
+    def speedup(self) -> float:
+        """baseline / patched, medians."""
+        return self.timings["baseline"].median_ms / self.timings["patched"].median_ms
+
+    @property
+    def speedup_torch(self) -> float | None:
+        if "torch_baseline" not in self.timings:
+            return None
+        return self.timings["torch_baseline"].median_ms / self.timings["torch_patched"].median_ms
+
+    def to_json(self) -> JsonObject:
+        """report.json's latency_ms, latency, speedup (and speedup_torch) keys."""
+        out: JsonObject = {"latency_ms": dict(self.median_ms),
+                           "latency": {k: t.to_dict() for k, t in self.timings.items()}, "speedup": self.speedup}
+        if self.speedup_torch is not None:
+            out["speedup_torch"] = self.speedup_torch
+        return out
+
+
+@dataclass(frozen=True)
+class Report:
+    """A command's results in report.json's order; what it did not measure stays None and is left out."""
+
+    recipe: RecipeInfo | None = None
+    weights: Weights | None = None
+    plan: JsonObject | None = None
+    preprocess: JsonObject | None = None
+    engine: JsonObject | None = None  # `hgdeploy export`: the profile it exported for
+    backend: JsonObject | None = None  # the profile, library versions and machine a timing was measured with
+    images: list[str] | None = None
+    optimize: Optimized | None = None  # also report.json's "lint"
+    fp16: dict[str, Converted] | None = None
+    onnx: dict[str, str] | None = None
+    parity: Parity | None = None
+    fidelity: JsonObject | None = None
+    gflops: dict[str, float | None] | None = None
+    latency: Latency | None = None  # report.json's latency_ms, latency, speedup (and speedup_torch)
+    engines: JsonObject | None = None  # `hgdeploy build`: what was built from which graph
+
+    def __or__(self, other: Report) -> Report:
+        """This report with every section `other` measured (other's win)."""
+        return replace(self, **{f.name: getattr(other, f.name) for f in fields(other)
+                                if getattr(other, f.name) is not None})
+
+    def to_json(self) -> JsonObject:
+        out: JsonObject = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if isinstance(value, (Optimized, Latency)):
+                out |= value.to_json()
+            elif f.name == "fp16":
+                out["fp16"] = {twin: c.to_json() for twin, c in value.items()}
+            elif isinstance(value, (RecipeInfo, Weights, Parity)):
+                out[f.name] = value.to_json()
+            else:
+                out[f.name] = value
+        return out
