@@ -5,14 +5,18 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
+import numpy as np
 from polygraphy.backend.base import BaseRunner
 
 from hgdeploy.backends import machine
 from hgdeploy.backends.base import Backend
-from hgdeploy.backends.profile import ORT_OPT_LEVELS, EngineProfile
+from hgdeploy.backends.profile import ORT_OPT_LEVELS, EngineProfile, ProviderOptions
 from hgdeploy.core.errors import UserError
+
+if TYPE_CHECKING:  # onnxruntime is imported where a session is made
+    import onnxruntime as ort
 
 PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
@@ -85,7 +89,7 @@ def uses_gpu(profile: EngineProfile, have: Iterable[str]) -> bool:
     return any(provider_name(p, have) in GPU_PROVIDERS for p in profile.providers)
 
 
-def providers(profile: EngineProfile, have: Iterable[str]) -> list[tuple[str, dict[str, Any]]]:
+def providers(profile: EngineProfile, have: Iterable[str]) -> list[tuple[str, ProviderOptions]]:
     """(provider, options) pairs for InferenceSession, in the profile's priority order."""
     have = list(have)
     out = []
@@ -120,7 +124,7 @@ def runner(onnx_path: Path, profile: EngineProfile) -> BaseRunner:
     return DeviceResidentRunner(session, name, profile.cuda_graph) if profile.on_gpu else OnnxrtRunner(session, name=name)
 
 
-def _session_loader(onnx_path: Path, profile: EngineProfile, chosen: list[tuple[str, dict[str, Any]]]) -> Any:
+def _session_loader(onnx_path: Path, profile: EngineProfile, chosen: list[tuple[str, ProviderOptions]]) -> Any:
     """A callable that builds the InferenceSession (and refuses one that lost a requested provider)."""
     import onnxruntime as ort
 
@@ -162,7 +166,7 @@ class DeviceResidentRunner(BaseRunner):
         super().__init__(name=name, prefix="ort-device-runner")
         self._load, self._cuda_graph, self._device = session, cuda_graph, device
         self.sess = self.binding = None
-        self._inputs: dict[str, Any] = {}
+        self._inputs: dict[str, ort.OrtValue] = {}
         self._outputs: list[Any] = []
 
     def activate_impl(self) -> None:
@@ -189,7 +193,7 @@ class DeviceResidentRunner(BaseRunner):
             meta.add(inp.name, dtype=_numpy_type(inp.type), shape=inp.shape)
         return meta
 
-    def _copy_inputs(self, feed: dict[str, Any]) -> None:
+    def _copy_inputs(self, feed: dict[str, np.ndarray]) -> None:
         """Each array into its input's buffer, as the buffer's contiguous type (update_inplace copies raw
         bytes: a float64 array would land in a float32 buffer unconverted)."""
         import numpy as np
@@ -202,7 +206,7 @@ class DeviceResidentRunner(BaseRunner):
                                 f"{tuple(buffer.shape())} (static shapes: export again at that size)")
             buffer.update_inplace(array)
 
-    def infer_impl(self, feed_dict: dict[str, Any], copy_outputs_to_host: bool = True) -> OrderedDict:
+    def infer_impl(self, feed_dict: dict[str, np.ndarray], copy_outputs_to_host: bool = True) -> OrderedDict:
         self._copy_inputs(feed_dict)
         self.binding.synchronize_inputs()
         start = time.perf_counter()

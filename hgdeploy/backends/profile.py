@@ -14,6 +14,7 @@ from typing import Any
 from hgdeploy.core.config import bundled_folders, check_key, resolve_toml
 from hgdeploy.core.contract import OUTPUT_KINDS
 from hgdeploy.core.errors import UserError
+from hgdeploy.core.files import JsonObject
 
 BUNDLED_PROFILES = bundled_folders("engines")
 DEFAULT_PROFILE = "ort-cpu"
@@ -39,6 +40,10 @@ ORT_OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "ex
                   "all": "ORT_ENABLE_ALL"}
 
 
+# An ONNX Runtime provider's options, as the profile's TOML gives them (ORT takes scalars).
+ProviderOptions = dict[str, str | int | float | bool]
+
+
 @dataclass(frozen=True)
 class EngineProfile:
     name: str
@@ -49,7 +54,7 @@ class EngineProfile:
     precision: str = "fp32"
     graph_optimization_level: str = "all"
     threads: int = 0  # 0: the backend's default (all cores)
-    provider_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # ORT: provider -> its options
+    provider_options: dict[str, ProviderOptions] = field(default_factory=dict)  # ORT: provider -> its options
     cuda_graph: bool = False  # ORT CUDA: capture the whole graph once and replay it (no per-kernel launches)
     workspace_mb: int = 0  # TensorRT builder workspace limit; 0: TensorRT's default
     timing_cache: bool = True  # TensorRT: load/save <stem>.<profile>.timing.cache beside the engine
@@ -63,7 +68,6 @@ class EngineProfile:
     task_agreement_min: float | None = None
     warmup: int = 3
     runs: int = 15
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.device:  # frozen: set once, from what the profile's backend and providers imply
@@ -83,7 +87,7 @@ class EngineProfile:
         by_kind = {name: self.max_abs_per_kind[kind] for name, kind in outputs if kind in self.max_abs_per_kind}
         return by_kind | self.max_abs_per_output
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         common = {"name": self.name, "backend": self.backend, "device": self.device, "precision": self.precision}
         if self.backend == "tensorrt":
             return common | {"workspace_mb": self.workspace_mb, "timing_cache": self.timing_cache}
@@ -107,7 +111,7 @@ def parse_profile(path: Path) -> EngineProfile:
         data = tomllib.loads(path.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise UserError(f"cannot read engine profile {path}: {exc}") from exc
-    values: dict[str, Any] = {}
+    values: dict[str, object] = {}  # checked against the schema, then the profile's fields
     for section, body in data.items():
         check_key(PROFILE_SCHEMA, section, None, str(path))
         if not isinstance(body, dict):
@@ -163,7 +167,7 @@ def check_device(profile: EngineProfile) -> None:
         raise UserError(f"{where}: engine.cuda_graph needs the \"cuda\" provider (ONNX Runtime's CUDA graphs)")
 
 
-def _check_backend_keys(values: dict[str, Any], path: Path) -> None:
+def _check_backend_keys(values: dict[str, object], path: Path) -> None:
     """A key meant for the other backend would be silently ignored; name it instead."""
     backend = values["backend"]
     for other, keys in BACKEND_KEYS.items():

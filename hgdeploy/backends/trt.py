@@ -24,7 +24,7 @@ from hgdeploy.backends.base import Backend
 from hgdeploy.backends.profile import EngineProfile
 from hgdeploy.core.contract import graph_sha256
 from hgdeploy.core.errors import UserError
-from hgdeploy.core.files import file_sha256
+from hgdeploy.core.files import JsonObject, file_sha256
 
 
 def check(profile: EngineProfile) -> None:
@@ -81,7 +81,7 @@ def onnx_input_shapes(onnx_path: Path) -> dict[str, list[int]]:
     return shapes
 
 
-def manifest_mismatch(manifest: dict[str, Any], here: dict[str, Any]) -> str | None:
+def manifest_mismatch(manifest: JsonObject, here: JsonObject) -> str | None:
     """Why an engine's manifest does not fit this machine and source, or None.
 
     Engines only run on the TensorRT version and GPU model they were built with, and only

@@ -6,6 +6,8 @@ import json
 import sys
 from typing import Any, Iterable
 
+from hgdeploy.core.files import JsonObject
+
 
 def console() -> Any:
     """A console on stdout; piped or redirected, tables get the width they need (nothing cut at 80 columns)."""
@@ -32,7 +34,7 @@ def cell(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else "—" if value is None else str(value)
 
 
-def emit(report: dict[str, Any], as_json: bool, keys: list[str] | None = None) -> None:
+def emit(report: JsonObject, as_json: bool, keys: list[str] | None = None) -> None:
     shown = {k: report[k] for k in (keys or report) if k in report}
     if as_json:
         print(json.dumps(shown, indent=2))
@@ -40,7 +42,7 @@ def emit(report: dict[str, Any], as_json: bool, keys: list[str] | None = None) -
     table(("key", "value"), flatten(shown), no_wrap=(0,))
 
 
-def flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+def flatten(d: JsonObject, prefix: str = "") -> list[tuple[str, Any]]:
     rows: list[tuple[str, Any]] = []
     for key, value in d.items():
         if key in ("per_image", "per_output", "values", "versions", "machine", "passes"):
@@ -57,7 +59,7 @@ RUNNER_NAMES = {"baseline": "engine, baseline", "patched": "engine, patched (dep
                 "torch_baseline": "torch eager, baseline", "torch_patched": "torch eager, patched"}
 
 
-def print_bench(report: dict[str, Any]) -> None:
+def print_bench(report: JsonObject) -> None:
     """One row per runner, then the ratios and the verdict: what `hgdeploy bench` is for."""
     from hgdeploy.measure.report import speed_verdict
 
@@ -82,7 +84,7 @@ def print_bench(report: dict[str, Any]) -> None:
     print(speed_verdict(report))
 
 
-def print_eval(report: dict[str, Any]) -> None:
+def print_eval(report: JsonObject) -> None:
     """The metric x model table, then the agreement table and the gate: what eval.md leads with."""
     from hgdeploy.evaluation.scoring import AGREEMENTS, MODELS
 
@@ -107,7 +109,7 @@ def print_eval(report: dict[str, Any]) -> None:
         print(f"note: {report['structure_check_only']}")
 
 
-def print_tune(result: dict[str, Any]) -> None:
+def print_tune(result: JsonObject) -> None:
     """The timed plans by speed-up, then the verdict: what tune.md leads with."""
     from hgdeploy.tune.report import plan_text
     from hgdeploy.tune.space import parse_budget
@@ -134,7 +136,7 @@ def print_tune(result: dict[str, Any]) -> None:
               f"{'within' if hold['within_budget'] else 'MISSES'} the budget")
 
 
-def print_families(rows: list[dict[str, Any]]) -> None:
+def print_families(rows: list[JsonObject]) -> None:
     """One row per family: what it is, its [model] options, its outputs and the bundled recipes that use it."""
     table(("family", "what", "[model] options", "outputs", "bundled recipes"),
           ([r["family"], r["summary"], ", ".join(r["options"]) or "-",

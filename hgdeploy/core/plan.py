@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Mapping
 
 from hgdeploy.core.errors import UserError
+from hgdeploy.core.files import JsonObject
 from hgdeploy.core.preprocess import Preprocess
 
 RECONSTRUCTIONS = ("softmax", "official")
@@ -98,7 +99,7 @@ class ClusterPlan:
     def is_identity_grid(self) -> bool:
         return self.grid == self.token_grid
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         d = asdict(self)
         d["token_grid"] = f"{self.token_grid[0]}x{self.token_grid[1]}"
         d["grid"] = f"{self.grid[0]}x{self.grid[1]}"

@@ -123,7 +123,7 @@ def arch_config(family: str, arch: Any) -> Any:
     return make_config(family, archs[arch])
 
 
-def fingerprint(family: str, config: Any) -> dict[str, Any]:
+def fingerprint(family: str, config: Any) -> hf_folder.Fingerprint:
     """The architecture facts a checkpoint and a named arch must agree on."""
     if family == "dpt":
         return {"is_hybrid": config.is_hybrid, "hidden_size": config.hidden_size,

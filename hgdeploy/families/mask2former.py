@@ -64,7 +64,7 @@ def _check(config: Any) -> Any:
     return config
 
 
-def _fingerprint(config: Any) -> dict[str, Any]:
+def _fingerprint(config: Any) -> hf_folder.Fingerprint:
     b = config.backbone_config
     return {"embed_dim": b.embed_dim, "depths": list(b.depths), "window_size": b.window_size}
 

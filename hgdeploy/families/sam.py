@@ -60,7 +60,7 @@ def _fitted(input_size: tuple[int, int], from_arch: bool) -> Any:
     return fit
 
 
-def _fingerprint(config: Any) -> dict[str, Any]:
+def _fingerprint(config: Any) -> hf_folder.Fingerprint:
     v = config.vision_config
     return {"hidden_size": v.hidden_size, "num_hidden_layers": v.num_hidden_layers, "window_size": v.window_size}
 

@@ -49,7 +49,7 @@ def _fitted(input_size: tuple[int, int]) -> Any:
     return fit
 
 
-def _fingerprint(config: Any) -> dict[str, Any]:
+def _fingerprint(config: Any) -> hf_folder.Fingerprint:
     return {"embed_dim": config.embed_dim, "depths": list(config.depths), "window_size": config.window_size}
 
 

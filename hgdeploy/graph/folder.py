@@ -11,14 +11,15 @@ import json
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import onnx
 
 from hgdeploy.core import progress
 from hgdeploy.core.contract import graph_files, read_export_info
 from hgdeploy.core.errors import UserError
-from hgdeploy.core.files import to_json, write_atomic
+from hgdeploy.core.files import JsonObject, JsonValue, to_json, write_atomic
+from hgdeploy.core.recipe import Section
 
 # Each graph an export folder can hold, by role: the two exports, the graph passes' result, the fp16 twins.
 GRAPH_FILES = {"baseline": "baseline.onnx", "patched": "patched.onnx", "optimized": "patched.opt.onnx",
@@ -54,7 +55,7 @@ class ExportFolder:
         return cls(path, {role: path / name for role, name in GRAPH_FILES.items() if (path / name).is_file()})
 
     @classmethod
-    def open(cls, path: Path, recipe_values: dict[str, Any]) -> ExportFolder:
+    def open(cls, path: Path, recipe_values: dict[str, Section]) -> ExportFolder:
         """An existing export, refused (one line) without its two graphs or when they were exported from other
         recipe values than `recipe_values`; an export that does not record them (an older hgdeploy) is noted."""
         folder = cls.scan(path)
@@ -81,14 +82,14 @@ class ExportFolder:
         return replace(self, graphs={**self.graphs, role: Path(path)})
 
     @cached_property
-    def info(self) -> dict[str, Any]:
+    def info(self) -> JsonObject:
         """What the export recorded about itself (recipe values, plan, preprocessing); {} when it did not."""
         if "patched" not in self.graphs:
             return {}
         return read_export_info(onnx.load(str(self.graphs["patched"]), load_external_data=False)) or {}
 
     @property
-    def recorded_plan(self) -> dict[str, Any]:
+    def recorded_plan(self) -> JsonObject:
         return self.info.get("plan") or {}
 
     def patched_graph(self, engine: Engine | None = None) -> Path:
@@ -127,7 +128,7 @@ class ExportFolder:
         return self.path / MANIFEST
 
 
-def recipe_difference(recorded: dict[str, Any], now: dict[str, Any]) -> tuple[str, Any, Any] | None:
+def recipe_difference(recorded: JsonObject, now: JsonObject) -> tuple[str, JsonValue, JsonValue] | None:
     """The first recipe value (section.key, as exported, as asked now) that differs; [ci] and [eval] do not
     change an export and do not count."""
     for section in sorted((set(recorded) | set(now)) - {"ci", "eval"}):
@@ -138,5 +139,5 @@ def recipe_difference(recorded: dict[str, Any], now: dict[str, Any]) -> tuple[st
     return None
 
 
-def _shown(value: Any) -> str:
+def _shown(value: JsonValue) -> str:
     return "(not set)" if value is None else repr(value)

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from hgdeploy.core.files import to_json, write_atomic
+from hgdeploy.core.files import JsonObject, to_json, write_atomic
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -25,7 +25,7 @@ FIDELITY_LABELS = {
 }
 
 
-def _summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
+def _summary_rows(report: JsonObject) -> list[tuple[str, str]]:
     backend = report.get("backend")
     rows = [("backend", backend.get("name") if isinstance(backend, dict) else None)]
     if "weights" in report:
@@ -54,7 +54,7 @@ def _summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     return [(k, v) for k, v in rows if v is not None]
 
 
-def _passes_section(report: dict[str, Any]) -> list[str]:
+def _passes_section(report: JsonObject) -> list[str]:
     if "optimize" not in report:
         return []
     o = report["optimize"]
@@ -86,7 +86,7 @@ def speed_band(speedup: float) -> str:
     return "noise" if speedup > 1 - SPEED_NOISE else "slower"
 
 
-def speed_verdict(report: dict[str, Any]) -> str | None:
+def speed_verdict(report: JsonObject) -> str | None:
     """One sentence on whether the patched engine is faster here, read off the measured speed-up: the answer a
     user wants before any table, including an honest "no gain here"."""
     speedup, backend = report.get("speedup"), report.get("backend") or {}
@@ -106,7 +106,7 @@ def speed_verdict(report: dict[str, Any]) -> str | None:
             "baseline, or let `hgdeploy tune` search for a faster plan within a quality budget.")
 
 
-def render_summary(report: dict[str, Any]) -> str:
+def render_summary(report: JsonObject) -> str:
     """The summary table and the graph passes: what `hgdeploy run` prints."""
     lines = ["## Summary", ""]
     verdict = speed_verdict(report)
@@ -120,7 +120,7 @@ def render_summary(report: dict[str, Any]) -> str:
     return "\n".join(lines + _passes_section(report))
 
 
-def render_markdown(report: dict[str, Any]) -> str:
+def render_markdown(report: JsonObject) -> str:
     """A readable summary: plan, parity, fidelity, cost, latency, per-image rows."""
     lines = [f"# hgdeploy report: {report.get('recipe', {}).get('name', '?')}", ""]
     plan = report.get("plan") or {}
@@ -152,7 +152,7 @@ def replace_block(text: str, name: str, body: str) -> str:
     return text + "\n" + block + "\n"
 
 
-def write_report(out: Path, report: dict[str, Any]) -> None:
+def write_report(out: Path, report: JsonObject) -> None:
     write_atomic(out / "report.json", to_json(report))
     write_atomic(out / "report.md", render_markdown(report))
 

@@ -10,10 +10,12 @@ import os
 import platform
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 from polygraphy.backend.base import BaseRunner
+
+from hgdeploy.core.files import JsonObject
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ def summarize(seconds: list[float]) -> Timing:
 
 def time_interleaved(runners: dict[str, BaseRunner], feed: dict[str, np.ndarray], warmup: int, runs: int,
                       on_round: Callable[[int], None] | None = None,
-                      infer_kwargs: dict[str, Any] | None = None,
+                      infer_kwargs: dict[str, bool] | None = None,
                       feeds: dict[str, dict[str, np.ndarray]] | None = None) -> dict[str, Timing]:
     """Median/p90 latency of each runner; every round runs each runner once, order rotating.
 
@@ -61,6 +63,6 @@ def time_interleaved(runners: dict[str, BaseRunner], feed: dict[str, np.ndarray]
     return {n: summarize(t) for n, t in times.items()}
 
 
-def machine_info() -> dict[str, Any]:
+def machine_info() -> JsonObject:
     return {"cpu_count": os.cpu_count(), "machine": platform.machine(), "processor": platform.processor() or None,
             "python": platform.python_version()}

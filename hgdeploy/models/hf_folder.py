@@ -9,11 +9,12 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from torch import Tensor, nn
 
 from hgdeploy.core.errors import UserError
+from hgdeploy.core.recipe import Section
 from hgdeploy.models.checkpoints import (
     existing,
     read_safetensors,
@@ -23,6 +24,9 @@ from hgdeploy.models.checkpoints import (
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 SHARD_INDEX = "model.safetensors.index.json"
+
+# The architecture facts a checkpoint and a named arch must agree on (depths, widths, windows).
+Fingerprint = dict[str, int | bool | list[int]]
 
 
 def checkpoint_folder(path: str | Path) -> Path:
@@ -131,8 +135,8 @@ def load_pretrained(model_class: Any, folder: Path, config: Any) -> nn.Module:
     return model.eval()
 
 
-def load_or_build(family: str, checkpoint: str | None, options: dict[str, Any], archs: dict[str, Any],
-                  model_type: str, config_class: Any, model_class: Any, fit: Any, fingerprint: Any,
+def load_or_build(family: str, checkpoint: str | None, options: Section, archs: dict[str, Any],
+                  model_type: str, config_class: Any, model_class: Any, fit: Any, fingerprint: Callable[[Any], Fingerprint],
                   randomise: Any = None) -> nn.Module:
     """The transformers model of a family: from a save_pretrained folder, or built from model.arch (a published
     configuration, data here) with random weights (seed 0). fit(config) adapts a config to the run (input size)

@@ -7,12 +7,13 @@ recipe's [cluster] request; the family patches a copy. Nothing here reads the re
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
 
 from hgdeploy.core.errors import UserError
+from hgdeploy.core.files import JsonObject
 from hgdeploy.core.plan import ClusterPlan, ModelFacts
 from hgdeploy.core.preprocess import Preprocess
 from hgdeploy.core.recipe import Recipe
@@ -33,7 +34,7 @@ class Models:
     plan: ClusterPlan
     preprocess: Preprocess
     facts: ModelFacts
-    tau_auto: dict[str, Any] | None = None
+    tau_auto: JsonObject | None = None
 
 
 def build_models(recipe: Recipe, device: str = "cpu", calibration: Callable[[Preprocess], torch.Tensor] | None = None,

@@ -4,11 +4,10 @@ them from its cache of the unpatched model's first blocks."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
+from hgdeploy.core.files import JsonObject
 from hgdeploy.core.plan import ModelFacts, PlanRequest
 from hgdeploy.families.registry import Family
 from hgdeploy.layers import TAU_SHARPNESS, TokenClustering, calibrate_tau, sharpness
@@ -23,7 +22,7 @@ def probe(family: Family, baseline: nn.Module, request: PlanRequest, facts: Mode
     return model, next(m for m in model.modules() if isinstance(m, TokenClustering))
 
 
-def tau_from_tokens(layer: TokenClustering, tokens: torch.Tensor, source: str) -> tuple[float, dict[str, Any]]:
+def tau_from_tokens(layer: TokenClustering, tokens: torch.Tensor, source: str) -> tuple[float, JsonObject]:
     """tau for `layer` from the tokens entering it, and how it was found (what reports show as tau_auto)."""
     tau = calibrate_tau(layer, tokens)
     with torch.no_grad():
@@ -57,7 +56,7 @@ def tokens_entering(model: nn.Module, layer: nn.Module, images: torch.Tensor) ->
 
 
 def calibrate(family: Family, baseline: nn.Module, request: PlanRequest, facts: ModelFacts, device: str,
-              images: torch.Tensor) -> tuple[float, dict[str, Any]]:
+              images: torch.Tensor) -> tuple[float, JsonObject]:
     """tau from the model's own tokens entering the clustering layer, on `images`."""
     model, layer = probe(family, baseline, request, facts, device)
     tau, info = tau_from_tokens(layer, tokens_entering(model, layer, images),
