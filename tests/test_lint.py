@@ -9,14 +9,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from hgdeploy.core.errors import UserError
-from hgdeploy.graph.lint import (
-    SUPPORT,
-    SUPPORTED_MAJORS,
-    Finding,
-    format_findings,
-    lint_model,
-    lint_path,
-)
+from hgdeploy.graph.lint import SUPPORT, SUPPORTED_MAJORS, Finding, format_findings, lint_model, lint_path
 
 F, I64 = TensorProto.FLOAT, TensorProto.INT64
 

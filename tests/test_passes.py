@@ -10,13 +10,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from hgdeploy.core.contract import (
-    FP32_MARKER,
-    ExportError,
-    infer_shapes,
-    read_clustering_specs,
-    without_weights,
-)
+from hgdeploy.core.contract import FP32_MARKER, ExportError, infer_shapes, read_clustering_specs, without_weights
 from hgdeploy.graph.passes import (
     FP16_MAX,
     PASSES,

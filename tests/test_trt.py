@@ -14,24 +14,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from hgdeploy.backends import (
-    availability,
-    backend_versions,
-    load_profile,
-    machine,
-    make_runner,
-)
+from hgdeploy.backends import availability, backend_versions, load_profile, machine, make_runner
 from hgdeploy.backends import trt as trt_backend
 from hgdeploy.backends.machine import cuda_gpu_name
 from hgdeploy.backends.onnxrt import lost_providers
 from hgdeploy.backends.onnxrt import provider_name as ort_provider_name
 from hgdeploy.backends.onnxrt import providers as ort_providers
-from hgdeploy.backends.trt import (
-    engine_paths,
-    manifest_mismatch,
-    onnx_input_shapes,
-    strongly_typed_flag,
-)
+from hgdeploy.backends.trt import engine_paths, manifest_mismatch, onnx_input_shapes, strongly_typed_flag
 from hgdeploy.core.contract import FP32_MARKER, graph_sha256
 from hgdeploy.core.errors import UserError
 from hgdeploy.core.files import file_sha256

@@ -128,12 +128,7 @@ def build_trt_engine(onnx_path: Path, profile: EngineProfile, out_dir: Path) -> 
     """
     import tensorrt as trt
     from polygraphy import util as pg_util
-    from polygraphy.backend.trt import (
-        CreateConfig,
-        EngineBytesFromNetwork,
-        NetworkFromOnnxPath,
-        Profile,
-    )
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
 
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     final = engine_paths(onnx_path, profile.name, out_dir)

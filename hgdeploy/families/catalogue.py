@@ -6,16 +6,7 @@ record here; the tests are parametrised from this list.
 
 from __future__ import annotations
 
-from hgdeploy.families import (
-    focus,
-    hf_depth,
-    mask2former,
-    sam,
-    segmenter,
-    swinv2,
-    timm_vit,
-    torchvision_vit,
-)
+from hgdeploy.families import focus, hf_depth, mask2former, sam, segmenter, swinv2, timm_vit, torchvision_vit
 from hgdeploy.families.registry import Family, Registry
 
 BUILTIN = Registry([

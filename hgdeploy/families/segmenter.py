@@ -21,19 +21,8 @@ from hgdeploy.core.plan import ClusterPlan, ModelFacts
 from hgdeploy.core.preprocess import Preprocess, check_patch_multiple
 from hgdeploy.core.recipe import Section
 from hgdeploy.families.registry import Family
-from hgdeploy.models.checkpoints import (
-    existing,
-    load_state_strict,
-    read_torch_file,
-    state_dict_from,
-)
-from hgdeploy.models.segmenter import (
-    BACKBONE_RE,
-    NORMALIZATION,
-    NetConfig,
-    Segmenter,
-    config_for,
-)
+from hgdeploy.models.checkpoints import existing, load_state_strict, read_torch_file, state_dict_from
+from hgdeploy.models.segmenter import BACKBONE_RE, NORMALIZATION, NetConfig, Segmenter, config_for
 from hgdeploy.spans.vit import ClusteredSpan, insert_span
 
 CHECKPOINT_NAME = "checkpoint.pth"

@@ -16,13 +16,7 @@ from torch import Tensor, nn
 
 from hgdeploy.core.errors import UserError
 from hgdeploy.core.plan import ClusterPlan, ModelFacts
-from hgdeploy.core.preprocess import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    RESIZE_MODES,
-    Preprocess,
-    check_patch_multiple,
-)
+from hgdeploy.core.preprocess import IMAGENET_MEAN, IMAGENET_STD, RESIZE_MODES, Preprocess, check_patch_multiple
 from hgdeploy.core.recipe import Section
 from hgdeploy.families.registry import Family
 from hgdeploy.families.vit_common import (

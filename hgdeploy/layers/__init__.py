@@ -6,17 +6,8 @@ construction time (`tables`), so an ONNX export sees only MatMul/Softmax/TopK/Ga
 baselines), `windows` (both inside every window of a windowed transformer), `tau` (tau = "auto").
 """
 
-from hgdeploy.layers.clustering import (
-                                    EMPTY_CLUSTER_EPS,
-                                    TokenClustering,
-                                    choose_form,
-                                    clustering_macs,
-)
-from hgdeploy.layers.reconstruction import (
-                                    BilinearUpsampling,
-                                    TokenPooling,
-                                    TokenReconstruction,
-)
+from hgdeploy.layers.clustering import EMPTY_CLUSTER_EPS, TokenClustering, choose_form, clustering_macs
+from hgdeploy.layers.reconstruction import BilinearUpsampling, TokenPooling, TokenReconstruction
 from hgdeploy.layers.tables import (
                                     MASK_PENALTY,
                                     inverse_table,

@@ -15,12 +15,7 @@ from torch import Tensor, nn
 from torch.utils import flop_counter
 
 from hgdeploy.graph.flops import FlopCount
-from hgdeploy.layers import (
-    BilinearUpsampling,
-    TokenClustering,
-    TokenPooling,
-    TokenReconstruction,
-)
+from hgdeploy.layers import BilinearUpsampling, TokenClustering, TokenPooling, TokenReconstruction
 
 
 def _sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:  # noqa: ANN001

@@ -15,12 +15,7 @@ from torch import Tensor, nn
 
 from hgdeploy.core.errors import UserError
 from hgdeploy.core.recipe import Section
-from hgdeploy.models.checkpoints import (
-    existing,
-    read_safetensors,
-    read_weights,
-    state_dict_from,
-)
+from hgdeploy.models.checkpoints import existing, read_safetensors, read_weights, state_dict_from
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 SHARD_INDEX = "model.safetensors.index.json"

@@ -16,21 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hgdeploy.core.contract import (
-    CLUSTERING_METADATA,
-    EXPORT_METADATA,
-    INLINE_LIMIT_BYTES,
-    INPUT_NAME,
-    check_model,
-)
+from hgdeploy.core.contract import CLUSTERING_METADATA, EXPORT_METADATA, INLINE_LIMIT_BYTES, INPUT_NAME, check_model
 from hgdeploy.core.files import staged_file
 from hgdeploy.core.memory import release_memory
-from hgdeploy.layers import (
-    TokenClustering,
-    TokenReconstruction,
-    WindowTokenClustering,
-    WindowTokenReconstruction,
-)
+from hgdeploy.layers import TokenClustering, TokenReconstruction, WindowTokenClustering, WindowTokenReconstruction
 
 OPSET = 18
 

@@ -23,12 +23,7 @@ from torch import Tensor, nn
 from hgdeploy.core.errors import UserError
 from hgdeploy.core.plan import ClusterPlan, ModelFacts
 from hgdeploy.core.preprocess import Preprocess
-from hgdeploy.layers import (
-    TokenReconstruction,
-    WindowTokenClustering,
-    WindowTokenReconstruction,
-    neighbour_table,
-)
+from hgdeploy.layers import TokenReconstruction, WindowTokenClustering, WindowTokenReconstruction, neighbour_table
 from hgdeploy.spans.window_attention import (
     relative_position_index,
     resize_bias_table,

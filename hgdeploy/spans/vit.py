@@ -8,13 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from hgdeploy.core.plan import ClusterPlan
-from hgdeploy.layers import (
-    BilinearUpsampling,
-    TokenClustering,
-    TokenPooling,
-    TokenReconstruction,
-    neighbour_table,
-)
+from hgdeploy.layers import BilinearUpsampling, TokenClustering, TokenPooling, TokenReconstruction, neighbour_table
 from hgdeploy.models.blocks import BlockCall, inspect_block
 
 

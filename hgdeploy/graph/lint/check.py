@@ -17,21 +17,9 @@ import onnx
 from hgdeploy.core.contract import ALWAYS_DATA_DEPENDENT, CONTROL_FLOW
 from hgdeploy.core.contract import infer_shapes as contract_infer_shapes
 from hgdeploy.core.errors import UserError
-from hgdeploy.graph.lint.graph import (
-    Graph,
-    bind_function,
-    build_graph,
-    tensor_dims,
-    walk,
-)
+from hgdeploy.graph.lint.graph import Graph, bind_function, build_graph, tensor_dims, walk
 from hgdeploy.graph.lint.rules import RULES
-from hgdeploy.graph.lint.support import (
-    DEFAULT_DOMAINS,
-    DEFAULT_MAJOR,
-    MATRIX_TYPES,
-    ParserSupport,
-    support_for,
-)
+from hgdeploy.graph.lint.support import DEFAULT_DOMAINS, DEFAULT_MAJOR, MATRIX_TYPES, ParserSupport, support_for
 
 # Per-op type checks only for plain compute types; quantized types go through Q/DQ, UINT8 is I/O-only.
 _CHECKED_TYPES = frozenset({"FLOAT", "FLOAT16", "BFLOAT16", "INT32", "INT64", "BOOL"})
