@@ -418,7 +418,7 @@ def test_the_device_resident_runner_takes_an_output_of_unknown_shape_only_withou
 
 
 def test_the_tensorrt_runner_copies_every_feed_into_its_device_buffers(monkeypatch, capsys):
-    """DeviceFeedTrtRunner's buffers through Polygraphy's own infer path, with its DeviceArray holding host
+    """device_feed_trt_runner's buffers through Polygraphy's own infer path, with its DeviceArray holding host
     memory instead of CUDA memory (its constructor and dtype handling stay Polygraphy's) and TensorRT's
     engine (activation, execution) replaced by reading the buffers back: each feed must arrive, whatever its
     layout or id, and Polygraphy must not warn about how it was called."""
@@ -446,7 +446,7 @@ def test_the_tensorrt_runner_copies_every_feed_into_its_device_buffers(monkeypat
     monkeypatch.setattr(TrtRunner, "activate_impl", lambda self: None)
     monkeypatch.setattr(TrtRunner, "deactivate_impl", lambda self: None)
     monkeypatch.setattr(TrtRunner, "_infer_impl", execute)
-    runner = trt_backend.DeviceFeedTrtRunner(engine=None, name="t")
+    runner = trt_backend.device_feed_trt_runner(engine=None, name="t")
     with runner:
         for i in range(8):  # each feed made in the call and dropped after it: CPython gives the next one its id
             np.testing.assert_array_equal(runner.infer({"x": _feed(i)}, check_inputs=False)["x"], _feed(i))

@@ -200,10 +200,10 @@ def runner(onnx_path: Path, profile: EngineProfile, engine_dir: Path | None = No
             build_trt_engine(onnx_path, profile, folder)
         return load_trt_engine(engine_path, onnx_path, profile)()
 
-    return DeviceFeedTrtRunner(engine, name=f"{profile.name}:{onnx_path.stem}")
+    return device_feed_trt_runner(engine, name=f"{profile.name}:{onnx_path.stem}")
 
 
-def DeviceFeedTrtRunner(engine: Any, name: str) -> BaseRunner:  # noqa: N802 - builds a runner class lazily
+def device_feed_trt_runner(engine: Any, name: str) -> BaseRunner:
     """Polygraphy's TrtRunner fed from device buffers: each host feed is copied into its input's buffer
     (allocated once) before Polygraphy's infer, whose timed region then sees device-resident inputs.
 
