@@ -20,23 +20,8 @@ from hgdeploy.core.preprocess import IMAGENET_MEAN, IMAGENET_STD, RESIZE_MODES, 
 from hgdeploy.core.recipe import Section
 from hgdeploy.families.registry import Family
 from hgdeploy.families.vit_common import (
-    OPTIONS,
-    OUTPUTS,
-    TINY_ARCH,
-    TINY_CLASSES,
-    TINY_RESIDUAL_GAIN,
-    TINY_SIZE,
-    ViTClassifier,
-    class_count,
-    grid_side,
-    read_state,
-    require,
-    required_arch,
-    residual_scale,
-    resizable,
-    vit_of,
-    wrap,
-)
+    OPTIONS, OUTPUTS, TINY_ARCH, TINY_CLASSES, TINY_RESIDUAL_GAIN, TINY_SIZE, ViTClassifier, class_count, grid_side,
+    read_state, require, required_arch, residual_scale, resizable, vit_of, wrap)
 from hgdeploy.models.checkpoints import load_state_strict
 from hgdeploy.spans.vit import insert_span
 
