@@ -119,7 +119,7 @@ def parity_step(opts: Options, recipe: str, label: str, extra: list[str], form: 
     profile = opts.profile(PARITY_PROFILE, True)
     rec = load_recipe(recipe, opts.overrides(recipe, extra, form))
     folder = ExportFolder.open(opts.folder(recipe, label, form), rec.data)
-    report = commands.check_folder(rec, profile, load_photos(None), folder).to_json()
+    report = commands.check(rec, profile, load_photos(None), folder).to_json()
     return {"profile": profile.name, "parity": report["parity"], "weights": report["weights"]["source"]}
 
 

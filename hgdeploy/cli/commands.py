@@ -42,7 +42,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
     rec = groups.recipe(args)
     engine = groups.engine(args)
-    report = engines.optimize_folder(groups.export_folder(args, rec, writes=True), engine).to_json()
+    report = engines.optimize_export(groups.export_folder(args, rec, writes=True), engine).to_json()
     if args.json:
         emit(report, True, ["optimize", "lint", "latency_ms", "latency", "speedup"])
         return EXIT_OK
@@ -66,7 +66,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     rec = groups.recipe(args)
     engine = groups.engine(args, rec)
     folder = groups.export_folder(args, rec)
-    report = commands.check_folder(rec, engine, groups.photos(args), folder)
+    report = commands.check(rec, engine, groups.photos(args), folder)
     emit(report.to_json(), args.json, ["weights", "plan", "parity", "fidelity"])
     return EXIT_OK if report.parity and report.parity.passed else EXIT_CHECK_FAILED
 
@@ -74,7 +74,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_flops(args: argparse.Namespace) -> int:
     from hgdeploy.pipeline import commands
 
-    emit(commands.flops_report(groups.recipe(args)).to_json(), args.json, ["plan", "gflops"])
+    emit(commands.flops(groups.recipe(args)).to_json(), args.json, ["plan", "gflops"])
     return EXIT_OK
 
 
@@ -85,13 +85,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from hgdeploy.pipeline import engines
 
         engine = groups.engine(args)
-        report = engines.bench_folder(groups.export_folder(args, rec), engine).to_json()
+        report = engines.bench_export(groups.export_folder(args, rec), engine).to_json()
     else:
         from hgdeploy.pipeline import commands
 
         engine = groups.engine(args, rec)
         folder = groups.export_folder(args, rec) if args.out is not None else None
-        report = commands.bench_models(rec, engine, folder, args.torch).to_json()
+        report = commands.bench(rec, engine, folder, args.torch).to_json()
     if args.json:
         emit(report, True, ["plan", "backend", "gflops", "latency_ms", "latency", "speedup", "speedup_torch"])
     else:

@@ -17,17 +17,17 @@ from hgdeploy.measure.report import write_report
 from hgdeploy.measure.results import Report
 from hgdeploy.pipeline.context import load_context
 from hgdeploy.pipeline.road import write_deployable
-from hgdeploy.pipeline.steps import backend_info, bench, check, flops
+from hgdeploy.pipeline import steps
 
 
 def run(recipe: Recipe, engine: EngineProfile, photos: list[Photo], out: Path) -> Report:
     """`hgdeploy run`: export, passes, check, FLOPs and bench into one output folder (staged: it appears whole)."""
     ctx = load_context(recipe, engine, photos)
     info = ctx.describe()
-    report = info | Report(backend=backend_info(ctx), images=[p.name for p in photos])
+    report = info | Report(backend=steps.backend_info(ctx), images=[p.name for p in photos])
     with staged_output(out) as stage:
-        folder, steps = write_deployable(ctx.models, ctx.example, engine, stage, info.to_json())
-        report = report | steps | check(ctx, folder) | flops(ctx) | bench(ctx, folder)
+        folder, written = write_deployable(ctx.models, ctx.example, engine, stage, info.to_json())
+        report = report | written | steps.check(ctx, folder) | steps.flops(ctx) | steps.latency(ctx, folder)
         write_report(stage, report.to_json())
     return report
 
@@ -38,31 +38,31 @@ def export(recipe: Recipe, engine: EngineProfile, out: Path) -> Report:
     ctx = load_context(recipe, engine)
     info = ctx.describe()
     with staged_output(out) as stage:
-        folder, steps = write_deployable(ctx.models, ctx.example, engine, stage, info.to_json(),
-                                         passes=engine.precision == "fp16")
+        folder, written = write_deployable(ctx.models, ctx.example, engine, stage, info.to_json(),
+                                           passes=engine.precision == "fp16")
     made_for = Report(engine={"profile": engine.name, "device": engine.device, "precision": engine.precision})
-    return info | made_for | steps | Report(onnx={role: str(out / path.name) for role, path in folder.graphs.items()})
+    return info | made_for | written | Report(onnx={role: str(out / path.name) for role, path in folder.graphs.items()})
 
 
-def check_folder(recipe: Recipe, engine: EngineProfile, photos: list[Photo], export: ExportFolder) -> Report:
+def check(recipe: Recipe, engine: EngineProfile, photos: list[Photo], export: ExportFolder) -> Report:
     """`hgdeploy check`: parity and fidelity of an exported folder on photos."""
     ctx = load_context(recipe, engine, photos, export)
-    return ctx.describe() | check(ctx, export)
+    return ctx.describe() | steps.check(ctx, export)
 
 
-def flops_report(recipe: Recipe) -> Report:
+def flops(recipe: Recipe) -> Report:
     """`hgdeploy flops`: the models as the default (CPU) profile plans them."""
     ctx = load_context(recipe, load_profile())
-    return ctx.describe() | flops(ctx)
+    return ctx.describe() | steps.flops(ctx)
 
 
-def bench_models(recipe: Recipe, engine: EngineProfile, export: ExportFolder | None, with_torch: bool) -> Report:
+def bench(recipe: Recipe, engine: EngineProfile, export: ExportFolder | None, with_torch: bool) -> Report:
     """`hgdeploy bench` when PyTorch is involved: torch timed too, or no exported folder to time (the models are
     exported to a temporary folder first)."""
     ctx = load_context(recipe, engine, export=export)
-    report = ctx.describe() | Report(backend=backend_info(ctx)) | flops(ctx)
+    report = ctx.describe() | Report(backend=steps.backend_info(ctx)) | steps.flops(ctx)
     if export is not None:
-        return report | bench(ctx, export, with_torch)
+        return report | steps.latency(ctx, export, with_torch)
     with tempfile.TemporaryDirectory(prefix="hgdeploy-bench-") as tmp:
         folder, _ = write_deployable(ctx.models, ctx.example, engine, Path(tmp), ctx.describe().to_json())
-        return report | bench(ctx, folder, with_torch)
+        return report | steps.latency(ctx, folder, with_torch)

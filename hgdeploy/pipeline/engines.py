@@ -71,13 +71,13 @@ def backend_info(engine: EngineProfile, extra_versions: dict[str, str] | None = 
 # ---------------------------------------------------------------------------------------------- commands
 
 
-def bench_folder(folder: ExportFolder, engine: EngineProfile) -> Report:
+def bench_export(folder: ExportFolder, engine: EngineProfile) -> Report:
     """`hgdeploy bench --out DIR`: the engines of an exported folder timed interleaved (no PyTorch)."""
     return Report(plan=folder.info.get("plan"), backend=backend_info(engine), gflops=graph_gflops(folder, engine),
                   latency=time_engines(folder, engine))
 
 
-def optimize_folder(folder: ExportFolder, engine: EngineProfile) -> Report:
+def optimize_export(folder: ExportFolder, engine: EngineProfile) -> Report:
     """`hgdeploy optimize`: the passes on folder/patched.onnx, then the engines before and after, timed."""
     folder, optimized = optimize_patched(folder)
     folder.write_manifest()

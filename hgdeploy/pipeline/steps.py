@@ -68,7 +68,7 @@ def flops(ctx: Context) -> Report:
     return Report(gflops=counted)
 
 
-def bench(ctx: Context, folder: ExportFolder, with_torch: bool = False) -> Report:
+def latency(ctx: Context, folder: ExportFolder, with_torch: bool = False) -> Report:
     """Median latency of the baseline and patched engines (the graph before the passes too, for an fp32 profile;
     the PyTorch models on the profile's device too, with `with_torch`), all interleaved in one run."""
     extra = torch_runners(ctx, on_profile=True) if with_torch else {}
