@@ -185,4 +185,4 @@ def test_one_road_writes_graphs_from_models():
     assert callers("write_fp16") == {"hgdeploy.pipeline.road"}
     assert callers("optimize_patched") == {"hgdeploy.pipeline.road", "hgdeploy.pipeline.engines"}
     assert callers("write_deployable") == {"hgdeploy.pipeline.commands", "hgdeploy.evaluation.run",
-                                           "hgdeploy.tune.run"}
+                                           "hgdeploy.tune.latency"}

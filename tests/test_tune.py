@@ -20,7 +20,9 @@ from hgdeploy.core.plan import ModelFacts, PlanRequest
 from hgdeploy.core.preprocess import Preprocess
 from hgdeploy.core.recipe import load_recipe
 from hgdeploy.tune.downscale import resize_output, smaller_sizes
-from hgdeploy.tune.report import best_recipe, matched, select_best
+from hgdeploy.tune.ledger import Row
+from hgdeploy.tune.report import best_recipe
+from hgdeploy.tune.select import matched, select_best
 from hgdeploy.tune.space import candidates, default_space, parse_budget, read_space
 
 TINY_SPACE = """[space]
@@ -116,8 +118,7 @@ def test_downscaled_outputs_come_back_in_the_full_size_shapes():
 
 def _row(kind, key, gflops, cosine, speedup=None, alpha=6, grid="28x28"):
     plan = {"input_size": "476x476"} if kind == "downscale" else {"alpha": alpha, "grid": grid, "reconstruct_after": 12}
-    return {"key": key, "kind": kind, "plan": plan, "gflops": gflops, "fidelity": {"cosine_mean": cosine},
-            "speedup": speedup}
+    return Row(key=key, kind=kind, plan=plan, gflops=gflops, fidelity={"cosine_mean": cosine}, speedup=speedup)
 
 
 def test_the_best_plan_is_within_budget_and_faster_and_baselines_are_matched_at_no_less_cost():
@@ -125,7 +126,7 @@ def test_the_best_plan_is_within_budget_and_faster_and_baselines_are_matched_at_
     rows = [_row("clustering", "fast-but-blurry", 30, 0.97, 1.6), _row("clustering", "slower", 44, 0.99, 0.95),
             _row("clustering", "good", 43, 0.99, 1.2), _row("pool_bilinear", "pool", 43.4, 0.89, 1.3),
             _row("downscale", "d1", 42.5, 0.97, 1.3), _row("downscale", "d2", 43.8, 0.975, 1.25)]
-    assert select_best(rows, budget)["key"] == "good"  # not the blurry one, never a slower one
+    assert select_best(rows, budget).key == "good"  # not the blurry one, never a slower one
     assert select_best([rows[0], rows[1]], budget) is None
     good = next(c for c in matched(rows, budget) if c["key"] == "good")
     assert good["downscale"]["key"] == "d2"  # d1 is cheaper than the plan: not an equal-cost baseline
@@ -137,7 +138,7 @@ def test_best_toml_is_a_recipe_the_other_commands_take(tmp_path):
     row = {"plan": {"alpha": 5, "grid": "24x24", "reconstruct_after": 12, "iters": 3, "tau": 0.07, "k": 4,
                     "form": "auto", "clustering_form": "local", "method": "cluster", "neighbours": 5}}
     path = tmp_path / "best.toml"
-    path.write_text(best_recipe(rec.data, row, ["tuned in a test"]))
+    path.write_text(best_recipe(rec.data, row["plan"], ["tuned in a test"]))
     best = load_recipe(str(path))
     assert (best.request.alpha, best.request.grid, best.request.options["tau"], best.request.options["form"]) == \
         (5, (24, 24), 0.07, "local")

@@ -130,16 +130,16 @@ def cmd_tune(args: argparse.Namespace) -> int:
     out = groups.write_folder(args, rec, tune.TUNE_FOLDER)
     held = load_photos(args.holdout) if args.holdout else None
     engine = groups.engine(args, rec)
-    result = tune.tune(rec, engine, groups.photos(args), dataclasses.replace(settings, holdout=held), out)
+    ledger = tune.tune(rec, engine, groups.photos(args), dataclasses.replace(settings, holdout=held), out)
     progress.info(f"wrote {out}/" + ", ".join(n for n in TUNE_FILES if (out / n).exists()))
-    best = result["best"]
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(ledger.to_json(), indent=2))
     else:
-        print_tune(result)
+        print_tune(ledger)
+    best = ledger.best
     if best is None:
         return EXIT_CHECK_FAILED
-    return EXIT_OK if best.get("holdout", {}).get("within_budget", True) else EXIT_CHECK_FAILED
+    return EXIT_OK if (best.holdout or {}).get("within_budget", True) else EXIT_CHECK_FAILED
 
 
 def cmd_lint(args: argparse.Namespace) -> int:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from hgdeploy.core.files import JsonObject
+
+if TYPE_CHECKING:
+    from hgdeploy.tune.ledger import Ledger
 
 
 def console() -> Any:
@@ -109,27 +112,26 @@ def print_eval(report: JsonObject) -> None:
         print(f"note: {report['structure_check_only']}")
 
 
-def print_tune(result: JsonObject) -> None:
+def print_tune(ledger: Ledger) -> None:
     """The timed plans by speed-up, then the verdict: what tune.md leads with."""
     from hgdeploy.tune.report import plan_text
-    from hgdeploy.tune.space import parse_budget
 
-    budget = parse_budget(result["budget"], result["confidence"])
-    timed = sorted((r for r in result["rows"] if r.get("speedup") is not None), key=lambda r: -r["speedup"])
+    budget = ledger.budget
+    timed = sorted((r for r in ledger.rows if r.speedup is not None), key=lambda r: -(r.speedup or 0))
     table(("kind", "plan", "GFLOPs", "ms", "speed-up", budget.key, f"{budget.confidence:.0%} bound"),
-           ([r["kind"] + (" (recipe)" if r.get("recipe") else ""), plan_text(r), r["gflops"], r["latency_ms"],
-             r["speedup"], r["fidelity"].get(budget.key), budget.bound(r["fidelity"])] for r in timed),
-           title=f"timed plans on {result['context']['engine']} (budget {budget})", no_wrap=(0, 1))
-    best = result["best"]
-    scored = sum(1 for r in result["rows"] if r["kind"] == "clustering")
-    print(f"{scored} clustering plans scored, {len(result['pruned'])} pruned, {len(timed)} rows timed "
-          f"({result['state']}, {result['elapsed_s'] / 60:.1f} min)")
-    if best is None:
+          ([r.kind + (" (recipe)" if r.recipe else ""), plan_text(r), r.gflops, r.latency_ms, r.speedup,
+            (r.fidelity or {}).get(budget.key), budget.bound(r.fidelity or {})] for r in timed),
+          title=f"timed plans on {ledger.context['engine']} (budget {budget})", no_wrap=(0, 1))
+    best = ledger.best
+    scored = sum(1 for r in ledger.rows if r.kind == "clustering")
+    print(f"{scored} clustering plans scored, {len(ledger.pruned)} pruned, {len(timed)} rows timed "
+          f"({ledger.state}, {ledger.elapsed_s / 60:.1f} min)")
+    if best is None or best.speedup is None:
         print("no plan is within the budget and faster than the unpatched model on this device: deploy the "
               "unpatched model or loosen the budget")
         return
-    print(f"best: {plan_text(best)}, {best['speedup']:.3f}x, {budget.key} {best['fidelity'][budget.key]:.4f}")
-    hold = best.get("holdout")
+    print(f"best: {plan_text(best)}, {best.speedup:.3f}x, {budget.key} {(best.fidelity or {})[budget.key]:.4f}")
+    hold = best.holdout
     if hold:
         value = hold["fidelity"].get(budget.key)
         print(f"held-out ({hold['images']} images): {budget.key} {cell(value)} "
