@@ -27,14 +27,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the checkout's hgdeploy, also before it is installed
+from common import publish, run_child
 
-from hgdeploy.core.errors import exit_code, run_child  # noqa: E402
-from hgdeploy.core.files import to_json, write_atomic  # noqa: E402
-from hgdeploy.core.recipe import bundled_recipes, load_recipe  # noqa: E402
-from hgdeploy.families.catalogue import get_family  # noqa: E402
-from hgdeploy.measure.report import publish  # noqa: E402
+from hgdeploy import bundled_recipes, exit_code, get_family, load_recipe, to_json, write_atomic
+
+REPO = Path(__file__).resolve().parents[1]
 
 RESULTS = REPO / "scripts" / "results" / "parity_bounds.json"
 PARTIAL = RESULTS.with_name("parity_bounds.partial.json")  # rows so far: --resume continues from it

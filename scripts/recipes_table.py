@@ -22,19 +22,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import replace_block
 
-from hgdeploy.backends import load_profile, make_runner
-from hgdeploy.core.config import REPO_ROOT
-from hgdeploy.core.contract import INPUT_NAME
-from hgdeploy.core.errors import exit_code
-from hgdeploy.core.files import write_atomic
-from hgdeploy.core.recipe import load_recipe
-from hgdeploy.measure.checks import cosine
-from hgdeploy.measure.images import sample_photos, to_batch
-from hgdeploy.measure.report import replace_block
-from hgdeploy.patch.models import build_models
-from hgdeploy.pipeline.commands import flops
-from hgdeploy.pipeline.road import write_deployable
+from hgdeploy import (
+    INPUT_NAME,
+    REPO_ROOT,
+    build_models,
+    cosine,
+    exit_code,
+    flops,
+    load_profile,
+    load_recipe,
+    make_runner,
+    sample_photos,
+    to_batch,
+    write_atomic,
+    write_deployable,
+)
 
 RESULTS = REPO_ROOT / "scripts" / "results" / "recipes.json"
 PUBLISHED = REPO_ROOT / "scripts" / "published_gflops.toml"
