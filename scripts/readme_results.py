@@ -16,12 +16,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the checkout's hgdeploy, also before it is installed
+from common import replace_block, run_child
 
-from hgdeploy.core.errors import UserError, exit_code, run_child  # noqa: E402
-from hgdeploy.core.files import write_atomic, write_atomic_bytes  # noqa: E402
-from hgdeploy.measure.report import replace_block  # noqa: E402
+from hgdeploy import UserError, exit_code, write_atomic, write_atomic_bytes
+
+REPO = Path(__file__).resolve().parents[1]
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 # (label, extra CLI arguments): the default recipe first, then the same model with other plans.

@@ -21,39 +21,35 @@ import tomllib
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
+from common import replace_block
 
-from hgdeploy.core.config import REPO_ROOT
-from hgdeploy.core.contract import INPUT_NAME
-from hgdeploy.core.errors import exit_code
-from hgdeploy.core.files import write_atomic
-from hgdeploy.core.recipe import load_recipe
-from hgdeploy.measure.checks import cosine
-from hgdeploy.measure.flops import count_gflops_fast
-from hgdeploy.measure.images import sample_photos, to_batch
-from hgdeploy.measure.report import replace_block
-from hgdeploy.patch.export import export_onnx
-from hgdeploy.patch.models import Models, build_models
+from hgdeploy import (
+    INPUT_NAME,
+    REPO_ROOT,
+    build_models,
+    cosine,
+    exit_code,
+    flops,
+    load_profile,
+    load_recipe,
+    make_runner,
+    sample_photos,
+    to_batch,
+    write_atomic,
+    write_deployable,
+)
 
 RESULTS = REPO_ROOT / "scripts" / "results" / "recipes.json"
 PUBLISHED = REPO_ROOT / "scripts" / "published_gflops.toml"
 README = REPO_ROOT / "README.md"
 
 
-def count(models: Models, size: tuple[int, int]) -> dict:
-    """GFLOPs of the whole model, and under "parts" those of each of its family's named parts (Mask2Former's
-    backbone), from one count of each model."""
-    x = torch.zeros(1, 3, *size)
-    parts = models.family.parts
-    base, patched = count_gflops_fast(models.baseline, x, parts), count_gflops_fast(models.patched, x, parts)
-    return {"baseline": base.total, "patched": patched.total, "clustering": patched.clustering,
-            "parts": {label: {"baseline": b, "patched": p} for (label, b), (_, p) in zip(base.parts, patched.parts)}}
-
-
-def gflops(recipe: str, overrides: list[str]) -> dict:
-    rec = load_recipe(recipe, overrides)
-    return count(build_models(rec), rec.input_size)
+def gflops(recipe: str, overrides: list[str] | None = None) -> dict:
+    """`hgdeploy flops` of the recipe: GFLOPs of baseline and patched (and clustering, ratio, and each of the
+    family's named parts as "<part>_baseline"/"<part>_patched"), with the plan it counted under "plan"."""
+    report = flops(load_recipe(recipe, overrides or [])).to_json()
+    return report["gflops"] | {"plan": report["plan"]}
 
 
 def published_rows() -> list[dict]:
@@ -61,8 +57,8 @@ def published_rows() -> list[dict]:
     rows = []
     for e in entries:
         g = gflops(e["recipe"], e.get("set", []))
-        counted = g["parts"][e["part"]] if "part" in e else g
-        ours = counted["baseline" if e.get("baseline") else "patched"]
+        which = "baseline" if e.get("baseline") else "patched"
+        ours = g[f"{e['part']}_{which}" if "part" in e else which]
         rows.append({"recipe": e["recipe"], "config": e["label"], "published": e["published"], "ours": ours,
                      "diff_pct": 100 * (ours / e["published"] - 1)})
         print(f"  {e['recipe']:34s} {e['label']:18s} ours {ours:8.2f}  published {e['published']:8.2f}  "
@@ -88,15 +84,13 @@ def windowed_rows() -> list[dict]:
     rows = []
     for recipe in WINDOWED:
         rec = load_recipe(recipe)
-        models = build_models(rec)
-        plan = models.plan
-        g = count(models, rec.input_size)
-        parts = g.pop("parts")
+        g = gflops(recipe)
+        plan = g.pop("plan")
         row = {"recipe": recipe, "input": "x".join(map(str, rec.input_size)),
-               "plan": f"windows {plan.token_grid[0]} -> {plan.grid[0]}, blocks {plan.alpha + 1}.."
-                       f"{plan.reconstruct_after} of {plan.depth} clustered", **g}
-        for label, part in parts.items():
-            row |= {f"{label}_baseline": part["baseline"], f"{label}_patched": part["patched"]}
+               "plan": f"windows {plan['token_grid'].split('x')[0]} -> {plan['grid'].split('x')[0]}, blocks "
+                       f"{plan['alpha'] + 1}..{plan['reconstruct_after']} of {plan['depth']} clustered",
+               **{k: g[k] for k in ("baseline", "patched", "clustering")}}
+        row |= {k: v for k, v in g.items() if k.endswith(("_baseline", "_patched"))}
         rows.append(row)
         print(f"  {recipe:28s} {g['baseline']:9.2f} -> {g['patched']:9.2f}", file=sys.stderr)
     return rows
@@ -115,28 +109,29 @@ def render_windowed(rows: list[dict]) -> str:
 
 
 def parity_row(recipe: str, folder: Path) -> dict:
-    """Export baseline and patched at full size; ONNX Runtime vs PyTorch on one real photo."""
-    rec = load_recipe(recipe)
+    """Export baseline and patched at full size (the export road, without the passes); the ONNX Runtime CPU
+    profile's runner vs PyTorch on one real photo."""
+    rec, profile = load_recipe(recipe), load_profile()
+    g = gflops(recipe)
     models = build_models(rec)
     x = to_batch(sample_photos()[:1], models.preprocess)
     row: dict = {"recipe": recipe, "family": rec.family, "input": "x".join(map(str, rec.input_size)),
                  "plan": f"alpha={models.plan.alpha}, {models.plan.grid[0]}x{models.plan.grid[1]}, "
                          f"rebuilt after {models.plan.reconstruct_after}" + (
                              " (logits)" if models.plan.reconstruct_on == "logits" else "")}
-    g = count(models, rec.input_size)
     row |= {"gflops_baseline": g["baseline"], "gflops_patched": g["patched"], "gflops_clustering": g["clustering"]}
     names = models.family.output_names
     for key, model in (("baseline", models.baseline), ("patched", models.patched)):
         start = time.perf_counter()
-        path = export_onnx(model, x, folder / f"{key}.onnx", names)
+        export, _ = write_deployable(models, x, profile, folder, roles=(key,), passes=False)
         row[f"export_s_{key}"] = time.perf_counter() - start
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        got = session.run(list(names), {INPUT_NAME: x.numpy()})
+        with make_runner(export.graphs[key], profile) as runner:
+            outputs = runner.infer({INPUT_NAME: x.numpy()})
+        got = [outputs[n] for n in names]
         with torch.no_grad():
             want = [t.numpy() for t in model(x)]
         row[f"parity_{key}"] = min(cosine(a, b) for a, b in zip(got, want))
         row[f"max_abs_{key}"] = max(float(np.max(np.abs(a.astype(np.float64) - b))) for a, b in zip(got, want))
-        del session
         for f in folder.iterdir():
             f.unlink()
     return row

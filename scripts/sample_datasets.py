@@ -14,11 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the checkout's hgdeploy, also before it is installed
+from hgdeploy import SAMPLE_LAYOUTS, WRITERS, exit_code
 
-from hgdeploy.core.errors import exit_code  # noqa: E402
-from hgdeploy.evaluation.samples import SAMPLE_LAYOUTS, WRITERS  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> int:

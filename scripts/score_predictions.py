@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for the CLI's endings only: the scoring is plain numpy
-from hgdeploy.core.errors import UserError, exit_code  # noqa: E402
+from hgdeploy import UserError, exit_code
 
 DEPTH = {"nyuv2": (1000.0, 10.0, (45 / 480, 471 / 480, 41 / 640, 601 / 640)),
          "kitti": (256.0, 80.0, (0.40810811, 0.99189189, 0.03594771, 0.96405229))}

@@ -17,16 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import publish
+
+from hgdeploy import build_models, exit_code, load_recipe, sample_photos, to_batch, token_cosine
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the checkout's hgdeploy, also before it is installed
-
-from hgdeploy.core.errors import exit_code  # noqa: E402
-from hgdeploy.core.recipe import load_recipe  # noqa: E402
-from hgdeploy.measure.checks import token_cosine  # noqa: E402
-from hgdeploy.measure.images import sample_photos, to_batch  # noqa: E402
-from hgdeploy.measure.report import publish  # noqa: E402
-from hgdeploy.patch.models import build_models  # noqa: E402
 
 GRID = [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 50.0]
 RESULTS = REPO / "scripts" / "results" / "tau_auto.json"

@@ -21,11 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the checkout's hgdeploy, also before it is installed
+from common import publish, run_child
 
-from hgdeploy.core.errors import exit_code, run_child  # noqa: E402
-from hgdeploy.measure.report import publish  # noqa: E402
+from hgdeploy import exit_code
+
+REPO = Path(__file__).resolve().parents[1]
 
 OUT = REPO / "scripts" / "results" / "tune"
 BUDGET = "cosine>=0.985"
@@ -37,7 +37,7 @@ def write_split(root: Path) -> tuple[Path, Path]:
     import imgviz
     from PIL import Image
 
-    from hgdeploy.measure.images import sample_photos
+    from hgdeploy import sample_photos
 
     tune, held = root / "tune", root / "holdout"
     tune.mkdir(parents=True)
@@ -55,8 +55,7 @@ def command(tune: Path, held: Path, out: Path = OUT) -> list[str]:
 
 
 def block(result: dict, minutes: float | None) -> str:
-    from hgdeploy.tune.report import KIND_LABELS, plan_text, wins
-    from hgdeploy.tune.space import parse_budget
+    from hgdeploy import KIND_LABELS, parse_budget, plan_text, wins
 
     budget = parse_budget(result["budget"])
     key = budget.key

@@ -26,12 +26,11 @@ import time
 import tomllib
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the checkout's hgdeploy, also before it is installed
+from common import replace_block
 
-from hgdeploy.core.errors import exit_code  # noqa: E402
-from hgdeploy.core.files import write_atomic  # noqa: E402
-from hgdeploy.measure.report import replace_block  # noqa: E402
+from hgdeploy import exit_code, write_atomic
+
+REPO = Path(__file__).resolve().parents[1]
 
 RESULTS = REPO / "scripts" / "results" / "versions.json"
 README = REPO / "README.md"

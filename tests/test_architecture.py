@@ -14,6 +14,7 @@ from conftest import SMALL_EXPORT
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hgdeploy"
 ARCHITECTURE = PACKAGE.parent / "ARCHITECTURE.md"
+SCRIPTS = PACKAGE.parent / "scripts"
 
 
 def rooms() -> list[str]:
@@ -61,7 +62,7 @@ def graph() -> dict[str, set[str]]:
 
 
 def test_every_module_lives_in_a_room():
-    """No module beside the rooms: the package's own __init__ holds only the room order."""
+    """No module beside the rooms: the package's own __init__ holds only the room order and the public names."""
     loose = [p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py"]
     assert loose == [], f"modules outside every room folder: {loose}"
     for name in modules():
@@ -70,7 +71,74 @@ def test_every_module_lives_in_a_room():
 
 
 def test_the_package_init_imports_nothing():
+    """The public façade names its modules as strings, imported on first use: no import edge leaves it."""
     assert imports(PACKAGE / "__init__.py", set(modules())) == set()
+
+
+def test_no_room_imports_the_facade():
+    """The rooms import each other directly; `from hgdeploy import NAME` is for scripts and users."""
+    assert [a for a, targets in graph().items() if a != "hgdeploy" and "hgdeploy" in targets] == []
+
+
+def test_every_public_name_resolves():
+    import hgdeploy
+
+    missing = []
+    for name in hgdeploy.__all__:
+        try:
+            getattr(hgdeploy, name)
+        except (AttributeError, ImportError) as exc:
+            missing.append(f"{name}: {exc}")
+    assert missing == []
+    assert set(hgdeploy.PUBLIC.values()) <= set(modules()), "a public name points outside the package's modules"
+
+
+def test_import_hgdeploy_loads_no_submodule():
+    """The façade is lazy: importing the package imports none of its rooms (nor torch)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PACKAGE.parent), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", "import hgdeploy, sys; print(hgdeploy.__file__); "
+                           "print(sorted(m for m in sys.modules if m.startswith('hgdeploy.') or m == 'torch'))"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    where, loaded = done.stdout.splitlines()
+    assert Path(where) == PACKAGE / "__init__.py" and loaded == "[]"
+
+
+def private_imports(path: Path) -> list[str]:
+    """What a script takes from hgdeploy beyond the public names (`hgdeploy.__all__`): a submodule imported
+    (`import hgdeploy.x`, `from hgdeploy.x import ...`) or a name the package does not offer."""
+    import hgdeploy
+
+    found: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.startswith("hgdeploy.")]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "hgdeploy":
+            if node.module != "hgdeploy":
+                found.append(node.module)
+            else:
+                found += [f"hgdeploy.{a.name}" for a in node.names if a.name not in hgdeploy.__all__]
+    return found
+
+
+def test_scripts_use_only_the_public_api():
+    scripts = sorted(SCRIPTS.glob("*.py"))
+    assert len(scripts) >= 10
+    private = {p.name: private_imports(p) for p in scripts if private_imports(p)}
+    assert private == {}, f"scripts importing past hgdeploy.__all__: {private}"
+
+
+def test_the_public_api_check_would_catch_a_private_import(tmp_path):
+    fake = tmp_path / "script.py"
+    fake.write_text("import hgdeploy\nfrom hgdeploy import exit_code\nfrom hgdeploy.core.errors import exit_code\n"
+                    "import hgdeploy.graph.flops\nfrom hgdeploy import onnx_gflops\n")
+    assert private_imports(fake) == ["hgdeploy.core.errors", "hgdeploy.graph.flops", "hgdeploy.onnx_gflops"]
+
+
+def test_no_script_edits_sys_path():
+    """The package is installed: a script finds it (and scripts/common.py beside it) without path edits."""
+    edits = [p.name for p in SCRIPTS.glob("*.py") if re.search(r"sys\.path\.(insert|append)", p.read_text())]
+    assert edits == []
 
 
 def test_architecture_md_maps_the_rooms_in_order():

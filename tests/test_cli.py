@@ -230,7 +230,8 @@ def test_a_user_error_or_ctrl_c_ends_in_one_line_not_a_traceback(capsys):
 
 def test_every_script_that_uses_hgdeploy_ends_through_exit_code():
     """A script interrupted with Ctrl-C says so in one line (its staging is removed on the way out)."""
-    scripts = [p for p in (REPO / "scripts").glob("*.py") if "from hgdeploy" in p.read_text()]
+    scripts = [p for p in (REPO / "scripts").glob("*.py")
+               if "from hgdeploy" in p.read_text() and p.name != "common.py"]  # common: the scripts' helpers
     assert len(scripts) >= 10
     for script in scripts:
         assert f'sys.exit(exit_code(main, "{script.name}"))' in script.read_text(), script.name
@@ -250,17 +251,18 @@ except KeyboardInterrupt:
 """
 PARENT = """
 import sys
-sys.path.insert(0, {repo!r})
-import hgdeploy.core.errors as errors
-errors.CHILD_GRACE_S = 3  # more than the child's clean-up, which a second SIGINT would cut short
-sys.exit(errors.exit_code(lambda: errors.run_child([sys.executable, "-c", {child!r}, sys.argv[1]]).returncode, "parent"))
+sys.path[:0] = [{repo!r}, {repo!r} + "/scripts"]  # this checkout's hgdeploy; scripts/common, as a script sees it
+import common
+from hgdeploy import exit_code
+common.CHILD_GRACE_S = 3  # more than the child's clean-up, which a second SIGINT would cut short
+sys.exit(exit_code(lambda: common.run_child([sys.executable, "-c", {child!r}, sys.argv[1]]).returncode, "parent"))
 """
 
 
 @pytest.mark.parametrize("whom", ["process group", "parent only"])
 def test_a_script_interrupted_lets_its_hgdeploy_child_clean_up(tmp_path, whom):
-    """Ctrl-C in a terminal reaches a script and the hgdeploy command it runs; errors.run_child waits for the
-    child's clean-up (its staging folders) instead of killing it, and interrupts the child itself when only
+    """Ctrl-C in a terminal reaches a script and the hgdeploy command it runs; scripts/common.run_child waits for
+    the child's clean-up (its staging folders) instead of killing it, and interrupts the child itself when only
     the script was interrupted."""
     import os
     import signal

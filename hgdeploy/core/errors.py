@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import signal
-import subprocess
 import sys
-from typing import Any, Callable
+from typing import Callable
 
 
 class UserError(Exception):
@@ -33,24 +31,3 @@ def exit_code(run: Callable[[], int | None], prog: str) -> int:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
-
-# How long an interrupted child gets to end on the Ctrl-C the terminal sent it too, before it is sent one itself.
-CHILD_GRACE_S = 60
-
-
-def run_child(cmd: list[str], **popen: Any) -> subprocess.CompletedProcess:
-    """subprocess.run for a script's hgdeploy command, except on Ctrl-C. A terminal's Ctrl-C reaches the child
-    too, and it needs time to remove its staging folders; subprocess.run kills it 0.25 s later, leaving them
-    behind. Here the child gets CHILD_GRACE_S to end (then a SIGINT of its own, in case only this process was
-    interrupted), and the KeyboardInterrupt goes on once it has."""
-    with subprocess.Popen(cmd, **popen) as child:
-        try:
-            out, err = child.communicate()
-        except KeyboardInterrupt:
-            try:
-                child.communicate(timeout=CHILD_GRACE_S)
-            except subprocess.TimeoutExpired:
-                child.send_signal(signal.SIGINT)
-                child.communicate()
-            raise
-    return subprocess.CompletedProcess(cmd, child.returncode, out, err)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -140,28 +139,7 @@ def render_markdown(report: JsonObject) -> str:
     return "\n".join(lines)
 
 
-def replace_block(text: str, name: str, body: str) -> str:
-    """`text` with the block between <!-- name:start --> and <!-- name:end --> set to `body` (appended if absent).
-
-    How the scripts regenerate README sections from the tool's own output.
-    """
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    block = f"{start}\n{body}\n{end}"
-    if start in text:
-        return re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-    return text + "\n" + block + "\n"
-
-
 def write_report(out: Path, report: JsonObject) -> None:
     write_atomic(out / "report.json", to_json(report))
     write_atomic(out / "report.md", render_markdown(report))
 
-
-def publish(body: str, block: str, readme: Path, results: Path, data: Any, check: bool = False) -> None:
-    """What a scripts/ measurement ends with: print its README block; unless `check`, write its data to
-    `results` (JSON) and the block between README's <!-- block:start/end --> markers."""
-    print(body)
-    if check:
-        return
-    write_atomic(results, to_json(data))
-    write_atomic(readme, replace_block(readme.read_text(), block, body))
