@@ -46,8 +46,8 @@ PUBLIC = {
     "tables": "hgdeploy.evaluation.report",
     "SAMPLE_LAYOUTS": "hgdeploy.evaluation.samples", "WRITERS": "hgdeploy.evaluation.samples",
     "write_saliency": "hgdeploy.evaluation.samples",
-    "KIND_LABELS": "hgdeploy.tune.report", "plan_text": "hgdeploy.tune.report", "wins": "hgdeploy.tune.report",
-    "parse_budget": "hgdeploy.tune.space",
+    "KIND_LABELS": "hgdeploy.tune.report", "plan_text": "hgdeploy.tune.report", "wins": "hgdeploy.tune.select",
+    "Ledger": "hgdeploy.tune.ledger",
     "quiet_libraries": "hgdeploy.cli.main",
 }
 

@@ -55,36 +55,35 @@ def command(tune: Path, held: Path, out: Path = OUT) -> list[str]:
 
 
 def block(result: dict, minutes: float | None) -> str:
-    from hgdeploy import KIND_LABELS, parse_budget, plan_text, wins
+    from hgdeploy import KIND_LABELS, Ledger, plan_text, wins
 
-    budget = parse_budget(result["budget"])
-    key = budget.key
-    timed = sorted((r for r in result["rows"] if r.get("speedup") is not None), key=lambda r: -r["speedup"])
-    best, recipe = result["best"], next(r for r in result["rows"] if r.get("recipe"))
+    ledger = Ledger.from_json(result, OUT)
+    key, best, recipe = ledger.budget.key, ledger.best, ledger.recipe_row()
+    assert recipe is not None, "tune.json has no row for the recipe's own plan"
+    timed = sorted((r for r in ledger.rows if r.speedup is not None), key=lambda r: -(r.speedup or 0))
     lines = ["| kind | plan | GFLOPs | ms | speed-up | cosine (tuning photos) |", "|---|---|---:|---:|---:|---:|"]
     for r in timed:
-        tag = " **best**" if best and r["key"] == best["key"] else " (the recipe)" if r.get("recipe") else ""
-        lines.append(f"| {KIND_LABELS[r['kind']]}{tag} | {plan_text(r)} | {r['gflops']:.1f} | {r['latency_ms']:.0f} | "
-                     f"{r['speedup']:.3f}x | {r['fidelity'][key]:.4f} |")
-    pw, pn = wins(result["comparison"], "pool_bilinear")
-    dw, dn = wins(result["comparison"], "downscale")
-    scored = sum(r["kind"] == "clustering" for r in result["rows"])
+        tag = " **best**" if best and r.key == best.key else " (the recipe)" if r.recipe else ""
+        lines.append(f"| {KIND_LABELS[r.kind]}{tag} | {plan_text(r)} | {r.gflops:.1f} | {r.latency_ms:.0f} | "
+                     f"{r.speedup:.3f}x | {(r.fidelity or {})[key]:.4f} |")
+    pw, pn = wins(ledger.comparison or [], "pool_bilinear")
+    dw, dn = wins(ledger.comparison or [], "downscale")
+    scored = sum(r.kind == "clustering" for r in ledger.rows)
     lines += ["", "![tune.png: fidelity against GFLOPs and speed-up against fidelity](scripts/results/tune/tune.png)",
               ""]
-    if best:
-        hold = best["holdout"]
-        lines.append(f"Recommended (`scripts/results/tune/best.toml`): {plan_text(best)}, **{best['speedup']:.3f}x** "
-                     f"(the recipe's own plan: {recipe['speedup']:.3f}x in the same run), cosine {best['fidelity'][key]:.4f} "
-                     f"on the {len(result['context']['images'])} tuning photos and **{hold['fidelity'][key]:.4f}** on "
-                     f"the {hold['images']} held-out ones ({'within' if hold['within_budget'] else 'NOT within'} "
-                     f"the budget).")
+    if best and best.holdout:
+        hold = best.holdout
+        lines.append(f"Recommended (`scripts/results/tune/best.toml`): {plan_text(best)}, **{best.speedup:.3f}x** "
+                     f"(the recipe's own plan: {recipe.speedup:.3f}x in the same run), cosine "
+                     f"{(best.fidelity or {})[key]:.4f} on the {len(ledger.context['images'])} tuning photos and "
+                     f"**{hold['fidelity'][key]:.4f}** on the {hold['images']} held-out ones "
+                     f"({'within' if hold['within_budget'] else 'NOT within'} the budget).")
     else:
         lines.append("No plan was within the budget and faster than the unpatched model.")
-    v = result["backend"]["versions"]
-    m = result["backend"]["machine"]
+    v, m = ledger.backend["versions"], ledger.backend["machine"]
     lines += ["", f"At equal cost, clustering keeps a higher cosine than average-pool + bilinear in {pw} of {pn} "
                   f"(alpha, grid) points and than the downscaled input in {dw} of {dn}. {scored} clustering plans "
-                  f"scored, {len(result['pruned'])} pruned, {len(timed)} timed; state: {result['state']}"
+                  f"scored, {len(ledger.pruned)} pruned, {len(timed)} timed; state: {ledger.state}"
                   + (f", {minutes:.1f} min wall-clock" if minutes else "") + ".",
               "", f"Produced by `python scripts/tune_readme.py`, which runs "
                   f"`{shlex.join(command(Path('TUNE'), Path('HELDOUT'), OUT.relative_to(REPO)))}` "
