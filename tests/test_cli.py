@@ -106,7 +106,7 @@ def test_run_export_build_check_on_user_photos(tmp_path, two_photos):
     assert report["speedup"] == pytest.approx(report["latency_ms"]["baseline"] / report["latency_ms"]["patched"])
     for name in ("baseline.onnx", "patched.onnx", "patched.opt.onnx", "report.json", "report.md"):
         assert (out / name).is_file()
-    assert report["parity"]["engine_model"] == "patched.opt.onnx"
+    assert report["parity"]["engine_model"] == "patched.opt.onnx" and report["parity"]["reference_device"] == "cpu"
     assert report["optimize"]["gflops"]["after"]["total"] <= report["optimize"]["gflops"]["before"]["total"]
     assert {"baseline", "patched", "patched_unoptimized"} == set(report["latency_ms"])
     assert report["lint"]["clean"], report["lint"]["findings"]

@@ -70,13 +70,15 @@ class Parity:
     per_output: dict[str, dict[str, float]]
     max_abs_rel: float = 0.0
     engine_model: str | None = None  # the graph the engine ran
+    reference_device: str | None = None  # where PyTorch computed the fp32 reference ("cpu", "gpu")
 
     def to_json(self) -> JsonObject:
         out: JsonObject = {"cosine_min": self.cosine_min, "max_abs": self.max_abs, "passed": self.passed,
                            "thresholds": {"cosine_min": self.cosine_threshold, "max_abs": self.max_abs_threshold,
                                           "max_abs_rel": self.max_abs_rel},
                            "per_output": {k: dict(v) for k, v in self.per_output.items()}}
-        return out if self.engine_model is None else out | {"engine_model": self.engine_model}
+        extra = {"engine_model": self.engine_model, "reference_device": self.reference_device}
+        return out | {k: v for k, v in extra.items() if v is not None}
 
 
 def parity(engine: list[dict[str, np.ndarray]], reference: list[dict[str, np.ndarray]],

@@ -31,7 +31,8 @@ def _summary_rows(report: JsonObject) -> list[tuple[str, str]]:
         rows.append(("weights", report["weights"]["source"]))
     if "parity" in report:
         p = report["parity"]
-        rows += [("parity cosine min (engine vs PyTorch)", _fmt(p["cosine_min"], 6)),
+        where = f", PyTorch fp32 on the {p['reference_device']}" if p.get("reference_device") else ""
+        rows += [(f"parity cosine min (engine vs PyTorch{where})", _fmt(p["cosine_min"], 6)),
                  ("parity max abs error", f"{p['max_abs']:.3g}"),
                  ("parity passed", "yes" if p["passed"] else "**NO**")]
     if "fidelity" in report:
