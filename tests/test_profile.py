@@ -7,6 +7,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+from conftest import TINY_TIMM, hgdeploy_main
 from onnx import TensorProto, helper
 
 from hgdeploy.backends import end_profiling, load_profile, make_runner, require_profiler
@@ -123,3 +124,34 @@ def test_profiling_needs_an_onnx_runtime_profile():
     with pytest.raises(UserError, match="--profile needs an ONNX Runtime profile"):
         require_profiler(load_profile("trt-fp16"))
     require_profiler(load_profile("ort-cpu"))
+
+
+def test_bench_profile_writes_profile_json_for_both_graphs(tmp_path):
+    """The tiny model end to end: profile.json beside the export holds both graphs, the clustering layers show in
+    the patched one only, and the parts add up to the op types; --json carries the same summary."""
+    out, quick = tmp_path / "out", tmp_path / "quick.toml"
+    quick.write_text(QUICK)
+    assert hgdeploy_main("export", *TINY_TIMM, "--out", str(out)).returncode == 0
+    done = hgdeploy_main("bench", *TINY_TIMM, "--out", str(out), "--engine", str(quick), "--profile", "--json")
+    assert done.returncode == 0, done.stderr
+    written = json.loads((out / "profile.json").read_text())
+    assert json.loads(done.stdout)["profile"] == written
+    graphs = written["graphs"]
+    assert set(graphs) == {"baseline", "patched"}
+    for key, g in graphs.items():
+        assert set(g["by_part"]) == set(PARTS) and g["runs"] == 10 and g["kernels_ms"] > 0
+        assert sum(g["by_part"].values()) == pytest.approx(sum(g["by_op"].values()), rel=1e-9)
+        assert g["by_part"]["attention"] > 0 and g["by_part"]["mlp"] > 0
+        assert (g["by_part"]["clustering"] > 0) == (key == "patched"), key
+    assert graphs["patched"]["by_part"]["reconstruction"] > 0
+    assert sorted(p.name for p in out.iterdir()) == ["baseline.onnx", "manifest.json", "patched.onnx", "profile.json"]
+
+
+def test_bench_profile_prints_where_the_milliseconds_go(tmp_path):
+    quick = tmp_path / "quick.toml"
+    quick.write_text(QUICK)
+    done = hgdeploy_main("bench", *TINY_TIMM, "--engine", str(quick), "--profile")
+    assert done.returncode == 0, done.stderr
+    assert "where the milliseconds go" in done.stdout and "by op type" in done.stdout
+    for row in ("clustering", "reconstruction", "attention", "MLP", "kernels, total"):
+        assert row in done.stdout, row
