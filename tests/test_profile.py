@@ -49,7 +49,7 @@ def test_a_trace_sums_the_kernels_median_by_part_and_by_op():
     trace = run_events(0, 10.0) + run_events(5000, 1.0) + run_events(10000, 1.0) + run_events(15000, 3.0)
     trace.append(event("session_initialization", 0, 99999, cat="Session"))
     got = summarise("patched.opt.onnx", trace, skip=1, layers=Layers.of(SCOPES, SPECS))
-    assert got.runs == 3 and got.kernels == 6 and got.unscoped == 1 and got.run_ms == 1.0
+    assert got.runs == 3 and got.kernels == 6 and got.unscoped == 1 and got.unscoped_ms == 0.001 and got.run_ms == 1.0
     assert list(got.by_part) == list(PARTS)
     assert got.by_part == {"clustering": 0.04, "reconstruction": 0.01, "attention": 0.1, "mlp": 0.2,
                            "rest": pytest.approx(0.006)}

@@ -115,8 +115,9 @@ def print_profile(profile: JsonObject) -> None:
         rows.append([f"{len(other)} other op types", *(f"{sum(graphs[k]['by_op'].get(o, 0.0) for o in other):.3f}"
                                                       for k in keys)])
     table(("op type", *(f"{k} ms" for k in keys)), rows, title="by op type", no_wrap=(0,))
-    unscoped = ", ".join(f"{k} {graphs[k]['unscoped_kernels']} of {graphs[k]['kernels']}" for k in keys)
-    print(f"kernels without a module path (nodes ORT or the graph passes made; counted in rest): {unscoped}")
+    unscoped = "; ".join(f"{k} {graphs[k]['unscoped_kernels']} of {graphs[k]['kernels']}, "
+                         f"{graphs[k]['unscoped_ms']:.3f} ms" for k in keys)
+    print(f"kernels without a module path (nodes ORT or the graph passes made), counted in rest: {unscoped}")
 
 
 def print_eval(report: JsonObject) -> None:

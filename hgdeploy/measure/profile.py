@@ -43,6 +43,7 @@ class GraphProfile:
     by_part: dict[str, float] = field(default_factory=dict)  # ms, every part of PARTS
     kernels: int = 0  # nodes ORT ran (after its own fusions)
     unscoped: int = 0  # kernels traced back to no module path (counted in "rest")
+    unscoped_ms: float = 0.0
 
     @property
     def total_ms(self) -> float:
@@ -51,7 +52,7 @@ class GraphProfile:
     def to_json(self) -> JsonObject:
         return {"graph": self.graph, "runs": self.runs, "run_ms": self.run_ms, "kernels_ms": self.total_ms,
                 "by_part": dict(self.by_part), "by_op": dict(self.by_op), "kernels": self.kernels,
-                "unscoped_kernels": self.unscoped}
+                "unscoped_kernels": self.unscoped, "unscoped_ms": self.unscoped_ms}
 
 
 @dataclass(frozen=True)
@@ -120,16 +121,17 @@ def summarise(graph: str, events: list[JsonObject], skip: int, layers: Layers) -
     nodes, runs = kernel_times(events, skip)
     by_op: dict[str, float] = {}
     by_part = dict.fromkeys(PARTS, 0.0)
-    unscoped = 0
+    unscoped, unscoped_ms = 0, 0.0
     for name, (op, durations) in nodes.items():
         ms = statistics.median(durations) / 1e3
         path = module_path(name, layers.scopes)
-        unscoped += path is None
+        if path is None:
+            unscoped, unscoped_ms = unscoped + 1, unscoped_ms + ms
         by_op[op] = by_op.get(op, 0.0) + ms
         by_part[part_of(op, path, layers)] += ms
     by_op = dict(sorted(by_op.items(), key=lambda kv: -kv[1]))
     run_ms = statistics.median(runs) / 1e3 if runs else 0.0
-    return GraphProfile(graph, len(runs), run_ms, by_op, by_part, len(nodes), unscoped)
+    return GraphProfile(graph, len(runs), run_ms, by_op, by_part, len(nodes), unscoped, unscoped_ms)
 
 
 @dataclass(frozen=True)
