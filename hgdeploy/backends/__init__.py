@@ -39,10 +39,25 @@ def require_available(profile: EngineProfile) -> None:
         raise UserError(f"engine profile {profile.name} cannot run here: {reason}")
 
 
-def make_runner(onnx_path: Path, profile: EngineProfile) -> BaseRunner:
-    """The profile's runner for `onnx_path`; UserError first when this machine cannot run the profile."""
+def make_runner(onnx_path: Path, profile: EngineProfile, profiling: Path | None = None) -> BaseRunner:
+    """The profile's runner for `onnx_path`; UserError first when this machine cannot run the profile.
+    profiling: a file prefix for ONNX Runtime's per-node trace (read it with `end_profiling`)."""
     require_available(profile)
+    if profiling is not None:
+        require_profiler(profile)
+        return onnxrt.runner(Path(onnx_path), profile, profiling)
     return BACKENDS[profile.backend].runner(Path(onnx_path), profile)
+
+
+def require_profiler(profile: EngineProfile) -> None:
+    """Per-node profiles come from ONNX Runtime's profiler; TensorRT's layer timings are not read (yet)."""
+    if profile.backend != onnxrt.BACKEND.name:
+        raise UserError(f"--profile needs an ONNX Runtime profile; {profile.name} is a {profile.backend} profile")
+
+
+def end_profiling(runner: BaseRunner) -> Path:
+    """The per-node trace of an active runner made with `make_runner(..., profiling=...)`."""
+    return onnxrt.end_profiling(runner)
 
 
 def backend_versions(profile: EngineProfile) -> dict[str, str]:
@@ -53,5 +68,5 @@ def backend_versions(profile: EngineProfile) -> dict[str, str]:
     return {"polygraphy": polygraphy.__version__} | BACKENDS[profile.backend].versions(profile)
 
 
-__all__ = ["BACKENDS", "EngineProfile", "availability", "backend_versions", "load_profile", "machine",
-           "make_runner", "require_available"]
+__all__ = ["BACKENDS", "EngineProfile", "availability", "backend_versions", "end_profiling", "load_profile",
+           "machine", "make_runner", "require_available", "require_profiler"]

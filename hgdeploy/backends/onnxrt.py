@@ -112,19 +112,26 @@ def lost_providers(requested: Iterable[str], active: Iterable[str]) -> list[str]
     return [name for name in requested if name not in active]
 
 
-def runner(onnx_path: Path, profile: EngineProfile) -> BaseRunner:
+def runner(onnx_path: Path, profile: EngineProfile, profiling: Path | None = None) -> BaseRunner:
     """An ONNX Runtime runner (session built lazily on activate): Polygraphy's on the CPU, a
-    device-resident one on the GPU."""
+    device-resident one on the GPU. profiling: ORT's profiler on, its trace written under this file prefix
+    (`end_profiling` closes it; profiling slows every run, so timed runners never have it)."""
     import onnxruntime as ort
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
     chosen = providers(profile, ort.get_available_providers())
     name = f"{profile.name}:{Path(onnx_path).stem}"
-    session = _session_loader(onnx_path, profile, chosen)
+    session = _session_loader(onnx_path, profile, chosen, profiling)
     return DeviceResidentRunner(session, name, profile.cuda_graph) if profile.on_gpu else OnnxrtRunner(session, name=name)
 
 
-def _session_loader(onnx_path: Path, profile: EngineProfile, chosen: list[tuple[str, ProviderOptions]]) -> Any:
+def end_profiling(runner: BaseRunner) -> Path:
+    """The trace of an active runner built with `profiling`: ORT stops recording and writes the JSON file."""
+    return Path(runner.sess.end_profiling())
+
+
+def _session_loader(onnx_path: Path, profile: EngineProfile, chosen: list[tuple[str, ProviderOptions]],
+                    profiling: Path | None = None) -> Any:
     """A callable that builds the InferenceSession (and refuses one that lost a requested provider)."""
     import onnxruntime as ort
 
@@ -135,6 +142,9 @@ def _session_loader(onnx_path: Path, profile: EngineProfile, chosen: list[tuple[
                                                    ORT_OPT_LEVELS[profile.graph_optimization_level])
         if profile.threads:
             options.intra_op_num_threads = profile.threads
+        if profiling is not None:  # ORT writes the trace there but makes no folder
+            Path(profiling).parent.mkdir(parents=True, exist_ok=True)
+            options.enable_profiling, options.profile_file_prefix = True, str(profiling)
         for _, opts in chosen:
             for key in CACHE_DIR_OPTIONS:
                 if key in opts:

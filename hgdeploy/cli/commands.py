@@ -9,7 +9,7 @@ import json
 from typing import Callable
 
 from hgdeploy.cli import args as groups
-from hgdeploy.cli.show import emit, print_bench, print_eval, print_families, print_tune
+from hgdeploy.cli.show import emit, print_bench, print_eval, print_families, print_profile, print_tune
 from hgdeploy.core.errors import EXIT_CHECK_FAILED, EXIT_OK
 
 
@@ -80,22 +80,32 @@ def cmd_flops(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Engines only on an exported folder (no PyTorch needed); with --torch, or without a folder, via the models."""
+    from hgdeploy.backends import require_profiler
+
     rec = groups.recipe(args)
     if args.out is not None and not args.torch:
         from hgdeploy.pipeline import engines
 
         engine = groups.engine(args)
-        report = engines.bench_export(groups.export_folder(args, rec), engine).to_json()
+        if args.profile:
+            require_profiler(engine)
+        report = engines.bench_export(groups.export_folder(args, rec, writes=args.profile), engine,
+                                      args.profile).to_json()
     else:
         from hgdeploy.pipeline import commands
 
         engine = groups.engine(args, rec)
-        folder = groups.export_folder(args, rec) if args.out is not None else None
-        report = commands.bench(rec, engine, folder, args.torch).to_json()
+        if args.profile:
+            require_profiler(engine)
+        folder = groups.export_folder(args, rec, writes=args.profile) if args.out is not None else None
+        report = commands.bench(rec, engine, folder, args.torch, args.profile).to_json()
     if args.json:
-        emit(report, True, ["plan", "backend", "gflops", "latency_ms", "latency", "speedup", "speedup_torch"])
+        emit(report, True, ["plan", "backend", "gflops", "latency_ms", "latency", "speedup", "speedup_torch",
+                            "profile"])
     else:
         print_bench(report)
+        if "profile" in report:
+            print_profile(report["profile"])
     return EXIT_OK
 
 

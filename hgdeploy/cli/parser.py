@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--torch", action="store_true",
                            help="time the PyTorch models too, interleaved with the engines, on the profile's device "
                                 "and precision (eager; CUDA graphs where the profile sets cuda_graph)")
+            p.add_argument("--profile", action="store_true",
+                           help="after the timing, run the baseline and patched engines again under ONNX Runtime's "
+                                "profiler and show where the milliseconds go, by part (clustering, reconstruction, "
+                                "attention, MLP, rest) and by op type; with --out also written to DIR/profile.json. "
+                                "Adds the profiled runs to the bench's time (ONNX Runtime profiles only)")
         _add_json(p)
     return parser
 

@@ -87,6 +87,39 @@ def print_bench(report: JsonObject) -> None:
     print(speed_verdict(report))
 
 
+PART_NAMES = {"clustering": "clustering", "reconstruction": "reconstruction", "attention": "attention",
+              "mlp": "MLP", "rest": "rest (embedding, norms, head, ORT's own kernels)"}
+TOP_OPS = 12  # op types shown by name; the others are summed in one row
+
+
+def print_profile(profile: JsonObject) -> None:
+    """Where the milliseconds go: kernel ms per run by part, then by op type, baseline beside patched."""
+    graphs = profile["graphs"]
+    keys = list(graphs)
+
+    def ms_pct(g: JsonObject, ms: float) -> list[str]:
+        return [f"{ms:.3f}", f"{100 * ms / g['kernels_ms']:.1f}%" if g["kernels_ms"] else "—"]
+
+    rows = [[PART_NAMES.get(part, part), *(x for k in keys for x in ms_pct(graphs[k], graphs[k]["by_part"][part]))]
+            for part in graphs[keys[0]]["by_part"]]
+    rows.append(["kernels, total", *(x for k in keys for x in ms_pct(graphs[k], graphs[k]["kernels_ms"]))])
+    rows.append(["run, wall (profiler included)", *(x for k in keys for x in (f"{graphs[k]['run_ms']:.3f}", ""))])
+    table(("part", *(x for k in keys for x in (f"{k} ms", "%"))), rows, no_wrap=(0,),
+          title=f"{profile['engine']}: where the milliseconds go (median per node over "
+                f"{graphs[keys[0]]['runs']} profiled runs, summed)")
+    ops = sorted({op for k in keys for op in graphs[k]["by_op"]},
+                 key=lambda op: (-max(graphs[k]["by_op"].get(op, 0.0) for k in keys), op))
+    shown, other = ops[:TOP_OPS], ops[TOP_OPS:]
+    rows = [[op, *(f"{graphs[k]['by_op'].get(op, 0.0):.3f}" for k in keys)] for op in shown]
+    if other:
+        rows.append([f"{len(other)} other op types", *(f"{sum(graphs[k]['by_op'].get(o, 0.0) for o in other):.3f}"
+                                                      for k in keys)])
+    table(("op type", *(f"{k} ms" for k in keys)), rows, title="by op type", no_wrap=(0,))
+    unscoped = "; ".join(f"{k} {graphs[k]['unscoped_kernels']} of {graphs[k]['kernels']}, "
+                         f"{graphs[k]['unscoped_ms']:.3f} ms" for k in keys)
+    print(f"kernels without a module path (nodes ORT or the graph passes made), counted in rest: {unscoped}")
+
+
 def print_eval(report: JsonObject) -> None:
     """The metric x model table, then the agreement table and the gate: what eval.md leads with."""
     from hgdeploy.evaluation.scoring import AGREEMENTS, MODELS

@@ -12,6 +12,7 @@ from hgdeploy.core.files import JsonObject
 from hgdeploy.core.recipe import Section
 from hgdeploy.graph.deploy import Converted, Optimized
 from hgdeploy.measure.checks import Parity
+from hgdeploy.measure.profile import Profiles
 from hgdeploy.measure.timing import Timing
 
 
@@ -86,6 +87,7 @@ class Report:
     gflops: dict[str, float | None] | None = None
     latency: Latency | None = None  # report.json's latency_ms, latency, speedup (and speedup_torch)
     engines: JsonObject | None = None  # `hgdeploy build`: what was built from which graph
+    profile: Profiles | None = None  # `hgdeploy bench --profile`: where each engine's milliseconds go
 
     def __or__(self, other: Report) -> Report:
         """This report with every section `other` measured (other's win)."""
@@ -102,7 +104,7 @@ class Report:
                 out |= value.to_json()
             elif f.name == "fp16":
                 out["fp16"] = {twin: c.to_json() for twin, c in value.items()}
-            elif isinstance(value, (RecipeInfo, Weights, Parity)):
+            elif isinstance(value, (RecipeInfo, Weights, Parity, Profiles)):
                 out[f.name] = value.to_json()
             else:
                 out[f.name] = value

@@ -56,13 +56,14 @@ def flops(recipe: Recipe) -> Report:
     return ctx.describe() | steps.flops(ctx)
 
 
-def bench(recipe: Recipe, engine: EngineProfile, export: ExportFolder | None, with_torch: bool) -> Report:
+def bench(recipe: Recipe, engine: EngineProfile, export: ExportFolder | None, with_torch: bool,
+          profile: bool = False) -> Report:
     """`hgdeploy bench` when PyTorch is involved: torch timed too, or no exported folder to time (the models are
-    exported to a temporary folder first)."""
+    exported to a temporary folder first, and a profile's profile.json goes with it: shown, not kept)."""
     ctx = load_context(recipe, engine, export=export)
     report = ctx.describe() | Report(backend=steps.backend_info(ctx)) | steps.flops(ctx)
     if export is not None:
-        return report | steps.latency(ctx, export, with_torch)
+        return report | steps.latency(ctx, export, with_torch) | steps.profile(ctx, export, profile)
     with tempfile.TemporaryDirectory(prefix="hgdeploy-bench-") as tmp:
         folder, _ = write_deployable(ctx.models, ctx.example, engine, Path(tmp), ctx.describe().to_json())
-        return report | steps.latency(ctx, folder, with_torch)
+        return report | steps.latency(ctx, folder, with_torch) | steps.profile(ctx, folder, profile)

@@ -4,19 +4,22 @@ build, bench of a folder) that need ONNX files alone, never torch.
 
 from __future__ import annotations
 
+import dataclasses
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
 from polygraphy.backend.base import BaseRunner
 
-from hgdeploy.backends import EngineProfile, backend_versions, make_runner
+from hgdeploy.backends import EngineProfile, backend_versions, end_profiling, make_runner, require_profiler
 from hgdeploy.core import progress
-from hgdeploy.core.contract import INPUT_NAME, graph_sha256, is_layer_node
+from hgdeploy.core.contract import INPUT_NAME, graph_sha256, is_layer_node, node_scopes, read_clustering_specs
 from hgdeploy.core.files import JsonObject, to_json, write_atomic
 from hgdeploy.graph.deploy import optimize_patched
 from hgdeploy.graph.flops import onnx_gflops
 from hgdeploy.graph.folder import ExportFolder
+from hgdeploy.measure.profile import GraphProfile, Layers, Profiles, read_trace, summarise
 from hgdeploy.measure.results import Latency, Report
 from hgdeploy.measure.timing import Timing, machine_info, time_interleaved
 
@@ -54,6 +57,46 @@ def time_engines(folder: ExportFolder, engine: EngineProfile, roles: tuple[str, 
     return Latency(time_runners(runners, feed if feed is not None else zeros_feed(folder.graphs["baseline"]), engine))
 
 
+PROFILE_RUNS = 10  # profiled runs per graph, after the profile's warm-up
+PROFILE_FILE = "profile.json"
+
+
+def profile_engines(folder: ExportFolder, engine: EngineProfile, feed: dict[str, np.ndarray] | None = None) -> Report:
+    """`bench --profile`: the baseline and patched engines run again in profiling sessions of their own (the
+    profiler slows every run, so the timed runs never have it), summarised per op type and part of the model
+    into folder/profile.json; ORT's trace files go to a temporary folder, removed after. A replayed CUDA graph
+    shows the profiler no node, so the profiling sessions run without one."""
+    require_profiler(engine)
+    engine = dataclasses.replace(engine, cuda_graph=False)
+    graphs = {key: path for key, path in folder.engine_graphs(engine).items() if key in ("baseline", "patched")}
+    feed = feed if feed is not None else zeros_feed(graphs["baseline"])
+    with tempfile.TemporaryDirectory(prefix="hgdeploy-profile-") as tmp:
+        profiled = {key: profile_graph(path, folder.graphs[key], engine, feed, Path(tmp) / key)
+                    for key, path in graphs.items()}
+    profiles = Profiles(engine.name, max(engine.warmup, 1), profiled, list(engine.providers))
+    write_atomic(folder.path / PROFILE_FILE, to_json(profiles.to_json()))
+    return Report(profile=profiles)
+
+
+def profile_graph(path: Path, source: Path, engine: EngineProfile, feed: dict[str, np.ndarray],
+                  prefix: Path) -> GraphProfile:
+    """One graph's profile: warm-up (at least one run: the first pays one-time costs), PROFILE_RUNS runs, the
+    trace read back and traced to the module paths of `path` and of the exported graph it came from (`source`:
+    the graph passes keep node names but drop the exporter's node metadata)."""
+    warmup = max(engine.warmup, 1)
+    kwargs = {"copy_outputs_to_host": False} if engine.on_gpu else {}
+    with progress.step(f"Profiling {path.name} ({warmup} warm-up, {PROFILE_RUNS} profiled runs)",
+                       total=warmup + PROFILE_RUNS) as advance:
+        with make_runner(path, engine, profiling=prefix) as runner:
+            for _ in range(warmup + PROFILE_RUNS):
+                runner.infer(feed, check_inputs=False, **kwargs)
+                advance()
+            trace = end_profiling(runner)
+    models = [onnx.load(str(p), load_external_data=False) for p in dict.fromkeys((source, path))]
+    scopes = {name: paths for m in models for name, paths in node_scopes(m).items()}
+    return summarise(path.name, read_trace(trace), warmup, Layers.of(scopes, read_clustering_specs(models[0])))
+
+
 def graph_gflops(folder: ExportFolder, engine: EngineProfile) -> dict[str, float]:
     """GFLOPs of the exported graphs the profile runs, counted from their static shapes."""
     base = onnx.load(str(folder.baseline_graph(engine)), load_external_data=False)
@@ -71,10 +114,12 @@ def backend_info(engine: EngineProfile, extra_versions: dict[str, str] | None = 
 # ---------------------------------------------------------------------------------------------- commands
 
 
-def bench_export(folder: ExportFolder, engine: EngineProfile) -> Report:
-    """`hgdeploy bench --out DIR`: the engines of an exported folder timed interleaved (no PyTorch)."""
-    return Report(plan=folder.info.get("plan"), backend=backend_info(engine), gflops=graph_gflops(folder, engine),
-                  latency=time_engines(folder, engine))
+def bench_export(folder: ExportFolder, engine: EngineProfile, profile: bool = False) -> Report:
+    """`hgdeploy bench --out DIR`: the engines of an exported folder timed interleaved (no PyTorch); with
+    `profile`, then profiled per node (profile.json)."""
+    report = Report(plan=folder.info.get("plan"), backend=backend_info(engine), gflops=graph_gflops(folder, engine),
+                    latency=time_engines(folder, engine))
+    return (report | profile_engines(folder, engine)) if profile else report
 
 
 def optimize_export(folder: ExportFolder, engine: EngineProfile) -> Report:

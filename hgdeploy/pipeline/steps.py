@@ -79,5 +79,13 @@ def latency(ctx: Context, folder: ExportFolder, with_torch: bool = False) -> Rep
                                                extra=extra))
 
 
+def profile(ctx: Context, folder: ExportFolder, wanted: bool = True) -> Report:
+    """`bench --profile`: the engines' per-node profile on the example input, after the timed runs (nothing
+    when not `wanted`)."""
+    if not wanted:
+        return Report()
+    return engines.profile_engines(folder, ctx.engine, feed={INPUT_NAME: ctx.example.numpy()})
+
+
 def backend_info(ctx: Context) -> JsonObject:
     return engines.backend_info(ctx.engine, {"torch": torch.__version__})
