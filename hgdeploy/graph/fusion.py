@@ -1,0 +1,441 @@
+"""Attention fusion: every encoder/decoder attention block -> one com.microsoft MultiHeadAttention node.
+
+Why: torch's dynamo exporter writes attention as MatMul -> Mul(scale) -> Softmax -> MatMul with the head
+split and merge as Reshape/Transpose/Slice/Gather around it, so ONNX Runtime's CUDA provider runs it as
+separate kernels (the [B, H, S, S] scores go through memory twice) and loses to PyTorch's fused SDPA.
+MultiHeadAttention is the op ONNX Runtime's own fusions emit for ViT and Stable Diffusion, with
+flash/memory-efficient kernels on CUDA and a float32/float16 kernel on CPU (com.microsoft `Attention`
+would also take the input projection, but MultiHeadAttention keeps our projections as they are).
+
+Our own pass, not ONNX Runtime's: `onnxruntime.transformers.optimizer.optimize_model` (model_type "vit",
+"bert", "clip", "unet", "vae", "sam2", "mmdit", opt_level 0, use_multi_head_attention) fuses SkipLayerNorm
+and BiasGelu on our graphs but no attention: its patterns expect the TorchScript exporter's layout.
+
+The match does not enumerate exporter layouts. From each Softmax it finds the two MatMuls, then checks the
+head split and merge by evaluating the chain of layout ops (Reshape, Transpose, Slice, Squeeze, Gather, ...)
+on an index tensor: a query operand fuses only when element [b, h, s, d] provably is element
+[b, s, offset + h*D + d] of one [B, S, C] tensor. Scalar Mul/Div on the path multiply into `scale`.
+Anything else (an additive mask, a per-head scale, another layout, a Softmax over another axis) is
+reported as not fused, with the reason. The clustering/reconstruction layers' Softmax (soft k-means)
+are never candidates (core.contract.is_layer_node).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from hgdeploy.core.contract import is_layer_node, without_weights
+from hgdeploy.core.files import JsonObject
+from hgdeploy.graph.passes import import_graph
+
+MS_DOMAIN = "com.microsoft"
+FUSED_OP = "MultiHeadAttention"
+LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Slice", "Squeeze", "Unsqueeze", "Gather", "Identity", "Flatten"})
+SCALE_OPS = frozenset({"Mul", "Div"})
+
+
+class NotFused(Exception):
+    """A Softmax that is not (provably) multi-head attention; the message says why."""
+
+
+@dataclass(frozen=True)
+class Unfused:
+    """One attention candidate left as it is."""
+
+    softmax: str
+    reason: str
+
+
+@dataclass
+class FusionSummary:
+    """What fuse_attention found in one graph: candidates (Softmax outside the clustering layers), fused
+    blocks, and every candidate not fused with its reason."""
+
+    graph: str
+    found: int = 0
+    fused: list[str] = field(default_factory=list)
+    not_fused: list[Unfused] = field(default_factory=list)
+    layer_softmax: int = 0
+
+    def to_json(self) -> JsonObject:
+        """For reports: counts, the fused nodes' names and the reasons."""
+        return {"graph": self.graph, "found": self.found, "fused": len(self.fused),
+                "fused_nodes": list(self.fused), "clustering_softmax_skipped": self.layer_softmax,
+                "not_fused": [{"softmax": u.softmax, "reason": u.reason} for u in self.not_fused]}
+
+
+@dataclass(frozen=True)
+class Operand:
+    """Where one attention operand comes from: `width` channels at `offset` of a [B, S, C] tensor, times `scale`."""
+
+    tensor: gs.Variable
+    offset: int
+    width: int
+    scale: float
+
+
+@dataclass(frozen=True)
+class Match:
+    """One attention block, proven: its operands, heads, total scale and its merged [B, S, hidden] output."""
+
+    softmax: gs.Node
+    query: Operand
+    key: Operand
+    value: Operand
+    heads: int
+    scale: float
+    output: gs.Variable
+
+
+# ------------------------------------------------------------------------------------ constants and layout
+
+
+def constant(t: gs.Tensor) -> np.ndarray | None:
+    """The value of an initializer or of a Constant node's output, else None."""
+    if isinstance(t, gs.Constant):
+        return np.asarray(t.values)
+    if len(t.inputs) == 1 and t.inputs[0].op == "Constant" and "value" in t.inputs[0].attrs:
+        return np.asarray(t.inputs[0].attrs["value"].values)
+    return None
+
+
+def _scalar(t: gs.Tensor) -> float | None:
+    value = constant(t)
+    return float(value.reshape(())) if value is not None and value.size == 1 and value.dtype.kind == "f" else None
+
+
+def scale_factor(node: gs.Node, data: gs.Tensor) -> float | None:
+    """The factor a Mul/Div by a scalar constant applies to `data`; None when it is not such a node."""
+    if node.op not in SCALE_OPS or len(node.inputs) != 2 or data not in node.inputs:
+        return None
+    other = node.inputs[1] if node.inputs[0] is data else node.inputs[0]
+    value = _scalar(other)
+    if value is None or (node.op == "Div" and node.inputs[1] is data) or value == 0.0:
+        return None
+    return value if node.op == "Mul" else 1.0 / value
+
+
+def _axes(node: gs.Node) -> list[int] | None:
+    if len(node.inputs) > 1:
+        value = constant(node.inputs[1])
+        return None if value is None else [int(a) for a in np.atleast_1d(value)]
+    return list(node.attrs["axes"]) if "axes" in node.attrs else None
+
+
+def _reshape(x: np.ndarray, node: gs.Node) -> np.ndarray | None:
+    shape = constant(node.inputs[1])
+    if shape is None:
+        return None
+    dims = [int(d) for d in shape]
+    if not node.attrs.get("allowzero", 0):
+        dims = [x.shape[i] if d == 0 else d for i, d in enumerate(dims)]
+    return x.reshape(dims)
+
+
+def _slice(x: np.ndarray, node: gs.Node) -> np.ndarray | None:
+    starts, ends = constant(node.inputs[1]), constant(node.inputs[2])
+    axes = constant(node.inputs[3]) if len(node.inputs) > 3 else np.arange(len(starts))
+    steps = constant(node.inputs[4]) if len(node.inputs) > 4 else np.ones(len(starts), dtype=np.int64)
+    if any(v is None for v in (starts, ends, axes, steps)) or (np.asarray(steps) < 0).any():
+        return None  # negative steps clamp differently in ONNX and numpy: not a head split anyway
+    index = [slice(None)] * x.ndim
+    for s, e, a, st in zip(starts, ends, axes, steps, strict=True):
+        index[int(a)] = slice(int(s), int(e), int(st))
+    return x[tuple(index)]
+
+
+def apply_layout(x: np.ndarray, node: gs.Node) -> np.ndarray | None:
+    """What a layout op does to `x` (an index array); None when its parameters are not constants."""
+    op = node.op
+    if op in ("Identity",) or op in SCALE_OPS:
+        return x
+    if op == "Reshape":
+        return _reshape(x, node)
+    if op == "Transpose":
+        return x.transpose(node.attrs.get("perm", list(range(x.ndim))[::-1]))
+    if op == "Slice":
+        return _slice(x, node)
+    if op == "Gather":
+        index = constant(node.inputs[1])
+        return None if index is None else np.take(x, index.astype(np.int64), axis=int(node.attrs.get("axis", 0)))
+    if op == "Flatten":
+        axis = int(node.attrs.get("axis", 1)) % max(x.ndim, 1)
+        return x.reshape(math.prod(x.shape[:axis]), -1)
+    axes = _axes(node)
+    if op == "Squeeze":
+        return np.squeeze(x, axis=tuple(axes)) if axes is not None else np.squeeze(x)
+    if op == "Unsqueeze" and axes is not None:
+        return np.expand_dims(x, axis=tuple(axes))
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ matching
+
+
+def _only_consumer(t: gs.Variable, outputs: set[str]) -> gs.Node | None:
+    """The one node reading `t`, when nothing else (no other node, not the graph's outputs) does."""
+    return t.outputs[0] if len(t.outputs) == 1 and t.name not in outputs else None
+
+
+def _producer_step(t: gs.Variable) -> tuple[gs.Variable, gs.Node, float] | None:
+    """(input, node, factor) when `t` is made by a layout op or a scalar Mul/Div from one variable."""
+    if len(t.inputs) != 1:
+        return None
+    node = t.inputs[0]
+    variables = [i for i in node.inputs if isinstance(i, gs.Variable) and constant(i) is None]
+    if len(variables) != 1 or node.inputs[0] is not variables[0] and node.op not in SCALE_OPS:
+        return None
+    data = variables[0]
+    if node.op in LAYOUT_OPS:
+        return data, node, 1.0
+    factor = scale_factor(node, data)
+    return (data, node, factor) if factor is not None else None
+
+
+def _expected(batch: int, heads: int, seq: int, dim: int, channels: int, offset: int) -> np.ndarray:
+    """Index, in a [B, S, C] tensor, of element [b, h, s, d] of its head split at `offset`."""
+    b, h, s, d = np.ix_(np.arange(batch), np.arange(heads), np.arange(seq), np.arange(dim))
+    return (b * seq + s) * channels + offset + h * dim + d
+
+
+def _try_source(source: gs.Variable, nodes: list[gs.Node], want: tuple[int, ...], transposed: bool
+                ) -> tuple[int, int] | None:
+    """(offset, channels) when `nodes` applied to [B, S, C] `source` give its head split (keys: transposed)."""
+    shape = source.shape
+    if shape is None or len(shape) != 3 or not all(isinstance(d, int) for d in shape):
+        return None
+    batch, heads, seq, dim = (want[0], want[1], want[3], want[2]) if transposed else want
+    if tuple(shape[:2]) != (batch, seq):
+        return None
+    index = np.arange(math.prod(shape), dtype=np.int64).reshape(shape)
+    for node in nodes:
+        index = apply_layout(index, node)
+        if index is None:
+            return None
+    if index.shape != want:
+        return None
+    offset, channels = int(index.flat[0]), int(shape[2])
+    if offset + heads * dim > channels:
+        return None
+    expected = _expected(batch, heads, seq, dim, channels, offset)
+    return (offset, channels) if np.array_equal(index, expected.transpose(0, 1, 3, 2) if transposed else expected) \
+        else None
+
+
+def trace_operand(t: gs.Variable, transposed: bool, what: str) -> Operand:
+    """The [B, S, C] tensor whose head split `t` is ([B, H, S, D]; keys [B, H, D, S]), found by evaluating the
+    layout ops between them on an index tensor; the farthest such tensor wins."""
+    want = tuple(t.shape or ())
+    if len(want) != 4 or not all(isinstance(d, int) for d in want):
+        raise NotFused(f"the {what} operand has no static [B, heads, ., .] shape: {t.shape}")
+    steps, cur = [], t
+    while (step := _producer_step(cur)) is not None:
+        steps.append(step)
+        cur = step[0]
+    for i in range(len(steps) - 1, -1, -1):
+        nodes = [node for _, node, _ in steps[: i + 1]][::-1]
+        found = _try_source(steps[i][0], nodes, want, transposed)
+        if found is not None:
+            width = want[1] * (want[2] if transposed else want[3])
+            return Operand(steps[i][0], found[0], width, math.prod(f for _, _, f in steps[: i + 1]))
+    raise NotFused(f"the {what} operand is not a head split of one [B, S, C] tensor (layout ops: "
+                   f"{[node.op for _, node, _ in steps]})")
+
+
+def merged_output(o: gs.Variable, outputs: set[str]) -> gs.Variable:
+    """The [B, S, heads*Dv] tensor the attention output [B, H, S, Dv] is merged into by layout ops alone."""
+    batch, heads, seq, dim = o.shape
+    index = np.arange(math.prod(o.shape), dtype=np.int64).reshape(o.shape)
+    want = index.transpose(0, 2, 1, 3).reshape(batch, seq, heads * dim)
+    cur, ops = o, []
+    while (node := _only_consumer(cur, outputs)) is not None and node.op in LAYOUT_OPS and node.inputs[0] is cur:
+        index = apply_layout(index, node)
+        if index is None or len(node.outputs) != 1:
+            break
+        cur = node.outputs[0]
+        ops.append(node.op)
+        if index.shape == want.shape and np.array_equal(index, want):
+            return cur
+    raise NotFused(f"the attention output is not merged back to [B, S, heads*head_dim] by layout ops (after {ops})")
+
+
+def _scores(softmax: gs.Node, outputs: set[str]) -> tuple[gs.Node, float]:
+    """The MatMul(query, key^T) feeding the Softmax, and the scalar factors between them."""
+    x = softmax.inputs[0]
+    rank = len(x.shape) if x.shape is not None else None
+    if rank != 4:
+        raise NotFused(f"the Softmax input has rank {rank}, not [B, heads, S, L]")
+    axis = int(softmax.attrs.get("axis", -1))
+    if axis not in (-1, rank - 1):
+        raise NotFused(f"the Softmax runs over axis {axis}, not over the keys (last axis)")
+    scale, cur = 1.0, x
+    while len(cur.inputs) == 1 and cur.inputs[0].op in SCALE_OPS:
+        node = cur.inputs[0]
+        data = next((i for i in node.inputs if constant(i) is None), None)
+        factor = scale_factor(node, data) if data is not None else None
+        if factor is None:
+            raise NotFused(f"the scores pass through a {node.op} by a non-scalar ({node.name}): not one scale")
+        if _only_consumer(data, outputs) is None:
+            raise NotFused(f"the unscaled scores are read elsewhere ({data.name})")
+        scale, cur = scale * factor, data
+    node = cur.inputs[0] if len(cur.inputs) == 1 else None
+    if node is None or node.op != "MatMul":
+        op = node.op if node is not None else "a graph input"
+        hint = " (an additive mask or bias; not taken as attention_bias)" if op in ("Add", "Sub", "Where") else ""
+        raise NotFused(f"the scores come from {op}{hint}, not from MatMul(query, key^T)")
+    if _only_consumer(cur, outputs) is None:
+        raise NotFused(f"the raw scores are read elsewhere ({cur.name})")
+    return node, scale
+
+
+def match_attention(softmax: gs.Node, outputs: set[str]) -> Match:
+    """The attention block around `softmax`, every layout proven; NotFused with the reason otherwise."""
+    qk, score_scale = _scores(softmax, outputs)
+    pv = _only_consumer(softmax.outputs[0], outputs)
+    if pv is None or pv.op != "MatMul" or pv.inputs[0] is not softmax.outputs[0]:
+        raise NotFused("the attention probabilities feed something other than one MatMul(probs, value)")
+    query = trace_operand(qk.inputs[0], transposed=False, what="query")
+    key = trace_operand(qk.inputs[1], transposed=True, what="key")
+    value = trace_operand(pv.inputs[1], transposed=False, what="value")
+    if value.scale != 1.0:
+        raise NotFused(f"the values are scaled by {value.scale}: MultiHeadAttention has no value scale")
+    if len(pv.outputs[0].shape or ()) != 4:
+        raise NotFused("the attention output has no static [B, heads, S, Dv] shape")
+    heads = int(qk.inputs[0].shape[1])
+    return Match(softmax, query, key, value, heads, score_scale * query.scale * key.scale,
+                 merged_output(pv.outputs[0], outputs))
+
+
+# ------------------------------------------------------------------------------------------------ rewriting
+
+
+def _values(t: gs.Constant) -> np.ndarray:
+    """A constant's array, loading graph-surgeon's lazily read large tensors."""
+    values = t.values
+    return np.asarray(values.load() if hasattr(values, "load") else values)
+
+
+@dataclass
+class Rewrites:
+    """What the rewrites of one graph share: channel tensors made per (source, offset), weight columns cut per
+    (weight, offset) (the exporter shares identical initializers between blocks), and each new node's origin,
+    whose metadata it inherits."""
+
+    made: dict[tuple[str, int], gs.Variable] = field(default_factory=dict)
+    cuts: dict[tuple[str, int], gs.Constant] = field(default_factory=dict)
+    origin: dict[str, str] = field(default_factory=dict)
+
+    def cut(self, const: gs.Constant, lo: int, hi: int) -> gs.Constant:
+        """Columns lo:hi of a weight (last axis), one constant per weight and range."""
+        key = (const.name, lo)
+        if key not in self.cuts:
+            self.cuts[key] = gs.Constant(f"{const.name}/cols_{lo}_{hi}",
+                                         np.ascontiguousarray(_values(const)[..., lo:hi]))
+        return self.cuts[key]
+
+
+def _split_projection(graph: gs.Graph, operand: Operand, rw: Rewrites) -> gs.Variable | None:
+    """operand's channels computed by their own MatMul (+ bias Add) with the weight columns cut out, when the
+    [B, S, C] tensor is a packed projection x @ W (+ b) with constant W (and b): no copy at run time."""
+    src, lo, hi = operand.tensor, operand.offset, operand.offset + operand.width
+    node, bias = src.inputs[0] if len(src.inputs) == 1 else None, None
+    if node is not None and node.op == "Add":
+        made = [i for i in node.inputs if isinstance(i, gs.Variable) and constant(i) is None]
+        consts = [i for i in node.inputs if isinstance(i, gs.Constant)]
+        if len(made) != 1 or len(consts) != 1 or consts[0].shape is None or list(consts[0].shape) != [src.shape[-1]]:
+            return None
+        bias, node = consts[0], made[0].inputs[0] if len(made[0].inputs) == 1 else None
+    if node is None or node.op != "MatMul" or not isinstance(node.inputs[1], gs.Constant) \
+            or len(node.inputs[1].shape) != 2:
+        return None
+    weight = node.inputs[1]
+    shape = [*src.shape[:-1], operand.width]
+    cut = rw.cut(weight, lo, hi)
+    out = gs.Variable(f"{src.name}/cols_{lo}_{hi}", dtype=src.dtype, shape=shape)
+    graph.nodes.append(gs.Node("MatMul", f"{node.name}/cols_{lo}_{hi}", inputs=[node.inputs[0], cut], outputs=[out]))
+    rw.origin[graph.nodes[-1].name] = node.name
+    if bias is None:
+        return out
+    biased = gs.Variable(f"{out.name}/biased", dtype=src.dtype, shape=shape)
+    graph.nodes.append(gs.Node("Add", f"{src.inputs[0].name}/cols_{lo}_{hi}", inputs=[out, rw.cut(bias, lo, hi)],
+                               outputs=[biased]))
+    rw.origin[graph.nodes[-1].name] = src.inputs[0].name
+    return biased
+
+
+def _channels(graph: gs.Graph, operand: Operand, rw: Rewrites) -> gs.Variable:
+    """operand as a [B, S, width] tensor: the source itself, its own projection, or a Slice of the source."""
+    src = operand.tensor
+    if operand.offset == 0 and operand.width == src.shape[-1]:
+        return src
+    key = (src.name, operand.offset)
+    if key not in rw.made:
+        rw.made[key] = _split_projection(graph, operand, rw) or _slice_channels(graph, operand)
+    return rw.made[key]
+
+
+def _slice_channels(graph: gs.Graph, operand: Operand) -> gs.Variable:
+    src, lo, hi = operand.tensor, operand.offset, operand.offset + operand.width
+    out = gs.Variable(f"{src.name}/slice_{lo}_{hi}", dtype=src.dtype, shape=[*src.shape[:-1], operand.width])
+    consts = [gs.Constant(f"{out.name}/{what}", np.array([v], dtype=np.int64)) for what, v in
+              (("starts", lo), ("ends", hi), ("axes", -1))]
+    graph.nodes.append(gs.Node("Slice", f"{out.name}/Slice", inputs=[src, *consts], outputs=[out]))
+    return out
+
+
+def _rewrite(graph: gs.Graph, match: Match, rw: Rewrites) -> str:
+    """One MultiHeadAttention node writing the block's merged output; the old nodes go at cleanup."""
+    inputs = [_channels(graph, op, rw) for op in (match.query, match.key, match.value)]
+    name = f"{match.softmax.name}/{FUSED_OP}"
+    out = match.output
+    out.inputs.clear()
+    graph.nodes.append(gs.Node(FUSED_OP, name, domain=MS_DOMAIN, inputs=inputs, outputs=[out],
+                               attrs={"num_heads": match.heads, "scale": float(match.scale)}))
+    rw.origin[name] = match.softmax.name
+    return name
+
+
+def _exported(graph: gs.Graph, model: onnx.ModelProto, origin: dict[str, str]) -> onnx.ModelProto:
+    """The graph as ONNX with the source model's IR version and metadata, and each node's metadata (torch's
+    name scopes, which is_layer_node and reports read) from the node it is or replaces: graph-surgeon drops it."""
+    out = gs.export_onnx(graph)
+    out.ir_version = model.ir_version
+    for prop in model.metadata_props:
+        out.metadata_props.add(key=prop.key, value=prop.value)
+    metadata = {n.name: n.metadata_props for n in model.graph.node if n.metadata_props}
+    for node in out.graph.node:
+        props = metadata.get(origin.get(node.name, node.name))
+        if props is not None:
+            node.metadata_props.extend(props)
+    return out
+
+
+def fuse_attention(model: onnx.ModelProto, name: str | None = None) -> tuple[onnx.ModelProto, FusionSummary]:
+    """`model` with every provable attention block as one com.microsoft MultiHeadAttention node, and what was
+    found, fused and left (with reasons). The clustering/reconstruction layers are never touched."""
+    in_layer = is_layer_node(model)
+    protos = {n.name: n for n in model.graph.node}
+    graph = import_graph(model)
+    summary = FusionSummary(name or model.graph.name or "graph")
+    outputs = {t.name for t in graph.outputs}
+    rw = Rewrites()
+    for softmax in [n for n in graph.nodes if n.op == "Softmax"]:
+        if in_layer(protos.get(softmax.name, onnx.NodeProto())):
+            summary.layer_softmax += 1
+            continue
+        summary.found += 1
+        try:
+            match = match_attention(softmax, outputs)
+        except NotFused as exc:
+            summary.not_fused.append(Unfused(softmax.name, str(exc)))
+            continue
+        summary.fused.append(_rewrite(graph, match, rw))
+    graph.cleanup().toposort()
+    out = _exported(graph, model, rw.origin)
+    onnx.checker.check_model(without_weights(out))
+    return out, summary
