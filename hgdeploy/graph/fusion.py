@@ -31,12 +31,11 @@ import onnx_graphsurgeon as gs
 
 from hgdeploy.core.contract import is_layer_node, without_weights
 from hgdeploy.core.files import JsonObject
+from hgdeploy.graph.layout import LAYOUT_OPS, SCALE_OPS, apply_layout, constant, scale_factor
 from hgdeploy.graph.passes import import_graph
 
 MS_DOMAIN = "com.microsoft"
 FUSED_OP = "MultiHeadAttention"
-LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Slice", "Squeeze", "Unsqueeze", "Gather", "Identity", "Flatten"})
-SCALE_OPS = frozenset({"Mul", "Div"})
 
 
 class NotFused(Exception):
@@ -93,87 +92,6 @@ class Match:
 
 
 # ------------------------------------------------------------------------------------ constants and layout
-
-
-def constant(t: gs.Tensor) -> np.ndarray | None:
-    """The value of an initializer or of a Constant node's output, else None."""
-    if isinstance(t, gs.Constant):
-        return np.asarray(t.values)
-    if len(t.inputs) == 1 and t.inputs[0].op == "Constant" and "value" in t.inputs[0].attrs:
-        return np.asarray(t.inputs[0].attrs["value"].values)
-    return None
-
-
-def _scalar(t: gs.Tensor) -> float | None:
-    value = constant(t)
-    return float(value.reshape(())) if value is not None and value.size == 1 and value.dtype.kind == "f" else None
-
-
-def scale_factor(node: gs.Node, data: gs.Tensor) -> float | None:
-    """The factor a Mul/Div by a scalar constant applies to `data`; None when it is not such a node."""
-    if node.op not in SCALE_OPS or len(node.inputs) != 2 or data not in node.inputs:
-        return None
-    other = node.inputs[1] if node.inputs[0] is data else node.inputs[0]
-    value = _scalar(other)
-    if value is None or (node.op == "Div" and node.inputs[1] is data) or value == 0.0:
-        return None
-    return value if node.op == "Mul" else 1.0 / value
-
-
-def _axes(node: gs.Node) -> list[int] | None:
-    if len(node.inputs) > 1:
-        value = constant(node.inputs[1])
-        return None if value is None else [int(a) for a in np.atleast_1d(value)]
-    return list(node.attrs["axes"]) if "axes" in node.attrs else None
-
-
-def _reshape(x: np.ndarray, node: gs.Node) -> np.ndarray | None:
-    shape = constant(node.inputs[1])
-    if shape is None:
-        return None
-    dims = [int(d) for d in shape]
-    if not node.attrs.get("allowzero", 0):
-        dims = [x.shape[i] if d == 0 else d for i, d in enumerate(dims)]
-    return x.reshape(dims)
-
-
-def _slice(x: np.ndarray, node: gs.Node) -> np.ndarray | None:
-    starts, ends = constant(node.inputs[1]), constant(node.inputs[2])
-    axes = constant(node.inputs[3]) if len(node.inputs) > 3 else np.arange(len(starts))
-    steps = constant(node.inputs[4]) if len(node.inputs) > 4 else np.ones(len(starts), dtype=np.int64)
-    if any(v is None for v in (starts, ends, axes, steps)) or (np.asarray(steps) < 0).any():
-        return None  # negative steps clamp differently in ONNX and numpy: not a head split anyway
-    index = [slice(None)] * x.ndim
-    for s, e, a, st in zip(starts, ends, axes, steps, strict=True):
-        index[int(a)] = slice(int(s), int(e), int(st))
-    return x[tuple(index)]
-
-
-def apply_layout(x: np.ndarray, node: gs.Node) -> np.ndarray | None:
-    """What a layout op does to `x` (an index array); None when its parameters are not constants."""
-    op = node.op
-    if op in ("Identity",) or op in SCALE_OPS:
-        return x
-    if op == "Reshape":
-        return _reshape(x, node)
-    if op == "Transpose":
-        return x.transpose(node.attrs.get("perm", list(range(x.ndim))[::-1]))
-    if op == "Slice":
-        return _slice(x, node)
-    if op == "Gather":
-        index = constant(node.inputs[1])
-        return None if index is None else np.take(x, index.astype(np.int64), axis=int(node.attrs.get("axis", 0)))
-    if op == "Flatten":
-        axis = int(node.attrs.get("axis", 1)) % max(x.ndim, 1)
-        return x.reshape(math.prod(x.shape[:axis]), -1)
-    axes = _axes(node)
-    if op == "Squeeze":
-        return np.squeeze(x, axis=tuple(axes)) if axes is not None else np.squeeze(x)
-    if op == "Unsqueeze" and axes is not None:
-        return np.expand_dims(x, axis=tuple(axes))
-    return None
-
-
 # ------------------------------------------------------------------------------------------------ matching
 
 
@@ -243,6 +161,9 @@ def trace_operand(t: gs.Variable, transposed: bool, what: str) -> Operand:
         if found is not None:
             width = want[1] * (want[2] if transposed else want[3])
             return Operand(steps[i][0], found[0], width, math.prod(f for _, _, f in steps[: i + 1]))
+    stop = cur.inputs[0] if len(cur.inputs) == 1 else None
+    if stop is not None and stop.op in SCALE_OPS:
+        raise NotFused(f"the {what} operand passes through {stop.op} {stop.name}, not by a scalar constant")
     raise NotFused(f"the {what} operand is not a head split of one [B, S, C] tensor (layout ops: "
                    f"{[node.op for _, node, _ in steps]})")
 
@@ -279,7 +200,7 @@ def _scores(softmax: gs.Node, outputs: set[str]) -> tuple[gs.Node, float]:
         data = next((i for i in node.inputs if constant(i) is None), None)
         factor = scale_factor(node, data) if data is not None else None
         if factor is None:
-            raise NotFused(f"the scores pass through a {node.op} by a non-scalar ({node.name}): not one scale")
+            raise NotFused(f"the scores pass through {node.op} {node.name}, not by a scalar constant")
         if _only_consumer(data, outputs) is None:
             raise NotFused(f"the unscaled scores are read elsewhere ({data.name})")
         scale, cur = scale * factor, data
@@ -380,6 +301,8 @@ def _channels(graph: gs.Graph, operand: Operand, rw: Rewrites) -> gs.Variable:
 
 
 def _slice_channels(graph: gs.Graph, operand: Operand) -> gs.Variable:
+    """operand's channels sliced out of its source at run time: the fallback when the source is not a projection
+    with constant weights to cut (one copy of [B, S, width] per operand)."""
     src, lo, hi = operand.tensor, operand.offset, operand.offset + operand.width
     out = gs.Variable(f"{src.name}/slice_{lo}_{hi}", dtype=src.dtype, shape=[*src.shape[:-1], operand.width])
     consts = [gs.Constant(f"{out.name}/{what}", np.array([v], dtype=np.int64)) for what, v in
