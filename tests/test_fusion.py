@@ -12,13 +12,16 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from conftest import TINY_TIMM, hgdeploy_main
 from onnx import TensorProto, helper, numpy_helper
 
 from hgdeploy.core.contract import INPUT_NAME, check_model, is_layer_node, save_onnx
+from hgdeploy.families.catalogue import get_family
 from hgdeploy.graph.fp16 import to_fp16
 from hgdeploy.graph.fusion import FUSED_OP, MS_DOMAIN, fuse_attention
 from hgdeploy.graph.lint import DEFAULT_MAJOR, lint_model
+from hgdeploy.patch.export import export_onnx
 
 # Segmenter's recipe at its [ci] shape (128x128, 8x8 tokens -> 6x6 clusters) with the ViT-Ti backbone instead of
 # ViT-L (the same Attention/Block code, 12 layers, 3 heads): 2 decoder layers of the mask transformer too.
@@ -82,6 +85,19 @@ def test_every_attention_block_fuses_and_onnxruntime_computes_the_same(exports, 
         assert np.abs(got - want).max() <= 1e-4 * max(1.0, float(np.abs(want).max()))
 
 
+def test_torchvision_nn_multihead_attention_fuses_too(tmp_path):
+    """torchvision's ViT runs nn.MultiheadAttention: sequence first inside the block, a Gemm after the merge."""
+    family = get_family("torchvision_vit")
+    net, size = family.tiny()
+    path = export_onnx(net, torch.zeros(1, 3, *size), tmp_path / "tv.onnx", family.output_names)
+    model = onnx.load(str(path))
+    fused, summary = fuse_attention(model)
+    assert len(summary.fused) == summary.found == 4 and summary.not_fused == [], summary.to_json()
+    feed = _input(model)
+    for want, got in zip(_run(model, feed), _run(fused, feed), strict=True):
+        assert _cosine(got, want) >= 0.99999
+
+
 def test_the_fp16_converter_keeps_the_fused_attention_in_fp16(exports):
     model = onnx.load(str(exports["segmenter"] / "patched.opt.onnx"))
     fused, _ = fuse_attention(model)
@@ -111,18 +127,21 @@ B, S, H, D = 1, 6, 2, 4
 
 
 def _attention_graph(scale: bool = True, mask: bool = False, head_scale: bool = False, swapped: bool = False,
-                     axis: int = -1) -> onnx.ModelProto:
-    """One self-attention block as the dynamo exporter writes it (packed qkv, SDPA's split scale); the flags
-    make it something MultiHeadAttention does not compute."""
+                     axis: int = -1, seq_first: bool = False, batch: int = B) -> onnx.ModelProto:
+    """One self-attention block as the dynamo exporter writes it (packed qkv, SDPA's split scale; seq_first:
+    nn.MultiheadAttention's [S, B, C]); the other flags make it something MultiHeadAttention does not compute."""
     rng = np.random.default_rng(1)
     c = H * D
-    split = [B, S, 3, D, H] if swapped else [B, S, 3, H, D]  # swapped: head_dim before heads, not a head split
+    lead = [S, batch] if seq_first else [batch, S]
+    split = [*lead, 3, D, H] if swapped else [*lead, 3, H, D]  # swapped: head_dim before heads, not a head split
     inits = {"w": rng.standard_normal((c, 3 * c)), "b": rng.standard_normal(3 * c), "split": split,
-             "merge": [B, S, c], "s": (D ** -0.25) * np.ones([1, H, 1, 1] if head_scale else []),
+             "merge": [S * batch, c] if seq_first else [batch, S, c],
+             "s": (D ** -0.25) * np.ones([1, H, 1, 1] if head_scale else []),
              "i0": 0, "i1": 1, "i2": 2, "m": rng.standard_normal((1, 1, S, S))}
     nodes = [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["qkv"]),
              helper.make_node("Reshape", ["qkv", "split"], ["r"]),
-             helper.make_node("Transpose", ["r"], ["p"], perm=[2, 0, 4, 1, 3] if swapped else [2, 0, 3, 1, 4])]
+             helper.make_node("Transpose", ["r"], ["p"], perm=[2, 1, 3, 0, 4] if seq_first else
+                              [2, 0, 4, 1, 3] if swapped else [2, 0, 3, 1, 4])]
     nodes += [helper.make_node("Gather", ["p", f"i{i}"], [n], axis=0) for i, n in enumerate("qkv")]
     nodes += [helper.make_node("Transpose", ["k"], ["kt0"], perm=[0, 1, 3, 2])]
     q, kt = ("q", "kt0")
@@ -136,14 +155,15 @@ def _attention_graph(scale: bool = True, mask: bool = False, head_scale: bool = 
         logits = "masked"
     nodes += [helper.make_node("Softmax", [logits], ["probs"], axis=axis),
               helper.make_node("MatMul", ["probs", "v"], ["o"]),
-              helper.make_node("Transpose", ["o"], ["ot"], perm=[0, 2, 1, 3]),
+              helper.make_node("Transpose", ["o"], ["ot"], perm=[2, 0, 1, 3] if seq_first else [0, 2, 1, 3]),
               helper.make_node("Reshape", ["ot", "merge"], ["y"])]
     for i, n in enumerate(nodes):
         n.name = f"n{i}_{n.op_type}"
     tensors = [numpy_helper.from_array(np.asarray(v, np.int64 if k in ("split", "merge", "i0", "i1", "i2")
                                                   else np.float32), k) for k, v in inits.items()]
-    graph = helper.make_graph(nodes, "attention", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [B, S, c])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [B, S, c])], initializer=tensors)
+    graph = helper.make_graph(nodes, "attention", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [*lead, c])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, inits["merge"])],
+                              initializer=tensors)
     return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
 
 
@@ -160,6 +180,16 @@ def test_a_block_built_in_code_fuses_and_matches(scale):
     x = {"x": np.random.default_rng(2).standard_normal((B, S, H * D)).astype(np.float32)}
     np.testing.assert_allclose(_run(fused, x)[0], _run(model, x)[0], atol=1e-5)
     assert json.loads(json.dumps(summary.to_json()))["fused"] == 1
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_sequence_first_block_fuses_and_matches(batch):
+    """nn.MultiheadAttention's layout (torchvision's ViT): [S, B, C] in, [S*B, C] out, around the fused node."""
+    model = _attention_graph(seq_first=True, batch=batch)
+    fused, summary = fuse_attention(model)
+    assert len(summary.fused) == 1 and summary.not_fused == [], summary.to_json()
+    x = {"x": np.random.default_rng(2).standard_normal((S, batch, H * D)).astype(np.float32)}
+    np.testing.assert_allclose(_run(fused, x)[0], _run(model, x)[0], atol=1e-5)
 
 
 @pytest.mark.parametrize(("change", "reason"), [

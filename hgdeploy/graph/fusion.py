@@ -14,7 +14,8 @@ and BiasGelu on our graphs but no attention: its patterns expect the TorchScript
 The match does not enumerate exporter layouts. From each Softmax it finds the two MatMuls, then checks the
 head split and merge by evaluating the chain of layout ops (Reshape, Transpose, Slice, Squeeze, Gather, ...)
 on an index tensor: a query operand fuses only when element [b, h, s, d] provably is element
-[b, s, offset + h*D + d] of one [B, S, C] tensor. Scalar Mul/Div on the path multiply into `scale`.
+[b, s, offset + h*D + d] of one [B, S, C] tensor (or [s, b, ...] of an [S, B, C] one: nn.MultiheadAttention,
+torchvision's ViT, gets a Reshape/Transpose to batch first). Scalar Mul/Div on the path multiply into `scale`.
 Anything else (an additive mask, a per-head scale, another layout, a Softmax over another axis) is
 reported as not fused, with the reason. The clustering/reconstruction layers' Softmax (soft k-means)
 are never candidates (core.contract.is_layer_node).
@@ -76,6 +77,7 @@ class Operand:
     offset: int
     width: int
     scale: float
+    seq_first: bool = False  # the tensor is [S, B, C] (nn.MultiheadAttention's layout), not [B, S, C]
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ class Match:
     heads: int
     scale: float
     output: gs.Variable
+    output_seq_first: bool = False  # the merged output is [S, B, C] or [S*B, C] ([B, S, C] or [B*S, C] otherwise)
 
 
 # ------------------------------------------------------------------------------------------------ matching
@@ -114,20 +117,23 @@ def _producer_step(t: gs.Variable) -> tuple[gs.Variable, gs.Node, float] | None:
     return (data, node, factor) if factor is not None else None
 
 
-def _expected(batch: int, heads: int, seq: int, dim: int, channels: int, offset: int) -> np.ndarray:
-    """Index, in a [B, S, C] tensor, of element [b, h, s, d] of its head split at `offset`."""
+def _expected(batch: int, heads: int, seq: int, dim: int, channels: int, offset: int, seq_first: bool) -> np.ndarray:
+    """Index, in a [B, S, C] (or [S, B, C]) tensor, of element [b, h, s, d] of its head split at `offset`."""
     b, h, s, d = np.ix_(np.arange(batch), np.arange(heads), np.arange(seq), np.arange(dim))
-    return (b * seq + s) * channels + offset + h * dim + d
+    row = s * batch + b if seq_first else b * seq + s
+    return row * channels + offset + h * dim + d
 
 
 def _try_source(source: gs.Variable, nodes: list[gs.Node], want: tuple[int, ...], transposed: bool
-                ) -> tuple[int, int] | None:
-    """(offset, channels) when `nodes` applied to [B, S, C] `source` give its head split (keys: transposed)."""
+                ) -> tuple[int, bool] | None:
+    """(offset, seq_first) when `nodes` applied to `source`, [B, S, C] or [S, B, C], give its head split (keys:
+    transposed)."""
     shape = source.shape
     if shape is None or len(shape) != 3 or not all(isinstance(d, int) for d in shape):
         return None
     batch, heads, seq, dim = (want[0], want[1], want[3], want[2]) if transposed else want
-    if tuple(shape[:2]) != (batch, seq):
+    orders = [seq_first for seq_first, dims in ((False, (batch, seq)), (True, (seq, batch))) if tuple(shape[:2]) == dims]
+    if not orders:
         return None
     index = np.arange(math.prod(shape), dtype=np.int64).reshape(shape)
     for node in nodes:
@@ -139,9 +145,11 @@ def _try_source(source: gs.Variable, nodes: list[gs.Node], want: tuple[int, ...]
     offset, channels = int(index.flat[0]), int(shape[2])
     if offset + heads * dim > channels:
         return None
-    expected = _expected(batch, heads, seq, dim, channels, offset)
-    return (offset, channels) if np.array_equal(index, expected.transpose(0, 1, 3, 2) if transposed else expected) \
-        else None
+    for seq_first in orders:
+        expected = _expected(batch, heads, seq, dim, channels, offset, seq_first)
+        if np.array_equal(index, expected.transpose(0, 1, 3, 2) if transposed else expected):
+            return offset, seq_first
+    return None
 
 
 def trace_operand(t: gs.Variable, transposed: bool, what: str) -> Operand:
@@ -159,7 +167,7 @@ def trace_operand(t: gs.Variable, transposed: bool, what: str) -> Operand:
         found = _try_source(steps[i][0], nodes, want, transposed)
         if found is not None:
             width = want[1] * (want[2] if transposed else want[3])
-            return Operand(steps[i][0], found[0], width, math.prod(f for _, _, f in steps[: i + 1]))
+            return Operand(steps[i][0], found[0], width, math.prod(f for _, _, f in steps[: i + 1]), found[1])
     stop = cur.inputs[0] if len(cur.inputs) == 1 else None
     if stop is not None and stop.op in SCALE_OPS:
         raise NotFused(f"the {what} operand passes through {stop.op} {stop.name}, not by a scalar constant")
@@ -167,11 +175,15 @@ def trace_operand(t: gs.Variable, transposed: bool, what: str) -> Operand:
                    f"{[node.op for _, node, _ in steps]})")
 
 
-def merged_output(o: gs.Variable, outputs: set[str]) -> gs.Variable:
-    """The [B, S, heads*Dv] tensor the attention output [B, H, S, Dv] is merged into by layout ops alone."""
-    batch, heads, seq, dim = o.shape
+def merged_output(o: gs.Variable, outputs: set[str]) -> tuple[gs.Variable, bool]:
+    """The tensor the attention output [B, H, S, Dv] is merged into by layout ops alone: [B, S, heads*Dv] or
+    [B*S, heads*Dv], or sequence first ([S, B, heads*Dv], [S*B, heads*Dv]: nn.MultiheadAttention); and whether
+    it is sequence first."""
+    batch, _, seq, _ = o.shape
     index = np.arange(math.prod(o.shape), dtype=np.int64).reshape(o.shape)
-    want = index.transpose(0, 2, 1, 3).reshape(batch, seq, heads * dim)
+    merged = {False: index.transpose(0, 2, 1, 3), True: index.transpose(2, 0, 1, 3)}
+    wants = [(first, m.reshape(*m.shape[:2], -1)) for first, m in merged.items()]
+    wants += [(first, m.reshape(batch * seq, -1)) for first, m in merged.items()]
     cur, ops = o, []
     while (node := _only_consumer(cur, outputs)) is not None and node.op in LAYOUT_OPS and node.inputs[0] is cur:
         index = apply_layout(index, node)
@@ -179,8 +191,9 @@ def merged_output(o: gs.Variable, outputs: set[str]) -> gs.Variable:
             break
         cur = node.outputs[0]
         ops.append(node.op)
-        if index.shape == want.shape and np.array_equal(index, want):
-            return cur
+        for seq_first, want in wants:
+            if index.shape == want.shape and np.array_equal(index, want):
+                return cur, seq_first
     raise NotFused(f"the attention output is not merged back to [B, S, heads*head_dim] by layout ops (after {ops})")
 
 
@@ -227,8 +240,8 @@ def match_attention(softmax: gs.Node, outputs: set[str]) -> Match:
     if len(pv.outputs[0].shape or ()) != 4:
         raise NotFused("the attention output has no static [B, heads, S, Dv] shape")
     heads = int(qk.inputs[0].shape[1])
-    return Match(softmax, query, key, value, heads, score_scale * query.scale * key.scale,
-                 merged_output(pv.outputs[0], outputs))
+    output, output_seq_first = merged_output(pv.outputs[0], outputs)
+    return Match(softmax, query, key, value, heads, score_scale * query.scale * key.scale, output, output_seq_first)
 
 
 # ------------------------------------------------------------------------------------------------ rewriting
@@ -289,14 +302,44 @@ def _split_projection(graph: gs.Graph, operand: Operand, rw: Rewrites) -> gs.Var
 
 
 def _channels(graph: gs.Graph, operand: Operand, rw: Rewrites) -> gs.Variable:
-    """operand as a [B, S, width] tensor: the source itself, its own projection, or a Slice of the source."""
+    """operand as a [B, S, width] tensor: the source itself, its own projection, or a Slice of the source; batch
+    first when the source is sequence first."""
     src = operand.tensor
-    if operand.offset == 0 and operand.width == src.shape[-1]:
-        return src
     key = (src.name, operand.offset)
     if key not in rw.made:
-        rw.made[key] = _split_projection(graph, operand, rw) or _slice_channels(graph, operand)
+        whole = operand.offset == 0 and operand.width == src.shape[-1]
+        rw.made[key] = src if whole else _split_projection(graph, operand, rw) or _slice_channels(graph, operand)
+    if not operand.seq_first:
+        return rw.made[key]
+    if (key := (src.name, -1 - operand.offset)) not in rw.made:
+        part = rw.made[(src.name, operand.offset)]
+        seq, batch, width = part.shape
+        rw.made[key] = _relayout(graph, part, gs.Variable(f"{part.name}/batch_first", part.dtype, [batch, seq, width]))
     return rw.made[key]
+
+
+def _relayout(graph: gs.Graph, t: gs.Variable, out: gs.Variable, swap: bool = True) -> gs.Variable:
+    """`out` from `t`: the two leading axes swapped ([S, B, C] <-> [B, S, C]) and/or reshaped; a Reshape (no copy)
+    where the memory order stays, i.e. no swap or a swap with a batch of 1."""
+    if swap and 1 not in t.shape[:2]:
+        graph.nodes.append(gs.Node("Transpose", f"{out.name}/Transpose", attrs={"perm": [1, 0, 2]}, inputs=[t],
+                                   outputs=[out]))
+    else:
+        shape = gs.Constant(f"{out.name}/shape", np.array(out.shape, dtype=np.int64))
+        graph.nodes.append(gs.Node("Reshape", f"{out.name}/Reshape", inputs=[t, shape], outputs=[out]))
+    return out
+
+
+def _merge_into(graph: gs.Graph, merged: gs.Variable, match: Match) -> None:
+    """The block's own output tensor written from the fused [B, S, C] one, in its layout (sequence first,
+    flattened)."""
+    batch, seq, width = merged.shape
+    target = match.output
+    if match.output_seq_first and len(target.shape) == 2:
+        merged = _relayout(graph, merged, gs.Variable(f"{merged.name}/seq_first", merged.dtype, [seq, batch, width]))
+        _relayout(graph, merged, target, swap=False)
+    else:
+        _relayout(graph, merged, target, swap=match.output_seq_first)
 
 
 def _slice_channels(graph: gs.Graph, operand: Operand) -> gs.Variable:
@@ -316,6 +359,9 @@ def _rewrite(graph: gs.Graph, match: Match, rw: Rewrites) -> str:
     name = f"{match.softmax.name}/{FUSED_OP}"
     out = match.output
     out.inputs.clear()
+    if match.output_seq_first or len(out.shape) != 3:
+        out = gs.Variable(f"{name}/output", out.dtype, [*inputs[0].shape[:2], inputs[2].shape[-1]])
+        _merge_into(graph, out, match)
     graph.nodes.append(gs.Node(FUSED_OP, name, domain=MS_DOMAIN, inputs=inputs, outputs=[out],
                                attrs={"num_heads": match.heads, "scale": float(match.scale)}))
     rw.origin[name] = match.softmax.name
