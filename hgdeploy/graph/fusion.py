@@ -311,7 +311,7 @@ def _channels(graph: gs.Graph, operand: Operand, rw: Rewrites) -> gs.Variable:
         rw.made[key] = src if whole else _split_projection(graph, operand, rw) or _slice_channels(graph, operand)
     if not operand.seq_first:
         return rw.made[key]
-    if (key := (src.name, -1 - operand.offset)) not in rw.made:
+    if (key := (src.name, -1 - operand.offset)) not in rw.made:  # negative offsets: the batch-first copies
         part = rw.made[(src.name, operand.offset)]
         seq, batch, width = part.shape
         rw.made[key] = _relayout(graph, part, gs.Variable(f"{part.name}/batch_first", part.dtype, [batch, seq, width]))
