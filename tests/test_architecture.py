@@ -247,10 +247,10 @@ def callers(name: str) -> set[str]:
 
 
 def test_one_road_writes_graphs_from_models():
-    """Only the export road exports models and derives the fp16 twins; the passes run there and in `hgdeploy
-    optimize` (which rewrites an existing folder's patched.opt.onnx)."""
+    """Only the export road exports models; the passes and the profile's twins (fused, fp16) are written there and
+    in `hgdeploy optimize` (which rewrites an existing folder's patched.opt.onnx and so its patched twins)."""
     assert callers("export_onnx") == {"hgdeploy.pipeline.road"}
-    assert callers("write_fp16") == {"hgdeploy.pipeline.road"}
+    assert callers("write_twins") == {"hgdeploy.pipeline.road", "hgdeploy.pipeline.engines"}
     assert callers("optimize_patched") == {"hgdeploy.pipeline.road", "hgdeploy.pipeline.engines"}
     assert callers("write_deployable") == {"hgdeploy.pipeline.commands", "hgdeploy.evaluation.run",
                                            "hgdeploy.tune.latency"}

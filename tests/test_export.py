@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -109,7 +110,7 @@ def test_graphs_over_2_gb_go_through_the_passes_and_fp16_with_external_weights(s
     The limit is lowered here to make the default model's export "too big" without gigabytes of test data."""
     import hgdeploy.core.contract as contract
     from hgdeploy.core.files import file_mode
-    from hgdeploy.graph.deploy import optimize_patched, write_fp16
+    from hgdeploy.graph.deploy import optimize_patched, write_twins
     from hgdeploy.graph.folder import ExportFolder
 
     folder = tmp_path / "big"
@@ -123,7 +124,7 @@ def test_graphs_over_2_gb_go_through_the_passes_and_fp16_with_external_weights(s
     monkeypatch.setattr(contract, "INLINE_LIMIT_BYTES", 0)  # every graph "too big": all written with .data
     export, report = optimize_patched(export)
     assert not report.lint_findings and report.nodes_after < report.nodes_before
-    write_fp16(export)
+    write_twins(export, SimpleNamespace(name="fp16", precision="fp16", fused_attention=False))
     for name in ("patched.opt.onnx", "baseline.fp16.onnx", "patched.fp16.onnx"):
         data = folder / (name + ".data")
         assert data.stat().st_size > 10 * (folder / name).stat().st_size, name  # the weights are outside

@@ -129,9 +129,10 @@ hgdeploy = hgdeploy_main  # in this process: these commands need no process of t
 
 @pytest.fixture(scope="module")
 def fp16_export(small_export) -> Path:
-    """`hgdeploy export --engine ort-cuda-fp16` on this machine (the profile need not run here): conftest's export."""
+    """`hgdeploy export --engine trt-fp16` on this machine (the profile need not run here): conftest's export, with
+    the plain fp16 twins every fp16 profile without fused_attention runs."""
     report = json.loads((small_export.parent / "export.json").read_text())
-    assert report["engine"] == {"profile": "ort-cuda-fp16", "device": "gpu", "precision": "fp16"}
+    assert report["engine"] == {"profile": "trt-fp16", "device": "gpu", "precision": "fp16"}
     assert report["plan"]["clustering_form"] == "dense"  # "auto" for a GPU
     assert {"baseline_fp16", "patched_fp16"} <= set(report["onnx"])
     return small_export
@@ -194,3 +195,83 @@ def test_a_gpu_profile_says_in_one_line_that_there_is_no_gpu(fp16_export, comman
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1 and "cannot run here" in lines[0], result.stderr
     assert sorted(p.name for p in fp16_export.iterdir()) == before
+
+
+# ---------------------------------------------------------------------------------------------- fused twins
+
+
+@pytest.fixture(scope="module")
+def fused_export(tmp_path_factory) -> tuple[Path, dict]:
+    """`hgdeploy export --engine ort-cuda-fp16`: the fused twins ONNX Runtime profiles run, and the report."""
+    out = tmp_path_factory.mktemp("fused") / "out"
+    done = hgdeploy("export", *[a for s in SMALL_EXPORT for a in ("--set", s)], "--engine", "ort-cuda-fp16",
+                    "--out", str(out), "--json")
+    assert done.returncode == 0, done.stderr
+    return out, json.loads(done.stdout)
+
+
+def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def test_the_gpu_export_fuses_every_attention_block_and_keeps_layernorm_out_of_cast_islands(fused_export):
+    out, report = fused_export
+    depth = 12  # DINOv2-S
+    assert {twin: (f["found"], f["fused"], f["not_fused"]) for twin, f in report["fusion"].items()} == \
+        {"baseline_fused": (depth, depth, []), "patched_fused": (depth, depth, [])}
+    for name in ("baseline.fused.fp16.onnx", "patched.fused.fp16.onnx"):
+        model = onnx.load(str(out / name))
+        onnx.checker.check_model(model)
+        ops = [n.op_type for n in model.graph.node]
+        assert ops.count("MultiHeadAttention") == depth, name
+        made_by = _producers(model)
+        fed_by_cast = [n.name for n in model.graph.node if n.op_type == "LayerNormalization"
+                       and getattr(made_by.get(n.input[0]), "op_type", None) == "Cast"]
+        assert fed_by_cast == [], name
+        assert all(a.i == 1 for n in model.graph.node if n.op_type == "LayerNormalization"
+                   for a in n.attribute if a.name == "stash_type")  # fp32 statistics inside the op
+    baseline = onnx.load(str(out / "baseline.fused.fp16.onnx"), load_external_data=False)
+    assert [n.op_type for n in baseline.graph.node].count("Cast") <= 10  # the input's and the outputs', no islands
+    assert all(report["fp16"][t]["lint_clean"] and report["fp16"][t]["linted_for"] == "onnxruntime"
+               for t in ("baseline_fused_fp16", "patched_fused_fp16"))
+
+
+def test_the_fused_fp16_graphs_keep_parity_on_onnxruntime_cpu(fused_export, tmp_path):
+    """ONNX Runtime's CPU provider has fp16 kernels for MultiHeadAttention and LayerNormalization: the fused
+    graphs a GPU runs are checked against PyTorch here, with a CPU profile that runs them."""
+    out, _ = fused_export
+    profile = tmp_path / "ort-cpu-fp16-fused.toml"
+    text = (REPO / "engines/ort-cpu-fp16.toml").read_text()
+    profile.write_text(text.replace("[engine]\n", "[engine]\nfused_attention = true\n", 1))
+    result = hgdeploy("check", *[a for s in SMALL_EXPORT for a in ("--set", s)], "--engine", str(profile),
+                      "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    parity = json.loads(result.stdout)["parity"]
+    assert parity["engine_model"] == "patched.fused.fp16.onnx" and parity["passed"] and parity["cosine_min"] >= 0.999
+
+
+def test_tensorrt_profiles_never_read_the_fused_graphs(fused_export):
+    from hgdeploy.backends import load_profile
+    from hgdeploy.core.errors import UserError
+    from hgdeploy.graph.folder import ExportFolder
+    from hgdeploy.graph.lint import lint_path
+
+    out, _ = fused_export
+    folder = ExportFolder.scan(out)
+    assert folder.patched_graph(load_profile("ort-cuda-fp16")).name == "patched.fused.fp16.onnx"
+    with pytest.raises(UserError, match="hgdeploy export --engine trt-fp16"):
+        folder.patched_graph(load_profile("trt-fp16"))  # an ORT export holds no plain fp16 twins: said
+    assert any("com.microsoft" in f.reason for f in lint_path(out / "patched.fused.fp16.onnx"))  # why not
+
+
+def test_the_onnxruntime_lint_names_an_op_onnxruntime_does_not_know():
+    from hgdeploy.graph.lint import lint_runtime_model
+
+    model = _tiny()
+    assert lint_runtime_model(model) == []
+    node = helper.make_node("NoSuchAttention", ["x"], ["y"], domain="com.microsoft", name="made_up")
+    model.graph.node.append(node)
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    found = lint_runtime_model(model)
+    assert [(f.node, f.op_type) for f in found] == [("made_up", "NoSuchAttention")]
+    assert "has no op com.microsoft::NoSuchAttention" in found[0].reason

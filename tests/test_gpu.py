@@ -42,8 +42,10 @@ def test_export_run_and_bench_on_the_gpu(profile, tmp_path):
     assert report["parity"]["passed"], report["parity"]
     assert report["plan"]["device"] == "gpu" and report["plan"]["clustering_form"] == "dense"
     assert report["parity"]["reference_device"] == "gpu"  # the fp32 reference on the profile's device, not the CPU
-    if load_profile(profile).precision == "fp16":
-        assert report["parity"]["engine_model"] == "patched.fp16.onnx" and (out / "baseline.fp16.onnx").is_file()
+    engine = load_profile(profile)
+    if engine.precision == "fp16":
+        twin = "fused.fp16" if engine.fused_attention else "fp16"
+        assert report["parity"]["engine_model"] == f"patched.{twin}.onnx" and (out / f"baseline.{twin}.onnx").is_file()
     assert report["backend"]["versions"]["gpu"] not in ("None", None)
     benched = hgdeploy("bench", *SMALL, "--engine", profile, "--out", str(out), "--torch", "--json")
     assert benched.returncode == 0, benched.stderr[-3000:]

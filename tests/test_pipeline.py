@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from conftest import SMALL_EXPORT, TINY_TIMM, hgdeploy_main
@@ -69,16 +70,20 @@ def test_each_command_reads_its_recipe_file_once(command, tmp_path, tiny_export,
 
 def test_the_export_folder_lists_its_graphs_and_what_each_profile_runs(small_export):
     folder = ExportFolder.open(small_export, recipe_values(small_export))
-    assert set(folder.graphs) == set(GRAPH_FILES)
-    fp16 = type("P", (), {"name": "p16", "precision": "fp16"})()
-    fp32 = type("P", (), {"name": "p32", "precision": "fp32"})()
+    assert set(folder.graphs) == set(GRAPH_FILES) - {"baseline_fused", "patched_fused", "baseline_fused_fp16",
+                                                     "patched_fused_fp16"}  # a plain (TensorRT) fp16 export
+    fp16 = SimpleNamespace(name="p16", precision="fp16", fused_attention=False)
+    fp32 = SimpleNamespace(name="p32", precision="fp32", fused_attention=False)
     assert folder.engine_graphs(fp16) == {"baseline": small_export / "baseline.fp16.onnx",
                                           "patched": small_export / "patched.fp16.onnx"}
     assert folder.engine_graphs(fp32) == {"baseline": small_export / "baseline.onnx",
                                           "patched": small_export / "patched.opt.onnx",
                                           "patched_unoptimized": small_export / "patched.onnx"}
     manifest = json.loads((small_export / MANIFEST).read_text())
-    assert set(manifest["graphs"]) == set(GRAPH_FILES) and manifest["plan"] == folder.recorded_plan
+    assert set(manifest["graphs"]) == set(folder.graphs) and manifest["plan"] == folder.recorded_plan
+    fused = SimpleNamespace(name="ort-cuda-fp16", precision="fp16", fused_attention=True)
+    with pytest.raises(UserError, match="patched.fused.fp16.onnx not found: the ort-cuda-fp16 profile runs fused fp16"):
+        folder.patched_graph(fused)  # a TensorRT export holds no fused graphs: said, not a plain graph instead
 
 
 def recipe_values(folder):
@@ -95,7 +100,7 @@ def test_an_export_folder_refuses_what_it_cannot_be(small_export, tmp_path):
         ExportFolder.open(small_export, other)
     fp32_only = ExportFolder(small_export, {"baseline": small_export / "baseline.onnx",
                                             "patched": small_export / "patched.onnx"})
-    profile = type("P", (), {"name": "ort-cuda-fp16", "precision": "fp16"})()
+    profile = SimpleNamespace(name="ort-cuda-fp16", precision="fp16", fused_attention=False)
     with pytest.raises(UserError, match="hgdeploy export --engine ort-cuda-fp16"):
         fp32_only.patched_graph(profile)
     assert recipe_difference({"ci": {"set": ["a"]}, "x": {"k": 1}}, {"x": {"k": 1}}) is None

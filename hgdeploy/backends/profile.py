@@ -22,14 +22,15 @@ DEFAULT_PROFILE = "ort-cpu"
 PROFILE_SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     "engine": {"backend": (str,), "device": (str,), "providers": (list,), "precision": (str,),
                "graph_optimization_level": (str,), "threads": (int,), "provider_options": (dict,),
-               "cuda_graph": (bool,), "workspace_mb": (int,), "timing_cache": (bool,)},
+               "cuda_graph": (bool,), "workspace_mb": (int,), "timing_cache": (bool,), "fused_attention": (bool,)},
     "parity": {"cosine_min": (float, int), "max_abs": (float, int), "max_abs_per_output": (dict,),
                "max_abs_per_kind": (dict,), "max_abs_rel": (float, int), "task_agreement_min": (float, int)},
     "bench": {"warmup": (int,), "runs": (int,)},
 }
 # Keys that only mean something to one backend: setting one for the other backend is an error, not ignored.
 BACKEND_KEYS = {
-    "onnxruntime": {"providers", "graph_optimization_level", "threads", "provider_options", "cuda_graph"},
+    "onnxruntime": {"providers", "graph_optimization_level", "threads", "provider_options", "cuda_graph",
+                    "fused_attention"},
     "tensorrt": {"workspace_mb", "timing_cache"},
 }
 BACKEND_NAMES = tuple(BACKEND_KEYS)
@@ -56,6 +57,9 @@ class EngineProfile:
     threads: int = 0  # 0: the backend's default (all cores)
     provider_options: dict[str, ProviderOptions] = field(default_factory=dict)  # ORT: provider -> its options
     cuda_graph: bool = False  # ORT CUDA: capture the whole graph once and replay it (no per-kernel launches)
+    # ORT: run the *.fused graphs (each attention block one MultiHeadAttention node, LayerNorm in fp16 with fp32
+    # statistics); TensorRT parses no com.microsoft op and fuses attention itself, so its graphs stay plain
+    fused_attention: bool = False
     workspace_mb: int = 0  # TensorRT builder workspace limit; 0: TensorRT's default
     timing_cache: bool = True  # TensorRT: load/save <stem>.<profile>.timing.cache beside the engine
     cosine_min: float = 0.9999
@@ -93,7 +97,7 @@ class EngineProfile:
             return common | {"workspace_mb": self.workspace_mb, "timing_cache": self.timing_cache}
         return common | {"providers": list(self.providers), "graph_optimization_level": self.graph_optimization_level,
                          "threads": self.threads, "provider_options": self.provider_options,
-                         "cuda_graph": self.cuda_graph}
+                         "cuda_graph": self.cuda_graph, "fused_attention": self.fused_attention}
 
 
 def resolve_profile_path(name_or_path: str | None) -> Path:

@@ -33,7 +33,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     rec = groups.recipe(args)
     engine = groups.engine(args, rec, runs_here=False)
     emit(commands.export(rec, engine, groups.write_folder(args, rec)).to_json(), args.json,
-         ["plan", "engine", "fp16", "onnx"])
+         ["plan", "engine", "fusion", "fp16", "onnx"])
     return EXIT_OK
 
 
@@ -156,14 +156,17 @@ def cmd_lint(args: argparse.Namespace) -> int:
     from hgdeploy.graph import lint
 
     major = args.trt_major if args.trt_major is not None else lint.DEFAULT_MAJOR
-    findings = lint.lint_path(args.model, major)
+    runtime = args.runtime
+    findings = lint.lint_path(args.model, major) if runtime == "tensorrt" else lint.lint_runtime_path(args.model)
     if args.json:
-        print(json.dumps({"model": str(args.model), "trt_major": major,
+        print(json.dumps({"model": str(args.model), "runtime": runtime,
+                          "trt_major": major if runtime == "tensorrt" else None,
                           "findings": [dataclasses.asdict(f) for f in findings]}, indent=2))
     elif findings:
         print(lint.format_findings(findings))
     else:
-        print(f"{args.model}: clean for TensorRT {major}'s ONNX parser")
+        print(f"{args.model}: clean for " + (f"TensorRT {major}'s ONNX parser" if runtime == "tensorrt"
+                                             else "ONNX Runtime (every op known, static shapes)"))
     return EXIT_CHECK_FAILED if findings else EXIT_OK
 
 

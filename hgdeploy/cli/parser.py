@@ -58,11 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
         "Make a trained vision transformer cheaper without fine-tuning (token clustering + reconstruction), "
         "export it to ONNX, build an engine and prove the result: parity, fidelity, FLOPs and latency."))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    lint = sub.add_parser("lint", help="will TensorRT's ONNX parser take MODEL.onnx? (no GPU needed)",
+    lint = sub.add_parser("lint", help="will TensorRT's ONNX parser (or ONNX Runtime) take MODEL.onnx? (no GPU "
+                                       "needed)",
                           description="Check every op, attribute and type against the support matrix of TensorRT's "
-                                      "ONNX parser, plus the static-shape rule. Exit 0 when clean, 1 listing each "
-                                      "offending node.")
+                                      "ONNX parser, plus the static-shape rule; with --runtime onnxruntime, that "
+                                      "ONNX Runtime knows every op (the *.fused graphs, which only ONNX Runtime "
+                                      "profiles run). Exit 0 when clean, 1 listing each offending node.")
     lint.add_argument("model", type=Path, help="ONNX file to check")
+    lint.add_argument("--runtime", choices=("tensorrt", "onnxruntime"), default="tensorrt",
+                      help="which runtime's rules (default: tensorrt)")
     lint.add_argument("--trt-major", type=int, default=None, help="TensorRT major version to target (default: 10)")
     fam = sub.add_parser("families", help="the model families, their [model] options and the bundled recipes",
                          description="List every model family hgdeploy can patch, the recipe options it accepts, "

@@ -1,5 +1,6 @@
-"""The graphs an engine is built from, derived from an export: the graph passes' patched.opt.onnx and the fp16
-twins. Each is saved, checked and linted for TensorRT's parser, and reported; ONNX files only, no torch.
+"""The graphs an engine is built from, derived from an export: the graph passes' patched.opt.onnx and the twins
+a profile runs instead of the exports (fused attention for ONNX Runtime, fp16). Each is saved, checked and, if
+TensorRT may read it, linted for its parser, and reported; ONNX files only, no torch.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from hgdeploy.core.contract import check_model, is_layer_node, save_onnx
 from hgdeploy.core.files import JsonObject
 from hgdeploy.core.memory import releases_memory
 from hgdeploy.graph.flops import FlopCount, onnx_gflops
-from hgdeploy.graph.folder import FP16_TWINS, ExportFolder
-from hgdeploy.graph.fp16 import Fp16Summary, to_fp16
-from hgdeploy.graph.lint import DEFAULT_MAJOR, format_finding, lint_model
+from hgdeploy.graph.folder import Engine, ExportFolder, twin_role
+from hgdeploy.graph.fp16 import FP32_OPS, Fp16Summary, to_fp16
+from hgdeploy.graph.fusion import FusionSummary, fuse_attention
+from hgdeploy.graph.lint import DEFAULT_MAJOR, format_finding, lint_model, lint_runtime_model
 from hgdeploy.graph.passes import PASSES, optimize
 
 
@@ -43,14 +45,25 @@ class Optimized:
 
 @dataclass(frozen=True)
 class Converted:
-    """One fp16 twin: what the conversion did, and its lint."""
+    """One fp16 twin: what the conversion did, and its lint for the runtime that reads it (TensorRT's parser for
+    a plain twin, ONNX Runtime for a fused one)."""
 
     summary: Fp16Summary
     lint_findings: list[str]
+    linted_for: str = "tensorrt"
 
     def to_json(self) -> JsonObject:
         return {**self.summary.to_dict(), "lint_clean": not self.lint_findings,
-                "lint_findings": list(self.lint_findings)}
+                "lint_findings": list(self.lint_findings), "linted_for": self.linted_for}
+
+
+@dataclass(frozen=True)
+class Twins:
+    """What writing a profile's twins did: the attention fusion of each fused twin, the fp16 conversion of each
+    fp16 one (None where the profile runs none)."""
+
+    fusion: dict[str, FusionSummary] | None
+    fp16: dict[str, Converted] | None
 
 
 @releases_memory
@@ -69,25 +82,44 @@ def optimize_patched(folder: ExportFolder) -> tuple[ExportFolder, Optimized]:
         onnx_gflops(out, is_layer_node(out)), target.name, findings)
 
 
-def write_fp16(folder: ExportFolder, roles: tuple[str, ...] = ("baseline", "patched")) -> tuple[ExportFolder,
-                                                                                               dict[str, Converted]]:
-    """The fp16 twin of each role (the patched one from the optimized graph when there is one): fp16 weights and
-    compute, fp32 inputs/outputs, the clustering layers and LayerNorm in fp32; each type-checked and linted.
-    Returns the folder and each twin's conversion, by its role (baseline_fp16, patched_fp16)."""
+def write_twins(folder: ExportFolder, engine: Engine,
+                roles: tuple[str, ...] = ("baseline", "patched")) -> tuple[ExportFolder, Twins]:
+    """The graphs `engine` runs in place of each role's export, when it runs others: the fused twins (every
+    attention block one MultiHeadAttention node) for a fused_attention profile, converted to fp16 for an fp16
+    one. The patched twin comes from the graph passes' result when there is one."""
+    fusion: dict[str, FusionSummary] = {}
     converted: dict[str, Converted] = {}
-    sources = {"baseline": folder.graphs.get("baseline"), "patched": folder.patched_graph()}
     for role in roles:
-        twin = FP16_TWINS[role]
-        path, converted[twin] = _fp16_graph(sources[role], folder.target(twin))
-        folder = folder.with_graph(twin, path)
-    return folder, converted
+        source = folder.graphs["baseline"] if role == "baseline" else folder.patched_graph()
+        if engine.fused_attention:
+            twin = twin_role(role, "fp32", True)
+            source, fusion[twin] = _fused_graph(source, folder.target(twin))
+            folder = folder.with_graph(twin, source)
+        if engine.precision == "fp16":
+            twin = twin_role(role, "fp16", engine.fused_attention)
+            path, converted[twin] = _fp16_graph(source, folder.target(twin), plain=not engine.fused_attention)
+            folder = folder.with_graph(twin, path)
+    return folder, Twins(fusion or None, converted or None)
 
 
 @releases_memory
-def _fp16_graph(source: Path, target: Path) -> tuple[Path, Converted]:
-    """One graph converted to fp16, saved and linted."""
+def _fused_graph(source: Path, target: Path) -> tuple[Path, FusionSummary]:
+    """One graph with its attention fused, saved and checked."""
+    model = onnx.load(str(source))
+    with progress.step(f"Fusing attention: {source.name} -> {target.name}"):
+        fused, summary = fuse_attention(model, target.name)
+    save_onnx(fused, target)
+    check_model(target)
+    return target, summary
+
+
+@releases_memory
+def _fp16_graph(source: Path, target: Path, plain: bool) -> tuple[Path, Converted]:
+    """One graph converted to fp16, saved and linted. A plain (TensorRT) graph keeps LayerNorm in an fp32 island;
+    a fused (ONNX Runtime) one runs it in fp16 with fp32 statistics inside the op."""
     model = onnx.load(str(source))
     with progress.step(f"Converting {source.name} to {target.name} (fp16, clustering kept in fp32)"):
-        converted, summary = to_fp16(model, is_layer_node(model))
+        converted, summary = to_fp16(model, is_layer_node(model), FP32_OPS if plain else frozenset())
     save_onnx(converted, target)
-    return target, Converted(summary, [format_finding(f) for f in lint_model(converted, DEFAULT_MAJOR)])
+    findings = lint_model(converted, DEFAULT_MAJOR) if plain else lint_runtime_model(converted)
+    return target, Converted(summary, [format_finding(f) for f in findings], "tensorrt" if plain else "onnxruntime")

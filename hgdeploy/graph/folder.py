@@ -21,10 +21,15 @@ from hgdeploy.core.errors import UserError
 from hgdeploy.core.files import JsonObject, JsonValue, to_json, write_atomic
 from hgdeploy.core.recipe import Section
 
-# Each graph an export folder can hold, by role: the two exports, the graph passes' result, the fp16 twins.
+# Each graph an export folder can hold, by role: the two exports, the graph passes' result, the fp16 twins, and
+# for ONNX Runtime profiles with fused_attention the fused twins (fp32 and fp16).
 GRAPH_FILES = {"baseline": "baseline.onnx", "patched": "patched.onnx", "optimized": "patched.opt.onnx",
-               "baseline_fp16": "baseline.fp16.onnx", "patched_fp16": "patched.fp16.onnx"}
+               "baseline_fp16": "baseline.fp16.onnx", "patched_fp16": "patched.fp16.onnx",
+               "baseline_fused": "baseline.fused.onnx", "patched_fused": "patched.fused.onnx",
+               "baseline_fused_fp16": "baseline.fused.fp16.onnx", "patched_fused_fp16": "patched.fused.fp16.onnx"}
 FP16_TWINS = {"baseline": "baseline_fp16", "patched": "patched_fp16"}
+FUSED_TWINS = {"baseline": "baseline_fused", "patched": "patched_fused"}
+FUSED_FP16_TWINS = {"baseline": "baseline_fused_fp16", "patched": "patched_fused_fp16"}
 MANIFEST = "manifest.json"
 DEFAULT_OUT = Path("runs")
 
@@ -34,6 +39,7 @@ class Engine(Protocol):
 
     name: str
     precision: str
+    fused_attention: bool
 
 
 def output_folder(recipe_name: str, out: Path | None) -> Path:
@@ -93,27 +99,31 @@ class ExportFolder:
         return self.info.get("plan") or {}
 
     def patched_graph(self, engine: Engine | None = None) -> Path:
-        """The patched graph an engine is built from: the fp16 twin for an fp16 profile, else the graph passes'
-        result when there is one."""
-        if engine is not None and engine.precision == "fp16":
-            return self._fp16("patched_fp16", engine)
+        """The patched graph an engine is built from: the profile's twin (fp16, fused) when it runs one, else the
+        graph passes' result when there is one."""
+        if engine is not None and (engine.precision == "fp16" or engine.fused_attention):
+            return self._twin("patched", engine)
         return self.graphs.get("optimized", self.graphs["patched"])
 
     def baseline_graph(self, engine: Engine) -> Path:
-        """The unpatched graph the patched one is timed against, in the same precision."""
-        return self._fp16("baseline_fp16", engine) if engine.precision == "fp16" else self.graphs["baseline"]
+        """The unpatched graph the patched one is timed against, in the same precision and form."""
+        if engine.precision == "fp16" or engine.fused_attention:
+            return self._twin("baseline", engine)
+        return self.graphs["baseline"]
 
     def engine_graphs(self, engine: Engine) -> dict[str, Path]:
-        """The graphs a profile runs: baseline and patched in its precision and, for an fp32 profile with an
-        optimized graph, the patched graph before the passes too."""
+        """The graphs a profile runs: baseline and patched in its precision and form and, for a plain fp32 profile
+        with an optimized graph, the patched graph before the passes too."""
         graphs = {"baseline": self.baseline_graph(engine), "patched": self.patched_graph(engine)}
-        if "optimized" in self.graphs and engine.precision == "fp32":
+        if "optimized" in self.graphs and engine.precision == "fp32" and not engine.fused_attention:
             graphs["patched_unoptimized"] = self.graphs["patched"]
         return graphs
 
-    def _fp16(self, role: str, engine: Engine) -> Path:
+    def _twin(self, source: str, engine: Engine) -> Path:
+        role = twin_role(source, engine.precision, engine.fused_attention)
         if role not in self.graphs:
-            raise UserError(f"{self.target(role)} not found: the {engine.name} profile runs fp16 graphs; write them "
+            what = ("fused " if engine.fused_attention else "") + ("fp16 " if engine.precision == "fp16" else "")
+            raise UserError(f"{self.target(role)} not found: the {engine.name} profile runs {what}graphs; write them "
                             f"with `hgdeploy export --engine {engine.name}` (same recipe and --out)")
         return self.graphs[role]
 
@@ -126,6 +136,13 @@ class ExportFolder:
                     "plan": self.info.get("plan")}
         write_atomic(self.path / MANIFEST, to_json(manifest))
         return self.path / MANIFEST
+
+
+def twin_role(source: str, precision: str, fused: bool) -> str:
+    """The role of the graph a profile runs in place of `source` ("baseline" or "patched")."""
+    if fused:
+        return (FUSED_FP16_TWINS if precision == "fp16" else FUSED_TWINS)[source]
+    return FP16_TWINS[source] if precision == "fp16" else source
 
 
 def recipe_difference(recorded: JsonObject, now: JsonObject) -> tuple[str, JsonValue, JsonValue] | None:

@@ -85,14 +85,20 @@ class _Casts:
         return self.made[key]
 
 
-def to_fp16(model: onnx.ModelProto, keep_fp32: Callable[[onnx.NodeProto], bool]) -> tuple[onnx.ModelProto, Fp16Summary]:
+def to_fp16(model: onnx.ModelProto, keep_fp32: Callable[[onnx.NodeProto], bool],
+            fp32_ops: frozenset[str] = FP32_OPS) -> tuple[onnx.ModelProto, Fp16Summary]:
     """The model with fp16 weights and compute, fp32 graph inputs/outputs and fp32 islands; checked.
 
-    keep_fp32(node) selects nodes (by their ONNX NodeProto) that compute in fp32, with FP32_OPS.
+    keep_fp32(node) selects nodes (by their ONNX NodeProto) that compute in fp32, with `fp32_ops`. A
+    LayerNormalization left in fp16 gets stash_type 1: the spec then computes its statistics in fp32 inside
+    the op (ONNX Runtime's CPU and CUDA kernels do), so no Cast island is needed around it.
     """
     protos = {n.name: n for n in model.graph.node}
     graph = import_graph(model)
-    fp32 = {id(n) for n in graph.nodes if n.op in FP32_OPS or keep_fp32(protos.get(n.name, onnx.NodeProto()))}
+    fp32 = {id(n) for n in graph.nodes if n.op in fp32_ops or keep_fp32(protos.get(n.name, onnx.NodeProto()))}
+    for node in graph.nodes:
+        if node.op == "LayerNormalization" and id(node) not in fp32:
+            node.attrs["stash_type"] = 1
     _half_outputs(graph, fp32)
     casts = _typed_inputs(graph, fp32)
     _float_graph_outputs(graph)

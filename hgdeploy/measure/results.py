@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields, replace
 from hgdeploy.core.files import JsonObject
 from hgdeploy.core.recipe import Section
 from hgdeploy.graph.deploy import Converted, Optimized
+from hgdeploy.graph.fusion import FusionSummary
 from hgdeploy.measure.checks import Parity
 from hgdeploy.measure.profile import Profiles
 from hgdeploy.measure.timing import Timing
@@ -80,6 +81,7 @@ class Report:
     backend: JsonObject | None = None  # the profile, library versions and machine a timing was measured with
     images: list[str] | None = None
     optimize: Optimized | None = None  # also report.json's "lint"
+    fusion: dict[str, FusionSummary] | None = None  # each fused twin's attention fusion
     fp16: dict[str, Converted] | None = None
     onnx: dict[str, str] | None = None
     parity: Parity | None = None
@@ -102,8 +104,8 @@ class Report:
                 continue
             if isinstance(value, (Optimized, Latency)):
                 out |= value.to_json()
-            elif f.name == "fp16":
-                out["fp16"] = {twin: c.to_json() for twin, c in value.items()}
+            elif f.name in ("fp16", "fusion"):
+                out[f.name] = {twin: c.to_json() for twin, c in value.items()}
             elif isinstance(value, (RecipeInfo, Weights, Parity, Profiles)):
                 out[f.name] = value.to_json()
             else:

@@ -33,13 +33,13 @@ def run(recipe: Recipe, engine: EngineProfile, photos: list[Photo], out: Path) -
 
 
 def export(recipe: Recipe, engine: EngineProfile, out: Path) -> Report:
-    """`hgdeploy export`: baseline.onnx and patched.onnx planned for the profile's device; for an fp16 profile also
-    the graph passes and the fp16 twins. The profile need not run here."""
+    """`hgdeploy export`: baseline.onnx and patched.onnx planned for the profile's device; for a profile that runs
+    twins (fp16, fused attention) also the graph passes and those twins. The profile need not run here."""
     ctx = load_context(recipe, engine)
     info = ctx.describe()
     with staged_output(out) as stage:
         folder, written = write_deployable(ctx.models, ctx.example, engine, stage, info.to_json(),
-                                           passes=engine.precision == "fp16")
+                                           passes=engine.precision == "fp16" or engine.fused_attention)
     made_for = Report(engine={"profile": engine.name, "device": engine.device, "precision": engine.precision})
     return info | made_for | written | Report(onnx={role: str(out / path.name) for role, path in folder.graphs.items()})
 

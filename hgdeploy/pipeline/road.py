@@ -1,4 +1,5 @@
-"""The one road from loaded PyTorch models to a deployable export folder: export -> graph passes -> fp16 -> manifest.
+"""The one road from loaded PyTorch models to a deployable export folder: export -> graph passes -> the profile's
+twins (fused attention, fp16) -> manifest.
 
 Every command that writes graphs from models takes it (run, export, bench and eval without an export folder,
 tune for each plan it times); the deploy-side commands only read what it wrote.
@@ -13,7 +14,7 @@ import torch
 from hgdeploy.backends import EngineProfile
 from hgdeploy.core import progress
 from hgdeploy.core.files import JsonObject
-from hgdeploy.graph.deploy import optimize_patched, write_fp16
+from hgdeploy.graph.deploy import optimize_patched, write_twins
 from hgdeploy.graph.folder import ExportFolder
 from hgdeploy.measure.results import Report
 from hgdeploy.patch.export import OPSET, export_onnx
@@ -27,7 +28,8 @@ def write_deployable(models: Models, example: torch.Tensor, engine: EngineProfil
                      passes: bool = True) -> tuple[ExportFolder, Report]:
     """`roles` of `models` ("baseline", "patched") exported at `example`'s shape into `folder`, `info` recorded in
     each graph; the graph passes on the patched graph (unless `passes` is False: `hgdeploy export` leaves them to
-    `hgdeploy optimize` for an fp32 profile); the fp16 twins for an fp16 profile; manifest.json. Returns the
+    `hgdeploy optimize` for an fp32 profile); the twins the profile runs (fused attention for an ONNX Runtime profile
+    with fused_attention, fp16 for an fp16 profile); manifest.json. Returns the
     folder and what the passes and the fp16 conversion reported."""
     export = ExportFolder(Path(folder))
     for role in roles:
@@ -39,8 +41,8 @@ def write_deployable(models: Models, example: torch.Tensor, engine: EngineProfil
     if passes and "patched" in roles:
         export, optimized = optimize_patched(export)
         report |= Report(optimize=optimized)
-    if engine.precision == "fp16":
-        export, converted = write_fp16(export, roles)
-        report |= Report(fp16=converted)
+    if engine.precision == "fp16" or engine.fused_attention:
+        export, twins = write_twins(export, engine, roles)
+        report |= Report(fusion=twins.fusion, fp16=twins.fp16)
     export.write_manifest()
     return export, report

@@ -107,10 +107,9 @@ def op_type_reason(node: onnx.NodeProto, g: Graph) -> str | None:
     return f"{node.op_type} on {dtype} tensors is not supported (the matrix lists {listed})"
 
 
-def tensor_findings(model: onnx.ModelProto, g: Graph) -> list[Finding]:
-    """Static shapes (the toolkit) and tensor types (the parser) of the graph's named tensors."""
-    graph, s = model.graph, g.support
-    io = {vi.name for vi in list(graph.input) + list(graph.output)}
+def shape_findings(model: onnx.ModelProto) -> list[Finding]:
+    """The toolkit's static-shape rule on the graph's named tensors (whatever runtime reads the graph)."""
+    graph = model.graph
     out: list[Finding] = []
     seen: set[str] = set()
     for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
@@ -132,10 +131,18 @@ def tensor_findings(model: onnx.ModelProto, g: Graph) -> list[Finding]:
                                             "requires static shapes"))
         elif any(d < 0 for d in dims):
             out.append(Finding(vi.name, "", f"negative dimension in {dims}"))
+    return out
+
+
+def tensor_findings(model: onnx.ModelProto, g: Graph) -> list[Finding]:
+    """Static shapes (the toolkit) and tensor types (the parser) of the graph's named tensors."""
+    graph, s = model.graph, g.support
+    io = {vi.name for vi in list(graph.input) + list(graph.output)}
+    out = shape_findings(model)
+    seen: set[str] = set()
     typed = [(vi.name, vi.type.tensor_type.elem_type) for vi in list(graph.input) + list(graph.output)
              + list(graph.value_info) if vi.type.HasField("tensor_type")]
     typed += [(name, g.types[name]) for name in g.constants]
-    seen.clear()
     for name, dtype in typed:
         if name in seen or dtype == onnx.TensorProto.UNDEFINED:
             continue
