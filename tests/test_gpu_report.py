@@ -34,9 +34,15 @@ def test_the_smoke_run_measures_every_step_and_renders_them(tmp_path):
     assert data["smoke"] is True
     steps = data["steps"]
     assert not [s for s in steps if "error" in s or "skipped" in s], steps
-    count = {k: sum(s["step"] == k for s in steps) for k in ("export", "parity", "engine", "torch")}
-    # two forms; parity in the first (GPU) form only; on the CPU the eager settings only, fp32 and fp16
-    assert count == {"export": 2, "parity": 1, "engine": 4, "torch": 4}, count
+    count = {k: sum(s["step"] == k for s in steps) for k in ("export", "parity", "engine", "profile", "torch")}
+    # two forms; parity and the per-part profile in the first (GPU) form only; on the CPU the eager settings only,
+    # fp16 fused and fp32 plain (torch: fp16 and fp32)
+    assert count == {"export": 2, "parity": 1, "engine": 4, "profile": 1, "torch": 4}, count
+    export = next(s for s in steps if s["step"] == "export")
+    assert export["fusion"]["baseline_fused"]["fused"] == export["fusion"]["baseline_fused"]["found"] > 0
+    assert {"baseline_fused_fp16", "baseline_fp16"} <= set(export["fp16"])  # fused and plain twins, one folder
+    parts = next(s for s in steps if s["step"] == "profile")["parts_ms"]
+    assert parts["patched"]["clustering"] > 0 and parts["baseline"]["attention"] > 0
     assert [s["form"] for s in steps if s["step"] == "parity"] == ["dense"]
     for s in steps:
         if s["step"] in ("engine", "torch"):
@@ -44,7 +50,8 @@ def test_the_smoke_run_measures_every_step_and_renders_them(tmp_path):
     par = next(s for s in steps if s["step"] == "parity")["parity"]
     assert set(par["per_output"]) == {"tokens", "heatmap"} and par["passed"]
     md = (tmp_path / "gpu.md").read_text()
-    assert "| dinov2_s14_focus | recipe | local | fp16, eager |" in md
+    assert "| dinov2_s14_focus | recipe | local | fp16 fused, eager |" in md
+    assert "| dinov2_s14_focus | ort-cpu-fp16 (eager, profiled) | patched |" in md
     assert "target: dinov2_s14_focus, ort-cpu-fp16 parity cosine ≥ 0.999 on every output" in md
     assert "a smoke run, not a GPU figure" in md
     assert readme_hash() == before  # a smoke run never writes the README
