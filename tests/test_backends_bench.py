@@ -115,8 +115,8 @@ def test_staged_output_leaves_nothing_on_failure(tmp_path):
     ("ort-cuda-fp16", ("cpu", torch.float32, False), ("cuda", torch.float32, False), ("cuda", torch.float16, True)),
 ])
 def test_pytorch_runs_where_each_use_needs_it(engine, reference, on_device, timed):
-    """Parity's reference stays fp32 on the CPU; eval's fp32 reference moves to a GPU profile's GPU (a dataset
-    of ViT-L windows takes hours on a CPU); timing follows the profile's device, precision and CUDA graph.
+    """The fp32 reference of parity (run, check) and eval moves to a GPU profile's GPU (a dataset of ViT-L windows
+    takes hours on a CPU, Segmenter's parity 79 s); timing follows the profile's device, precision and CUDA graph.
     The runners are only built here (a GPU one allocates nothing until activated)."""
     from conftest import TINY_TIMM
 

@@ -21,17 +21,16 @@ from hgdeploy.pipeline.context import STRUCTURE_ONLY, Context
 
 
 def torch_runners(ctx: Context, on_profile: bool = False, reference_on_device: bool = False) -> dict[str, TorchRunner]:
-    """The unpatched and patched PyTorch models as runners: the fp32 reference on the CPU (parity on a few
-    photos); with `reference_on_device` the fp32 reference (TF32 off), eager, on a GPU profile's GPU when torch
-    sees one (parity of Segmenter ViT-L took 79 s on the CPU of an idle H200 machine; eval: a dataset of ViT-L
-    windows takes hours); with `on_profile` the profile's device, precision and CUDA-graph
-    setting (timing like against like)."""
+    """The unpatched and patched PyTorch models as runners: the fp32 reference on the CPU; with
+    `reference_on_device` the fp32 reference (TF32 off), eager, on a GPU profile's GPU (what parity and eval use:
+    Segmenter ViT-L's parity took 79 s on the CPU of an idle H200 machine, an eval dataset takes hours); with
+    `on_profile` the profile's device, precision and CUDA-graph setting (timing like against like)."""
     names, example, engine = ctx.models.family.output_names, ctx.example, ctx.engine
     settings: dict[str, str | bool | torch.dtype] = {}
     if engine.on_gpu and on_profile:
         settings = {"device": "cuda", "cuda_graph": engine.cuda_graph,
                     "dtype": torch.float16 if engine.precision == "fp16" else torch.float32}
-    elif engine.on_gpu and reference_on_device and torch.cuda.is_available():
+    elif engine.on_gpu and reference_on_device:
         settings = {"device": "cuda"}
     return {"torch_patched": torch_runner(ctx.models.patched, example, names, INPUT_NAME, "torch-patched", **settings),
             "torch_baseline": torch_runner(ctx.models.baseline, example, names, INPUT_NAME, "torch-baseline",
