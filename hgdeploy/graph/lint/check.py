@@ -191,22 +191,27 @@ def _lint(model: onnx.ModelProto, support: ParserSupport, base_dir: str = "") ->
     return findings + tensor_findings(model, g)
 
 
-def lint_path(path: str | Path, trt_major: int = DEFAULT_MAJOR) -> list[Finding]:
-    """lint_model on an ONNX file. UserError (one line) if it is missing or not ONNX."""
-    support = support_for(trt_major)
+def load_graph(path: str | Path) -> onnx.ModelProto:
+    """An ONNX file's graph, weights left on disk (the rules only read small constants, through
+    Graph.value(base_dir)). UserError (one line) if it is missing or not ONNX."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file")
     if not path.is_file():
         raise UserError(f"{path} is not a file")
     try:
-        # Weights stay on disk: the rules only read small constants, through Graph.value(base_dir).
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf's DecodeError and friends
         raise UserError(f"{path} is not an ONNX model ({type(e).__name__})") from None
     if model.ir_version == 0 or not model.HasField("graph"):
         raise UserError(f"{path} is not an ONNX model (no IR version or graph)")
-    return _lint(model, support, str(path.parent))
+    return model
+
+
+def lint_path(path: str | Path, trt_major: int = DEFAULT_MAJOR) -> list[Finding]:
+    """lint_model on an ONNX file. UserError (one line) if it is missing or not ONNX."""
+    support = support_for(trt_major)
+    return _lint(load_graph(path), support, str(Path(path).parent))
 
 
 def format_finding(f: Finding) -> str:

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import onnx
 
-from hgdeploy.core.errors import UserError
-from hgdeploy.graph.lint.check import Finding, infer_shapes, shape_findings
+from hgdeploy.graph.lint.check import Finding, infer_shapes, load_graph, shape_findings
 
 @lru_cache(maxsize=1)
 def ort_schemas() -> dict[tuple[str, str], list[int]]:
@@ -56,11 +55,4 @@ def lint_runtime_model(model: onnx.ModelProto) -> list[Finding]:
 
 def lint_runtime_path(path: str | Path) -> list[Finding]:
     """lint_runtime_model on an ONNX file. UserError (one line) if it is missing or not ONNX."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf's DecodeError and friends
-        raise UserError(f"{path} is not an ONNX model ({type(e).__name__})") from None
-    return lint_runtime_model(model)
+    return lint_runtime_model(load_graph(path))
