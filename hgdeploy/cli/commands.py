@@ -83,21 +83,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from hgdeploy.backends import require_profiler
 
     rec = groups.recipe(args)
-    if args.out is not None and not args.torch:
+    engines_only = args.out is not None and not args.torch
+    engine = groups.engine(args) if engines_only else groups.engine(args, rec)
+    if args.profile:
+        require_profiler(engine)
+    folder = groups.export_folder(args, rec, writes=args.profile) if args.out is not None else None
+    if engines_only:
         from hgdeploy.pipeline import engines
 
-        engine = groups.engine(args)
-        if args.profile:
-            require_profiler(engine)
-        report = engines.bench_export(groups.export_folder(args, rec, writes=args.profile), engine,
-                                      args.profile).to_json()
+        report = engines.bench_export(folder, engine, args.profile).to_json()
     else:
         from hgdeploy.pipeline import commands
 
-        engine = groups.engine(args, rec)
-        if args.profile:
-            require_profiler(engine)
-        folder = groups.export_folder(args, rec, writes=args.profile) if args.out is not None else None
         report = commands.bench(rec, engine, folder, args.torch, args.profile).to_json()
     if args.json:
         emit(report, True, ["plan", "backend", "gflops", "latency_ms", "latency", "speedup", "speedup_torch",

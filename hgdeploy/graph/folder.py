@@ -101,13 +101,13 @@ class ExportFolder:
     def patched_graph(self, engine: Engine | None = None) -> Path:
         """The patched graph an engine is built from: the profile's twin (fp16, fused) when it runs one, else the
         graph passes' result when there is one."""
-        if engine is not None and (engine.precision == "fp16" or engine.fused_attention):
+        if engine is not None and runs_twins(engine):
             return self._twin("patched", engine)
         return self.graphs.get("optimized", self.graphs["patched"])
 
     def baseline_graph(self, engine: Engine) -> Path:
         """The unpatched graph the patched one is timed against, in the same precision and form."""
-        if engine.precision == "fp16" or engine.fused_attention:
+        if runs_twins(engine):
             return self._twin("baseline", engine)
         return self.graphs["baseline"]
 
@@ -136,6 +136,11 @@ class ExportFolder:
                     "plan": self.info.get("plan")}
         write_atomic(self.path / MANIFEST, to_json(manifest))
         return self.path / MANIFEST
+
+
+def runs_twins(engine: Engine) -> bool:
+    """Does the profile run graphs derived from the exports (fp16, fused) rather than the exports themselves?"""
+    return engine.precision == "fp16" or engine.fused_attention
 
 
 def twin_role(source: str, precision: str, fused: bool) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 from hgdeploy.backends import EngineProfile, load_profile
 from hgdeploy.core.files import staged_output
 from hgdeploy.core.recipe import Recipe
-from hgdeploy.graph.folder import ExportFolder
+from hgdeploy.graph.folder import ExportFolder, runs_twins
 from hgdeploy.measure.images import Photo
 from hgdeploy.measure.report import write_report
 from hgdeploy.measure.results import Report
@@ -39,7 +39,7 @@ def export(recipe: Recipe, engine: EngineProfile, out: Path) -> Report:
     info = ctx.describe()
     with staged_output(out) as stage:
         folder, written = write_deployable(ctx.models, ctx.example, engine, stage, info.to_json(),
-                                           passes=engine.precision == "fp16" or engine.fused_attention)
+                                           passes=runs_twins(engine))
     made_for = Report(engine={"profile": engine.name, "device": engine.device, "precision": engine.precision})
     return info | made_for | written | Report(onnx={role: str(out / path.name) for role, path in folder.graphs.items()})
 

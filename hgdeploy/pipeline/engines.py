@@ -18,7 +18,7 @@ from hgdeploy.core.contract import INPUT_NAME, graph_sha256, is_layer_node, node
 from hgdeploy.core.files import JsonObject, to_json, write_atomic
 from hgdeploy.graph.deploy import optimize_patched, write_twins
 from hgdeploy.graph.flops import onnx_gflops
-from hgdeploy.graph.folder import ExportFolder
+from hgdeploy.graph.folder import ExportFolder, runs_twins
 from hgdeploy.measure.profile import GraphProfile, Layers, Profiles, read_trace, summarise
 from hgdeploy.measure.results import Latency, Report
 from hgdeploy.measure.timing import Timing, machine_info, time_interleaved
@@ -126,7 +126,7 @@ def optimize_export(folder: ExportFolder, engine: EngineProfile) -> Report:
     """`hgdeploy optimize`: the passes on folder/patched.onnx, then the engines before and after, timed."""
     folder, optimized = optimize_patched(folder)
     twins = None
-    if engine.precision == "fp16" or engine.fused_attention:  # the patched twins came from the old graph
+    if runs_twins(engine):  # the patched twins came from the old graph
         folder, twins = write_twins(folder, engine, ("patched",))
     folder.write_manifest()
     return Report(optimize=optimized, fusion=twins and twins.fusion, fp16=twins and twins.fp16,

@@ -15,7 +15,7 @@ from hgdeploy.backends import EngineProfile
 from hgdeploy.core import progress
 from hgdeploy.core.files import JsonObject
 from hgdeploy.graph.deploy import optimize_patched, write_twins
-from hgdeploy.graph.folder import ExportFolder
+from hgdeploy.graph.folder import ExportFolder, runs_twins
 from hgdeploy.measure.results import Report
 from hgdeploy.patch.export import OPSET, export_onnx
 from hgdeploy.patch.models import Models
@@ -41,7 +41,7 @@ def write_deployable(models: Models, example: torch.Tensor, engine: EngineProfil
     if passes and "patched" in roles:
         export, optimized = optimize_patched(export)
         report |= Report(optimize=optimized)
-    if engine.precision == "fp16" or engine.fused_attention:
+    if runs_twins(engine):
         export, twins = write_twins(export, engine, roles)
         report |= Report(fusion=twins.fusion, fp16=twins.fp16)
     export.write_manifest()
