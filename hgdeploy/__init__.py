@@ -23,6 +23,8 @@ PUBLIC = {
     "write_atomic_bytes": "hgdeploy.core.files",
     "INPUT_NAME": "hgdeploy.core.contract",
     "load_recipe": "hgdeploy.core.recipe", "bundled_recipes": "hgdeploy.core.recipe",
+    "TokenClustering": "hgdeploy.layers", "TokenReconstruction": "hgdeploy.layers",
+    "WeightedSum": "hgdeploy.layers",
     "get_family": "hgdeploy.families.catalogue",
     "build_models": "hgdeploy.patch.models",
     "ExportFolder": "hgdeploy.graph.folder", "write_twins": "hgdeploy.graph.deploy",

@@ -9,10 +9,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from conftest import SMALL_EXPORT, hgdeploy_main
 from onnx import TensorProto, helper, numpy_helper
 
-from hgdeploy.core.contract import INPUT_NAME, is_layer_node
+from hgdeploy.core.contract import INPUT_NAME, is_fp32_layer_node, is_layer_node, read_clustering_specs
 from hgdeploy.graph.fp16 import FP32_OPS, to_fp16
 from hgdeploy.graph.lint import lint_model
 from hgdeploy.measure.checks import cosine
@@ -138,7 +139,9 @@ def fp16_export(small_export) -> Path:
     return small_export
 
 
-def test_the_fp16_export_is_fp16_with_fp32_clustering(fp16_export):
+def test_the_fp16_export_is_fp16_with_fp32_clustering_distances(fp16_export):
+    """Every clustering/reconstruction node computes in fp32 except the layers' weighted sums of tokens (their
+    MatMuls, and the Transpose feeding one), which run in fp16 (layers.mixing)."""
     model = onnx.load(str(fp16_export / "patched.fp16.onnx"))
     sizes = {TensorProto.FLOAT: 4, TensorProto.FLOAT16: 2}
     nbytes = {t: 0 for t in sizes}
@@ -146,14 +149,20 @@ def test_the_fp16_export_is_fp16_with_fp32_clustering(fp16_export):
         if init.data_type in sizes:
             nbytes[init.data_type] += sizes[init.data_type] * int(np.prod(init.dims))
     assert nbytes[TensorProto.FLOAT16] / sum(nbytes.values()) >= 0.9
-    types, in_layer = _types(model), is_layer_node(model)
+    types, in_layer, fp32 = _types(model), is_layer_node(model), is_fp32_layer_node(model)
     layer_nodes = [n for n in model.graph.node if in_layer(n)]
     assert len(layer_nodes) > 50
+    half = [n for n in layer_nodes if not fp32(n)]
+    assert {n.op_type for n in half} == {"MatMul", "Transpose"}
+    iters = next(s["iters"] for s in read_clustering_specs(model) if s["kind"] == "clustering")
+    assert sum(n.op_type == "MatMul" for n in half) == 1 + iters + 1  # pooling, each M-step, reconstruction
+    assert {n.op_type for n in layer_nodes if fp32(n)} >= {"MatMul", "Softmax", "Where", "ReduceSum"}
     floats = {TensorProto.FLOAT, TensorProto.FLOAT16}
     for node in layer_nodes:
+        want = TensorProto.FLOAT if fp32(node) else TensorProto.FLOAT16
         for name in [*node.input, *node.output]:
             if name and types.get(name) in floats:
-                assert types[name] == TensorProto.FLOAT, (node.name, name)
+                assert types[name] == want, (node.name, name)
     assert lint_model(model) == []
 
 
@@ -275,3 +284,59 @@ def test_the_onnxruntime_lint_names_an_op_onnxruntime_does_not_know():
     found = lint_runtime_model(model)
     assert [(f.node, f.op_type) for f in found] == [("made_up", "NoSuchAttention")]
     assert "has no op com.microsoft::NoSuchAttention" in found[0].reason
+
+
+def _smooth_tokens(grid: int, channels: int, norm: float, seed: int = 0) -> torch.Tensor:
+    """[1, grid^2, C] tokens that vary smoothly over the grid (neighbours alike, as in a ViT), of about `norm`."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(1, channels, grid // 4, grid // 4, generator=g)
+    field = torch.nn.functional.interpolate(coarse, size=(grid, grid), mode="bicubic", align_corners=False)
+    field = field + 0.3 * torch.randn(1, channels, grid, grid, generator=g)
+    z = field.flatten(2).transpose(1, 2)
+    return z / z.norm(dim=-1, keepdim=True).mean() * norm
+
+
+def _as_fp16(t: torch.Tensor) -> torch.Tensor:
+    return t.half().float()
+
+
+def test_clustering_precision_split():
+    """The split layers.mixing states, on tokens like a ViT-B's (norms ~30) at the temperature tau = "auto" picks:
+    running the
+    layers' weighted sums in fp16 (operands and result rounded, fp32 accumulation) moves the centres less than a
+    1e-3 relative noise on the tokens does; the E-step's distance GEMM in fp16 moves them far more, so it stays
+    fp32. What makes the sums safe: each centre's weights reach the GEMM normalised (they sum to 1), so a nearly
+    empty cluster's weights do not sink below fp16's normal range (6e-5) as its raw soft assignments do."""
+    from hgdeploy.layers import TokenClustering, calibrate_tau
+    from hgdeploy.layers.mixing import WeightedSum
+
+    z = _as_fp16(_smooth_tokens(24, 96, norm=30.0))  # tokens reach the layer in fp16
+    tau = calibrate_tau(TokenClustering((24, 24), (16, 16), neighbours=5, iters=5, tau=1.0, form="dense"), z)
+    layer = TokenClustering((24, 24), (16, 16), neighbours=5, iters=5, tau=tau, form="dense")
+    worst = lambda s: 1 - torch.nn.functional.cosine_similarity(s, ref, dim=-1).min().item()  # noqa: E731
+    with torch.no_grad():
+        ref = layer(z)
+        noise = worst(layer(z * (1 + 1e-3 * torch.randn(z.shape, generator=torch.Generator().manual_seed(1)))))
+        hooks = [m.register_forward_pre_hook(lambda m, args: tuple(_as_fp16(a) for a in args))
+                 for m in layer.modules() if isinstance(m, WeightedSum)]
+        hooks += [m.register_forward_hook(lambda m, args, out: _as_fp16(out))
+                  for m in layer.modules() if isinstance(m, WeightedSum)]
+        sums_fp16 = worst(layer(z))
+        for h in hooks:
+            h.remove()
+        matmul = torch.matmul  # the dense E-step's only torch.matmul: z @ (2 s / tau)^T
+        try:
+            torch.matmul = lambda a, b: _as_fp16(matmul(_as_fp16(a), _as_fp16(b)))
+            distances_fp16 = worst(layer(z))
+        finally:
+            torch.matmul = matmul
+    assert len(hooks) == 4  # fp16_pool and fp16_mix, a pre-hook and a hook each
+    assert sums_fp16 < noise, (sums_fp16, noise)
+    weights = []
+    layer.fp16_mix.register_forward_pre_hook(lambda m, args: weights.append(args[0]))
+    with torch.no_grad():
+        layer(z)
+    assert len(weights) == layer.iters
+    for w in weights:  # [B, N, M], summed over the tokens of each centre
+        assert torch.allclose(w.sum(1), torch.ones(()), atol=1e-4)
+    assert distances_fp16 > 10 * noise, (distances_fp16, noise)

@@ -10,7 +10,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from hgdeploy.core.contract import FP32_MARKER, ExportError, infer_shapes, read_clustering_specs, without_weights
+from hgdeploy.core.contract import (FP16_MARKER, FP32_MARKER, ExportError, infer_shapes, is_fp32_layer_node, is_layer_node,
+                                   read_clustering_specs, without_weights)
 from hgdeploy.graph.passes import (
     FP16_MAX,
     PASSES,
@@ -19,7 +20,7 @@ from hgdeploy.graph.passes import (
     drop_softmax_invariant_terms,
     fold_constants,
     fp16_safe_masks,
-    mark_fp32,
+    mark_precision,
     optimize,
 )
 from hgdeploy.layers import TokenClustering, TokenReconstruction
@@ -142,12 +143,16 @@ def test_fp16_safe_masks_replaces_huge_penalties():
     np.testing.assert_allclose(_run(out, {"x": x})[0], _run(model, {"x": x})[0], atol=1e-7)
 
 
-def test_mark_fp32_marks_only_the_layers():
+def test_mark_precision_marks_only_the_layers_and_their_fp16_safe_sums_apart():
     model = _softmax_with_norm_term()
-    scopes = {"sub": ["", "enc.clustering"], "softmax": ["", "enc.clustering"], "sq": ["", "enc.block"]}
-    out, _ = _apply(mark_fp32, model, scopes, [{"scope": "enc.clustering", "kind": "clustering"}])
+    scopes = {"sub": ["", "enc.clustering"], "softmax": ["", "enc.clustering", "enc.clustering.fp16_mix"],
+              "sq": ["", "enc.block"]}
+    out, _ = _apply(mark_precision, model, scopes, [{"scope": "enc.clustering", "kind": "clustering"}])
     names = {n.name for n in out.graph.node}
-    assert f"{FP32_MARKER}/sub" in names and f"{FP32_MARKER}/softmax" in names and "sq" in names
+    assert f"{FP32_MARKER}/sub" in names and f"{FP16_MARKER}/softmax" in names and "sq" in names
+    in_layer, fp32 = is_layer_node(out), is_fp32_layer_node(out)
+    assert {(n.name, in_layer(n), fp32(n)) for n in out.graph.node if n.name.startswith("hgdeploy")} == {
+        (f"{FP32_MARKER}/sub", True, True), (f"{FP16_MARKER}/softmax", True, False)}
 
 
 def test_shape_inference_without_the_weights_gives_the_shapes_inference_with_them_gives():

@@ -35,8 +35,14 @@ CLUSTERING_METADATA = "hgdeploy.clustering"
 EXPORT_METADATA = "hgdeploy.patch.export"
 # Node metadata key under which torch's exporter records the module path(s) a node came from.
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"
-# Node-name prefix for layers a reduced-precision engine must keep in fp32 (passes.mark_fp32).
+# Node-name prefixes the graph passes give the clustering/reconstruction layers' nodes (passes.mark_precision):
+# those a reduced-precision engine must keep in fp32, and those of the layers' fp16-safe weighted sums.
 FP32_MARKER = "hgdeploy_fp32"
+FP16_MARKER = "hgdeploy_fp16"
+LAYER_MARKERS = (FP32_MARKER, FP16_MARKER)
+# Name prefix of the layers' submodules that are safe in fp16 (layers.mixing.WeightedSum): their nodes run in
+# fp16 in an fp16 graph although they sit inside a clustering/reconstruction layer.
+FP16_SAFE_PREFIX = "fp16_"
 # Ops whose output shape depends on values; the toolkit promises static shapes. Loop/If/Scan are
 # data-dependent only when an output has no static shape.
 ALWAYS_DATA_DEPENDENT = frozenset({"NonZero", "Unique", "NonMaxSuppression", "Compress"})
@@ -93,7 +99,21 @@ def is_layer_node(model: onnx.ModelProto) -> Callable[[onnx.NodeProto], bool]:
     """Predicate: does a node belong to a clustering/reconstruction layer (before or after the passes)?"""
     scopes = node_scopes(model)
     layer_scopes = [s["scope"] for s in read_clustering_specs(model)]
-    return lambda n: n.name.startswith(FP32_MARKER) or any(s in scopes.get(n.name, ()) for s in layer_scopes)
+    return lambda n: n.name.startswith(LAYER_MARKERS) or any(s in scopes.get(n.name, ()) for s in layer_scopes)
+
+
+def in_fp16_safe_scope(scopes: list[str] | tuple[str, ...]) -> bool:
+    """Was a node exported from one of the layers' fp16-safe submodules (a module path ending in FP16_SAFE_PREFIX...)?"""
+    return any(s.rsplit(".", 1)[-1].startswith(FP16_SAFE_PREFIX) for s in scopes)
+
+
+def is_fp32_layer_node(model: onnx.ModelProto) -> Callable[[onnx.NodeProto], bool]:
+    """Predicate: does a node compute in fp32 in an fp16 graph? The layers' nodes do (marked by the passes, or by
+    their scope before them), except those of their fp16-safe submodules."""
+    scopes = node_scopes(model)
+    in_layer = is_layer_node(model)
+    return lambda n: n.name.startswith(FP32_MARKER) or (
+        in_layer(n) and not n.name.startswith(FP16_MARKER) and not in_fp16_safe_scope(scopes.get(n.name, ())))
 
 
 def static_shape_problems(model: onnx.ModelProto) -> list[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import onnx
 
 from hgdeploy.core import progress
-from hgdeploy.core.contract import check_model, is_layer_node, save_onnx
+from hgdeploy.core.contract import check_model, is_fp32_layer_node, is_layer_node, save_onnx
 from hgdeploy.core.files import JsonObject
 from hgdeploy.core.memory import releases_memory
 from hgdeploy.graph.flops import FlopCount, onnx_gflops
@@ -118,8 +118,8 @@ def _fp16_graph(source: Path, target: Path, plain: bool) -> tuple[Path, Converte
     """One graph converted to fp16, saved and linted. A plain (TensorRT) graph keeps LayerNorm in an fp32 island;
     a fused (ONNX Runtime) one runs it in fp16 with fp32 statistics inside the op."""
     model = onnx.load(str(source))
-    with progress.step(f"Converting {source.name} to {target.name} (fp16, clustering kept in fp32)"):
-        converted, summary = to_fp16(model, is_layer_node(model), FP32_OPS if plain else frozenset())
+    with progress.step(f"Converting {source.name} to {target.name} (fp16, the clustering's distances kept in fp32)"):
+        converted, summary = to_fp16(model, is_fp32_layer_node(model), FP32_OPS if plain else frozenset())
     save_onnx(converted, target)
     findings = lint_model(converted, DEFAULT_MAJOR) if plain else lint_runtime_model(converted)
     return target, Converted(summary, [format_finding(f) for f in findings], "tensorrt" if plain else "onnxruntime")

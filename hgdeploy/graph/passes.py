@@ -18,9 +18,12 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from hgdeploy.core.contract import (
+    FP16_MARKER,
     FP32_MARKER,
+    LAYER_MARKERS,
     WEIGHT_ELEMENTS,
     ExportError,
+    in_fp16_safe_scope,
     node_scopes,
     read_clustering_specs,
     shapes_of,
@@ -155,8 +158,9 @@ def _mask_constant(t: gs.Tensor) -> np.ndarray | None:
 
 
 def fp16_safe_masks(graph: gs.Graph, ctx: PassContext) -> gs.Graph:
-    """x - 1e16*mask (or x + ...) -> Where(keep, x, -60000): finite in fp16, and no 0*inf anywhere."""
-    rewritten = 0
+    """x - 1e16*mask (or x + ...) -> Where(keep, x, -60000): finite in fp16, and no 0*inf anywhere. Every
+    iteration's Where shares one `keep` constant per mask (the exporter writes the penalty once per use)."""
+    rewritten, keeps = 0, {}
     for node in [n for n in graph.nodes if n.op in ("Add", "Sub")]:
         a, b = node.inputs
         keep = _mask_constant(b)
@@ -165,8 +169,10 @@ def fp16_safe_masks(graph: gs.Graph, ctx: PassContext) -> gs.Graph:
         sign = -1.0 if node.op == "Sub" else 1.0
         huge = float(np.asarray(b.values)[~keep].flat[0]) * sign
         fill = gs.Constant(f"{node.name}/mask_fill", np.array(MASK_FILL if huge < 0 else -MASK_FILL, dtype=b.values.dtype))
+        key = (keep.shape, keep.tobytes())
+        keeps.setdefault(key, gs.Constant(f"{node.name}/keep", keep))
         node.op = "Where"
-        node.inputs = [gs.Constant(f"{node.name}/keep", keep), a, fill]
+        node.inputs = [keeps[key], a, fill]
         node.attrs = {}
         rewritten += 1
     graph.cleanup().toposort()
@@ -187,20 +193,23 @@ def scope_of(node: gs.Node, ctx: PassContext) -> str | None:
     return next((s["scope"] for s in ctx.specs if s["scope"] in scopes), None)
 
 
-def mark_fp32(graph: gs.Graph, ctx: PassContext) -> gs.Graph:
-    """Prefix the clustering/reconstruction nodes with FP32_MARKER: a TensorRT fp16 build keeps them fp32.
+def mark_precision(graph: gs.Graph, ctx: PassContext) -> gs.Graph:
+    """Prefix the clustering/reconstruction nodes with FP32_MARKER, or FP16_MARKER for those of the layers'
+    fp16-safe weighted sums: the fp16 conversion keeps the first in fp32, and both stay known as layer nodes
+    (FLOPs, profiles) after graph-surgeon drops the exporter's scopes.
 
-    Squared distances and their softmax overflow or lose their ordering in fp16; the transformer
-    blocks around them do not need the precision.
+    Squared distances and their softmax overflow or lose their ordering in fp16; the weighted sums of tokens
+    with normalised weights, and the transformer blocks around the layers, do not need the precision.
     """
-    marked = 0
+    marked = {FP32_MARKER: 0, FP16_MARKER: 0}
     for node in graph.nodes:
-        if scope_of(node, ctx) and not node.name.startswith(FP32_MARKER):
+        if scope_of(node, ctx) and not node.name.startswith(LAYER_MARKERS):
+            marker = FP16_MARKER if in_fp16_safe_scope(ctx.scopes.get(node.name, ())) else FP32_MARKER
             old = node.name
-            node.name = f"{FP32_MARKER}/{old}"
+            node.name = f"{marker}/{old}"
             ctx.scopes[node.name] = ctx.scopes.pop(old, [])
-            marked += 1
-    ctx.notes.append(f"mark_fp32: {marked} nodes marked")
+            marked[marker] += 1
+    ctx.notes.append(f"mark_precision: {marked[FP32_MARKER]} nodes kept in fp32, {marked[FP16_MARKER]} fp16-safe")
     return graph
 
 
@@ -235,7 +244,7 @@ PASSES: list[tuple[str, Pass]] = [
     ("fold_constants", fold_constants),
     ("drop_softmax_invariant_terms", drop_softmax_invariant_terms),
     ("fp16_safe_masks", fp16_safe_masks),
-    ("mark_fp32", mark_fp32),
+    ("mark_precision", mark_precision),
     ("check_static", check_static),
 ]
 

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from hgdeploy.core.plan import FORMS
+from hgdeploy.layers.mixing import WeightedSum
 from hgdeploy.layers.tables import (
     MASK_PENALTY,
     inverse_table,
@@ -59,6 +60,12 @@ class TokenClustering(nn.Module):
     form "dense" works on the full [N, M] matrix with a constant mask (the official layout);
     "local" touches only each token's J = neighbours^2 candidate clusters through gathers with
     constant indices. Both compute the same function; "auto" picks per device (`choose_form`).
+
+    Written for a cheap engine: the E-step's logits are one GEMM with centres pre-scaled by 2/tau minus
+    |s|^2/tau (the token's own |z|^2/tau is dropped: a softmax over clusters does not see it), so the
+    [N, M] matrix is touched by three ops (GEMM, mask, softmax) instead of six; the M-step normalises
+    the weights per cluster before its GEMM, which makes that GEMM (and the initial pooling) safe in fp16
+    (`mixing.WeightedSum`); the distances and the softmax stay fp32.
     """
 
     def __init__(self, token_grid: tuple[int, int], grid: tuple[int, int], neighbours: int, iters: int, tau: float,
@@ -76,6 +83,7 @@ class TokenClustering(nn.Module):
         form, self.form_reason = choose_form(form, macs, device)
         self.form = form
         self.spec["form"] = form
+        self.fp16_pool, self.fp16_mix = WeightedSum(), WeightedSum(transposed=form == "dense")
         if form == "dense":
             self.register_buffer("pool", pool, persistent=False)
             mask = neighbourhood_mask(token_grid, grid, neighbours)
@@ -93,29 +101,29 @@ class TokenClustering(nn.Module):
         return self._dense(z) if self.form == "dense" else self._local(z)
 
     def _dense(self, z: Tensor) -> Tensor:
-        s = torch.matmul(self.pool, z)
+        s = self.fp16_pool(self.pool, z)
         for _ in range(self.iters):
-            logits = -squared_distances(z, s) * self.inv_tau - self.penalty
+            t = s * (2.0 * self.inv_tau)  # [B, M, C]: pre-scaled centres
+            logits = torch.matmul(z, t.transpose(1, 2)) - 0.5 * (t * s).sum(-1).unsqueeze(1) - self.penalty
             q = torch.softmax(logits, dim=-1)  # [B, N, M], each token's weights over its clusters
-            mass = q.sum(1).unsqueeze(-1)  # [B, M, 1]
-            s = (torch.matmul(q.transpose(1, 2), z) + EMPTY_CLUSTER_EPS * s) / (mass + EMPTY_CLUSTER_EPS)
+            inv = 1.0 / (q.sum(1).unsqueeze(-1) + EMPTY_CLUSTER_EPS)  # [B, M, 1]: 1 / each cluster's mass
+            s = self.fp16_mix(q * inv.transpose(1, 2), z) + (EMPTY_CLUSTER_EPS * inv) * s
         return s
 
     def _local(self, z: Tensor) -> Tensor:
         # Products are written as batched MatMuls: ONNX Runtime runs those faster than Einsum.
-        s = (self.pool_w.unsqueeze(-2) @ take(z, self.pool_col)).squeeze(-2)  # [B, M, C]
-        zz = (z * z).sum(-1, keepdim=True)  # [B, N, 1]
+        s = self.fp16_pool(self.pool_w.unsqueeze(-2), take(z, self.pool_col)).squeeze(-2)  # [B, M, C]
         z_inv = take(z, self.inv_token)  # [B, M, T, C]: the tokens each cluster can receive
         for _ in range(self.iters):
-            cand = take(s, self.cand)  # [B, N, J, C]
-            cross = (cand @ z.unsqueeze(-1)).squeeze(-1)  # [B, N, J]
-            ss = (s * s).sum(-1)  # [B, M]: each centre's norm once, then picked per candidate
-            dist = zz + ss.index_select(1, self.cand.reshape(-1)).view_as(cross) - 2.0 * cross
-            q = torch.softmax(-dist * self.inv_tau - self.penalty, dim=-1)  # [B, N, J]
+            t = s * (2.0 * self.inv_tau)
+            cross = (take(t, self.cand) @ z.unsqueeze(-1)).squeeze(-1)  # [B, N, J]
+            tt = 0.5 * (t * s).sum(-1)  # [B, M]: |s|^2 / tau, once per centre, then picked per candidate
+            logits = cross - tt.index_select(1, self.cand.reshape(-1)).view_as(cross) - self.penalty
+            q = torch.softmax(logits, dim=-1)  # [B, N, J]
             q_inv = q.flatten(1).index_select(1, self.inv_slot.reshape(-1)).view(q.shape[0], *self.inv_slot.shape)
             q_inv = q_inv * self.inv_valid  # [B, M, T]
-            mass = q_inv.sum(-1, keepdim=True)
-            s = ((q_inv.unsqueeze(-2) @ z_inv).squeeze(-2) + EMPTY_CLUSTER_EPS * s) / (mass + EMPTY_CLUSTER_EPS)
+            inv = 1.0 / (q_inv.sum(-1, keepdim=True) + EMPTY_CLUSTER_EPS)  # [B, M, 1]
+            s = self.fp16_mix((q_inv * inv).unsqueeze(-2), z_inv).squeeze(-2) + (EMPTY_CLUSTER_EPS * inv) * s
         return s
 
     def initial_distances(self, z: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from hgdeploy.core.plan import RECONSTRUCTIONS
+from hgdeploy.layers.mixing import WeightedSum
 from hgdeploy.layers.tables import MASK_PENALTY, pooling_matrix, squared_distances, take
 
 
@@ -19,9 +20,10 @@ class TokenPooling(nn.Module):
     def __init__(self, token_grid: tuple[int, int], grid: tuple[int, int]):
         super().__init__()
         self.register_buffer("pool", pooling_matrix(token_grid, grid), persistent=False)
+        self.fp16_pool = WeightedSum()
 
     def forward(self, z: Tensor) -> Tensor:
-        return torch.matmul(self.pool, z)
+        return self.fp16_pool(self.pool, z)
 
 
 class BilinearUpsampling(nn.Module):
@@ -35,9 +37,10 @@ class BilinearUpsampling(nn.Module):
         basis = torch.eye(h * w).view(h * w, 1, h, w)
         up = torch.nn.functional.interpolate(basis, size=token_grid, mode="bilinear", align_corners=False)
         self.register_buffer("up", up.view(h * w, -1).t().contiguous(), persistent=False)
+        self.fp16_up = WeightedSum()
 
     def forward(self, s_refined: Tensor, z_alpha: Tensor | None = None, s_alpha: Tensor | None = None) -> Tensor:
-        return torch.matmul(self.up, s_refined)
+        return self.fp16_up(self.up, s_refined)
 
 
 class TokenReconstruction(nn.Module):
@@ -59,6 +62,7 @@ class TokenReconstruction(nn.Module):
         self.k = k
         self.inv_tau = 1.0 / tau
         self.variant = variant
+        self.fp16_mix = WeightedSum()  # the weights sum to 1 (softmax) or have unit L2 norm (official): fp16-safe
         self.candidates = "nearest" if neighbourhood is None else "neighbourhood"
         if neighbourhood is not None:
             index, valid = neighbourhood
@@ -95,8 +99,8 @@ class TokenReconstruction(nn.Module):
         w, index = self.weights(z_alpha, s_alpha, dropped)
         if self.candidates == "neighbourhood":
             picked = take(s_refined, index)  # [B, N, J, C]
-            return (w.unsqueeze(-2) @ picked).squeeze(-2)
+            return self.fp16_mix(w.unsqueeze(-2), picked).squeeze(-2)
         B, M, C = s_refined.shape
         offsets = (torch.arange(B, device=index.device) * M).view(B, 1, 1)
         picked = s_refined.reshape(B * M, C).index_select(0, (index + offsets).reshape(-1))
-        return (w.unsqueeze(-2) @ picked.reshape(*index.shape, C)).squeeze(-2)  # [B, N, C]
+        return self.fp16_mix(w.unsqueeze(-2), picked.reshape(*index.shape, C)).squeeze(-2)  # [B, N, C]

@@ -16,7 +16,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hgdeploy.core.contract import FP32_MARKER
+from hgdeploy.core.contract import LAYER_MARKERS
 from hgdeploy.core.files import JsonObject
 
 PARTS = ("clustering", "reconstruction", "attention", "mlp", "rest")
@@ -93,8 +93,9 @@ def kernel_times(events: list[JsonObject], skip: int) -> tuple[dict[str, tuple[s
 
 def module_path(name: str, scopes: dict[str, list[str]]) -> list[str] | None:
     """The module paths of a traced node: its own, or that of the graph node ORT fused it from (the longest
-    "/"-prefix of its name that is a node), past the fp32 marker the graph passes prepend; None if neither."""
-    name = name.removeprefix(f"{FP32_MARKER}/")
+    "/"-prefix of its name that is a node), past the precision marker the graph passes prepend; None if neither."""
+    for marker in LAYER_MARKERS:
+        name = name.removeprefix(f"{marker}/")
     cut = len(name)
     while cut > 0:
         if name[:cut] in scopes:
