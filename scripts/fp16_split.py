@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 
-from hgdeploy import TokenClustering, WeightedSum, build_models, load_recipe, sample_photos, to_batch, to_json, write_atomic
+from hgdeploy import (TokenClustering, WeightedSum, build_models, exit_code, load_recipe, sample_photos, to_batch, to_json,
+                      write_atomic)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fp16_split.json"
 RECIPES = ("timm_vit_b16", "depth_anything_small", "dinov2_s14_focus")
@@ -81,7 +83,7 @@ def measure(recipe: str, sets: list[str]) -> dict:
             **{way: compare(out, ref) for way, out in ways.items()}}
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipes", nargs="*", default=list(RECIPES))
     parser.add_argument("--set", action="append", default=[], help="recipe override for every recipe named")
@@ -94,7 +96,8 @@ def main() -> None:
     old = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     old.update({r["recipe"]: r for r in rows})
     write_atomic(RESULTS, to_json(old))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_code(main, "fp16_split.py"))

@@ -70,8 +70,9 @@ def test_each_command_reads_its_recipe_file_once(command, tmp_path, tiny_export,
 
 def test_the_export_folder_lists_its_graphs_and_what_each_profile_runs(small_export):
     folder = ExportFolder.open(small_export, recipe_values(small_export))
-    assert set(folder.graphs) == set(GRAPH_FILES) - {"baseline_fused", "patched_fused", "baseline_fused_fp16",
-                                                     "patched_fused_fp16"}  # a plain (TensorRT) fp16 export
+    # a plain (TensorRT) fp16 export; commands run with ort-cpu on it (eval --export) derive its fused fp32 twins
+    assert set(GRAPH_FILES) - {"baseline_fused", "patched_fused"} - set(folder.graphs) == {
+        "baseline_fused_fp16", "patched_fused_fp16"}
     fp16 = SimpleNamespace(name="p16", precision="fp16", fused_attention=False)
     fp32 = SimpleNamespace(name="p32", precision="fp32", fused_attention=False)
     assert folder.engine_graphs(fp16) == {"baseline": small_export / "baseline.fp16.onnx",
@@ -84,6 +85,29 @@ def test_the_export_folder_lists_its_graphs_and_what_each_profile_runs(small_exp
     fused = SimpleNamespace(name="ort-cuda-fp16", precision="fp16", fused_attention=True)
     with pytest.raises(UserError, match="patched.fused.fp16.onnx not found: the ort-cuda-fp16 profile runs fused fp16"):
         folder.patched_graph(fused)  # a TensorRT export holds no fused graphs: said, not a plain graph instead
+
+
+def test_a_profile_gets_its_twins_derived_from_an_export_made_for_another(small_export, tmp_path, capsys):
+    """The export was made for trt-fp16 (plain fp16 twins); ort-cpu runs fused fp32 twins: they are derived from
+    the export's graphs (the patched one from the graph passes' result), said on stderr, listed in the manifest."""
+    import os
+    import shutil
+
+    import onnx
+
+    from hgdeploy.backends import load_profile
+    from hgdeploy.graph.deploy import with_twins
+
+    copy = tmp_path / "export"
+    shutil.copytree(small_export, copy, copy_function=os.link, ignore=shutil.ignore_patterns("*.fused.*"))
+    folder = with_twins(ExportFolder.open(copy, recipe_values(copy)), load_profile("ort-cpu"))
+    assert "no baseline or patched graph for ort-cpu: deriving them from the export" in capsys.readouterr().err
+    assert folder.engine_graphs(load_profile("ort-cpu")) == {"baseline": copy / "baseline.fused.onnx",
+                                                             "patched": copy / "patched.fused.onnx"}
+    ops = {n.op_type for n in onnx.load(str(copy / "patched.fused.onnx"), load_external_data=False).graph.node}
+    assert "MultiHeadAttention" in ops and "Where" in ops  # fused, from the passes' result (its masks)
+    assert {"baseline_fused", "patched_fused"} <= set(json.loads((copy / MANIFEST).read_text())["graphs"])
+    assert with_twins(folder, load_profile("ort-cpu")) == folder and capsys.readouterr().err == ""
 
 
 def recipe_values(folder):

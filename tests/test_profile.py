@@ -144,7 +144,9 @@ def test_bench_profile_writes_profile_json_for_both_graphs(tmp_path):
         assert g["by_part"]["attention"] > 0 and g["by_part"]["mlp"] > 0
         assert (g["by_part"]["clustering"] > 0) == (key == "patched"), key
     assert graphs["patched"]["by_part"]["reconstruction"] > 0
-    assert sorted(p.name for p in out.iterdir()) == ["baseline.onnx", "manifest.json", "patched.onnx", "profile.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["baseline.fused.onnx", "baseline.onnx", "manifest.json",
+                                                     "patched.fused.onnx", "patched.onnx", "patched.opt.onnx",
+                                                     "profile.json"]
 
 
 def test_bench_profile_prints_where_the_milliseconds_go(tmp_path):

@@ -53,13 +53,19 @@ def write_folder(args: argparse.Namespace, rec: Recipe, subfolder: str | None = 
     return check_output_folder(args.out if args.out is not None else default)
 
 
-def export_folder(args: argparse.Namespace, rec: Recipe, out: Path | None = None, writes: bool = False) -> ExportFolder:
+def export_folder(args: argparse.Namespace, rec: Recipe, out: Path | None = None, writes: bool = False,
+                  engine: EngineProfile | None = None) -> ExportFolder:
     """The export in --out (or `out`): its two graphs there, exported with this recipe's values; with `writes`,
-    a folder this command may write into."""
+    a folder this command may write into; with `engine`, the graphs that profile runs derived where the export
+    (made for another profile) lacks them."""
     from hgdeploy.core.files import check_output_folder
     from hgdeploy.graph.folder import ExportFolder, output_folder
 
     folder = ExportFolder.open(output_folder(rec.name, out if out is not None else args.out), rec.data)
     if writes:
         check_output_folder(folder.path)
+    if engine is not None:
+        from hgdeploy.graph.deploy import with_twins
+
+        folder = with_twins(folder, engine)
     return folder

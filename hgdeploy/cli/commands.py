@@ -56,7 +56,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     rec = groups.recipe(args)
     engine = groups.engine(args)
-    emit(engines.build(groups.export_folder(args, rec, writes=True), engine).to_json(), args.json)
+    emit(engines.build(groups.export_folder(args, rec, writes=True, engine=engine), engine).to_json(), args.json)
     return EXIT_OK
 
 
@@ -65,7 +65,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     rec = groups.recipe(args)
     engine = groups.engine(args, rec)
-    folder = groups.export_folder(args, rec)
+    folder = groups.export_folder(args, rec, engine=engine)
     report = commands.check(rec, engine, groups.photos(args), folder)
     emit(report.to_json(), args.json, ["weights", "plan", "parity", "fidelity"])
     return EXIT_OK if report.parity and report.parity.passed else EXIT_CHECK_FAILED
@@ -87,7 +87,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     engine = groups.engine(args) if engines_only else groups.engine(args, rec)
     if args.profile:
         require_profiler(engine)
-    folder = groups.export_folder(args, rec, writes=args.profile) if args.out is not None else None
+    folder = groups.export_folder(args, rec, writes=args.profile, engine=engine) if args.out is not None else None
     if engines_only:
         from hgdeploy.pipeline import engines
 
@@ -114,7 +114,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = groups.write_folder(args, rec, evaluation.EVAL_FOLDER)
     data = evaluation.read_dataset(args.dataset, args.layout, args.limit, rec)
     engine = groups.engine(args, rec)
-    export = groups.export_folder(args, rec, out=args.export) if args.export is not None else None
+    export = groups.export_folder(args, rec, out=args.export, engine=engine) if args.export is not None else None
     report = evaluation.evaluate(rec, engine, data, export, out, args.save_predictions)
     progress.info(f"wrote {out}/eval.json, eval.md" + (", eval.png" if report.get("figure") else "")
                   + (", predictions/" if args.save_predictions else ""))

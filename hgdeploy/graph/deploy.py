@@ -15,7 +15,7 @@ from hgdeploy.core.contract import check_model, is_fp32_layer_node, is_layer_nod
 from hgdeploy.core.files import JsonObject
 from hgdeploy.core.memory import releases_memory
 from hgdeploy.graph.flops import FlopCount, onnx_gflops
-from hgdeploy.graph.folder import Engine, ExportFolder, twin_role
+from hgdeploy.graph.folder import Engine, ExportFolder, runs_twins, twin_role
 from hgdeploy.graph.fp16 import FP32_OPS, Fp16Summary, to_fp16
 from hgdeploy.graph.fusion import FusionSummary, fuse_attention
 from hgdeploy.graph.lint import DEFAULT_MAJOR, format_finding, lint_model, lint_runtime_model
@@ -100,6 +100,23 @@ def write_twins(folder: ExportFolder, engine: Engine,
             path, converted[twin] = _fp16_graph(source, folder.target(twin), plain=not engine.fused_attention)
             folder = folder.with_graph(twin, path)
     return folder, Twins(fusion or None, converted or None)
+
+
+def with_twins(folder: ExportFolder, engine: Engine,
+               roles: tuple[str, ...] = ("baseline", "patched")) -> ExportFolder:
+    """The folder with the twins `engine` runs: those an export for another profile did not write are derived now
+    and the manifest updated (fusion and fp16 conversion are graph rewrites, no model needed), so one export
+    serves every profile."""
+    if not runs_twins(engine):
+        return folder
+    missing = tuple(role for role in roles if twin_role(role, engine.precision, engine.fused_attention) not in folder.graphs)
+    if not missing:
+        return folder
+    progress.info(f"{folder.path} has no {' or '.join(missing)} graph for {engine.name}: deriving "
+                  f"{'them' if len(missing) > 1 else 'it'} from the export")
+    folder, _ = write_twins(folder, engine, missing)
+    folder.write_manifest()
+    return folder
 
 
 @releases_memory

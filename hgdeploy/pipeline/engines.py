@@ -16,7 +16,7 @@ from hgdeploy.backends import EngineProfile, backend_versions, end_profiling, ma
 from hgdeploy.core import progress
 from hgdeploy.core.contract import INPUT_NAME, graph_sha256, is_layer_node, node_scopes, read_clustering_specs
 from hgdeploy.core.files import JsonObject, to_json, write_atomic
-from hgdeploy.graph.deploy import optimize_patched, write_twins
+from hgdeploy.graph.deploy import optimize_patched, with_twins, write_twins
 from hgdeploy.graph.flops import onnx_gflops
 from hgdeploy.graph.folder import ExportFolder, runs_twins
 from hgdeploy.measure.profile import GraphProfile, Layers, Profiles, read_trace, summarise
@@ -126,8 +126,9 @@ def optimize_export(folder: ExportFolder, engine: EngineProfile) -> Report:
     """`hgdeploy optimize`: the passes on folder/patched.onnx, then the engines before and after, timed."""
     folder, optimized = optimize_patched(folder)
     twins = None
-    if runs_twins(engine):  # the patched twins came from the old graph
+    if runs_twins(engine):  # the patched twins came from the old graph; a baseline twin may not be there yet
         folder, twins = write_twins(folder, engine, ("patched",))
+        folder = with_twins(folder, engine, ("baseline",))
     folder.write_manifest()
     return Report(optimize=optimized, fusion=twins and twins.fusion, fp16=twins and twins.fp16,
                   latency=time_engines(folder, engine))
