@@ -248,9 +248,10 @@ def callers(name: str) -> set[str]:
 
 def test_one_road_writes_graphs_from_models():
     """Only the export road exports models; the passes and the profile's twins (fused, fp16) are written there and
-    in `hgdeploy optimize` (which rewrites an existing folder's patched.opt.onnx and so its patched twins)."""
+    in `hgdeploy optimize` (which rewrites an existing folder's patched.opt.onnx and so its patched twins), and by
+    graph.deploy.with_twins, which derives the twins an export made for another profile lacks."""
     assert callers("export_onnx") == {"hgdeploy.pipeline.road"}
-    assert callers("write_twins") == {"hgdeploy.pipeline.road", "hgdeploy.pipeline.engines"}
+    assert callers("write_twins") == {"hgdeploy.pipeline.road", "hgdeploy.pipeline.engines", "hgdeploy.graph.deploy"}
     assert callers("optimize_patched") == {"hgdeploy.pipeline.road", "hgdeploy.pipeline.engines"}
     assert callers("write_deployable") == {"hgdeploy.pipeline.commands", "hgdeploy.evaluation.run",
                                            "hgdeploy.tune.latency"}

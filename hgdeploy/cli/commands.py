@@ -6,11 +6,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from hgdeploy.cli import args as groups
-from hgdeploy.cli.show import emit, print_bench, print_eval, print_families, print_profile, print_tune
-from hgdeploy.core.errors import EXIT_CHECK_FAILED, EXIT_OK
+from hgdeploy.cli.show import emit, print_batches, print_bench, print_eval, print_families, print_profile, print_tune
+from hgdeploy.core.errors import EXIT_CHECK_FAILED, EXIT_OK, UserError
+
+if TYPE_CHECKING:
+    from hgdeploy.core.recipe import Recipe
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -83,6 +86,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from hgdeploy.backends import require_profiler
 
     rec = groups.recipe(args)
+    if args.batch is not None:
+        return _bench_batches(args, rec)
     engines_only = args.out is not None and not args.torch
     engine = groups.engine(args) if engines_only else groups.engine(args, rec)
     if args.profile:
@@ -106,11 +111,37 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _bench_batches(args: argparse.Namespace, rec: Recipe) -> int:
+    """`bench --batch 1,8,32`: throughput per batch size (the models exported at each)."""
+    from hgdeploy.core import progress
+    from hgdeploy.measure.throughput import parse_batches
+    from hgdeploy.pipeline import commands
+
+    try:
+        batches = parse_batches(args.batch)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if args.profile:
+        raise UserError("--profile and --batch do not go together: profile one batch (--set model.batch=N --profile)")
+    engine = groups.engine(args, rec)
+    out = groups.write_folder(args, rec, "bench")
+    report = commands.bench_batches(rec, engine, batches, args.torch, out).to_json()
+    progress.info(f"wrote {out}/batch.json, batch.png")
+    if args.json:
+        emit(report, True, ["plan", "backend", "gflops", "batches"])
+    else:
+        print_batches(report)
+    return EXIT_OK
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from hgdeploy.core import progress
     from hgdeploy.evaluation import run as evaluation
 
     rec = groups.recipe(args)
+    if rec.batch != 1:
+        raise UserError(f"eval runs a dataset one image at a time (model.batch = {rec.batch}): drop model.batch, or "
+                        "time batches with `hgdeploy bench --batch`")
     out = groups.write_folder(args, rec, evaluation.EVAL_FOLDER)
     data = evaluation.read_dataset(args.dataset, args.layout, args.limit, rec)
     engine = groups.engine(args, rec)

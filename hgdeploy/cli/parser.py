@@ -100,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 "profiler and show where the milliseconds go, by part (clustering, reconstruction, "
                                 "attention, MLP, rest) and by op type; with --out also written to DIR/profile.json. "
                                 "Adds the profiled runs to the bench's time (ONNX Runtime profiles only)")
+            p.add_argument("--batch", default=None, metavar="LIST",
+                           help="batch sizes to time, e.g. 1,8,32: the models are exported at each (static shapes, "
+                                "temporary folders) and baseline and patched timed interleaved; prints latency, "
+                                "images/s and speed-up per batch and writes batch.json and batch.png (the speed-up "
+                                "against the batch) to --out (default: runs/<recipe name>/bench)")
         _add_json(p)
     return parser
 

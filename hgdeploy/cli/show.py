@@ -87,6 +87,20 @@ def print_bench(report: JsonObject) -> None:
     print(speed_verdict(report))
 
 
+def print_batches(report: JsonObject) -> None:
+    """One row per batch size: the medians, images/s and the speed-up; then the verdict at the largest batch."""
+    rows = report["batches"]
+    torch = all("speedup_torch" in r for r in rows)
+    header = ("batch", "baseline ms", "patched ms", "baseline img/s", "patched img/s", "speed-up")
+    cells = [[str(r["batch"]), f"{r['latency_ms']['baseline']:.2f}", f"{r['latency_ms']['patched']:.2f}",
+              f"{r['images_per_s']['baseline']:.1f}", f"{r['images_per_s']['patched']:.1f}", f"{r['speedup']:.3f}x"]
+             + ([f"{r['speedup_torch']:.3f}x"] if torch else []) for r in rows]
+    table(header + (("torch speed-up",) if torch else ()), cells,
+          title=f"{report.get('backend', {}).get('name', '')}: baseline and patched interleaved at each batch")
+    best = max(rows, key=lambda r: r["speedup"])
+    print(f"largest speed-up: {best['speedup']:.3f}x at batch {best['batch']}")
+
+
 PART_NAMES = {"clustering": "clustering", "reconstruction": "reconstruction", "attention": "attention",
               "mlp": "MLP", "rest": "rest (embedding, norms, head, ORT's own kernels)"}
 TOP_OPS = 12  # op types shown by name; the others are summed in one row

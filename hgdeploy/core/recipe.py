@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,8 @@ DEFAULT_RECIPE = "dinov2_s14_focus"
 SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     "model": {
         "family": (str,), "checkpoint": (str,), "input_size": (str, int, list),
+        # images per engine run: the exported graphs' static batch (default 1)
+        "batch": (int,),
         # family options (each family accepts its own subset, see `hgdeploy families`):
         "arch": (str,), "num_classes": (int,), "decoder": (str,), "decoder_layers": (int,),
     },
@@ -45,6 +47,9 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     "ci": {"set": (list,)},
 }
 REQUIRED = {"model": ("family", "input_size"), "cluster": ("alpha", "grid")}
+# [model] keys every family takes; the others are family options.
+GENERIC_MODEL_KEYS = ("family", "checkpoint", "input_size", "batch")
+MAX_BATCH = 1024
 
 
 @dataclass(frozen=True)
@@ -68,7 +73,18 @@ class Recipe:
     @property
     def options(self) -> Section:
         """The family-specific [model] keys."""
-        return {k: v for k, v in self.data["model"].items() if k not in ("family", "checkpoint", "input_size")}
+        return {k: v for k, v in self.data["model"].items() if k not in GENERIC_MODEL_KEYS}
+
+    @property
+    def batch(self) -> int:
+        """Images per engine run (model.batch): the static batch of the exported graphs."""
+        return int(self.data["model"].get("batch", 1))
+
+    def with_batch(self, batch: int) -> Recipe:
+        """The same recipe exported at another batch (what `bench --batch` times)."""
+        data = copy.deepcopy(self.data)
+        data["model"]["batch"] = batch
+        return replace(self, data=data)
 
     @property
     def ci_overrides(self) -> list[str]:
@@ -178,6 +194,9 @@ def load_recipe(name_or_path: str | None = None, overrides: list[str] | tuple[st
         _check_key(section, key, f"--set {text}")
         data.setdefault(section, {})[key] = value
     validate_data(data, f"{path} with --set")
+    batch = data["model"].get("batch", 1)
+    if not 1 <= batch <= MAX_BATCH:
+        raise UserError(f"model.batch = {batch} in {path}: give the images per engine run, 1 to {MAX_BATCH}")
     # Parsed now, once: a bad size or grid fails before any model is loaded.
     return Recipe(path=str(path), name=path.stem, data=data,
                   input_size=parse_grid(data["model"]["input_size"], "model.input_size"),

@@ -58,6 +58,14 @@ def outputs_of(results: RunResults, runner_name: str) -> list[dict[str, np.ndarr
     return [dict(it.items()) for it in results[runner_name]]
 
 
+def per_image(outputs: list[dict[str, np.ndarray]], count: int) -> list[dict[str, np.ndarray]]:
+    """Batched runs' outputs as one dict per image (each array keeps a batch axis of 1), the first `count`: the
+    last batch is filled up with images already seen, which must not count twice."""
+    images = [{name: array[i:i + 1] for name, array in out.items()}
+              for out in outputs for i in range(len(next(iter(out.values()))))]
+    return images[:count]
+
+
 @dataclass(frozen=True)
 class Parity:
     """The engine against PyTorch on the same inputs: the worst cosine and abs error, per output, and the verdict."""

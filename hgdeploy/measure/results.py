@@ -44,10 +44,16 @@ class Latency:
     """Interleaved timings of every runner (baseline, patched, ... torch_baseline, torch_patched)."""
 
     timings: dict[str, Timing]
+    batch: int = 1  # images per timed run
 
     @property
     def median_ms(self) -> dict[str, float]:
         return {k: t.median_ms for k, t in self.timings.items()}
+
+    @property
+    def images_per_s(self) -> dict[str, float]:
+        """Throughput of each runner: the batch over its median run."""
+        return {k: self.batch * 1000.0 / t.median_ms for k, t in self.timings.items()}
 
     @property
     def speedup(self) -> float:
@@ -64,6 +70,8 @@ class Latency:
         """report.json's latency_ms, latency, speedup (and speedup_torch) keys."""
         out: JsonObject = {"latency_ms": dict(self.median_ms),
                            "latency": {k: t.to_dict() for k, t in self.timings.items()}, "speedup": self.speedup}
+        if self.batch != 1:  # batch-1 reports keep their shape
+            out["batch"], out["images_per_s"] = self.batch, dict(self.images_per_s)
         if self.speedup_torch is not None:
             out["speedup_torch"] = self.speedup_torch
         return out
@@ -90,6 +98,7 @@ class Report:
     latency: Latency | None = None  # report.json's latency_ms, latency, speedup (and speedup_torch)
     engines: JsonObject | None = None  # `hgdeploy build`: what was built from which graph
     profile: Profiles | None = None  # `hgdeploy bench --profile`: where each engine's milliseconds go
+    batches: list[JsonObject] | None = None  # `hgdeploy bench --batch`: throughput per batch size
 
     def __or__(self, other: Report) -> Report:
         """This report with every section `other` measured (other's win)."""

@@ -5,19 +5,22 @@ loaded or written before); every graph is written by the one road, `road.write_d
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 
 from hgdeploy.backends import EngineProfile, load_profile
-from hgdeploy.core.files import staged_output
+from hgdeploy.core.contract import INPUT_NAME
+from hgdeploy.core.files import staged_output, to_json, write_atomic, write_atomic_bytes
 from hgdeploy.core.recipe import Recipe
 from hgdeploy.graph.folder import ExportFolder, runs_twins
 from hgdeploy.measure.images import Photo
 from hgdeploy.measure.report import write_report
 from hgdeploy.measure.results import Report
+from hgdeploy.measure.throughput import batch_row, render_plot
 from hgdeploy.pipeline.context import load_context
 from hgdeploy.pipeline.road import write_deployable
-from hgdeploy.pipeline import steps
+from hgdeploy.pipeline import engines, steps
 
 
 def run(recipe: Recipe, engine: EngineProfile, photos: list[Photo], out: Path) -> Report:
@@ -67,3 +70,27 @@ def bench(recipe: Recipe, engine: EngineProfile, export: ExportFolder | None, wi
     with tempfile.TemporaryDirectory(prefix="hgdeploy-bench-") as tmp:
         folder, _ = write_deployable(ctx.models, ctx.example, engine, Path(tmp), ctx.describe().to_json())
         return report | steps.latency(ctx, folder, with_torch) | steps.profile(ctx, folder, profile)
+
+
+BATCH_FILES = ("batch.json", "batch.png")
+
+
+def bench_batches(recipe: Recipe, engine: EngineProfile, batches: list[int], with_torch: bool, out: Path) -> Report:
+    """`hgdeploy bench --batch 1,8,32`: the models exported at each batch (static shapes, a temporary folder each)
+    and their engines timed interleaved there, with PyTorch too under `with_torch`; out/batch.json holds the rows
+    and out/batch.png the speed-up against the batch."""
+    ctx = load_context(recipe, engine)
+    report = ctx.describe() | Report(backend=steps.backend_info(ctx)) | steps.flops(ctx)
+    rows = []
+    for batch in batches:
+        at = dataclasses.replace(ctx, recipe=recipe.with_batch(batch))
+        with tempfile.TemporaryDirectory(prefix=f"hgdeploy-batch{batch}-") as tmp:
+            folder, _ = write_deployable(ctx.models, at.example, engine, Path(tmp), at.describe().to_json())
+            extra = steps.torch_runners(at, on_profile=True) if with_torch else {}
+            latency = engines.time_engines(folder, engine, ("baseline", "patched"),
+                                           feed={INPUT_NAME: at.example.numpy()}, extra=extra)
+        rows.append(batch_row(latency))
+    report = report | Report(batches=rows)
+    write_atomic(out / BATCH_FILES[0], to_json(report.to_json()))
+    write_atomic_bytes(out / BATCH_FILES[1], render_plot(rows, engine.name))
+    return report

@@ -47,13 +47,16 @@ class Context:
 
     @property
     def example(self) -> torch.Tensor:
-        """Batch-1 input used for export, FLOPs and latency: the first photo, or zeros without photos."""
+        """The input graphs are exported and timed at: model.batch images, the photos from the first (again from
+        the first when there are fewer), or zeros without photos."""
         if self.photos:
-            return self.batch[:1]
-        return torch.zeros(1, 3, *self.models.preprocess.size)
+            return self.batch[[i % len(self.batch) for i in range(self.recipe.batch)]]
+        return torch.zeros(self.recipe.batch, 3, *self.models.preprocess.size)
 
     def feeds(self) -> list[dict[str, np.ndarray]]:
-        return [{INPUT_NAME: self.batch[i:i + 1].numpy()} for i in range(len(self.batch))]
+        """Every photo once, model.batch at a time (the last batch filled up from the first photos)."""
+        n, total = self.recipe.batch, len(self.batch)
+        return [{INPUT_NAME: self.batch[[(i + j) % total for j in range(n)]].numpy()} for i in range(0, total, n)]
 
     @property
     def pretrained(self) -> bool:

@@ -54,7 +54,8 @@ def time_engines(folder: ExportFolder, engine: EngineProfile, roles: tuple[str, 
     """The engines of a folder (or `roles` of them, and `extra` runners beside them) timed interleaved on `feed`
     (zeros of the graphs' shape by default): what `hgdeploy bench`, `optimize`, `run` and the GPU report time."""
     runners = engine_runners(folder, engine, roles) | (extra or {})
-    return Latency(time_runners(runners, feed if feed is not None else zeros_feed(folder.graphs["baseline"]), engine))
+    feed = feed if feed is not None else zeros_feed(folder.graphs["baseline"])
+    return Latency(time_runners(runners, feed, engine), batch=int(next(iter(feed.values())).shape[0]))
 
 
 PROFILE_RUNS = 10  # profiled runs per graph, after the profile's warm-up

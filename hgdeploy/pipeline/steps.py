@@ -13,7 +13,7 @@ from hgdeploy.core import progress
 from hgdeploy.core.contract import INPUT_NAME
 from hgdeploy.core.files import JsonObject
 from hgdeploy.graph.folder import ExportFolder
-from hgdeploy.measure.checks import fidelity, outputs_of, parity, run_all
+from hgdeploy.measure.checks import fidelity, outputs_of, parity, per_image, run_all
 from hgdeploy.measure.flops import count_gflops_fast
 from hgdeploy.measure.results import Report
 from hgdeploy.pipeline import engines
@@ -44,10 +44,11 @@ def check(ctx: Context, folder: ExportFolder) -> Report:
     graph = folder.patched_graph(ctx.engine)
     runners = [torch_side["torch_patched"], make_runner(graph, ctx.engine), torch_side["torch_baseline"]]
     feeds = ctx.feeds()
-    with progress.step(f"Running {len(feeds)} images through PyTorch (baseline, patched) and the {ctx.engine.name} "
-                       f"engine"):
+    batches = f" in {len(feeds)} batches of {ctx.recipe.batch}" if ctx.recipe.batch > 1 else ""
+    with progress.step(f"Running {len(ctx.photos)} images{batches} through PyTorch (baseline, patched) and the "
+                       f"{ctx.engine.name} engine"):
         results = run_all(runners, feeds)
-    torch_patched, engine, torch_base = (outputs_of(results, r.name) for r in runners)
+    torch_patched, engine, torch_base = (per_image(outputs_of(results, r.name), len(ctx.photos)) for r in runners)
     e, outputs = ctx.engine, ctx.models.family.outputs
     par = parity(engine, torch_patched, e.cosine_min, e.max_abs, e.max_abs_bounds(outputs), e.max_abs_rel)
     fid = fidelity(torch_patched, torch_base, dict(outputs), [p.name for p in ctx.photos])
@@ -61,8 +62,8 @@ def flops(ctx: Context) -> Report:
     """GFLOPs of baseline and patched (and of each part a family names), counted on the PyTorch models."""
     with progress.step("Counting FLOPs of baseline and patched models"):
         parts = ctx.models.family.parts
-        base = count_gflops_fast(ctx.models.baseline, ctx.example, parts)
-        patched = count_gflops_fast(ctx.models.patched, ctx.example, parts)
+        base = count_gflops_fast(ctx.models.baseline, ctx.example[:1], parts)  # per image, at any batch
+        patched = count_gflops_fast(ctx.models.patched, ctx.example[:1], parts)
     counted: dict[str, float | None] = {"baseline": base.total, "patched": patched.total,
                                         "clustering": patched.clustering, "ratio": patched.total / base.total}
     for (label, b), (_, p) in zip(base.parts, patched.parts):
