@@ -129,3 +129,40 @@ def test_eval_refuses_a_batched_recipe_before_any_work(tmp_path):
                          str(tmp_path / "eval"))
     assert done.returncode == 2 and "eval runs a dataset one image at a time" in done.stderr
     assert not (tmp_path / "eval").exists()
+
+
+def test_a_dynamic_batch_export_runs_at_batch_1_and_3(tmp_path):
+    """model.batch = "dynamic": every graph's first axis is "batch"; the passes and the static check accept it,
+    and the same graph gives each of 3 images its batch-1 output."""
+    out = tmp_path / "dyn"
+    done = hgdeploy_main("export", *TINY_TIMM, "--set", "model.batch=dynamic", "--out", str(out), "--json")
+    assert done.returncode == 0, done.stderr
+    x = np.random.default_rng(0).standard_normal((3, 3, 64, 64)).astype(np.float32)
+    for graph in ("baseline.onnx", "patched.opt.onnx", "patched.fused.onnx"):
+        session = ort.InferenceSession(str(out / graph), providers=["CPUExecutionProvider"])
+        assert session.get_inputs()[0].shape == ["batch", 3, 64, 64]
+        assert all(o.shape[0] == "batch" for o in session.get_outputs())
+        three = session.run(None, {INPUT_NAME: x})
+        for i in range(3):
+            alone = session.run(None, {INPUT_NAME: x[i:i + 1]})
+            for got, want in zip(three, alone, strict=True):
+                np.testing.assert_allclose(got[i:i + 1], want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_static_rule_leaves_only_the_batch_axis_free():
+    from onnx import TensorProto, helper
+
+    from hgdeploy.core.contract import static_shape_problems
+
+    def model(x_dims, y_dims):
+        graph = helper.make_graph([helper.make_node("Relu", [INPUT_NAME], ["y"])], "g",
+                                  [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, x_dims)],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_dims)])
+        return helper.make_model(graph)
+
+    assert static_shape_problems(model([2, 3], [2, 3])) == []
+    assert static_shape_problems(model(["batch", 3], ["batch", 3])) == []
+    assert static_shape_problems(model(["batch", "n"], ["batch", "n"])) == [
+        f"tensor {INPUT_NAME} has an unknown dimension", "tensor y has an unknown dimension"]
+    assert static_shape_problems(model(["batch", 3], ["b", 3])) == ["output y has no batch axis first"]
+    assert static_shape_problems(model(["n", 3], ["n", 3])) != []  # a first axis of another name is not a batch

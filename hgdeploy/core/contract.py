@@ -20,6 +20,8 @@ from google.protobuf.message import Message
 from hgdeploy.core.files import file_sha256, staged_file
 
 INPUT_NAME = "pixel_values"
+# The name of a dynamic batch axis (model.batch = "dynamic"): the first dimension of the input and every output.
+BATCH_AXIS = "batch"
 # What an output is, so checks know how to compare it: "tokens" [B, N, C]; "heatmap" [B, 1, H, W]
 # probabilities in [0, 1]; "segmentation" [B, K, H, W] class logits; "depth" [B, H, W];
 # "classification" [B, ..., K] class logits (per image, or per query); "features" [B, C, H, W] maps a later
@@ -116,19 +118,33 @@ def is_fp32_layer_node(model: onnx.ModelProto) -> Callable[[onnx.NodeProto], boo
         in_layer(n) and not n.name.startswith(FP16_MARKER) and not in_fp16_safe_scope(scopes.get(n.name, ())))
 
 
+def has_batch_axis(model: onnx.ModelProto) -> bool:
+    """Does the graph take a dynamic batch (its input's first dimension is BATCH_AXIS)?"""
+    dims = next((i.type.tensor_type.shape.dim for i in model.graph.input if i.name == INPUT_NAME), [])
+    return len(dims) > 0 and dims[0].dim_param == BATCH_AXIS
+
+
 def static_shape_problems(model: onnx.ModelProto) -> list[str]:
-    """Why the graph is not fully static, one string per problem (empty when it is)."""
+    """Why the graph is not static, one string per problem (empty when it is). In a graph with a batch axis
+    (has_batch_axis) the input is the one dynamic thing, so any unknown dimension inside is a function of the batch
+    (its multiples, a permuted batch axis): only the input's and outputs' dimensions after the first must be
+    static, and every output must name its first BATCH_AXIS."""
     g = model.graph
+    batched = has_batch_axis(model)
     problems = [f"{n.op_type} node {n.name or '?'} has a data-dependent shape" for n in g.node
                 if n.op_type in DATA_DEPENDENT_OPS]
     constants = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
     for n in g.node:
         if n.op_type == "TopK" and n.input[1] not in constants:
             problems.append(f"TopK node {n.name or '?'} has a runtime-computed k")
-    for vi in list(g.input) + list(g.output) + list(g.value_info):
+    for vi in list(g.input) + list(g.output) + ([] if batched else list(g.value_info)):
         t = vi.type.tensor_type
-        if not t.HasField("shape") or any(not d.HasField("dim_value") for d in t.shape.dim):
+        free = 1 if batched else 0  # leading dimensions that may be symbolic
+        if not t.HasField("shape") or any(not d.HasField("dim_value") for d in t.shape.dim[free:]):
             problems.append(f"tensor {vi.name} has an unknown dimension")
+    if batched:
+        problems += [f"output {o.name} has no {BATCH_AXIS} axis first" for o in g.output
+                     if o.type.tensor_type.shape.dim[0].dim_param != BATCH_AXIS]
     return problems
 
 

@@ -29,8 +29,8 @@ DEFAULT_RECIPE = "dinov2_s14_focus"
 SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     "model": {
         "family": (str,), "checkpoint": (str,), "input_size": (str, int, list),
-        # images per engine run: the exported graphs' static batch (default 1)
-        "batch": (int,),
+        # images per engine run: the exported graphs' static batch (default 1), or "dynamic" (a batch axis)
+        "batch": (int, str),
         # family options (each family accepts its own subset, see `hgdeploy families`):
         "arch": (str,), "num_classes": (int,), "decoder": (str,), "decoder_layers": (int,),
     },
@@ -50,6 +50,7 @@ REQUIRED = {"model": ("family", "input_size"), "cluster": ("alpha", "grid")}
 # [model] keys every family takes; the others are family options.
 GENERIC_MODEL_KEYS = ("family", "checkpoint", "input_size", "batch")
 MAX_BATCH = 1024
+DYNAMIC, DYNAMIC_EXAMPLE = "dynamic", 2
 
 
 @dataclass(frozen=True)
@@ -76,9 +77,15 @@ class Recipe:
         return {k: v for k, v in self.data["model"].items() if k not in GENERIC_MODEL_KEYS}
 
     @property
+    def dynamic_batch(self) -> bool:
+        """model.batch = "dynamic": the graphs take any batch on their first axis (ONNX Runtime)."""
+        return self.data["model"].get("batch") == DYNAMIC
+
+    @property
     def batch(self) -> int:
-        """Images per engine run (model.batch): the static batch of the exported graphs."""
-        return int(self.data["model"].get("batch", 1))
+        """Images per run of the tool's own (export example, check, bench): model.batch, or DYNAMIC_EXAMPLE for a
+        dynamic batch (an example of 1 would let the exporter fix the axis to 1)."""
+        return DYNAMIC_EXAMPLE if self.dynamic_batch else int(self.data["model"].get("batch", 1))
 
     def with_batch(self, batch: int) -> Recipe:
         """The same recipe exported at another batch (what `bench --batch` times)."""
@@ -195,8 +202,9 @@ def load_recipe(name_or_path: str | None = None, overrides: list[str] | tuple[st
         data.setdefault(section, {})[key] = value
     validate_data(data, f"{path} with --set")
     batch = data["model"].get("batch", 1)
-    if not 1 <= batch <= MAX_BATCH:
-        raise UserError(f"model.batch = {batch} in {path}: give the images per engine run, 1 to {MAX_BATCH}")
+    if batch != DYNAMIC and not (isinstance(batch, int) and 1 <= batch <= MAX_BATCH):
+        raise UserError(f"model.batch = {batch!r} in {path}: give the images per engine run, 1 to {MAX_BATCH}, or "
+                        f'"{DYNAMIC}" for a batch axis')
     # Parsed now, once: a bad size or grid fails before any model is loaded.
     return Recipe(path=str(path), name=path.stem, data=data,
                   input_size=parse_grid(data["model"]["input_size"], "model.input_size"),

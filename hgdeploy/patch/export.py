@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hgdeploy.core.contract import CLUSTERING_METADATA, EXPORT_METADATA, INLINE_LIMIT_BYTES, INPUT_NAME, check_model
+from hgdeploy.core.contract import (BATCH_AXIS, CLUSTERING_METADATA, EXPORT_METADATA, INLINE_LIMIT_BYTES, INPUT_NAME,
+                                    check_model)
+from hgdeploy.core.recipe import MAX_BATCH
 from hgdeploy.core.files import staged_file
 from hgdeploy.core.memory import release_memory
 from hgdeploy.layers import TokenClustering, TokenReconstruction, WindowTokenClustering, WindowTokenReconstruction
@@ -25,17 +27,18 @@ OPSET = 18
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, output_names: tuple[str, ...],
-                info: dict | None = None, external_data: bool | None = None) -> Path:
+                info: dict | None = None, external_data: bool | None = None, dynamic_batch: bool = False) -> Path:
     """Export `model` at `example`'s shape to `path` (written atomically), check it, return the path.
 
     info: what the export was made from (recipe values, plan), recorded in the model's metadata.
+    dynamic_batch: the first axis of the input and outputs is BATCH_AXIS, any batch (the example's must be >= 2).
     external_data: weights in `<path>.data` beside the graph; None: only when protobuf's 2 GB limit forces it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     big = external_data if external_data is not None else weight_bytes(model) > INLINE_LIMIT_BYTES
     with staged_file(path) as tmp:  # under its final name: external data files are referenced by name
-        _export_and_save(model, example, tmp, output_names, info, big)
+        _export_and_save(model, example, tmp, output_names, info, big, dynamic_batch)
         release_memory()  # the exported program (and the weights its optimizer folded) is gone before the check
         check_model(tmp)
     return path
@@ -46,12 +49,14 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 def _export_and_save(model: nn.Module, example: torch.Tensor, target: Path, output_names: tuple[str, ...],
-                     info: dict | None, external_data: bool) -> None:
+                     info: dict | None, external_data: bool, dynamic_batch: bool = False) -> None:
     """torch.onnx.export (dynamo) with our metadata, saved to `target`; nothing of it outlives the call."""
+    dynamic = ({0: torch.export.Dim(BATCH_AXIS, min=1, max=MAX_BATCH)},) if dynamic_batch else None
     with quiet_exporter(), torch.no_grad():
         program = torch.onnx.export(
             model.eval(), (example,), dynamo=True, opset_version=OPSET, input_names=[INPUT_NAME],
             output_names=list(output_names), external_data=external_data, optimize=True, verbose=False,
+            dynamic_shapes=dynamic,
         )
         specs = clustering_specs(model)
         if specs:

@@ -29,7 +29,8 @@ def run(recipe: Recipe, engine: EngineProfile, photos: list[Photo], out: Path) -
     info = ctx.describe()
     report = info | Report(backend=steps.backend_info(ctx), images=[p.name for p in photos])
     with staged_output(out) as stage:
-        folder, written = write_deployable(ctx.models, ctx.example, engine, stage, info.to_json())
+        folder, written = write_deployable(ctx.models, ctx.example, engine, stage, info.to_json(),
+                                           dynamic_batch=recipe.dynamic_batch)
         report = report | written | steps.check(ctx, folder) | steps.flops(ctx) | steps.latency(ctx, folder)
         write_report(stage, report.to_json())
     return report
@@ -42,7 +43,7 @@ def export(recipe: Recipe, engine: EngineProfile, out: Path) -> Report:
     info = ctx.describe()
     with staged_output(out) as stage:
         folder, written = write_deployable(ctx.models, ctx.example, engine, stage, info.to_json(),
-                                           passes=runs_twins(engine))
+                                           passes=runs_twins(engine), dynamic_batch=recipe.dynamic_batch)
     made_for = Report(engine={"profile": engine.name, "device": engine.device, "precision": engine.precision})
     return info | made_for | written | Report(onnx={role: str(out / path.name) for role, path in folder.graphs.items()})
 
@@ -68,7 +69,8 @@ def bench(recipe: Recipe, engine: EngineProfile, export: ExportFolder | None, wi
     if export is not None:
         return report | steps.latency(ctx, export, with_torch) | steps.profile(ctx, export, profile)
     with tempfile.TemporaryDirectory(prefix="hgdeploy-bench-") as tmp:
-        folder, _ = write_deployable(ctx.models, ctx.example, engine, Path(tmp), ctx.describe().to_json())
+        folder, _ = write_deployable(ctx.models, ctx.example, engine, Path(tmp), ctx.describe().to_json(),
+                                     dynamic_batch=recipe.dynamic_batch)
         return report | steps.latency(ctx, folder, with_torch) | steps.profile(ctx, folder, profile)
 
 

@@ -16,6 +16,7 @@ from hgdeploy.backends import EngineProfile, backend_versions, end_profiling, ma
 from hgdeploy.core import progress
 from hgdeploy.core.contract import INPUT_NAME, graph_sha256, is_layer_node, node_scopes, read_clustering_specs
 from hgdeploy.core.files import JsonObject, to_json, write_atomic
+from hgdeploy.core.recipe import DYNAMIC_EXAMPLE
 from hgdeploy.graph.deploy import optimize_patched, with_twins, write_twins
 from hgdeploy.graph.flops import onnx_gflops
 from hgdeploy.graph.folder import ExportFolder, runs_twins
@@ -43,10 +44,12 @@ def time_runners(runners: dict[str, BaseRunner], feed: dict[str, np.ndarray], en
 
 
 def zeros_feed(path: Path) -> dict[str, np.ndarray]:
-    """A zero input of the graph's static shape: latency does not depend on the values."""
+    """A zero input of the graph's static shape (a batch of DYNAMIC_EXAMPLE on a batch axis): latency does not
+    depend on the values."""
     model = onnx.load(str(path), load_external_data=False)
     inp = next(i for i in model.graph.input if i.name == INPUT_NAME)
-    return {INPUT_NAME: np.zeros([d.dim_value for d in inp.type.tensor_type.shape.dim], np.float32)}
+    dims = [d.dim_value if d.HasField("dim_value") else DYNAMIC_EXAMPLE for d in inp.type.tensor_type.shape.dim]
+    return {INPUT_NAME: np.zeros(dims, np.float32)}
 
 
 def time_engines(folder: ExportFolder, engine: EngineProfile, roles: tuple[str, ...] | None = None,

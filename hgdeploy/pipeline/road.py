@@ -25,17 +25,19 @@ BOTH = ("baseline", "patched")
 
 def write_deployable(models: Models, example: torch.Tensor, engine: EngineProfile, folder: Path,
                      info: JsonObject | None = None, roles: tuple[str, ...] = BOTH,
-                     passes: bool = True) -> tuple[ExportFolder, Report]:
+                     passes: bool = True, dynamic_batch: bool = False) -> tuple[ExportFolder, Report]:
     """`roles` of `models` ("baseline", "patched") exported at `example`'s shape into `folder`, `info` recorded in
     each graph; the graph passes on the patched graph (unless `passes` is False: `hgdeploy export` leaves them to
     `hgdeploy optimize` for an fp32 profile); the twins the profile runs (fused attention for an ONNX Runtime profile
     with fused_attention, fp16 for an fp16 profile); manifest.json. Returns the
-    folder and what the passes and the fp16 conversion reported."""
+    folder and what the passes and the fp16 conversion reported. With `dynamic_batch` the graphs take any batch on
+    their first axis (BATCH_AXIS; the example's batch must be at least 2)."""
     export = ExportFolder(Path(folder))
     for role in roles:
         target = export.target(role)
         with progress.step(f"Exporting {target.name} (opset {OPSET}, static shapes, checked)"):
-            path = export_onnx(getattr(models, role), example, target, models.family.output_names, info)
+            path = export_onnx(getattr(models, role), example, target, models.family.output_names, info,
+                               dynamic_batch=dynamic_batch)
         export = export.with_graph(role, path)
     report = Report()
     if passes and "patched" in roles:
