@@ -80,8 +80,9 @@ def repo(tiny_export, tmp_path_factory) -> tuple[Path, dict]:
     return path, write_repo(tiny_export, path)
 
 
-def engine_graphs(export: Path, profile: str) -> dict[str, Path]:
-    folder = ExportFolder.open(export, load_recipe(TINY_TIMM[0], TINY_TIMM[2::2]).data)
+def engine_graphs(export: Path, profile: str, *sets: str) -> dict[str, Path]:
+    """The baseline and patched graphs `profile` runs from the tiny export (with --set `sets` on top)."""
+    folder = ExportFolder.open(export, load_recipe(TINY_TIMM[0], [*TINY_TIMM[2::2], *sets]).data)
     graphs = folder.engine_graphs(load_profile(profile))
     return {role: graphs[role] for role in ("baseline", "patched")}
 
@@ -236,9 +237,53 @@ def test_a_dynamic_batch_axis_becomes_tritons_with_the_dynamic_batcher(tmp_path,
     config = parse(model.config, schema)
     assert config.max_batch_size == 16 and config.HasField("dynamic_batching")
     assert [list(t.dims) for t in config.input] == [[3, 8, 8]] and [list(t.dims) for t in config.output] == [[3, 8, 8]]
+    # where TensorRT builds the engine, its optimisation profile spans the batches Triton forms
+    for profile in ("ort-trt", "trt-fp16"):
+        config = parse(triton.served_model("m", "patched", graph, load_profile(profile), 16).config, schema)
+        trt = dict(config.optimization.execution_accelerators.gpu_execution_accelerator[0].parameters)
+        assert (trt["trt_profile_min_shapes"], trt["trt_profile_opt_shapes"], trt["trt_profile_max_shapes"]) == (
+            "pixel_values:1x3x8x8", "pixel_values:16x3x8x8", "pixel_values:16x3x8x8")
     assert triton.check_max_batch(None) == triton.DEFAULT_MAX_BATCH
     with pytest.raises(UserError, match="fixed first dim"):
         triton.served_model("m", "patched", dynamic_batch_graph(tmp_path / "bad.onnx", 1), load_profile("ort-cpu"), 8)
+
+
+def run_graph(path: Path, x: np.ndarray) -> list[np.ndarray]:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": x})
+
+
+def test_a_dynamic_batch_export_is_served_with_the_dynamic_batcher(tmp_path, schema):
+    """model.batch = "dynamic" (a first axis named batch): Triton owns that axis (max_batch_size = --max-batch,
+    dims without it, the dynamic batcher), and the served model takes a batch of 3 as the export does."""
+    sets = ["model.batch=dynamic"]
+    recipe = [*TINY_TIMM, *(a for s in sets for a in ("--set", s))]
+    assert hgdeploy_main("export", *recipe, "--out", str(tmp_path / "export")).returncode == 0
+    done = hgdeploy_main("triton", *recipe, "--out", str(tmp_path / "export"), "--repo", str(tmp_path / "repo"),
+                         "--max-batch", "4")
+    assert done.returncode == 0, done.stderr
+    x = np.random.default_rng(0).standard_normal((3, 3, 64, 64)).astype(np.float32)
+    for role, graph in engine_graphs(tmp_path / "export", "ort-cpu", *sets).items():
+        model = tmp_path / "repo" / f"timm_vit_b16_{role}"
+        config = parse((model / "config.pbtxt").read_text(), schema)
+        assert config.max_batch_size == 4 and config.HasField("dynamic_batching")
+        assert [list(t.dims) for t in config.input] == [[3, 64, 64]] and [list(t.dims) for t in config.output] == [[10]]
+        got, want = run_graph(model / "1" / "model.onnx", x), run_graph(graph, x)
+        assert got[0].shape == (3, 10)
+        np.testing.assert_array_equal(got[0], want[0])
+    assert "max_batch_size: 4" in (tmp_path / "repo" / "README.md").read_text()
+
+
+def test_a_static_batch_export_keeps_its_batch_in_the_dims(tmp_path, schema):
+    """model.batch = 2: a static batch Triton must not add to (max_batch_size 0); a request carries 2 images."""
+    recipe = [*TINY_TIMM, "--set", "model.batch=2"]
+    assert hgdeploy_main("export", *recipe, "--out", str(tmp_path / "export")).returncode == 0
+    write = hgdeploy_main("triton", *recipe, "--out", str(tmp_path / "export"), "--repo", str(tmp_path / "repo"))
+    assert write.returncode == 0, write.stderr
+    config = parse((tmp_path / "repo" / "timm_vit_b16_patched" / "config.pbtxt").read_text(), schema)
+    assert config.max_batch_size == 0 and not config.HasField("dynamic_batching")
+    assert [list(t.dims) for t in config.input] == [[2, 3, 64, 64]] and [list(t.dims) for t in config.output] == [[2, 10]]
+    text = (tmp_path / "repo" / "README.md").read_text()
+    assert "exactly 2 images" in text and "np.stack([x.transpose(2, 0, 1)] * 2)" in text
 
 
 def test_a_graph_with_external_data_brings_its_data_file(tiny_export, tmp_path):
@@ -297,6 +342,8 @@ BAD_INPUTS = {  # (arguments after the recipe, what the one line names); --repo 
     "a file": (lambda tmp, export: ["--out", str(export), "--repo", str(tmp / "file.txt")], "is a file"),
     "inside the export": (lambda tmp, export: ["--out", str(export), "--repo", str(export / "triton")], "overlap"),
     "max batch 0": (lambda tmp, export: ["--out", str(export), "--max-batch", "0"], "--max-batch 0"),
+    "max batch above a dynamic export's": (lambda tmp, export: ["--out", str(export), "--max-batch", "5000"],
+                                           "from 1 to 1024"),
     "no --repo": (lambda tmp, export: ["--out", str(export)], "--repo"),
 }
 

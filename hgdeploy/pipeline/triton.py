@@ -23,6 +23,7 @@ from hgdeploy.core import progress
 from hgdeploy.core.contract import graph_files
 from hgdeploy.core.errors import UserError
 from hgdeploy.core.files import JsonObject, check_output_folder, staged_folder, to_json, write_atomic
+from hgdeploy.core.recipe import MAX_BATCH
 from hgdeploy.graph.folder import ExportFolder
 
 # The container the repository's README names; any release from MIN_TRITON_RELEASE on reads these configs (the
@@ -173,10 +174,26 @@ def batch_plan(io: GraphIO, path: Path, max_batch: int) -> tuple[int, GraphIO]:
 
 
 def check_max_batch(requested: int | None) -> int:
-    """--max-batch: the largest batch Triton's dynamic batcher forms (a dynamic-batch export only)."""
-    if requested is not None and requested < 1:
-        raise UserError(f"--max-batch {requested}: give a batch size of 1 or more")
+    """--max-batch: the largest batch Triton's dynamic batcher forms (a dynamic-batch export only), within the
+    batches a dynamic export takes (1 to core.recipe.MAX_BATCH)."""
+    if requested is not None and not 1 <= requested <= MAX_BATCH:
+        raise UserError(f"--max-batch {requested}: give a batch size from 1 to {MAX_BATCH} (the batches a "
+                        "model.batch = \"dynamic\" export takes)")
     return DEFAULT_MAX_BATCH if requested is None else requested
+
+
+def trt_batch_profile(io: GraphIO, max_batch: int) -> dict[str, str]:
+    """ONNX Runtime's TensorRT optimisation profile for a batch axis Triton owns (`io` without it): 1 to max_batch
+    images, tuned for max_batch, the batch the dynamic batcher fills under load. Without one the provider builds
+    for the first batch it sees and rebuilds (minutes) whenever a larger one comes. None for other free dims."""
+    if any(d < 1 for t in io.inputs for d in t.dims):
+        return {}
+
+    def shapes(batch: int) -> str:
+        return ",".join(f"{t.name}:" + "x".join(str(d) for d in (batch, *t.dims)) for t in io.inputs)
+
+    return {"trt_profile_min_shapes": shapes(1), "trt_profile_opt_shapes": shapes(max_batch),
+            "trt_profile_max_shapes": shapes(max_batch)}
 
 
 # ------------------------------------------------------------------------------------------ the profile's settings
@@ -193,13 +210,14 @@ class Settings:
     notes: tuple[str, ...] = ()
 
 
-def settings(engine: EngineProfile) -> Settings:
-    """The profile's settings mapped onto Triton's onnxruntime backend, each to what it really has."""
+def settings(engine: EngineProfile, trt_profile: dict[str, str] | None = None) -> Settings:
+    """The profile's settings mapped onto Triton's onnxruntime backend, each to what it really has; `trt_profile`:
+    the TensorRT provider's batch profile (trt_batch_profile) where it runs."""
     # KIND_GPU: an instance on each visible GPU, where the backend starts ONNX Runtime's CUDA provider (and the
     # accelerators below); KIND_CPU: the CPU provider only.
     kind = "KIND_GPU" if engine.on_gpu else "KIND_CPU"
     if engine.backend == "tensorrt":
-        return tensorrt_settings(engine, kind)
+        return tensorrt_settings(engine, kind, trt_profile or {})
     names = [provider(p, engine) for p in engine.providers]
     optimization: Message = []
     notes: list[str] = []
@@ -210,7 +228,7 @@ def settings(engine: EngineProfile) -> Settings:
         notes.append("graph_optimization_level = all is the backend's default (ORT_ENABLE_ALL): no optimization.graph")
     gpu: Message = []
     if "tensorrt" in names:  # the backend always orders TensorRT, then CUDA, then the CPU, as the profiles do
-        options = {"precision_mode": engine.precision.upper()} | trt_options(engine)
+        options = {"precision_mode": engine.precision.upper()} | trt_options(engine) | (trt_profile or {})
         gpu.append(("gpu_execution_accelerator", accelerator("tensorrt", options)))
     cuda = {k: option_text(v) for k, v in engine.provider_options.get("cuda", {}).items() if k != "device_id"}
     if cuda:  # device_id is the instance group's GPU: the backend sets it itself
@@ -224,20 +242,20 @@ def settings(engine: EngineProfile) -> Settings:
                      "the CUDA provider (onnxruntime_backend issue 168; optimization.cuda.graphs is the TensorRT "
                      "backend's) and binds each request's own buffers, while a replayed graph needs fixed addresses")
     if engine.fused_attention:
-        notes.append("the fused graphs hold com.microsoft MultiHeadAttention nodes, which the backend's ONNX Runtime "
-                     "runs on the CPU and CUDA providers")
+        notes.append("fused_attention: the *.fused graphs are served; their com.microsoft MultiHeadAttention nodes "
+                     "run on the backend's ONNX Runtime (CPU and CUDA providers)")
     parameters = {"intra_op_thread_count": str(engine.threads)} if engine.threads > 0 else {}
     if not parameters:
         notes.append("threads = 0: ONNX Runtime's default intra-op threads (one per core), no intra_op_thread_count")
     return Settings(kind, optimization, parameters, tuple(notes))
 
 
-def tensorrt_settings(engine: EngineProfile, kind: str) -> Settings:
+def tensorrt_settings(engine: EngineProfile, kind: str, trt_profile: dict[str, str]) -> Settings:
     """A TensorRT profile served through ONNX Runtime's TensorRT provider: Triton's tensorrt backend serves plan
     files, built for one GPU model and TensorRT version, which hgdeploy's machines cannot build; the provider builds
     the engine from model.onnx when the model loads and keeps it (trt_engine_cache_enable), as hgdeploy keeps its
     engines beside the graph."""
-    options = {"precision_mode": engine.precision.upper(), "trt_engine_cache_enable": "1"}
+    options = {"precision_mode": engine.precision.upper(), "trt_engine_cache_enable": "1"} | trt_profile
     if engine.workspace_mb:
         options["max_workspace_size_bytes"] = str(engine.workspace_mb << 20)
     if engine.timing_cache:
@@ -301,8 +319,9 @@ class ServedModel:
 
 def served_model(name: str, role: str, graph: Path, engine: EngineProfile, max_batch: int) -> ServedModel:
     max_batch_size, io = batch_plan(read_io(graph), graph, max_batch)
+    chosen = settings(engine, trt_batch_profile(io, max_batch_size) if max_batch_size else None)
     return ServedModel(name, role, graph, io, max_batch_size,
-                       model_config(name, io, max_batch_size, settings(engine), f"{graph.name}, profile {engine.name}"))
+                       model_config(name, io, max_batch_size, chosen, f"{graph.name}, profile {engine.name}"))
 
 
 def model_config(name: str, io: GraphIO, max_batch_size: int, chosen: Settings, source: str) -> str:
@@ -483,7 +502,7 @@ import tritonclient.http as httpclient
 from PIL import Image
 
 {prep}
-x = np.ascontiguousarray(x.transpose(2, 0, 1)[None], dtype={dtype})  # [1, 3, H, W]
+{batch_line(static_batch(model), dtype)}
 
 client = httpclient.InferenceServerClient("localhost:8000")
 pixels = httpclient.InferInput("{image.name}", list(x.shape), "{image.data_type.removeprefix('TYPE_')}")
@@ -494,14 +513,32 @@ for name in ({names},):
     print(name, result.as_numpy(name).shape)"""
 
 
+def batch_line(n: int, dtype: str) -> str:
+    """The request's tensor from one photo: [1, 3, H, W], or the graph's static batch of n (the photo n times)."""
+    if n == 1:
+        return f"x = np.ascontiguousarray(x.transpose(2, 0, 1)[None], dtype={dtype})  # [1, 3, H, W]"
+    return (f"x = np.ascontiguousarray(np.stack([x.transpose(2, 0, 1)] * {n}), dtype={dtype})  # [{n}, 3, H, W]: "
+            f"the graphs' static batch, here one photo {n} times")
+
+
 def batching_text(model: ServedModel) -> str:
+    """What the configs' batching means to a client: how many images a request carries, and why."""
     if model.max_batch_size:
         return (f"The graphs have a dynamic batch axis: `max_batch_size: {model.max_batch_size}`, dims without the "
                 "batch axis, and `dynamic_batching {}`, so Triton groups concurrent requests into batches of up to "
                 f"{model.max_batch_size} images; one request may also carry up to {model.max_batch_size}, "
                 "`[n, 3, H, W]`.")
-    return ("The graphs were exported with a static batch of 1: `max_batch_size: 0` and dims that include the batch "
-            "axis, so every request carries exactly one image, `[1, 3, H, W]`, and there is no `dynamic_batching` "
-            "(Triton's dynamic batcher needs `max_batch_size` > 0). Concurrent requests still run side by side on "
-            "the model's instances (raise `count` in `instance_group` for more). A graph exported with a dynamic "
-            "batch axis gets `max_batch_size` (`hgdeploy triton --max-batch`) and `dynamic_batching {}`.")
+    n = static_batch(model)
+    images = "one image" if n == 1 else f"exactly {n} images (the query above sends one photo {n} times)"
+    return (f"The graphs were exported with a static batch of {n}: `max_batch_size: 0` and dims that include the "
+            f"batch axis, so every request carries {images}, `[{n}, 3, H, W]`, and there is no `dynamic_batching` "
+            "(Triton's dynamic batcher needs `max_batch_size` > 0). Concurrent requests still run side by side on the "
+            "model's instances (raise `count` in `instance_group` for more). An export with `--set "
+            "model.batch=dynamic` gets `max_batch_size` (`hgdeploy triton --max-batch`, default 8) and "
+            "`dynamic_batching {}`.")
+
+
+def static_batch(model: ServedModel) -> int:
+    """The images one request carries when the batch is the graph's own (max_batch_size 0): its first dim."""
+    dims = model.io.inputs[0].dims if model.io.inputs else ()
+    return dims[0] if not model.max_batch_size and dims and dims[0] > 0 else 1
