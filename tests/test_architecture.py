@@ -205,18 +205,18 @@ def python(code: str) -> subprocess.CompletedProcess:
 
 
 def test_the_deploy_side_imports_no_torch():
-    done = python("import sys, hgdeploy.graph.lint, hgdeploy.graph.passes, hgdeploy.backends, hgdeploy.pipeline.engines, hgdeploy.graph.folder, hgdeploy.graph.deploy, hgdeploy.cli, hgdeploy.cli.commands, "
+    done = python("import sys, hgdeploy.graph.lint, hgdeploy.graph.passes, hgdeploy.backends, hgdeploy.pipeline.engines, hgdeploy.pipeline.triton, hgdeploy.graph.folder, hgdeploy.graph.deploy, hgdeploy.cli, hgdeploy.cli.commands, "
                   "hgdeploy.evaluation.scoring, hgdeploy.evaluation.report, hgdeploy.evaluation.samples; sys.exit('torch' in sys.modules)")
     assert done.returncode == 0, done.stderr
 
 
 @pytest.mark.parametrize("command", [
-    ["optimize"], ["build"], ["bench"], ["lint", "{out}/patched.onnx"],
+    ["optimize"], ["build"], ["bench"], ["lint", "{out}/patched.onnx"], ["triton", "--repo", "{tmp}/repo"],
 ])
 def test_deploy_commands_run_where_torch_cannot_be_imported(small_export, command, tmp_path):
     quick = tmp_path / "quick.toml"
     quick.write_text('[engine]\nbackend = "onnxruntime"\n[bench]\nwarmup = 1\nruns = 2\n')
-    args = [a.format(out=small_export) for a in command]
+    args = [a.format(out=small_export, tmp=tmp_path) for a in command]
     if command[0] != "lint":
         args += ["--out", str(small_export), "--engine", str(quick)] + [a for s in SMALL_EXPORT for a in ("--set", s)]
     done = python(BLOCK_TORCH + f"from hgdeploy.cli import main\nsys.exit(main({args!r} + ['--json']))")

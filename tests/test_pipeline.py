@@ -40,6 +40,7 @@ def _commands(tmp_path, tiny_export, small_export, two_photos):
         "bench --out": ["bench", *TINY_TIMM, *out],
         "optimize": ["optimize", *TINY_TIMM, *out],
         "build": ["build", *TINY_TIMM, *out],
+        "triton": ["triton", *TINY_TIMM, *out, "--repo", str(tmp_path / "triton")],
         "eval": ["eval", *FOCUS, "--dataset", str(saliency), "--limit", "1", "--export", str(small_export), "--out",
                  str(tmp_path / "eval")],
         "tune": ["tune", *TINY_TIMM, "--images", str(two_photos), "--budget", "cosine>=0.5", "--space", str(space),
@@ -47,7 +48,8 @@ def _commands(tmp_path, tiny_export, small_export, two_photos):
     }
 
 
-COMMANDS = ["run", "export", "check", "flops", "bench", "bench --out", "optimize", "build", "eval", "tune"]
+COMMANDS = ["run", "export", "check", "flops", "bench", "bench --out", "optimize", "build", "eval", "tune",
+            "triton"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -69,3 +69,11 @@ def export_folder(args: argparse.Namespace, rec: Recipe, out: Path | None = None
 
         folder = with_twins(folder, engine)
     return folder
+
+
+def triton_repo(args: argparse.Namespace, rec: Recipe) -> Path:
+    """--repo: where `hgdeploy triton` may write its repository, clear of the export it serves (--out)."""
+    from hgdeploy.graph.folder import output_folder
+    from hgdeploy.pipeline.triton import check_repository
+
+    return check_repository(args.repo, output_folder(rec.name, args.out))

@@ -9,7 +9,8 @@ import json
 from typing import TYPE_CHECKING, Callable
 
 from hgdeploy.cli import args as groups
-from hgdeploy.cli.show import emit, print_batches, print_bench, print_eval, print_families, print_profile, print_tune
+from hgdeploy.cli.show import (emit, print_batches, print_bench, print_eval, print_families, print_profile,
+                               print_triton, print_tune)
 from hgdeploy.core.errors import EXIT_CHECK_FAILED, EXIT_OK, UserError
 
 if TYPE_CHECKING:
@@ -180,6 +181,25 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return EXIT_OK if (best.holdout or {}).get("within_budget", True) else EXIT_CHECK_FAILED
 
 
+def cmd_triton(args: argparse.Namespace) -> int:
+    """A Triton model repository from an export folder: ONNX files alone, no PyTorch."""
+    from hgdeploy.core import progress
+    from hgdeploy.pipeline import triton
+
+    rec = groups.recipe(args)
+    engine = groups.engine(args, runs_here=False)  # the profile describes the server's machine, not this one
+    triton.check_max_batch(args.max_batch)
+    repo = groups.triton_repo(args, rec)
+    written = triton.write_repository(groups.export_folder(args, rec, engine=engine), engine, repo, rec.name,
+                                      args.max_batch)
+    progress.info(f"wrote {repo}/: " + ", ".join(m.name for m in written.models) + ", README.md")
+    if args.json:
+        print(json.dumps(written.to_json(), indent=2))
+    else:
+        print_triton(written.to_json())
+    return EXIT_OK
+
+
 def cmd_lint(args: argparse.Namespace) -> int:
     from hgdeploy.graph import lint
 
@@ -216,5 +236,5 @@ def cmd_families(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run, "export": cmd_export, "optimize": cmd_optimize, "lint": cmd_lint, "build": cmd_build,
     "check": cmd_check, "flops": cmd_flops, "bench": cmd_bench, "families": cmd_families, "eval": cmd_eval,
-    "tune": cmd_tune,
+    "tune": cmd_tune, "triton": cmd_triton,
 }

@@ -23,6 +23,9 @@ COMMANDS_HELP = {
             "model, times the cheapest, compares them with average-pool + bilinear and a downscaled input at equal "
             "GFLOPs; writes tune.json, tune.md, tune.png and best.toml (exit 1 when no plan is within the budget and "
             "faster)",
+    "triton": "a Triton Inference Server model repository (--repo DIR) from an export: the baseline and patched graphs "
+              "the engine profile runs, a config.pbtxt each (inputs, outputs and data types read from the graph, the "
+              "profile's settings as the onnxruntime backend has them) and a README on starting and querying it",
 }
 OUT_HELP = {  # what --out means to each command: where it writes, or where it reads the export from
     "run": f"output folder for the ONNX files and reports ({DEFAULT_OUT_HELP})",
@@ -34,6 +37,7 @@ OUT_HELP = {  # what --out means to each command: where it writes, or where it r
     "eval": "output folder for eval.json, eval.md, eval.png and predictions/ (default: runs/<recipe name>/eval)",
     "tune": "output folder for tune.json, tune.md, tune.png and best.toml; a folder holding an interrupted or "
             "finished run of the same recipe, images and engine is resumed (default: runs/<recipe name>/tune)",
+    "triton": f"folder holding the export to serve ({DEFAULT_OUT_HELP})",
 }
 
 
@@ -41,6 +45,8 @@ ENGINE_HELP = {
     "": "engine profile TOML path or bundled name (default: engines/ort-cpu.toml)",
     "export": "engine profile the export is for (default: engines/ort-cpu.toml): its device decides cluster.form "
               "= \"auto\", an fp16 profile also gets baseline.fp16.onnx and patched.fp16.onnx; it need not run here",
+    "triton": "engine profile the server runs (default: engines/ort-cpu.toml): which graphs it serves, on the CPU "
+              "or a GPU, with which execution accelerator; it need not run here",
 }
 
 
@@ -79,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="recipe TOML path or bundled recipe name (default: export/dinov2_s14_focus.toml)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a recipe value, e.g. --set cluster.grid=20x20 (repeatable)")
-        if name in ("run", "export", "build", "check", "bench", "optimize", "eval", "tune"):
+        if name in ("run", "export", "build", "check", "bench", "optimize", "eval", "tune", "triton"):
             p.add_argument("--engine", default=None, metavar="PROFILE", help=ENGINE_HELP.get(name, ENGINE_HELP[""]))
         if name in ("run", "check", "tune"):
             p.add_argument("--images", default=None, metavar="DIR",
@@ -91,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
             _add_eval(p)
         if name == "tune":
             _add_tune(p)
+        if name == "triton":
+            _add_triton(p)
         if name == "bench":
             p.add_argument("--torch", action="store_true",
                            help="time the PyTorch models too, interleaved with the engines, on the profile's device "
@@ -143,6 +151,16 @@ def _add_tune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--holdout", default=None, metavar="DIR",
                    help="photos the sweep does not tune on: the best plan's fidelity on them is reported, and exit "
                         "is 1 when it misses the budget there")
+
+
+def _add_triton(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repo", required=True, type=Path, metavar="DIR",
+                   help="where the model repository is written: a new or empty folder, or one this command wrote "
+                        "before (replaced whole)")
+    p.add_argument("--max-batch", type=int, default=None, metavar="N",
+                   help="max_batch_size of a graph exported with a dynamic batch axis, whose requests Triton's "
+                        "dynamic batcher then groups (default: 8); a static-batch graph is served with "
+                        "max_batch_size 0")
 
 
 def _add_json(p: argparse.ArgumentParser) -> None:

@@ -191,3 +191,17 @@ def print_families(rows: list[JsonObject]) -> None:
           ([r["family"], r["summary"], ", ".join(r["options"]) or "-",
             ", ".join(f"{k} ({v})" for k, v in r["outputs"].items()), "\n".join(r["recipes"])] for r in rows),
           no_wrap=(0, 4), lines=True)
+
+
+def print_triton(report: JsonObject) -> None:
+    """One row per model of the repository (its graph, batch, tensors as Triton declares them), then where the
+    README on serving it is."""
+    def tensors(ts: list[JsonObject]) -> str:
+        return "\n".join(f"{t['name']} {t['data_type'].removeprefix('TYPE_')} {t['dims']}" for t in ts)
+
+    models = report["models"]
+    table(("model", "graph", "max_batch_size", "inputs", "outputs"),
+          ([name, m["graph"], m["max_batch_size"], tensors(m["inputs"]), tensors(m["outputs"])]
+           for name, m in models.items()), no_wrap=(0, 1))
+    print(f"Triton {report['triton_release']} on the {report['device']}, engine profile {report['engine']}: "
+          f"how to start it and query it is in {report['repository']}/README.md")

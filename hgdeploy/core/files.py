@@ -26,6 +26,13 @@ def file_mode() -> int:
     return 0o666 & ~umask
 
 
+def folder_mode() -> int:
+    """The mode a plain mkdir() would give a new folder under the user's umask (mkdtemp's is always 0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
+
+
 def write_atomic_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,20 +61,22 @@ def staged_file(path: Path) -> Iterator[Path]:
             os.replace(item, path.parent / item.name)
 
 
-def check_output_folder(out: Path) -> Path:
+def check_output_folder(out: Path, option: str = "--out") -> Path:
     """Refuse, before any work, an output folder that cannot be written: an existing file, a file on its
-    path, no permission to write there (files are staged beside it, in its parent, then moved in)."""
+    path, no permission to write there (files are staged beside it, in its parent, then moved in). `option`:
+    the command-line option that named the folder, for the message."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a folder; choose another --out")
+        raise UserError(f"{option} {out} is a file, not a folder; choose another {option}")
     if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: no permission to write in this folder; choose another --out")
+        raise UserError(f"{option} {out}: no permission to write in this folder; choose another {option}")
     for place in out.parents:
         if place.exists():
             if not place.is_dir():
-                raise UserError(f"--out {out} lies under {place}, which is a file, not a folder; choose another --out")
+                raise UserError(f"{option} {out} lies under {place}, which is a file, not a folder; choose another "
+                                f"{option}")
             if not os.access(place, os.W_OK | os.X_OK):
-                raise UserError(f"--out {out}: no permission to write in {place}; choose another --out")
+                raise UserError(f"{option} {out}: no permission to write in {place}; choose another {option}")
             break
     return out
 
@@ -81,6 +90,27 @@ def staged_output(out: Path) -> Iterator[Path]:
         out.mkdir(parents=True, exist_ok=True)
         for item in staging.iterdir():
             item.replace(out / item.name)
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """A hidden staging folder that becomes `out`, whole, on success: for a folder that is one artefact (a Triton
+    model repository), never seen half-written nor mixed with files of an earlier one. An existing `out` is moved
+    aside just before and removed after (Linux cannot swap two folders in one rename, so `out` is missing for the
+    moment between the two renames); on failure or Ctrl-C `out` is left as it was."""
+    out = Path(out)
+    with _staging_beside(out) as staging:
+        yield staging
+        os.chmod(staging, folder_mode())
+        with _staging_beside(out) as aside:
+            if out.exists():
+                os.replace(out, aside / out.name)
+            try:
+                os.replace(staging, out)
+            except BaseException:
+                if (aside / out.name).exists():
+                    os.replace(aside / out.name, out)
+                raise
 
 
 @contextlib.contextmanager
