@@ -287,3 +287,11 @@ def test_a_script_interrupted_lets_its_hgdeploy_child_clean_up(tmp_path, whom):
     _, stderr = parent.communicate(timeout=60)
     assert parent.returncode == 130 and stderr.strip() == "parent: interrupted", stderr
     assert not folder.exists()  # the child finished removing it
+
+
+def test_a_key_value_table_shortens_long_lists():
+    """The export table once printed every fused node's name in one cell, wider than any terminal."""
+    from hgdeploy.cli.show import flatten
+
+    rows = dict(flatten({"fusion": {"nodes": [f"n{i}" for i in range(12)], "few": ["a", "b"]}}))
+    assert rows == {"fusion.nodes": "12 items: n0, n1, n2, …", "fusion.few": ["a", "b"]}

@@ -52,9 +52,14 @@ def flatten(d: JsonObject, prefix: str = "") -> list[tuple[str, Any]]:
             continue
         if isinstance(value, dict):
             rows += flatten(value, f"{prefix}{key}.")
+        elif isinstance(value, list) and len(value) > LIST_SHOWN:  # node names and the like: --json has them all
+            rows.append((f"{prefix}{key}", f"{len(value)} items: {', '.join(map(str, value[:LIST_SHOWN]))}, …"))
         else:
             rows.append((f"{prefix}{key}", value))
     return rows
+
+
+LIST_SHOWN = 3  # a longer list in a key/value table shows its length and first items
 
 
 RUNNER_NAMES = {"baseline": "engine, baseline", "patched": "engine, patched (deployed graph)",
