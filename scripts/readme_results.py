@@ -55,9 +55,12 @@ def bench_table(r: dict) -> str:
     """torch eager vs the engine, baseline vs patched, from one interleaved `hgdeploy bench` run."""
     lat = r["latency"]
     rows = ["| runner | median ms | p90 ms |", "|---|---|---|"]
+    fused = r.get("backend", {}).get("fused_attention", False)
     names = {"torch_baseline": "torch eager, baseline", "torch_patched": "torch eager, patched",
-             "baseline": "ONNX Runtime CPU, baseline.onnx", "patched_unoptimized": "ONNX Runtime CPU, patched.onnx",
-             "patched": "ONNX Runtime CPU, patched.opt.onnx (after the graph passes)"}
+             "baseline": f"ONNX Runtime CPU, baseline{'.fused' if fused else ''}.onnx",
+             "patched_unoptimized": "ONNX Runtime CPU, patched.onnx",
+             "patched": "ONNX Runtime CPU, " + ("patched.fused.onnx (the graph passes' result, attention fused)" if fused
+                                                else "patched.opt.onnx (after the graph passes)")}
     rows += [f"| {names[k]} | {lat[k]['median_ms']:.0f} | {lat[k]['p90_ms']:.0f} |" for k in names if k in lat]
     g = r["gflops"]
     rows.append("")
