@@ -351,14 +351,33 @@ def test_backend_versions_for_cpu_onnxruntime():
     assert {"onnxruntime", "polygraphy"} <= versions.keys() and "gpu" not in versions
 
 
-def test_onnx_input_shapes(tmp_path):
-    assert onnx_input_shapes(tiny_onnx(tmp_path / "m.onnx")) == {"x": [2, 8]}
+def _relu_onnx(path, dims):
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "dyn",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])])
-    onnx.save(helper.make_model(graph), str(tmp_path / "dyn.onnx"))
-    with pytest.raises(UserError, match="input x has a dynamic dimension"):
-        onnx_input_shapes(tmp_path / "dyn.onnx")
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)])
+    onnx.save(helper.make_model(graph), str(path))
+    return path
+
+
+def test_onnx_input_shapes_give_the_optimisation_profile(tmp_path):
+    """A static graph is built for its shape; a batch axis ("batch" first, model.batch = "dynamic") for the
+    profile's batch_range; any other dynamic dimension is refused."""
+    assert onnx_input_shapes(tiny_onnx(tmp_path / "m.onnx")) == {"x": [[2, 8]] * 3}
+    assert onnx_input_shapes(tiny_onnx(tmp_path / "m.onnx"), (1, 8, 32)) == {"x": [[2, 8]] * 3}
+    batched = _relu_onnx(tmp_path / "b.onnx", ["batch", 8])
+    assert onnx_input_shapes(batched, (1, 8, 32)) == {"x": [[1, 8], [8, 8], [32, 8]]}
+    with pytest.raises(UserError, match="input x has a dynamic dimension other than a batch axis"):
+        onnx_input_shapes(_relu_onnx(tmp_path / "dyn.onnx", ["n", 8]))
+    with pytest.raises(UserError, match="input x has a dynamic dimension other than a batch axis"):
+        onnx_input_shapes(_relu_onnx(tmp_path / "dyn2.onnx", ["batch", "m"]))
+
+
+@pytest.mark.parametrize("value", ["[8, 1, 32]", "[1, 8]", "[0, 1, 2]"])
+def test_a_bad_batch_range_is_refused(tmp_path, value):
+    path = tmp_path / "t.toml"
+    path.write_text(f'[engine]\nbackend = "tensorrt"\nprecision = "fp16"\nbatch_range = {value}\n')
+    with pytest.raises(UserError, match="engine.batch_range must be \\[min, opt, max\\]"):
+        load_profile(str(path))
 
 
 def _feed(i: int, contiguous: bool = True) -> np.ndarray:

@@ -22,7 +22,8 @@ DEFAULT_PROFILE = "ort-cpu"
 PROFILE_SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     "engine": {"backend": (str,), "device": (str,), "providers": (list,), "precision": (str,),
                "graph_optimization_level": (str,), "threads": (int,), "provider_options": (dict,),
-               "cuda_graph": (bool,), "workspace_mb": (int,), "timing_cache": (bool,), "fused_attention": (bool,)},
+               "cuda_graph": (bool,), "workspace_mb": (int,), "timing_cache": (bool,), "fused_attention": (bool,),
+               "batch_range": (list,)},
     "parity": {"cosine_min": (float, int), "max_abs": (float, int), "max_abs_per_output": (dict,),
                "max_abs_per_kind": (dict,), "max_abs_rel": (float, int), "task_agreement_min": (float, int)},
     "bench": {"warmup": (int,), "runs": (int,)},
@@ -31,7 +32,7 @@ PROFILE_SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
 BACKEND_KEYS = {
     "onnxruntime": {"providers", "graph_optimization_level", "threads", "provider_options", "cuda_graph",
                     "fused_attention"},
-    "tensorrt": {"workspace_mb", "timing_cache"},
+    "tensorrt": {"workspace_mb", "timing_cache", "batch_range"},
 }
 BACKEND_NAMES = tuple(BACKEND_KEYS)
 PRECISIONS = ("fp32", "fp16")
@@ -62,6 +63,9 @@ class EngineProfile:
     fused_attention: bool = False
     workspace_mb: int = 0  # TensorRT builder workspace limit; 0: TensorRT's default
     timing_cache: bool = True  # TensorRT: load/save <stem>.<profile>.timing.cache beside the engine
+    # TensorRT: (min, opt, max) batch of the optimisation profile built for a graph with a batch axis
+    # (model.batch = "dynamic"); a static graph is built for its own shapes
+    batch_range: tuple[int, ...] = (1, 8, 32)
     cosine_min: float = 0.9999
     max_abs: float = 1e-2
     max_abs_per_output: dict[str, float] = field(default_factory=dict)  # output name -> its own max_abs
@@ -94,7 +98,8 @@ class EngineProfile:
     def to_dict(self) -> JsonObject:
         common = {"name": self.name, "backend": self.backend, "device": self.device, "precision": self.precision}
         if self.backend == "tensorrt":
-            return common | {"workspace_mb": self.workspace_mb, "timing_cache": self.timing_cache}
+            return common | {"workspace_mb": self.workspace_mb, "timing_cache": self.timing_cache,
+                             "batch_range": list(self.batch_range)}
         return common | {"providers": list(self.providers), "graph_optimization_level": self.graph_optimization_level,
                          "threads": self.threads, "provider_options": self.provider_options,
                          "cuda_graph": self.cuda_graph, "fused_attention": self.fused_attention}

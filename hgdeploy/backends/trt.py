@@ -22,7 +22,7 @@ from polygraphy.backend.base import BaseRunner
 from hgdeploy.backends import machine
 from hgdeploy.backends.base import Backend
 from hgdeploy.backends.profile import EngineProfile
-from hgdeploy.core.contract import graph_sha256
+from hgdeploy.core.contract import BATCH_AXIS, graph_sha256
 from hgdeploy.core.errors import UserError
 from hgdeploy.core.files import JsonObject, file_sha256
 
@@ -30,6 +30,10 @@ from hgdeploy.core.files import JsonObject, file_sha256
 def check(profile: EngineProfile) -> None:
     if profile.workspace_mb < 0:
         raise UserError(f"{profile.path}: engine.workspace_mb must be >= 0 (0 = TensorRT's default)")
+    r = profile.batch_range
+    if len(r) != 3 or not all(isinstance(b, int) and not isinstance(b, bool) for b in r) or not 1 <= r[0] <= r[1] <= r[2]:
+        raise UserError(f"{profile.path}: engine.batch_range must be [min, opt, max] batches, 1 <= min <= opt <= max, "
+                        f"not {list(r)}")
 
 
 def available(profile: EngineProfile) -> str | None:
@@ -63,8 +67,10 @@ def _manifest_path(engine_path: Path) -> Path:
     return engine_path.with_name(engine_path.name.removesuffix(".engine") + ".manifest.json")
 
 
-def onnx_input_shapes(onnx_path: Path) -> dict[str, list[int]]:
-    """Static input shapes of an ONNX model (weights not loaded); UserError for a dynamic dimension."""
+def onnx_input_shapes(onnx_path: Path, batch_range: tuple[int, ...] = (1, 1, 1)) -> dict[str, list[list[int]]]:
+    """Each input's [min, opt, max] shapes for TensorRT's optimisation profile (weights not loaded): its static
+    shape three times, or with a batch axis (core.contract.BATCH_AXIS first) the batch_range's three batches;
+    UserError for any other dynamic dimension."""
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
@@ -73,11 +79,14 @@ def onnx_input_shapes(onnx_path: Path) -> dict[str, list[int]]:
     for inp in model.graph.input:
         if inp.name in weights:
             continue
-        dims = inp.type.tensor_type.shape.dim
-        if any(not d.HasField("dim_value") for d in dims):
-            raise UserError(f"{onnx_path}: input {inp.name} has a dynamic dimension; TensorRT profiles here "
-                            "build for the static shapes `hgdeploy export` writes")
-        shapes[inp.name] = [d.dim_value for d in dims]
+        dims = list(inp.type.tensor_type.shape.dim)
+        batched = bool(dims) and dims[0].dim_param == BATCH_AXIS
+        if any(not d.HasField("dim_value") for d in dims[1 if batched else 0:]):
+            raise UserError(f"{onnx_path}: input {inp.name} has a dynamic dimension other than a batch axis; "
+                            "TensorRT profiles here build for the shapes `hgdeploy export` writes")
+        rest = [d.dim_value for d in dims[1:]]
+        shapes[inp.name] = ([[b, *rest] for b in batch_range] if batched
+                            else [[d.dim_value for d in dims]] * 3)
     return shapes
 
 
@@ -132,11 +141,11 @@ def build_trt_engine(onnx_path: Path, profile: EngineProfile, out_dir: Path) -> 
 
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     final = engine_paths(onnx_path, profile.name, out_dir)
-    shapes = onnx_input_shapes(onnx_path)
+    shapes = onnx_input_shapes(onnx_path, profile.batch_range)
     network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=strongly_typed_flag(trt.__version__))
     shape_profile = Profile()
-    for name, shape in shapes.items():
-        shape_profile.add(name, min=shape, opt=shape, max=shape)
+    for name, (low, opt, high) in shapes.items():
+        shape_profile.add(name, min=low, opt=opt, max=high)
     out_dir.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{final['engine'].name}.building-", dir=out_dir))
     try:
