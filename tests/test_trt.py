@@ -212,11 +212,12 @@ def test_bad_gpu_profiles_are_named(tmp_path, text, needle):
 
 def test_tensorrt_profile_accepts_its_keys(tmp_path):
     path = tmp_path / "t.toml"
-    path.write_text('[engine]\nbackend = "tensorrt"\nprecision = "fp16"\nworkspace_mb = 2048\ntiming_cache = false\n')
+    path.write_text('[engine]\nbackend = "tensorrt"\nprecision = "fp16"\nworkspace_mb = 2048\ntiming_cache = false\n'
+                    'batch_range = [2, 4, 16]\n')
     profile = load_profile(str(path))
     assert (profile.workspace_mb, profile.timing_cache, profile.precision) == (2048, False, "fp16")
     assert profile.to_dict() == {"name": "t", "backend": "tensorrt", "device": "gpu", "precision": "fp16",
-                                 "workspace_mb": 2048, "timing_cache": False}
+                                 "workspace_mb": 2048, "timing_cache": False, "batch_range": [2, 4, 16]}
 
 
 # --- ONNX Runtime provider helpers (pure) ----------------------------------------------------------
