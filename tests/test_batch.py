@@ -166,3 +166,10 @@ def test_the_static_rule_leaves_only_the_batch_axis_free():
         f"tensor {INPUT_NAME} has an unknown dimension", "tensor y has an unknown dimension"]
     assert static_shape_problems(model(["batch", 3], ["b", 3])) == ["output y has no batch axis first"]
     assert static_shape_problems(model(["n", 3], ["n", 3])) != []  # a first axis of another name is not a batch
+
+
+def test_model_batch_1_is_the_same_export_as_no_batch():
+    from hgdeploy.graph.folder import recipe_difference
+
+    assert recipe_difference({"model": {"batch": 1}}, {"model": {}}) is None
+    assert recipe_difference({"model": {}}, {"model": {"batch": 2}}) == ("model.batch", None, 2)

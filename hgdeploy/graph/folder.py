@@ -150,13 +150,18 @@ def twin_role(source: str, precision: str, fused: bool) -> str:
     return FP16_TWINS[source] if precision == "fp16" else source
 
 
+# Recipe values whose absence means a value: set or not, the export is the same.
+UNSET_MEANS = {"model.batch": 1}
+
+
 def recipe_difference(recorded: JsonObject, now: JsonObject) -> tuple[str, JsonValue, JsonValue] | None:
     """The first recipe value (section.key, as exported, as asked now) that differs; [ci] and [eval] do not
     change an export and do not count."""
     for section in sorted((set(recorded) | set(now)) - {"ci", "eval"}):
         old, new = recorded.get(section, {}), now.get(section, {})
         for key in sorted(set(old) | set(new)):
-            if old.get(key) != new.get(key):
+            default = UNSET_MEANS.get(f"{section}.{key}")
+            if old.get(key, default) != new.get(key, default):
                 return f"{section}.{key}", old.get(key), new.get(key)
     return None
 
