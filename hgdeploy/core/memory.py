@@ -1,13 +1,18 @@
-"""Handing memory back to the operating system between the steps that hold gigabytes, and reading how much
-the process holds."""
+"""Memory: handed back to the operating system between the steps that hold gigabytes, read (the process now, its
+peak, each step's peak), and estimated before a heavy command starts, so that one that cannot fit is refused in
+one line instead of thrashing the machine."""
 
 from __future__ import annotations
 
 import ctypes
 import functools
 import gc
+import os
 import resource
 import sys
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ParamSpec, TypeVar
 
@@ -55,3 +60,168 @@ def rss_mb() -> float:
         return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / (1 << 20)
     except (OSError, IndexError, ValueError):
         return peak_rss_mb()
+
+
+# ------------------------------------------------------------------------------------------- the machine
+
+MEMORY_ENV = "HGDEPLOY_MEMORY_GB"  # the memory a command may plan with, in GB, instead of the machine's
+
+
+def machine_memory_gb() -> tuple[float, str]:
+    """(GB a command may use, where that figure comes from): $HGDEPLOY_MEMORY_GB when set (a smaller share of a
+    shared machine, or a test's low limit), else the container's cgroup limit when it is below the machine's
+    total memory, else the total."""
+    set_by_user = os.environ.get(MEMORY_ENV)
+    if set_by_user:
+        try:
+            return float(set_by_user), f"${MEMORY_ENV}"
+        except ValueError:
+            pass  # the CLI names a bad value before any work (cli.args); here it falls back to the machine
+    total = _meminfo_total_gb()
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) / 2**30 < total:
+            return int(text) / 2**30, "the container's memory limit"
+    return total, "the machine's memory"
+
+
+def _meminfo_total_gb() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / 2**20
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
+# ------------------------------------------------------------------------------ peaks of a command's steps
+
+SAMPLE_S = 0.1  # how often the sampler reads the resident memory: steps last seconds to minutes
+
+
+@dataclass
+class StepPeak:
+    """One finished step: its name, the most resident memory the process held during it, and how long it took."""
+
+    step: str
+    peak_gb: float
+    seconds: float
+
+    def to_json(self) -> dict[str, str | float]:
+        return {"step": self.step, "peak_gb": round(self.peak_gb, 2), "seconds": round(self.seconds, 1)}
+
+
+@dataclass
+class _Open:
+    step: str
+    start: float
+    maxrss_mb: float
+    peak_mb: float = 0.0
+
+
+class StepPeaks:
+    """The resident-memory peak of every step a command takes (`progress.step` opens and closes them), so that
+    report.json can show where the memory went and an estimate can be checked against it.
+
+    A step's peak is exact when it set a new peak for the process (getrusage's maxrss grew during it); else it is
+    the highest of readings a sampler thread takes every SAMPLE_S. The kernel's own high-water mark is never
+    reset (/proc/self/clear_refs would also hide the process's peak from `/usr/bin/time`)."""
+
+    def __init__(self) -> None:
+        self._open: list[_Open] = []
+        self.finished: list[StepPeak] = []
+        self._lock = threading.Lock()
+        self._sampler: threading.Thread | None = None
+
+    def begin(self, step: str) -> None:
+        now = rss_mb()
+        with self._lock:
+            self._open.append(_Open(step, time.perf_counter(), peak_rss_mb(), now))
+        if self._sampler is None:
+            self._sampler = threading.Thread(target=self._sample, name="hgdeploy-memory", daemon=True)
+            self._sampler.start()
+
+    def end(self) -> StepPeak | None:
+        now, maxrss = rss_mb(), peak_rss_mb()
+        with self._lock:
+            if not self._open:
+                return None
+            for frame in self._open:
+                frame.peak_mb = max(frame.peak_mb, now)
+            frame = self._open.pop()
+        peak = maxrss if maxrss > frame.maxrss_mb else frame.peak_mb
+        done = StepPeak(frame.step, peak / 1024, time.perf_counter() - frame.start)
+        self.finished.append(done)
+        return done
+
+    def _sample(self) -> None:
+        while True:
+            time.sleep(SAMPLE_S)
+            now = rss_mb()
+            with self._lock:
+                for frame in self._open:
+                    frame.peak_mb = max(frame.peak_mb, now)
+
+    def to_json(self) -> list[dict[str, str | float]]:
+        return [s.to_json() for s in self.finished]
+
+
+STEPS = StepPeaks()  # the one record of this process's steps
+
+
+# ------------------------------------------------------------------------------------------- the estimate
+
+GB = 2**30
+BASE_GB = 1.2  # the interpreter with torch, transformers, onnx and ONNX Runtime imported (measured: 1.0-1.2 GB)
+# Each step's need in weights (W, the model's fp32 parameters and buffers) and activations (A, the peak of live
+# tensors in one PyTorch forward at the export batch, `measure.activations`), fitted to the steps' measured peaks
+# (report.json's memory.steps) of DINOv2-S at 518 px, SwinV2-L at 544 px and SAM ViT-H at 240 px on this machine:
+EXPORT_W, EXPORT_A = 5.0, 1.0  # the models (W) + torch.onnx's exported program and protobuf (~4 W) + one trace
+PASSES_W = 3.5  # the models + the graph and graph-surgeon's copy of it
+SESSION_W, RUN_A = 1.3, 1.6  # an ONNX Runtime session holds its graph (~1.3 W); a run needs ~1.6 A on top
+ARENA_A = 1.6  # ...which a session under LEAN_GRAPH_BYTES keeps in its arena between runs
+
+
+@dataclass(frozen=True)
+class Need:
+    """What one model needs, in bytes: its weights and one forward's activations (baseline or patched: the larger)."""
+
+    weights: int
+    activations: int
+
+    def to_json(self) -> dict[str, float]:
+        return {"weights_gb": round(self.weights / GB, 3), "activations_gb": round(self.activations / GB, 3)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Need:
+        return cls(int(data["weights_gb"] * GB), int(data["activations_gb"] * GB))
+
+
+def estimate_steps(need: Need, steps: tuple[str, ...], sessions: int = 2, torch_models: bool = True,
+                   lean: bool = False) -> dict[str, float]:
+    """GB each of a command's `steps` is expected to peak at: "export", "passes", "check", "latency".
+
+    sessions: ONNX Runtime sessions timed side by side; torch_models: the PyTorch models stay loaded; lean: the
+    graphs are over LEAN_GRAPH_BYTES (no arena between runs)."""
+    w, a = need.weights / GB, need.activations / GB
+    models = w if torch_models else 0.0
+    held = SESSION_W * w + (0.0 if lean else ARENA_A * a)
+    table = {"export": BASE_GB + EXPORT_W * w + EXPORT_A * a,
+             "passes": BASE_GB + PASSES_W * w,
+             "check": BASE_GB + models + SESSION_W * w + RUN_A * a,
+             "latency": BASE_GB + models + (sessions - 1) * held + SESSION_W * w + RUN_A * a}
+    return {step: round(table[step], 2) for step in steps}
+
+
+def require_memory(estimate_gb: float, what: str, smaller: str) -> None:
+    """Refuse (one line) a command whose estimate exceeds the memory it may use, before the heavy work."""
+    have, source = machine_memory_gb()
+    if estimate_gb > have:
+        from hgdeploy.core.errors import UserError
+
+        raise UserError(f"{what} needs about {estimate_gb:.1f} GB of memory and {source} is {have:.1f} GB; "
+                        f"{smaller} (or set ${MEMORY_ENV} to plan with more)")

@@ -7,6 +7,8 @@ import time
 from typing import Iterator
 
 from rich.console import Console
+
+from hgdeploy.core.memory import STEPS
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)  # logs keep one line per message
@@ -34,13 +36,18 @@ def step(description: str, total: int | None = None) -> Iterator:
     if _muted[0]:
         yield lambda n=1: None
         return
-    if not console.is_terminal:  # logs and CI: one line per finished step, no live display
-        yield lambda n=1: None
-    else:
-        with Progress(*columns, console=console, transient=True) as progress:
-            task = progress.add_task(description, total=total)
-            yield lambda n=1: progress.advance(task, n)
-    console.print(f"[green]✓[/green] {description} [dim]({time.perf_counter() - start:.1f} s)[/dim]")
+    STEPS.begin(description)
+    try:
+        if not console.is_terminal:  # logs and CI: one line per finished step, no live display
+            yield lambda n=1: None
+        else:
+            with Progress(*columns, console=console, transient=True) as progress:
+                task = progress.add_task(description, total=total)
+                yield lambda n=1: progress.advance(task, n)
+    finally:
+        done = STEPS.end()
+    memory = f", peak {done.peak_gb:.1f} GB" if done else ""
+    console.print(f"[green]✓[/green] {description} [dim]({time.perf_counter() - start:.1f} s{memory})[/dim]")
 
 
 def info(message: str, markup: bool = True) -> None:

@@ -78,8 +78,11 @@ def _quiet_onnxruntime() -> None:
 # Folded results larger than this stay computed in the graph (engines fold them again when they load it):
 # SwinV2's per-block position-bias tables ([heads, 1024, 1024], 100 MB each in stage 3) folded took the
 # optimized graph past protobuf's 2 GB limit at 544 px, where the unfolded graph is 0.8 GB. Weights (the
-# largest, SwinV2-L's 1536 x 6144 matrices, are 38 MB) still fold.
-FOLD_MAX_BYTES = 64 << 20
+# largest, SwinV2-L's 1536 x 6144 matrices, are 38 MB, and are never recomputed) still fold. At 16 MB the tables
+# of SwinV2-L's stage 3 (25 and 48 MB a block) stay the small MLP that makes them at run time: the pass's peak at
+# 544 px went from 10.7 to 3.6 GB and the graph from 1.48 to 0.92 GB; the clustering's masks and pooling matrices
+# (an [N, M] mask is 9.4 MB at Cityscapes' 768 px) still fold, which fp16_safe_masks needs.
+FOLD_MAX_BYTES = 16 << 20
 
 
 def fold_constants(graph: gs.Graph, ctx: PassContext) -> gs.Graph:

@@ -99,6 +99,7 @@ class Report:
     engines: JsonObject | None = None  # `hgdeploy build`: what was built from which graph
     profile: Profiles | None = None  # `hgdeploy bench --profile`: where each engine's milliseconds go
     batches: list[JsonObject] | None = None  # `hgdeploy bench --batch`: throughput per batch size
+    memory: JsonObject | None = None  # the estimate made before the heavy work, and each step's measured peak
 
     def __or__(self, other: Report) -> Report:
         """This report with every section `other` measured (other's win)."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from hgdeploy.backends import EngineProfile, load_profile
 from hgdeploy.core.contract import INPUT_NAME
+from hgdeploy.core.memory import release_memory
 from hgdeploy.core.files import staged_output, to_json, write_atomic, write_atomic_bytes
 from hgdeploy.core.recipe import Recipe
 from hgdeploy.graph.folder import ExportFolder, runs_twins
@@ -26,12 +27,18 @@ from hgdeploy.pipeline import engines, steps
 def run(recipe: Recipe, engine: EngineProfile, photos: list[Photo], out: Path) -> Report:
     """`hgdeploy run`: export, passes, check, FLOPs and bench into one output folder (staged: it appears whole)."""
     ctx = load_context(recipe, engine, photos)
+    estimate = steps.plan_memory(ctx, "run", ("export", "passes", "check", "latency"), torch_models=False)
     info = ctx.describe()
     report = info | Report(backend=steps.backend_info(ctx), images=[p.name for p in photos])
     with staged_output(out) as stage:
         folder, written = write_deployable(ctx.models, ctx.example, engine, stage, info.to_json(),
                                            dynamic_batch=recipe.dynamic_batch)
-        report = report | written | steps.check(ctx, folder) | steps.flops(ctx) | steps.latency(ctx, folder)
+        report = report | written | steps.check(ctx, folder) | steps.flops(ctx)
+        feed = {INPUT_NAME: ctx.example.numpy()}
+        del ctx  # the PyTorch models are not timed here: their memory goes before the engines' sessions
+        release_memory()
+        report = report | Report(latency=engines.time_engines(folder, engine, feed=feed))
+        report = report | steps.measured_memory(estimate)
         write_report(stage, report.to_json())
     return report
 
@@ -40,18 +47,21 @@ def export(recipe: Recipe, engine: EngineProfile, out: Path) -> Report:
     """`hgdeploy export`: baseline.onnx and patched.onnx planned for the profile's device; for a profile that runs
     twins (fp16, fused attention) also the graph passes and those twins. The profile need not run here."""
     ctx = load_context(recipe, engine)
+    estimate = steps.plan_memory(ctx, "export", ("export", "passes") if runs_twins(engine) else ("export",))
     info = ctx.describe()
     with staged_output(out) as stage:
         folder, written = write_deployable(ctx.models, ctx.example, engine, stage, info.to_json(),
                                            passes=runs_twins(engine), dynamic_batch=recipe.dynamic_batch)
     made_for = Report(engine={"profile": engine.name, "device": engine.device, "precision": engine.precision})
-    return info | made_for | written | Report(onnx={role: str(out / path.name) for role, path in folder.graphs.items()})
+    return (info | made_for | written | Report(onnx={role: str(out / path.name) for role, path in folder.graphs.items()})
+            | steps.measured_memory(estimate))
 
 
 def check(recipe: Recipe, engine: EngineProfile, photos: list[Photo], export: ExportFolder) -> Report:
     """`hgdeploy check`: parity and fidelity of an exported folder on photos."""
     ctx = load_context(recipe, engine, photos, export)
-    return ctx.describe() | steps.check(ctx, export)
+    estimate = steps.plan_memory(ctx, "check", ("check",))
+    return ctx.describe() | steps.check(ctx, export) | steps.measured_memory(estimate)
 
 
 def flops(recipe: Recipe) -> Report:
@@ -65,7 +75,8 @@ def bench(recipe: Recipe, engine: EngineProfile, export: ExportFolder | None, wi
     """`hgdeploy bench` when PyTorch is involved: torch timed too, or no exported folder to time (the models are
     exported to a temporary folder first, and a profile's profile.json goes with it: shown, not kept)."""
     ctx = load_context(recipe, engine, export=export)
-    report = ctx.describe() | Report(backend=steps.backend_info(ctx)) | steps.flops(ctx)
+    estimate = steps.plan_memory(ctx, "bench", ("latency",) if export is not None else ("export", "passes", "latency"))
+    report = ctx.describe() | Report(backend=steps.backend_info(ctx)) | steps.flops(ctx) | Report(memory=estimate)
     if export is not None:
         return report | steps.latency(ctx, export, with_torch) | steps.profile(ctx, export, profile)
     with tempfile.TemporaryDirectory(prefix="hgdeploy-bench-") as tmp:
