@@ -95,12 +95,16 @@ def test_zero_reduction_with_a_sharp_temperature_is_the_identity_padding_include
     assert torch.allclose(rebuild(clusters, z, s), x, atol=1e-5)
 
 
-def test_the_window_layers_export_with_static_shapes(tmp_path):
+@pytest.mark.parametrize("variant", ["softmax", "official"])
+def test_the_window_layers_export_with_static_shapes(tmp_path, variant):
+    """official: the authors' M-step and cells, and every weight >= the k-th over all the window's centres."""
+    official = variant == "official"
+
     class Hourglass(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.cluster = WindowTokenClustering((13, 11), 6, 4, 3, 2, 0.5, "local")
-            self.rebuild = WindowTokenReconstruction(self.cluster, TokenReconstruction(4, 0.5))
+            self.cluster = WindowTokenClustering((13, 11), 6, 4, 3, 2, 0.5, "local", official=official)
+            self.rebuild = WindowTokenReconstruction(self.cluster, TokenReconstruction(4, 0.5, variant))
 
         def forward(self, x):
             clusters, z, s = self.cluster(x)

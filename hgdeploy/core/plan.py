@@ -60,7 +60,8 @@ class ClusterPlan:
     k: nearest clustering-time centres each token is rebuilt from (reconstruct_from "nearest").
     reconstruct_from: "nearest" (the k nearest of all centres, a TopK; official) or "neighbourhood"
     (the neighbours x neighbours cells around the token's own cell, as in clustering).
-    reconstruction: "softmax" (log-space, cannot underflow) or "official" (exp, top-k, L2-norm).
+    reconstruction: "softmax" (log-space, cannot underflow) or "official" (the authors' code exactly: exp, every
+    weight >= the k-th, L2-norm; and in the clustering their M-step and token-to-cell map, `official`).
     form: clustering layout, "dense" (official [N, M] matrix), "local" (gathers) or "auto" (fewer MACs).
     reconstruct_on: "features" rebuilds the N tokens after `reconstruct_after` layers; "logits" lets the
     head run on the clusters and rebuilds its per-token logits (Segmenter's official choice).
@@ -94,6 +95,12 @@ class ClusterPlan:
     @property
     def num_clusters(self) -> int:
         return self.grid[0] * self.grid[1]
+
+    @property
+    def official(self) -> bool:
+        """reconstruction "official": the layers follow the authors' code (their reconstruction weights, ties at
+        the k-th weight, the clustering's M-step and token-to-cell map), not only the reconstruction formula."""
+        return self.reconstruction == "official"
 
     @property
     def is_identity_grid(self) -> bool:

@@ -23,6 +23,9 @@ from hgdeploy.layers.tables import (
 
 # Keeps a centre where it was when (almost) no token is assigned to it, instead of 0/eps.
 EMPTY_CLUSTER_EPS = 1e-6
+# The authors' guard (`official`): the mass is only floored, Σ q z / max(Σ q, 1e-16); the old centre plays no
+# part, so a near-empty cluster still moves to its tokens' weighted mean and an empty one falls to 0.
+OFFICIAL_MASS_FLOOR = 1e-16
 
 
 def clustering_macs(n: int, m: int, c: int, j: int, t: int, p: int, iters: int) -> dict[str, int]:
@@ -66,17 +69,23 @@ class TokenClustering(nn.Module):
     [N, M] matrix is touched by three ops (GEMM, mask, softmax) instead of six; the M-step normalises
     the weights per cluster before its GEMM, which makes that GEMM (and the initial pooling) safe in fp16
     (`mixing.WeightedSum`); the distances and the softmax stay fp32.
+
+    Two choices differ from the authors' code unless `official` (what plans with reconstruction "official" build):
+    the M-step divides by (mass + EMPTY_CLUSTER_EPS) and adds EMPTY_CLUSTER_EPS / (mass + eps) of the old centre
+    (a near-empty cluster stays put; theirs: mass floored at OFFICIAL_MASS_FLOOR, no old centre), and a token's
+    own cell is (i * h) // H (theirs: torch's nearest upsampling of the cell-label map, `tables.own_cells`).
     """
 
     def __init__(self, token_grid: tuple[int, int], grid: tuple[int, int], neighbours: int, iters: int, tau: float,
-                 form: str = "auto", device: str = "cpu"):
+                 form: str = "auto", device: str = "cpu", official: bool = False):
         super().__init__()
         self.iters = iters
         self.inv_tau = 1.0 / tau
+        self.official = official
         self.spec = {"token_grid": list(token_grid), "grid": list(grid), "neighbours": neighbours, "iters": iters,
-                     "tau": tau}
+                     "tau": tau, "official": official}
         pool = pooling_matrix(token_grid, grid)
-        index, valid = neighbour_table(token_grid, grid, neighbours)
+        index, valid = neighbour_table(token_grid, grid, neighbours, official)
         token, slot, ok = inverse_table(index, valid, pool.shape[0])
         pool_col, pool_w = sparse_rows(pool)
         macs = clustering_macs(pool.shape[1], pool.shape[0], 1, index.shape[1], token.shape[1], pool_col.shape[1], iters)
@@ -86,7 +95,7 @@ class TokenClustering(nn.Module):
         self.fp16_pool, self.fp16_mix = WeightedSum(), WeightedSum(transposed=form == "dense")
         if form == "dense":
             self.register_buffer("pool", pool, persistent=False)
-            mask = neighbourhood_mask(token_grid, grid, neighbours)
+            mask = neighbourhood_mask(token_grid, grid, neighbours, official)
             self.register_buffer("penalty", (~mask).float() * MASK_PENALTY, persistent=False)
         else:
             self.register_buffer("pool_col", pool_col, persistent=False)
@@ -106,9 +115,18 @@ class TokenClustering(nn.Module):
             t = s * (2.0 * self.inv_tau)  # [B, M, C]: pre-scaled centres
             logits = torch.matmul(z, t.transpose(1, 2)) - 0.5 * (t * s).sum(-1).unsqueeze(1) - self.penalty
             q = torch.softmax(logits, dim=-1)  # [B, N, M], each token's weights over its clusters
-            inv = 1.0 / (q.sum(1).unsqueeze(-1) + EMPTY_CLUSTER_EPS)  # [B, M, 1]: 1 / each cluster's mass
-            s = self.fp16_mix(q * inv.transpose(1, 2), z) + (EMPTY_CLUSTER_EPS * inv) * s
+            inv, old = self._inverse_mass(q.sum(1).unsqueeze(-1))  # [B, M, 1]
+            moved = self.fp16_mix(q * inv.transpose(1, 2), z)
+            s = moved if old is None else moved + old * s
         return s
+
+    def _inverse_mass(self, mass: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(1 / what the M-step divides each cluster's weighted sum by, the share of the old centre it adds or
+        None) from the clusters' masses [B, M, 1]."""
+        if self.official:
+            return 1.0 / mass.clamp_min(OFFICIAL_MASS_FLOOR), None
+        inv = 1.0 / (mass + EMPTY_CLUSTER_EPS)
+        return inv, EMPTY_CLUSTER_EPS * inv
 
     def _local(self, z: Tensor) -> Tensor:
         # Products are written as batched MatMuls: ONNX Runtime runs those faster than Einsum.
@@ -122,8 +140,9 @@ class TokenClustering(nn.Module):
             q = torch.softmax(logits, dim=-1)  # [B, N, J]
             q_inv = q.flatten(1).index_select(1, self.inv_slot.reshape(-1)).view(q.shape[0], *self.inv_slot.shape)
             q_inv = q_inv * self.inv_valid  # [B, M, T]
-            inv = 1.0 / (q_inv.sum(-1, keepdim=True) + EMPTY_CLUSTER_EPS)  # [B, M, 1]
-            s = self.fp16_mix((q_inv * inv).unsqueeze(-2), z_inv).squeeze(-2) + (EMPTY_CLUSTER_EPS * inv) * s
+            inv, old = self._inverse_mass(q_inv.sum(-1, keepdim=True))  # [B, M, 1]
+            moved = self.fp16_mix((q_inv * inv).unsqueeze(-2), z_inv).squeeze(-2)
+            s = moved if old is None else moved + old * s
         return s
 
     def initial_distances(self, z: Tensor) -> Tensor:

@@ -53,6 +53,12 @@ class TokenReconstruction(nn.Module):
     over an [N, M] matrix; the official choice), or with `neighbourhood` = (index, valid) from
     `neighbour_table` the J = lambda^2 cells around the token's own cell, as in the clustering's
     E-step (no TopK and no [N, M] matrix; the paper reports the same quality).
+
+    Nearest candidates and ties: "softmax" takes exactly k (TopK's indices, then a gather of k centres);
+    "official" keeps, as the authors do, every centre whose weight is >= the k-th largest, so centres tied
+    with the k-th are all kept. Their number depends on the data, so the official layer keeps the whole
+    [N, M] weight matrix, zeroes the weights below the k-th (TopK with the constant K = k gives the
+    threshold) and mixes all M refined centres with one MatMul: static shapes, k..M centres per token.
     """
 
     def __init__(self, k: int, tau: float, variant: str = "softmax", neighbourhood: tuple[Tensor, Tensor] | None = None):
@@ -77,7 +83,8 @@ class TokenReconstruction(nn.Module):
 
     def weights(self, z_alpha: Tensor, s_alpha: Tensor,
                 dropped: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """([B, N, K] weights, [B, N, K] or [N, K] cluster indices) from clustering-time tokens and centres.
+        """([B, N, K] weights, [B, N, K] or [N, K] cluster indices) from clustering-time tokens and centres; for
+        "official" with nearest candidates ([B, N, M] weights, zero where not kept, and [N, M] all centres).
 
         dropped: [B, M] penalties (0 or MASK_PENALTY) of centres no block refined, so no token is rebuilt
         from them (window clustering's padding-only clusters)."""
@@ -89,13 +96,30 @@ class TokenReconstruction(nn.Module):
             penalty = self.penalty if dropped is None else torch.maximum(  # one penalty value: fp16_safe_masks
                 self.penalty, dropped.index_select(1, self.cand.reshape(-1)).view_as(cross))
             return self._normalised(-dist * self.inv_tau - penalty), self.cand
-        logits = -squared_distances(z_alpha, s_alpha) * self.inv_tau
-        if dropped is not None:
-            logits = logits - dropped.unsqueeze(1)
+        logits = self._logits(z_alpha, s_alpha, dropped)
+        if self.variant == "official":
+            w = self._kept_at_kth(logits)
+            return w, torch.arange(w.shape[-1], device=w.device).expand(w.shape[1], -1)
         top, index = torch.topk(logits, self.k, dim=-1)
         return self._normalised(top), index
 
+    def _logits(self, z_alpha: Tensor, s_alpha: Tensor, dropped: Tensor | None) -> Tensor:
+        """[B, N, M] -d^2/tau of every token to every clustering-time centre, dropped centres pushed out."""
+        logits = -squared_distances(z_alpha, s_alpha) * self.inv_tau
+        return logits if dropped is None else logits - dropped.unsqueeze(1)
+
+    def _kept_at_kth(self, logits: Tensor) -> Tensor:
+        """The authors' weights [B, N, M]: exp(logits), zero below the k-th largest weight (the weight, not the
+        logit: exp can round distinct logits to one weight), L2-normalised."""
+        w = torch.exp(logits)
+        kth = torch.topk(w, self.k, dim=-1).values[..., self.k - 1:]  # [B, N, 1]
+        w = torch.where(w >= kth, w, 0.0)
+        return w / w.norm(p=2, dim=-1, keepdim=True).clamp_min(1e-12)
+
     def forward(self, s_refined: Tensor, z_alpha: Tensor, s_alpha: Tensor, dropped: Tensor | None = None) -> Tensor:
+        if self.candidates == "nearest" and self.variant == "official":
+            w = self._kept_at_kth(self._logits(z_alpha, s_alpha, dropped))  # [B, N, M], zero where not kept
+            return self.fp16_mix(w, s_refined)  # [B, N, M] @ [B, M, C]
         w, index = self.weights(z_alpha, s_alpha, dropped)
         if self.candidates == "neighbourhood":
             picked = take(s_refined, index)  # [B, N, J, C]

@@ -37,22 +37,39 @@ def pooling_matrix(token_grid: tuple[int, int], grid: tuple[int, int]) -> Tensor
     return torch.kron(ph, pw).float()
 
 
-def own_cells(token_grid: tuple[int, int], grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+def nearest_source_index(src: int, dst: int) -> Tensor:
+    """[dst] index of the input each output reads in torch's nearest interpolation (mode="nearest") from src
+    to dst: floor(i * scale) in float32 with scale = float32(src) / dst, capped at src - 1 (ATen's
+    nearest_neighbor_compute_source_index; its shortcuts for dst == src and dst == 2 src give the same). The
+    float32 product rounds below an integer on some pairs (46 -> 28: token 23 reads cell 13, not 14)."""
+    scale = torch.tensor(float(src), dtype=torch.float32) / dst
+    index = torch.floor(torch.arange(dst, dtype=torch.float32) * scale).long()
+    return index.clamp_max(src - 1)
+
+
+def own_cells(token_grid: tuple[int, int], grid: tuple[int, int], official: bool = False) -> tuple[Tensor, Tensor]:
     """Row and column of the cluster cell each token starts in ([N] each).
 
-    Same rule as nearest-neighbour upsampling of the cell-label map to the token grid.
+    Exact integer division, (i * h) // H, by default; with `official` the cell the authors give the token: their
+    h x w cell-label map upsampled to H x W by torch's nearest interpolation, which rounds in float32 and moves
+    one boundary token on some grid pairs (35 pairs up to 96, e.g. 44 -> 26, 46 -> 14, 46 -> 28).
     """
     H, W = token_grid
     h, w = grid
-    rows = (torch.arange(H) * h) // H
-    cols = (torch.arange(W) * w) // W
+    if official:
+        rows, cols = nearest_source_index(h, H), nearest_source_index(w, W)
+    else:
+        rows = (torch.arange(H) * h) // H
+        cols = (torch.arange(W) * w) // W
     return rows.repeat_interleave(W), cols.repeat(H)
 
 
-def neighbourhood_mask(token_grid: tuple[int, int], grid: tuple[int, int], neighbours: int) -> Tensor:
-    """[N, M] bool: True where cluster i lies in the neighbours x neighbours cells around token p's cell."""
+def neighbourhood_mask(token_grid: tuple[int, int], grid: tuple[int, int], neighbours: int,
+                       official: bool = False) -> Tensor:
+    """[N, M] bool: True where cluster i lies in the neighbours x neighbours cells around token p's cell
+    (`own_cells`, `official` as there)."""
     radius = neighbours // 2
-    rows, cols = own_cells(token_grid, grid)
+    rows, cols = own_cells(token_grid, grid, official)
     h, w = grid
     crow = torch.arange(h).repeat_interleave(w)
     ccol = torch.arange(w).repeat(h)
@@ -66,13 +83,15 @@ def squared_distances(z: Tensor, s: Tensor) -> Tensor:
     return zz + ss - 2.0 * torch.matmul(z, s.transpose(1, 2))
 
 
-def neighbour_table(token_grid: tuple[int, int], grid: tuple[int, int], neighbours: int) -> tuple[Tensor, Tensor]:
-    """([N, J] cluster index, [N, J] valid) of the J = neighbours^2 cells around each token's cell.
+def neighbour_table(token_grid: tuple[int, int], grid: tuple[int, int], neighbours: int,
+                    official: bool = False) -> tuple[Tensor, Tensor]:
+    """([N, J] cluster index, [N, J] valid) of the J = neighbours^2 cells around each token's cell (`own_cells`,
+    `official` as there).
 
     Cells that fall off the grid point at the token's own cell and are marked invalid.
     """
     radius = neighbours // 2
-    rows, cols = own_cells(token_grid, grid)
+    rows, cols = own_cells(token_grid, grid, official)
     h, w = grid
     offsets = torch.arange(-radius, radius + 1)
     r = rows[:, None, None] + offsets[None, :, None]

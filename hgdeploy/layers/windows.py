@@ -68,17 +68,18 @@ class WindowTokenClustering(nn.Module):
     Returns (clusters, windows' tokens [B * nW, K^2, C], clustering-time centres [B * nW, k^2, C]); the last
     two are what WindowTokenReconstruction rebuilds from. (h', w') = kept_size: the clusters of the padded
     map (Hp / K * k, Wp / K * k) less those that start in the padding; k = K returns the map itself.
+    `official`: the authors' M-step and cells inside every window (`TokenClustering`).
     """
 
     def __init__(self, size: tuple[int, int], window: int, cluster_window: int, neighbours: int, iters: int,
-                 tau: float, form: str = "auto", device: str = "cpu"):
+                 tau: float, form: str = "auto", device: str = "cpu", official: bool = False):
         super().__init__()
         if not 1 <= cluster_window <= window:
             raise ValueError(f"cluster window {cluster_window} must be in 1..{window}")
         self.size, self.window, self.cluster_window = tuple(size), window, cluster_window
         self.padded = padded_size(size, window)
         self.inner = TokenClustering((window, window), (cluster_window, cluster_window), neighbours, iters, tau, form,
-                                     device)
+                                     device, official)
         self.form, self.form_reason = self.inner.form, self.inner.form_reason
 
     @property

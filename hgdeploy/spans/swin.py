@@ -66,9 +66,11 @@ def refit_layer(layer: nn.Module, window: int, new_window: int, clustered_size: 
 def window_layers(size: tuple[int, int], window: int, cluster_window: int, neighbours: int, iters: int, tau: float,
                   k: int, reconstruct_from: str, form: str, device: str,
                   reconstruction: str) -> tuple[WindowTokenClustering, WindowTokenReconstruction]:
-    """The clustering and reconstruction pair of a window span (Swin's or SAM's)."""
-    clustering = WindowTokenClustering(size, window, cluster_window, neighbours, iters, tau, form, device)
-    cells = (neighbour_table((window, window), (cluster_window, cluster_window), neighbours)
+    """The clustering and reconstruction pair of a window span (Swin's or SAM's); reconstruction "official" also
+    gives the clustering the authors' M-step and cells (`TokenClustering`)."""
+    official = reconstruction == "official"
+    clustering = WindowTokenClustering(size, window, cluster_window, neighbours, iters, tau, form, device, official)
+    cells = (neighbour_table((window, window), (cluster_window, cluster_window), neighbours, official)
              if reconstruct_from == "neighbourhood" else None)
     return clustering, WindowTokenReconstruction(clustering, TokenReconstruction(k, tau, reconstruction, cells))
 

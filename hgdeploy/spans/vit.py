@@ -45,7 +45,7 @@ class ClusteredSpan(nn.Module):
             self.reconstruction: nn.Module = BilinearUpsampling(plan.token_grid, plan.grid)
         else:
             self.clustering = TokenClustering(plan.token_grid, plan.grid, plan.neighbours, plan.iters, plan.tau,
-                                              plan.form, plan.device)
+                                              plan.form, plan.device, official=plan.official)
             self.reconstruction = reconstruction_for(plan)
 
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -62,8 +62,9 @@ class ClusteredSpan(nn.Module):
 
 
 def reconstruction_for(plan: ClusterPlan) -> TokenReconstruction:
-    """The reconstruction layer the plan asks for (its candidates: nearest centres or the neighbourhood)."""
-    cells = (neighbour_table(plan.token_grid, plan.grid, plan.neighbours)
+    """The reconstruction layer the plan asks for (its candidates: nearest centres or the neighbourhood, its
+    cells the authors' with an official plan)."""
+    cells = (neighbour_table(plan.token_grid, plan.grid, plan.neighbours, plan.official)
              if plan.reconstruct_from == "neighbourhood" else None)
     return TokenReconstruction(plan.k, plan.tau, plan.reconstruction, cells)
 
