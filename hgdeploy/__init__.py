@@ -22,6 +22,7 @@ PUBLIC = {
     "to_json": "hgdeploy.core.files", "write_atomic": "hgdeploy.core.files",
     "write_atomic_bytes": "hgdeploy.core.files",
     "INPUT_NAME": "hgdeploy.core.contract",
+    "machine_memory_gb": "hgdeploy.core.memory",
     "load_recipe": "hgdeploy.core.recipe", "bundled_recipes": "hgdeploy.core.recipe",
     "TokenClustering": "hgdeploy.layers", "TokenReconstruction": "hgdeploy.layers",
     "WeightedSum": "hgdeploy.layers",
