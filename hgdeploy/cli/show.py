@@ -38,8 +38,11 @@ def cell(value: Any) -> str:
 
 
 def emit(report: JsonObject, as_json: bool, keys: list[str] | None = None) -> None:
+    """`keys` of a command's report as a table, or as JSON (with the memory section, which the table leaves to the
+    ✓ lines on stderr)."""
     shown = {k: report[k] for k in (keys or report) if k in report}
     if as_json:
+        shown |= {"memory": report["memory"]} if "memory" in report else {}
         print(json.dumps(shown, indent=2))
         return
     table(("key", "value"), flatten(shown), no_wrap=(0,))

@@ -74,9 +74,14 @@ def machine_memory_gb() -> tuple[float, str]:
     set_by_user = os.environ.get(MEMORY_ENV)
     if set_by_user:
         try:
-            return float(set_by_user), f"${MEMORY_ENV}"
+            value = float(set_by_user)
         except ValueError:
-            pass  # the CLI names a bad value before any work (cli.args); here it falls back to the machine
+            value = 0.0
+        if value <= 0:
+            from hgdeploy.core.errors import UserError
+
+            raise UserError(f"${MEMORY_ENV} = {set_by_user!r} is not a number of GB above 0 (e.g. 16)")
+        return value, f"${MEMORY_ENV}"
     total = _meminfo_total_gb()
     for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
         try:
@@ -217,11 +222,40 @@ def estimate_steps(need: Need, steps: tuple[str, ...], sessions: int = 2, torch_
     return {step: round(table[step], 2) for step in steps}
 
 
-def require_memory(estimate_gb: float, what: str, smaller: str) -> None:
-    """Refuse (one line) a command whose estimate exceeds the memory it may use, before the heavy work."""
-    have, source = machine_memory_gb()
-    if estimate_gb > have:
-        from hgdeploy.core.errors import UserError
+def estimate_memory(need: Need, what: str, size: tuple[int, int], steps: tuple[str, ...], sessions: int,
+                    torch_models: bool, lean: bool) -> dict:
+    """The estimate of `what` (a command on a model at `size`), said in one line on stderr; refused (UserError,
+    one line: the need, the memory it may use, a smaller setting) when it exceeds that memory. Returns report.json's
+    memory section before the measured peaks are added."""
+    from hgdeploy.core import progress
+    from hgdeploy.core.errors import UserError
 
-        raise UserError(f"{what} needs about {estimate_gb:.1f} GB of memory and {source} is {have:.1f} GB; "
-                        f"{smaller} (or set ${MEMORY_ENV} to plan with more)")
+    estimate = estimate_steps(need, steps, sessions, torch_models, lean)
+    worst = max(estimate, key=estimate.get)
+    have, source = machine_memory_gb()
+    progress.info(f"memory: {what} needs about {estimate[worst]:.1f} GB at its peak ({worst}); {source}: "
+                  f"{have:.1f} GB")
+    if estimate[worst] > have:
+        smaller = smaller_setting(need, steps, sessions, torch_models, lean, size, have)
+        raise UserError(f"{what} at {size[0]}x{size[1]} needs about {estimate[worst]:.1f} GB of memory and {source} "
+                        f"is {have:.1f} GB; {smaller} (or set ${MEMORY_ENV} to plan with more)")
+    return {"estimate_gb": estimate[worst], "estimate_steps": estimate, "memory_gb": round(have, 1),
+            "memory_source": source, **need.to_json()}
+
+
+def smaller_setting(need: Need, steps: tuple[str, ...], sessions: int, torch_models: bool, lean: bool,
+                    size: tuple[int, int], have: float) -> str:
+    """What would fit: the largest smaller input (multiples of 32, the same aspect) whose activations, taken as
+    growing with the pixels, fit; or, when the weights alone do not, a bigger machine. With global attention the
+    activations grow faster than the pixels, so the smaller input needs less than this says, never more."""
+    def fits(h: int, w: int) -> bool:
+        scaled = Need(need.weights, int(need.activations * h * w / (size[0] * size[1])))
+        return max(estimate_steps(scaled, steps, sessions, torch_models, lean).values()) <= have
+
+    fixed = max(estimate_steps(Need(need.weights, 0), steps, sessions, torch_models, lean).values())
+    shrink = [(int(size[0] * f) // 32 * 32, int(size[1] * f) // 32 * 32) for f in (x / 64 for x in range(63, 0, -1))]
+    smaller = next(((h, w) for h, w in shrink if h >= 32 and w >= 32 and fits(h, w)), None)
+    if fixed >= have or smaller is None:
+        return f"the weights alone need about {fixed:.1f} GB: run it on a machine with more memory"
+    h, w = smaller
+    return f"an input of about {h}x{w} would fit (--set model.input_size={h}x{w})"

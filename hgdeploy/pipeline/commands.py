@@ -12,7 +12,7 @@ from pathlib import Path
 from hgdeploy.backends import EngineProfile, load_profile
 from hgdeploy.core.contract import INPUT_NAME
 from hgdeploy.core.memory import release_memory
-from hgdeploy.core.files import staged_output, to_json, write_atomic, write_atomic_bytes
+from hgdeploy.core.files import JsonObject, staged_output, to_json, write_atomic, write_atomic_bytes
 from hgdeploy.core.recipe import Recipe
 from hgdeploy.graph.folder import ExportFolder, runs_twins
 from hgdeploy.measure.images import Photo
@@ -31,7 +31,7 @@ def run(recipe: Recipe, engine: EngineProfile, photos: list[Photo], out: Path) -
     info = ctx.describe()
     report = info | Report(backend=steps.backend_info(ctx), images=[p.name for p in photos])
     with staged_output(out) as stage:
-        folder, written = write_deployable(ctx.models, ctx.example, engine, stage, info.to_json(),
+        folder, written = write_deployable(ctx.models, ctx.example, engine, stage, info.to_json() | recorded(estimate),
                                            dynamic_batch=recipe.dynamic_batch)
         report = report | written | steps.check(ctx, folder) | steps.flops(ctx)
         feed = {INPUT_NAME: ctx.example.numpy()}
@@ -43,6 +43,11 @@ def run(recipe: Recipe, engine: EngineProfile, photos: list[Photo], out: Path) -
     return report
 
 
+def recorded(estimate: JsonObject) -> JsonObject:
+    """What an export records of its model's memory need: the deploy-side commands estimate from it."""
+    return {"memory": {k: estimate[k] for k in ("weights_gb", "activations_gb")}}
+
+
 def export(recipe: Recipe, engine: EngineProfile, out: Path) -> Report:
     """`hgdeploy export`: baseline.onnx and patched.onnx planned for the profile's device; for a profile that runs
     twins (fp16, fused attention) also the graph passes and those twins. The profile need not run here."""
@@ -50,7 +55,7 @@ def export(recipe: Recipe, engine: EngineProfile, out: Path) -> Report:
     estimate = steps.plan_memory(ctx, "export", ("export", "passes") if runs_twins(engine) else ("export",))
     info = ctx.describe()
     with staged_output(out) as stage:
-        folder, written = write_deployable(ctx.models, ctx.example, engine, stage, info.to_json(),
+        folder, written = write_deployable(ctx.models, ctx.example, engine, stage, info.to_json() | recorded(estimate),
                                            passes=runs_twins(engine), dynamic_batch=recipe.dynamic_batch)
     made_for = Report(engine={"profile": engine.name, "device": engine.device, "precision": engine.precision})
     return (info | made_for | written | Report(onnx={role: str(out / path.name) for role, path in folder.graphs.items()})

@@ -13,9 +13,11 @@ import onnx
 from polygraphy.backend.base import BaseRunner
 
 from hgdeploy.backends import EngineProfile, backend_versions, end_profiling, make_runner, require_profiler
+from hgdeploy.backends.onnxrt import LEAN_GRAPH_BYTES
 from hgdeploy.core import progress
 from hgdeploy.core.contract import INPUT_NAME, graph_sha256, is_layer_node, node_scopes, read_clustering_specs
 from hgdeploy.core.files import JsonObject, to_json, write_atomic
+from hgdeploy.core.memory import Need, estimate_memory
 from hgdeploy.core.recipe import DYNAMIC_EXAMPLE
 from hgdeploy.graph.deploy import optimize_patched, with_twins, write_twins
 from hgdeploy.graph.flops import onnx_gflops
@@ -23,6 +25,25 @@ from hgdeploy.graph.folder import ExportFolder, runs_twins
 from hgdeploy.measure.profile import GraphProfile, Layers, Profiles, read_trace, summarise
 from hgdeploy.measure.results import Latency, Report
 from hgdeploy.measure.timing import Timing, machine_info, time_interleaved
+
+
+def sessions(engine: EngineProfile) -> int:
+    """ONNX Runtime sessions timed side by side: baseline and patched, and the patched graph before the passes for a
+    plain fp32 profile (ExportFolder.engine_graphs)."""
+    return 2 if runs_twins(engine) else 3
+
+
+def plan_folder_memory(folder: ExportFolder, engine: EngineProfile, command: str,
+                       steps: tuple[str, ...]) -> JsonObject | None:
+    """A deploy-side command's estimate from what the export recorded of its model (weights, activations), said
+    and, when it cannot fit, refused before any session; None for an export that recorded nothing (older)."""
+    recorded = folder.info.get("memory")
+    if not recorded:
+        return None
+    need = Need.from_json(recorded)
+    size = tuple(folder.info.get("preprocess", {}).get("size", (0, 0)))
+    return estimate_memory(need, f"hgdeploy {command} {folder.path}", size, steps, sessions(engine), False,
+                           lean=need.weights >= LEAN_GRAPH_BYTES)
 
 
 def engine_runners(folder: ExportFolder, engine: EngineProfile,
@@ -121,13 +142,15 @@ def backend_info(engine: EngineProfile, extra_versions: dict[str, str] | None = 
 def bench_export(folder: ExportFolder, engine: EngineProfile, profile: bool = False) -> Report:
     """`hgdeploy bench --out DIR`: the engines of an exported folder timed interleaved (no PyTorch); with
     `profile`, then profiled per node (profile.json)."""
+    memory = plan_folder_memory(folder, engine, "bench", ("latency",))
     report = Report(plan=folder.info.get("plan"), backend=backend_info(engine), gflops=graph_gflops(folder, engine),
-                    latency=time_engines(folder, engine))
+                    latency=time_engines(folder, engine), memory=memory)
     return (report | profile_engines(folder, engine)) if profile else report
 
 
 def optimize_export(folder: ExportFolder, engine: EngineProfile) -> Report:
     """`hgdeploy optimize`: the passes on folder/patched.onnx, then the engines before and after, timed."""
+    memory = plan_folder_memory(folder, engine, "optimize", ("passes", "latency"))
     folder, optimized = optimize_patched(folder)
     twins = None
     if runs_twins(engine):  # the patched twins came from the old graph; a baseline twin may not be there yet
@@ -135,7 +158,7 @@ def optimize_export(folder: ExportFolder, engine: EngineProfile) -> Report:
         folder = with_twins(folder, engine, ("baseline",))
     folder.write_manifest()
     return Report(optimize=optimized, fusion=twins and twins.fusion, fp16=twins and twins.fp16,
-                  latency=time_engines(folder, engine))
+                  latency=time_engines(folder, engine), memory=memory)
 
 
 def build(folder: ExportFolder, engine: EngineProfile) -> Report:

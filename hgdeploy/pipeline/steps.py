@@ -13,13 +13,14 @@ from hgdeploy.backends.pyt import TorchRunner, torch_runner
 from hgdeploy.core import progress
 from hgdeploy.core.contract import INPUT_NAME
 from hgdeploy.core.files import JsonObject
-from hgdeploy.core.memory import GB, STEPS, Need, estimate_steps, machine_memory_gb, peak_rss_mb, require_memory
+from hgdeploy.core.memory import STEPS, Need, estimate_memory, peak_rss_mb
 from hgdeploy.graph.folder import ExportFolder
 from hgdeploy.measure.checks import fidelity, outputs_of, parity, per_image, run_all
 from hgdeploy.measure.activations import activation_bytes
 from hgdeploy.measure.flops import count_gflops_fast
 from hgdeploy.measure.results import Report
 from hgdeploy.pipeline import engines
+from hgdeploy.pipeline.engines import sessions
 from hgdeploy.patch.export import weight_bytes
 from hgdeploy.pipeline.context import STRUCTURE_ONLY, Context
 
@@ -105,33 +106,11 @@ def memory_need(ctx: Context) -> Need:
 
 def plan_memory(ctx: Context, command: str, steps: tuple[str, ...], torch_models: bool = True) -> JsonObject:
     """The command's estimated peak, said on stderr; a command that would not fit is refused here, before any
-    export or session (`core.memory.require_memory`). Returns the estimate for report.json's memory section."""
+    export or session. Returns the estimate for report.json's memory section (an export records it too, for
+    the commands that read the export)."""
     need = memory_need(ctx)
-    sessions = 2 if ctx.engine.precision == "fp16" or ctx.engine.fused_attention else 3  # + patched_unoptimized
-    estimate = estimate_steps(need, steps, sessions, torch_models, lean=need.weights >= LEAN_GRAPH_BYTES)
-    worst = max(estimate, key=estimate.get)
-    have, source = machine_memory_gb()
-    progress.info(f"memory: this {command} needs about {estimate[worst]:.1f} GB at its peak ({worst}); "
-                  f"{source}: {have:.1f} GB")
-    size = "x".join(map(str, ctx.models.preprocess.size))
-    require_memory(estimate[worst], f"hgdeploy {command} {ctx.recipe.name} at {size}",
-                   smaller_setting(need, steps, sessions, torch_models, ctx.models.preprocess.size, have))
-    return {"estimate_gb": estimate[worst], "estimate_steps": estimate, "memory_gb": round(have, 1),
-            "memory_source": source, **need.to_json()}
-
-
-def smaller_setting(need: Need, steps: tuple[str, ...], sessions: int, torch_models: bool, size: tuple[int, int],
-                    have: float) -> str:
-    """What would fit: a smaller input (activations taken as growing with the pixels, which overstates what the
-    smaller input needs when attention is global), or, when the weights alone do not fit, a bigger machine."""
-    lean = need.weights >= LEAN_GRAPH_BYTES
-    fixed = max(estimate_steps(Need(need.weights, 0), steps, sessions, torch_models, lean).values())
-    if fixed >= have or need.activations == 0:
-        return f"the weights alone need about {fixed:.1f} GB: run it on a machine with more memory"
-    per_act = max(estimate_steps(Need(need.weights, GB), steps, sessions, torch_models, lean).values()) - fixed
-    share = (have - fixed) / per_act / (need.activations / GB)  # the share of today's activations that fits
-    h, w = (max(32, int(d * share ** 0.5) // 32 * 32) for d in size)
-    return f"an input of about {h}x{w} would fit (--set model.input_size={h}x{w})"
+    return estimate_memory(need, f"hgdeploy {command} {ctx.recipe.name}", ctx.models.preprocess.size, steps,
+                           sessions(ctx.engine), torch_models, lean=need.weights >= LEAN_GRAPH_BYTES)
 
 
 def measured_memory(estimate: JsonObject) -> Report:

@@ -1,0 +1,114 @@
+"""Memory: each step's measured peak, the estimate made before the heavy work and the refusal of a command that
+cannot fit, the activation count it rests on, and ONNX Runtime's lean sessions for large graphs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from hgdeploy.backends import onnxrt
+from hgdeploy.core.errors import UserError
+from hgdeploy.core.memory import GB, MEMORY_ENV, Need, StepPeaks, estimate_steps, machine_memory_gb, smaller_setting
+from hgdeploy.measure.activations import activation_bytes
+
+from conftest import TINY_TIMM
+
+
+def test_a_command_that_cannot_fit_is_refused_in_one_line_before_the_heavy_work(tmp_path):
+    out = tmp_path / "export"
+    env = dict(os.environ, **{MEMORY_ENV: "0.5"})
+    ran = subprocess.run([sys.executable, "-m", "hgdeploy.cli", "export", *TINY_TIMM, "--out", str(out)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 2, ran.stderr[-2000:]
+    errors = [line for line in ran.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "needs about" in errors[0] and f"${MEMORY_ENV} is 0.5 GB" in errors[0], ran.stderr
+    assert "Exporting" not in ran.stderr and not out.exists(), "the refusal must come before any export"
+
+
+def test_an_export_reports_its_estimate_and_each_steps_measured_peak(small_export):
+    memory = json.loads((small_export.parent / "export.json").read_text())["memory"]
+    steps = {s["step"].split(" ")[0]: s for s in memory["steps"]}
+    assert {"Loading", "Exporting", "Optimizing"} <= set(steps), memory
+    assert all(0.1 < s["peak_gb"] <= memory["peak_gb"] + 1e-6 for s in memory["steps"]), memory
+    # the estimate holds what was measured, without being absurdly above it
+    assert memory["peak_gb"] <= memory["estimate_gb"] <= 3 * memory["peak_gb"], memory
+    recorded = json.loads((small_export / "manifest.json").read_text())
+    assert memory["weights_gb"] > 0.05 and recorded
+
+
+def test_a_step_peak_sees_what_the_step_allocated():
+    peaks = StepPeaks()
+    peaks.begin("quiet")
+    quiet = peaks.end()
+    peaks.begin("allocates")
+    block = np.ones(400 * 2**20 // 8)  # 400 MB, touched
+    block += 1
+    del block
+    loud = peaks.end()
+    assert loud.peak_gb - quiet.peak_gb > 0.3, (quiet, loud)
+
+
+def test_activations_are_the_peak_of_live_tensors_of_one_forward():
+    model = nn.Sequential(nn.Linear(10, 1000), nn.ReLU(), nn.Linear(1000, 10))
+    hidden, small = 4 * 1000 * 4, 4 * 10 * 4  # bytes of the [4, 1000] fp32 results and of the [4, 10] input/output
+    counted = activation_bytes(model, torch.zeros(4, 10))
+    assert 2 * hidden <= counted <= 2 * hidden + 2 * small  # the hidden tensor and its ReLU are alive together
+    inplace = nn.Sequential(nn.Linear(10, 1000), nn.ReLU(inplace=True), nn.Linear(1000, 10))
+    assert activation_bytes(inplace, torch.zeros(4, 10)) <= hidden + 2 * small  # in place: no second copy
+    assert activation_bytes(nn.Sequential(model, model[:2]), torch.zeros(4, 10)) >= counted
+
+
+def test_the_estimate_grows_with_weights_activations_and_sessions():
+    small, big = Need(GB // 10, GB // 10), Need(GB, GB)
+    steps = ("export", "passes", "check", "latency")
+    a, b = estimate_steps(small, steps), estimate_steps(big, steps)
+    assert all(b[s] > a[s] for s in steps)
+    assert estimate_steps(big, ("latency",), sessions=3)["latency"] > estimate_steps(big, ("latency",))["latency"]
+    assert estimate_steps(big, ("latency",), lean=True)["latency"] < estimate_steps(big, ("latency",))["latency"]
+
+
+def test_the_smaller_input_suggested_fits_and_weights_that_cannot_fit_ask_for_a_machine():
+    need, steps, have = Need(GB // 2, 8 * GB), ("export", "check", "latency"), 10.0
+    assert max(estimate_steps(need, steps).values()) > have
+    text = smaller_setting(need, steps, 2, True, False, (1024, 1024), have)
+    h, w = (int(v) for v in text.split("model.input_size=")[1].rstrip(")").split("x"))
+    assert h < 1024 and h % 32 == 0 and h == w
+    scaled = Need(need.weights, int(need.activations * h * w / 1024**2))  # activations grow with the pixels at most
+    assert max(estimate_steps(scaled, steps).values()) <= have
+    assert "machine with more memory" in smaller_setting(Need(20 * GB, GB), steps, 2, True, False, (512, 512), have)
+
+
+def test_the_memory_limit_comes_from_the_environment_and_a_bad_value_is_one_line(monkeypatch):
+    monkeypatch.setenv(MEMORY_ENV, "3.5")
+    assert machine_memory_gb() == (3.5, f"${MEMORY_ENV}")
+    monkeypatch.setenv(MEMORY_ENV, "lots")
+    with pytest.raises(UserError, match="not a number of GB"):
+        machine_memory_gb()
+    monkeypatch.delenv(MEMORY_ENV)
+    assert 0.5 < machine_memory_gb()[0] < 1 << 16
+
+
+def test_a_lean_session_computes_what_a_full_one_does(monkeypatch, small_export):
+    """Large graphs run without ORT's constant folding and arena: the same outputs (the tiny export stands in for a
+    large graph with the threshold at 0)."""
+    path = small_export / "patched.opt.onnx"
+    full = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {i.name: np.random.default_rng(0).standard_normal([d if isinstance(d, int) else 1 for d in i.shape])
+            .astype(np.float32) for i in full.get_inputs()}
+    monkeypatch.setattr(onnxrt, "LEAN_GRAPH_BYTES", 0)
+    assert onnxrt.lean_session(path, [("CPUExecutionProvider", {})])
+    assert not onnxrt.lean_session(path, [("CUDAExecutionProvider", {}), ("CPUExecutionProvider", {})])
+    from hgdeploy.backends import load_profile
+
+    with onnxrt.runner(path, load_profile()) as lean:
+        got = lean.infer(feed)
+    for name, want in zip([o.name for o in full.get_outputs()], full.run(None, feed)):
+        np.testing.assert_allclose(got[name], want, rtol=1e-5, atol=1e-5)
