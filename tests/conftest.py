@@ -75,6 +75,27 @@ def two_photos(tmp_path_factory) -> Path:
     return folder
 
 
+def layer_sharpness(layer: torch.nn.Module, z: torch.Tensor) -> float:
+    """Mean over tokens of the largest weight of a clustering layer's own first E-step: its first softmax, recorded
+    while the layer runs (near 1: hard k-means; near 1/J: a blur over the J candidates)."""
+    seen: list[torch.Tensor] = []
+    real = torch.softmax
+
+    def recording(x, dim, *args, **kwargs):  # noqa: ANN001, ANN202
+        out = real(x, dim, *args, **kwargs)
+        seen.append(out.detach().clone())
+        return out
+
+    torch.softmax = recording
+    try:
+        with torch.no_grad():
+            layer(z)
+    finally:
+        torch.softmax = real
+    assert seen, "the layer ran no softmax"
+    return float(seen[0].amax(-1).mean())
+
+
 def hgdeploy_cli(*args: str, cwd: Path = REPO, columns: int = 200, umask: int | None = None,
                  timeout: int = 1800) -> subprocess.CompletedProcess:
     """`python -m hgdeploy.cli ARGS` as a user runs it: a new process, no colours, a wide terminal."""
