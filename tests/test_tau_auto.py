@@ -7,11 +7,11 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_TIMM, hgdeploy_main
+from conftest import TINY_TIMM, hgdeploy_main, layer_sharpness
 
 from hgdeploy.core.errors import UserError
 from hgdeploy.core.plan import PlanRequest
-from hgdeploy.layers import TAU_SHARPNESS, TokenClustering, calibrate_tau, sharpness
+from hgdeploy.layers import TAU_SHARPNESS, TokenClustering, calibrate_tau
 
 hgdeploy = hgdeploy_main
 
@@ -24,11 +24,17 @@ def _tokens(scale: float = 1.0) -> torch.Tensor:
 
 @pytest.mark.parametrize("form", ["dense", "local"])
 def test_auto_tau_reaches_the_target_sharpness_and_scales_with_the_features(form):
-    layer = TokenClustering((12, 12), (6, 6), 3, 3, 1.0, form)
+    """The sharpness is the layer's own: a layer built with the calibrated tau gives its first soft assignment (its
+    softmax as it runs, not tau.sharpness on the distances calibrate_tau itself used) mean largest weight 0.6."""
     z = _tokens()
-    tau = calibrate_tau(layer, z)
-    assert sharpness(layer.initial_distances(z), tau) == pytest.approx(TAU_SHARPNESS, abs=0.01)
-    assert sharpness(layer.initial_distances(z), tau / 10) > 0.9 > 0.3 > sharpness(layer.initial_distances(z), tau * 10)
+    tau = calibrate_tau(TokenClustering((12, 12), (6, 6), 3, 3, 1.0, form), z)
+
+    def at(t: float) -> float:
+        return layer_sharpness(TokenClustering((12, 12), (6, 6), 3, 3, t, form), z)
+
+    assert at(tau) == pytest.approx(TAU_SHARPNESS, abs=0.01)
+    assert at(tau / 10) > 0.9 > 0.3 > at(tau * 10)
+    layer = TokenClustering((12, 12), (6, 6), 3, 3, 1.0, form)
     assert calibrate_tau(layer, _tokens(10.0)) == pytest.approx(100 * tau, rel=0.01)  # tau ~ squared feature scale
 
 

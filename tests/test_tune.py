@@ -152,14 +152,37 @@ def _tune_args(tmp_path, two_photos, budget="cosine>=0.5"):
             str(tmp_path / "tune")]
 
 
-def test_tune_measures_plans_and_baselines_writes_its_files_and_resumes(tmp_path, two_photos):
+@pytest.fixture
+def pinned_latency(monkeypatch):
+    """The engines still run and are timed, but every timed plan reports 8 ms against the unpatched model's 10 ms:
+    whether a plan is faster must not depend on a shared 2-core machine's mood, or a test cannot tell "a plan" from
+    "no plan". The choice among plans, the files, the exit code and the held-out check are what is tested."""
+    from hgdeploy.measure.timing import Timing
+    from hgdeploy.pipeline import engines
+
+    real = engines.time_runners
+
+    def pinned(runners, feed, engine, feeds=None, what=None):  # noqa: ANN001, ANN202
+        measured = real(runners, feed, engine, feeds, what)
+        return {k: Timing(10.0 if k == "baseline" else 8.0, 10.0 if k == "baseline" else 8.0, 1.0, t.runs)
+                for k, t in measured.items()}
+
+    monkeypatch.setattr(engines, "time_runners", pinned)
+
+
+def test_tune_measures_plans_and_baselines_writes_its_files_and_resumes(tmp_path, two_photos, pinned_latency):
     args = _tune_args(tmp_path, two_photos)
-    first = hgdeploy_main(*args, "--json")
+    first = hgdeploy_main(*args, "--holdout", str(two_photos), "--json")
     result = json.loads(first.stdout)
-    assert first.returncode == (0 if result["best"] else 1), first.stderr
+    assert first.returncode == 0, first.stderr
+    best = result["best"]  # every timed plan is faster: the best is a timed clustering plan within the budget
+    assert best is not None and best["kind"] == "clustering" and best["speedup"] == pytest.approx(1.25)
+    assert parse_budget("cosine>=0.5").met(best["fidelity"])
+    held = best["holdout"]  # held out on the tuning photos themselves: the same images, the same mean
+    assert held["within_budget"] and held["images"] == 2
+    assert held["fidelity"]["cosine_mean"] == pytest.approx(best["fidelity"]["cosine_mean"], abs=1e-6)
     out = tmp_path / "tune"
-    assert {p.name for p in out.iterdir()} >= {"tune.json", "tune.md", "tune.png"}
-    assert (out / "best.toml").exists() == (result["best"] is not None)
+    assert {p.name for p in out.iterdir()} >= {"tune.json", "tune.md", "tune.png", "best.toml"}
     kinds = {r["kind"] for r in result["rows"]}
     assert kinds == {"clustering", "pool_bilinear", "downscale"}
     for r in result["rows"]:
@@ -189,7 +212,7 @@ def test_tune_measures_plans_and_baselines_writes_its_files_and_resumes(tmp_path
     assert other.returncode == 2 and "other recipe values" in other.stderr
 
 
-def test_ctrl_c_keeps_a_valid_tune_json_and_the_rerun_resumes(tmp_path, two_photos):
+def test_ctrl_c_keeps_a_valid_tune_json_and_the_rerun_resumes(tmp_path, two_photos, pinned_latency):
     args = _tune_args(tmp_path, two_photos)
     out = tmp_path / "tune"
     env = dict(os.environ, NO_COLOR="1")
@@ -213,6 +236,7 @@ def test_ctrl_c_keeps_a_valid_tune_json_and_the_rerun_resumes(tmp_path, two_phot
     assert saved["state"] == "interrupted" and len(saved["rows"]) >= 2
     assert "run the same command again to resume" in stderr and "Traceback" not in stderr
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no half-written file left
-    rerun = hgdeploy_main(*args, "--json")
-    assert rerun.returncode in (0, 1), rerun.stderr
-    assert json.loads(rerun.stdout)["resumed_rows"] >= 2 and json.loads(rerun.stdout)["state"] == "done"
+    rerun = hgdeploy_main(*args, "--json")  # in this process: its timings are pinned, a plan is found
+    assert rerun.returncode == 0, rerun.stderr
+    resumed = json.loads(rerun.stdout)
+    assert resumed["resumed_rows"] >= 2 and resumed["state"] == "done" and resumed["best"] is not None

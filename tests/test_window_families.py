@@ -116,15 +116,17 @@ def test_sam_weights_run_at_their_own_size(tmp_path):
 
 
 @pytest.mark.parametrize(("name", "candidates"), [("swinv2", "nearest"), ("sam", "neighbourhood")])
-def test_fp16_graphs_keep_the_window_layers_in_fp32_and_stay_finite(name: str, candidates: str, tmp_path):
-    """The deployed fp16 graph: the passes rewrite every masking penalty (the dropped clusters' included), the
-    window layers (partition, padding, crop and the plain layers inside) are marked fp32, the outputs finite and
-    close to PyTorch's. SwinV2's cosine attention over zero-padded keys needs its normalising eps kept above
-    zero (fp16.to_half)."""
+def test_fp16_graphs_run_the_window_layers_in_fp32_but_their_weighted_sums_and_stay_finite(name: str, candidates: str,
+                                                                                            tmp_path):
+    """The deployed (plain, TensorRT's) fp16 graph, converted as graph.deploy converts it: the passes rewrite every
+    masking penalty (the dropped clusters' included); every node of the window layers (partition, padding, crop and
+    the plain layers inside) computes in fp32 except the layers' weighted sums of tokens (hgdeploy_fp16), which
+    compute in fp16, as in the plain layers (tests/test_fp16.py); the outputs are finite and close to PyTorch's.
+    SwinV2's cosine attention over zero-padded keys needs its normalising eps kept above zero (fp16.to_half)."""
     import onnx
 
-    from hgdeploy.core.contract import is_layer_node, read_clustering_specs
-    from hgdeploy.graph.fp16 import to_fp16
+    from hgdeploy.core.contract import is_fp32_layer_node, is_layer_node, read_clustering_specs
+    from hgdeploy.graph.fp16 import FP32_OPS, to_fp16
     from hgdeploy.graph.passes import optimize
 
     family = get_family(name)
@@ -137,8 +139,27 @@ def test_fp16_graphs_keep_the_window_layers_in_fp32_and_stay_finite(name: str, c
     optimized, notes = optimize(onnx.load(str(export_onnx(patched, x, tmp_path / "p.onnx", family.output_names))))
     kinds = {s["kind"] for s in read_clustering_specs(optimized)}
     assert {"window_clustering", "window_reconstruction", "clustering", "reconstruction"} <= kinds
-    half, _ = to_fp16(optimized, is_layer_node(optimized))
+    half, _ = to_fp16(optimized, is_fp32_layer_node(optimized), FP32_OPS)
     assert [format_finding(f) for f in lint_model(half)] == []
+    # the types: every node of the layers computes in fp32 but their weighted sums of tokens (hgdeploy_fp16, the
+    # MatMuls and a Transpose feeding one), which compute in fp16; the window ops (padding, crop) are among the fp32 ones
+    inferred = onnx.shape_inference.infer_shapes(half).graph
+    types = {t.name: t.data_type for t in inferred.initializer}
+    types |= {v.name: v.type.tensor_type.elem_type for v in [*inferred.input, *inferred.output, *inferred.value_info]}
+    in_layer, fp32 = is_layer_node(half), is_fp32_layer_node(half)
+    layer_nodes = [n for n in half.graph.node if in_layer(n)]
+    assert {n.op_type for n in layer_nodes if not fp32(n)} <= {"MatMul", "Transpose"}
+    assert sum(n.op_type == "MatMul" and not fp32(n) for n in layer_nodes) >= 3  # pooling, an M-step, the mix
+    assert {"Softmax", "Pad", "Slice"} <= {n.op_type for n in layer_nodes if fp32(n)}
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
+    typed = 0
+    for node in layer_nodes:
+        want = onnx.TensorProto.FLOAT if fp32(node) else onnx.TensorProto.FLOAT16
+        for tensor in [*node.input, *node.output]:
+            if tensor and types.get(tensor) in floats:
+                assert types[tensor] == want, (node.op_type, node.name, tensor)
+                typed += 1
+    assert typed > 2 * len(layer_nodes) // 3
     session = ort.InferenceSession(half.SerializeToString(), providers=["CPUExecutionProvider"])
     got = session.run(list(family.output_names), {INPUT_NAME: x.numpy()})
     for g, w in zip(got, _run(patched, x), strict=True):

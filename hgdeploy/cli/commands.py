@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from typing import TYPE_CHECKING, Callable
 
 from hgdeploy.cli import args as groups
@@ -28,7 +29,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     written = sorted(p.name for p in out.iterdir() if p.suffix in (".onnx", ".data", ".json", ".md"))
     progress.info(f"wrote {out}/{', '.join(written)}")
     print(json.dumps(report.to_json(), indent=2) if args.json else render_summary(report.to_json()))
-    return EXIT_OK if report.parity and report.parity.passed else EXIT_CHECK_FAILED
+    return parity_exit(report)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -72,7 +73,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     folder = groups.export_folder(args, rec, engine=engine)
     report = commands.check(rec, engine, groups.photos(args), folder)
     emit(report.to_json(), args.json, ["weights", "plan", "parity", "fidelity"])
-    return EXIT_OK if report.parity and report.parity.passed else EXIT_CHECK_FAILED
+    return parity_exit(report)
+
+
+def parity_exit(report) -> int:  # noqa: ANN001 - a pipeline Report; cli imports no pipeline module at load time
+    """`run` and `check`: exit 0 when parity passed, else 1 with one line on stderr saying which output missed
+    which bound."""
+    parity = report.parity
+    if parity is not None and parity.passed:
+        return EXIT_OK
+    reason = "; ".join(parity.failures()) if parity is not None else "nothing was compared"
+    print(f"hgdeploy: parity failed: {reason}", file=sys.stderr)
+    return EXIT_CHECK_FAILED
 
 
 def cmd_flops(args: argparse.Namespace) -> int:

@@ -80,6 +80,16 @@ class Parity:
     engine_model: str | None = None  # the graph the engine ran
     reference_device: str | None = None  # where PyTorch computed the fp32 reference ("cpu", "gpu")
 
+    def failures(self) -> list[str]:
+        """Why parity failed, one phrase per output and bound it missed ([] when it passed)."""
+        out = []
+        for name, v in self.per_output.items():
+            if not v["cosine_min"] >= self.cosine_threshold:
+                out.append(f"{name}: cosine {v['cosine_min']:.6f} < {self.cosine_threshold:g}")
+            if not v["max_abs"] <= v["max_abs_threshold"]:
+                out.append(f"{name}: max abs error {v['max_abs']:.3g} > {v['max_abs_threshold']:.3g}")
+        return out
+
     def to_json(self) -> JsonObject:
         out: JsonObject = {"cosine_min": self.cosine_min, "max_abs": self.max_abs, "passed": self.passed,
                            "thresholds": {"cosine_min": self.cosine_threshold, "max_abs": self.max_abs_threshold,

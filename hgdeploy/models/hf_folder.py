@@ -114,11 +114,18 @@ def load_pretrained(model_class: Any, folder: Path, config: Any) -> nn.Module:
         raise UserError(f"{folder} has a config.json but no weights ({' or '.join(WEIGHT_FILES)})")
     try:
         with quiet_loading():
+            # mismatched sizes are reported in `info` (and refused below, naming the weight and both shapes) rather
+            # than raised: transformers' own error only points at a report its logging prints
             model, info = model_class.from_pretrained(str(folder), config=config, local_files_only=True,
-                                                      output_loading_info=True)
+                                                      output_loading_info=True, ignore_mismatched_sizes=True)
     except Exception as exc:  # noqa: BLE001 - safetensors, torch and transformers each raise their own types
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise UserError(f"{folder}: the weights do not load ({first})") from exc
+    mismatched = [k for k in info.get("mismatched_keys") or [] if not isinstance(k, str) and len(k) == 3]
+    if mismatched:
+        name, found, expected = sorted(mismatched, key=lambda k: str(k[0]))[0]
+        more = f" (and {len(mismatched) - 1} more weights of another shape)" if len(mismatched) > 1 else ""
+        raise UserError(f"{folder}: {name} has shape {tuple(found)}, the model expects {tuple(expected)}{more}")
     problems = (("missing_keys", "is missing weights for"), ("unexpected_keys", "has weights the model does not have:"),
                 ("mismatched_keys", "has weights of another shape:"))
     for key, what in problems:
