@@ -135,3 +135,15 @@ def test_pytorch_runs_where_each_use_needs_it(engine, reference, on_device, time
     assert where() == reference
     assert where(reference_on_device=True) == on_device
     assert where(on_profile=True) == timed
+
+
+def test_a_gpu_profile_on_a_machine_without_a_gpu_names_the_missing_gpu_first():
+    """Without a GPU, advice to reinstall onnxruntime as onnxruntime-gpu (a large install) helps nothing."""
+    from hgdeploy.backends import load_profile
+    from hgdeploy.backends import machine, onnxrt
+
+    if machine.cuda_gpu_name() is not None:
+        pytest.skip("a CUDA GPU is visible: this checks the machine without one")
+    for name in ("ort-cuda", "ort-cuda-fp16"):
+        reason = onnxrt.available(load_profile(name))
+        assert reason == machine.NO_GPU, reason

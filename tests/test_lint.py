@@ -300,3 +300,18 @@ def test_exported_torch_model_lints_clean(tmp_path):
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
     assert {"LayerNormalization", "Softmax"} <= ops
     assert lint_path(path) == [], format_findings(lint_path(path))
+
+
+@pytest.mark.parametrize("runtime", ["tensorrt", "onnxruntime"])
+def test_lint_reports_a_graph_onnx_checker_rejects(tmp_path, runtime):
+    """A Relu reading a tensor nothing defines: onnx.checker rejects it, so lint must not call it clean (it did)."""
+    from hgdeploy.graph.lint import lint_runtime_path
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    graph = helper.make_graph([helper.make_node("Relu", ["undefined"], ["y"], name="relu")], "broken", [x], [y])
+    path = tmp_path / "broken.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    findings = lint_path(path) if runtime == "tensorrt" else lint_runtime_path(path)
+    assert findings and findings[0].reason.startswith("onnx.checker rejects the graph"), findings
+    assert "undefined" in findings[0].reason

@@ -75,6 +75,9 @@ def available(profile: EngineProfile) -> str | None:
     import onnxruntime as ort
 
     have = ort.get_available_providers()
+    gpu_wanted = any(PROVIDER_NAMES.get(short.lower()) in GPU_PROVIDERS for short in profile.providers)
+    if gpu_wanted and machine.cuda_gpu_name() is None:  # before any advice to install a GPU build: none would help
+        return machine.NO_GPU
     for short in profile.providers:
         if provider_name(short, have) is None:
             wanted = PROVIDER_NAMES.get(short.lower(), f"provider matching {short!r}")

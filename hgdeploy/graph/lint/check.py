@@ -208,10 +208,24 @@ def load_graph(path: str | Path) -> onnx.ModelProto:
     return model
 
 
+def checker_findings(path: str | Path) -> list[Finding]:
+    """onnx's full checker (structure, types, strict shape inference) on the file, as a finding: a graph it rejects
+    (a node reading a tensor nothing defines, a wrong type) is broken whatever runtime reads it. The path form
+    reads external weights and graphs over 2 GB."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as e:  # ValidationError, InferenceError and protobuf errors
+        text = str(e).strip()
+        first = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
+        return [Finding("", "", f"onnx.checker rejects the graph: {first}")]
+    return []
+
+
 def lint_path(path: str | Path, trt_major: int = DEFAULT_MAJOR) -> list[Finding]:
-    """lint_model on an ONNX file. UserError (one line) if it is missing or not ONNX."""
+    """onnx's full checker, then lint_model, on an ONNX file. UserError (one line) if it is missing or not ONNX."""
     support = support_for(trt_major)
-    return _lint(load_graph(path), support, str(Path(path).parent))
+    model = load_graph(path)
+    return checker_findings(path) + _lint(model, support, str(Path(path).parent))
 
 
 def format_finding(f: Finding) -> str:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import onnx
 
-from hgdeploy.graph.lint.check import Finding, infer_shapes, load_graph, shape_findings
+from hgdeploy.graph.lint.check import Finding, checker_findings, infer_shapes, load_graph, shape_findings
+
 
 @lru_cache(maxsize=1)
 def ort_schemas() -> dict[tuple[str, str], list[int]]:
@@ -54,5 +55,7 @@ def lint_runtime_model(model: onnx.ModelProto) -> list[Finding]:
 
 
 def lint_runtime_path(path: str | Path) -> list[Finding]:
-    """lint_runtime_model on an ONNX file. UserError (one line) if it is missing or not ONNX."""
-    return lint_runtime_model(load_graph(path))
+    """onnx's full checker, then lint_runtime_model, on an ONNX file. UserError (one line) if it is missing or not
+    ONNX."""
+    model = load_graph(path)
+    return checker_findings(path) + lint_runtime_model(model)
