@@ -111,11 +111,14 @@ def test_missing_tensorrt_is_named_first():
         assert availability(load_profile(name)) == "TensorRT is not installed (pip install 'hgdeploy[gpu]')"
 
 
-def test_cpu_onnxruntime_has_no_gpu_providers():
+def test_cpu_onnxruntime_on_a_gpu_machine_is_told_to_install_the_gpu_build(monkeypatch):
     import onnxruntime as ort
+
+    from hgdeploy.backends import machine
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("onnxruntime-gpu is installed here")
+    monkeypatch.setattr(machine, "cuda_gpu_name", lambda: "NVIDIA H100")  # a GPU machine with the CPU build
     reason = availability(load_profile("ort-cuda"))
     assert "has no CUDAExecutionProvider" in reason and "onnxruntime-gpu" in reason
     assert "has no TensorrtExecutionProvider" in availability(load_profile("ort-trt"))
