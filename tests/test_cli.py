@@ -33,9 +33,17 @@ def _bad_space(tmp_path: Path) -> str:
     return str(path)
 
 
+def _only_notes(tmp_path: Path) -> Path:
+    folder = tmp_path / "notes_only"
+    folder.mkdir(exist_ok=True)
+    (folder / "notes.txt").write_text("not a photo")
+    return folder
+
+
 BAD_INPUTS = {
     "missing image folder": (lambda tmp, photos: ["run", "--images", str(tmp / "nope")], "does not exist"),
-    "non-image file": (lambda tmp, photos: ["run", "--images", str(photos)], "not a jpg/png image"),
+    "no photo, only other files": (lambda tmp, photos: ["run", "--images", str(_only_notes(tmp))],
+                                   "holds no jpg/png photos (only notes.txt)"),
     "alpha out of range": (lambda tmp, photos: ["run", "--set", "cluster.alpha=40"], "cluster.alpha"),
     "grid too large": (lambda tmp, photos: ["run", "--set", "cluster.grid=99x99"], "larger than the token grid"),
     "tau not positive": (lambda tmp, photos: ["run", "--set", "cluster.tau=0"], "cluster.tau"),
@@ -43,14 +51,18 @@ BAD_INPUTS = {
     "misspelled recipe key": (lambda tmp, photos: ["run", _bad_recipe(tmp)], "did you mean cluster.iters"),
     "misspelled --set key": (lambda tmp, photos: ["run", "--set", "clutser.tau=1"], "did you mean [cluster]"),
     "missing recipe file": (lambda tmp, photos: ["run", str(tmp / "missing.toml")], "not found"),
+    "misspelled recipe name": (lambda tmp, photos: ["run", "segmenter_vit_l16_ade2k"],
+                               "not found; did you mean segmenter_vit_l16_ade20k?"),
+    "misspelled engine profile": (lambda tmp, photos: ["run", "--engine", "ort-cuda-fp61"],
+                                  "did you mean ort-cuda-fp16?"),
     "missing engine profile": (lambda tmp, photos: ["run", "--engine", "trt-nope"], "engine profile"),
     "tune budget the shell cut": (lambda tmp, photos: ["tune", "--budget", "cosine"], "quote it"),
     "tune budget of no metric": (lambda tmp, photos: ["tune", *TINY_TIMM, "--budget", "miou>=0.9"],
                                  "has no metric 'miou'"),
     "tune bad space": (lambda tmp, photos: ["tune", "--budget", "cosine>=0.9", "--space", _bad_space(tmp)],
                        "must be a positive whole number"),
-    "tune holdout of no photos": (lambda tmp, photos: ["tune", "--budget", "cosine>=0.9", "--holdout", str(photos)],
-                                  "not a jpg/png image"),
+    "tune holdout of no photos": (lambda tmp, photos: ["tune", "--budget", "cosine>=0.9", "--holdout",
+                                                       str(_only_notes(tmp))], "holds no jpg/png photos"),
     "tune of a window family": (lambda tmp, photos: ["tune", "sam_vit_h", "--budget", "cosine>=0.9"],
                                 "does not sweep family sam"),
     "unknown option": (lambda tmp, photos: ["families", "--bogus"], "error: unrecognized arguments: --bogus"),
@@ -300,3 +312,14 @@ def test_a_key_value_table_shortens_long_lists():
 
     rows = dict(flatten({"fusion": {"nodes": [f"n{i}" for i in range(12)], "few": ["a", "b"]}}))
     assert rows == {"fusion.nodes": "12 items: n0, n1, n2, …", "fusion.few": ["a", "b"]}
+
+
+def test_a_stray_file_among_the_photos_is_left_out_with_a_note(tmp_path, two_photos, capsys):
+    from hgdeploy.measure.images import load_folder
+
+    photos = tmp_path / "photos"
+    shutil.copytree(two_photos, photos)
+    (photos / "notes.txt").write_text("not a photo")
+    loaded = load_folder(photos)
+    assert [p.name for p in loaded] == sorted(p.name for p in two_photos.iterdir())
+    assert "1 file that is not a jpg/png photo left out (notes.txt)" in capsys.readouterr().err

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from conftest import SMALL_EXPORT, TINY_TIMM, hgdeploy_cli, hgdeploy_main
 
+from hgdeploy.core.config import REPO_ROOT
 from hgdeploy.measure.checks import HEATMAP_MIN_AREA, fidelity, heatmap_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -175,3 +176,14 @@ def test_heatmap_iou_is_undefined_on_a_nearly_empty_heatmap():
     fid = fidelity([{"h": patched}, {"h": good}], [{"h": base}, {"h": good}], {"h": "heatmap"}, ["empty", "full"])
     assert fid["heatmap_iou"] == 1.0 and fid["heatmap_iou_min"] == 1.0 and fid["heatmap_iou_undefined"] == 1
     assert fid["per_image"][0]["heatmap_iou"] is None
+
+
+def test_what_the_readme_commands_write_is_git_ignored():
+    """runs/ and the sample datasets (scripts/sample_datasets.py) never show up as changes to commit."""
+    import shutil
+
+    if shutil.which("git") is None or not (REPO_ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    for path in ("datasets/voc/images/a.jpg", "runs/dinov2_s14_focus/report.json"):
+        ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO_ROOT)
+        assert ignored.returncode == 0, f"{path} is not git-ignored"

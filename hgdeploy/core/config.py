@@ -29,7 +29,9 @@ def resolve_toml(arg: str | None, default: str, folders: Iterable[Path], subdir:
             if (folder / f"{stem}.toml").is_file():
                 return folder / f"{stem}.toml"
     known = sorted({p.stem for f in folders if f.is_dir() for p in f.glob("*.toml")})
-    raise UserError(f"{what} {path} not found; give a path to a .toml file or one of: {', '.join(known)}")
+    hint = difflib.get_close_matches(stem, known, n=1, cutoff=0.6)
+    guess = f"did you mean {hint[0]}? " if hint else ""
+    raise UserError(f"{what} {path} not found; {guess}give a path to a .toml file or one of: {', '.join(known)}")
 
 
 def check_key(schema: Mapping[str, Mapping[str, object]], section: str, key: str | None, where: str) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from hgdeploy.core import progress
 from hgdeploy.core.errors import UserError
 from hgdeploy.core.recipe import Preprocess
 
@@ -28,21 +29,28 @@ class Photo:
 
 
 def load_folder(folder: str | Path) -> list[Photo]:
-    """All jpg/png photos in `folder` (not recursive). Any other file is an error, hidden files aside."""
+    """All jpg/png photos in `folder` (not recursive); other files (a notes.txt beside the photos) are skipped and
+    named in one note; a jpg/png that cannot be decoded is an error naming it."""
     root = Path(folder)
     if not root.exists():
         raise UserError(f"image folder {root} does not exist; pass --images DIR with your jpg/png photos")
     if not root.is_dir():
         raise UserError(f"--images {root} is not a folder; pass a folder of jpg/png photos")
-    photos = []
+    photos, others = [], []
     for path in sorted(root.iterdir()):
         if path.name.startswith(".") or path.is_dir():
             continue
         if path.suffix.lower() not in IMAGE_SUFFIXES:
-            raise UserError(f"{path} is not a jpg/png image; remove it from {root} or point --images elsewhere")
+            others.append(path.name)
+            continue
         photos.append(Photo(path.name, open_rgb(path)))
     if not photos:
-        raise UserError(f"image folder {root} holds no jpg/png photos")
+        found = f" (only {', '.join(others[:3])}{', ...' if len(others) > 3 else ''})" if others else ""
+        raise UserError(f"image folder {root} holds no jpg/png photos{found}; pass --images DIR with your photos")
+    if others:
+        progress.info(f"note: {root}: {len(others)} file{'s' if len(others) > 1 else ''} that {'are' if len(others) > 1 else 'is'} "
+                      f"not a jpg/png photo left out ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''})",
+                      markup=False)
     return photos
 
 
