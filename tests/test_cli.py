@@ -106,7 +106,7 @@ def test_run_export_build_check_on_user_photos(tmp_path, two_photos):
     # The summary is a result: on stdout. Nothing but our own progress on stderr (no library warnings such
     # as ONNX Runtime's "[W:onnxruntime:...] UnsqueezeElimination cannot remove node").
     assert "## Summary" in result.stdout and "parity passed" in result.stdout and "## Summary" not in result.stderr
-    noise = [line for line in result.stderr.splitlines() if not line.startswith(("✓", "wrote "))]
+    noise = [line for line in result.stderr.splitlines() if not line.startswith(("✓", "wrote ", "memory: "))]
     assert noise == [], noise
     report = json.loads((out / "report.json").read_text())
     for key in REPORT_KEYS:

@@ -224,23 +224,21 @@ def estimate_steps(need: Need, steps: tuple[str, ...], sessions: int = 2, torch_
 
 def estimate_memory(need: Need, what: str, size: tuple[int, int], steps: tuple[str, ...], sessions: int,
                     torch_models: bool, lean: bool) -> dict:
-    """The estimate of `what` (a command on a model at `size`), said in one line on stderr; refused (UserError,
-    one line: the need, the memory it may use, a smaller setting) when it exceeds that memory. Returns report.json's
-    memory section before the measured peaks are added."""
-    from hgdeploy.core import progress
+    """The estimate of `what` (a command on a model at `size`); refused (UserError, one line: the need, the memory
+    it may use, a smaller setting) when it exceeds that memory. Returns report.json's memory section before the
+    measured peaks are added, with the line a command says on stderr (`said`)."""
     from hgdeploy.core.errors import UserError
 
     estimate = estimate_steps(need, steps, sessions, torch_models, lean)
     worst = max(estimate, key=estimate.get)
     have, source = machine_memory_gb()
-    progress.info(f"memory: {what} needs about {estimate[worst]:.1f} GB at its peak ({worst}); {source}: "
-                  f"{have:.1f} GB")
+    said = f"memory: {what} needs about {estimate[worst]:.1f} GB at its peak ({worst}); {source}: {have:.1f} GB"
     if estimate[worst] > have:
         smaller = smaller_setting(need, steps, sessions, torch_models, lean, size, have)
         raise UserError(f"{what} at {size[0]}x{size[1]} needs about {estimate[worst]:.1f} GB of memory and {source} "
                         f"is {have:.1f} GB; {smaller} (or set ${MEMORY_ENV} to plan with more)")
     return {"estimate_gb": estimate[worst], "estimate_steps": estimate, "memory_gb": round(have, 1),
-            "memory_source": source, **need.to_json()}
+            "memory_source": source, **need.to_json(), "said": said}
 
 
 def smaller_setting(need: Need, steps: tuple[str, ...], sessions: int, torch_models: bool, lean: bool,

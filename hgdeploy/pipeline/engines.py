@@ -42,8 +42,10 @@ def plan_folder_memory(folder: ExportFolder, engine: EngineProfile, command: str
         return None
     need = Need.from_json(recorded)
     size = tuple(folder.info.get("preprocess", {}).get("size", (0, 0)))
-    return estimate_memory(need, f"hgdeploy {command} {folder.path}", size, steps, sessions(engine), False,
-                           lean=need.weights >= LEAN_GRAPH_BYTES)
+    estimate = estimate_memory(need, f"hgdeploy {command} {folder.path}", size, steps, sessions(engine), False,
+                               lean=need.weights >= LEAN_GRAPH_BYTES)
+    progress.info(estimate.pop("said"), markup=False)
+    return estimate
 
 
 def engine_runners(folder: ExportFolder, engine: EngineProfile,
