@@ -178,6 +178,7 @@ def print_eval(report: JsonObject) -> None:
 
 def print_tune(ledger: Ledger) -> None:
     """The timed plans by speed-up, then the verdict: what tune.md leads with."""
+    from hgdeploy.measure.report import relative_speed
     from hgdeploy.tune.report import plan_text
 
     budget = ledger.budget
@@ -194,7 +195,8 @@ def print_tune(ledger: Ledger) -> None:
         print("no plan is within the budget and faster than the unpatched model on this device: deploy the "
               "unpatched model or loosen the budget")
         return
-    print(f"best: {plan_text(best)}, {best.speedup:.3f}x, {budget.key} {(best.fidelity or {})[budget.key]:.4f}")
+    print(f"best: {plan_text(best)}, {relative_speed(best.speedup, best.speedup_ci)}, {budget.key} "
+          f"{(best.fidelity or {})[budget.key]:.4f}")
     hold = best.holdout
     if hold:
         value = hold["fidelity"].get(budget.key)
