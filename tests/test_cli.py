@@ -183,15 +183,169 @@ def test_default_run_meets_the_acceptance_figures(tmp_path):
     assert speed_verdict(r) in (tmp_path / "default" / "report.md").read_text()  # the verdict leads the summary
 
 
-def test_the_speed_verdict_says_faster_within_noise_or_no_gain_and_where():
-    cpu = {"name": "ort-cpu", "device": "cpu", "versions": {}, "machine": {"cpu_count": 2}}
-    gpu = {"name": "ort-cuda-fp16", "device": "gpu", "versions": {"gpu": "NVIDIA H200"}, "machine": {"cpu_count": 16}}
-    assert speed_verdict({"speedup": 1.2, "backend": cpu}).startswith("Faster here: the patched engine runs 1.20x")
-    assert "(ort-cpu on this CPU, 2 cores)" in speed_verdict({"speedup": 1.2, "backend": cpu})
-    assert speed_verdict({"speedup": 1.01, "backend": gpu}).startswith("No measurable gain here: 1.01x")
-    slower = speed_verdict({"speedup": 0.8, "backend": gpu})
-    assert slower.startswith("No gain here: the patched engine is slower") and "ort-cuda-fp16 on NVIDIA H200" in slower
+CPU = {"name": "ort-cpu", "device": "cpu", "versions": {}, "machine": {"cpu_count": 2}}
+GPU = {"name": "ort-cuda-fp16", "device": "gpu", "versions": {"gpu": "NVIDIA H200"}, "machine": {"cpu_count": 16}}
+# Interleaved rounds (ms) of a patched graph about 12 % faster than its baseline, with round-to-round drift that
+# both runners share and a little noise of their own.
+BASE_MS = [10.0, 10.4, 9.8, 11.9, 10.1, 10.2, 12.5, 9.9, 10.3, 10.0, 10.6, 9.7, 11.0, 10.2, 10.1]
+PATCHED_MS = [8.9, 9.4, 8.6, 10.5, 9.2, 9.0, 11.4, 8.8, 9.1, 9.0, 9.3, 8.7, 9.9, 9.1, 9.0]
+
+
+def test_the_speedup_interval_is_a_seeded_bootstrap_of_the_per_round_ratios():
+    import numpy as np
+
+    from hgdeploy.measure.timing import CI_RESAMPLES, MIN_ROUNDS, speedup_interval
+
+    ratios = np.array(BASE_MS) / np.array(PATCHED_MS)
+    rng = np.random.default_rng(0)  # the direct computation: resample the rounds' ratios, take each median
+    picks = rng.integers(0, len(ratios), size=(CI_RESAMPLES, len(ratios)))
+    medians = sorted(float(np.median([ratios[i] for i in row])) for row in picks)
+    expected = (float(np.quantile(medians, 0.025)), float(np.quantile(medians, 0.975)))
+    low, high = speedup_interval(BASE_MS, PATCHED_MS)
+    assert (low, high) == pytest.approx(expected, abs=1e-12)
+    assert ratios.min() <= low <= np.median(ratios) <= high <= ratios.max() and low > 1.0
+    assert speedup_interval(BASE_MS, PATCHED_MS) == (low, high)  # seeded: the same rounds, the same interval
+    assert speedup_interval([12.0] * 9, [10.0] * 9) == pytest.approx((1.2, 1.2))  # every round agrees
+    assert speedup_interval(BASE_MS[:MIN_ROUNDS - 1], PATCHED_MS[:MIN_ROUNDS - 1]) is None  # too few rounds
+
+    from hgdeploy.measure.results import Latency
+    from hgdeploy.measure.timing import summarize
+
+    latency = Latency({"baseline": summarize([x / 1e3 for x in BASE_MS]),
+                       "patched": summarize([x / 1e3 for x in PATCHED_MS])})
+    doc = latency.to_json()
+    assert doc["speedup_ci"] == pytest.approx([low, high]) and doc["latency"]["baseline"]["rounds_ms"] == \
+        pytest.approx(BASE_MS)
+
+
+@pytest.mark.parametrize("ci, opening", [
+    ([1.04, 1.21], "Faster here: the patched engine runs 1.12x the baseline's speed (95 % CI 1.04–1.21;"),
+    ([0.97, 1.19], "No measurable change here: 1.12x, and its 95 % CI 0.97–1.19 holds 1"),
+    ([0.81, 0.93], "No gain here: the patched engine is slower than the baseline, 0.88x (95 % CI 0.81–0.93;"),
+    (None, "Too few timing rounds to tell: 1.12x by the medians of 3 interleaved rounds"),
+])
+def test_the_speed_verdict_reads_the_interval_not_the_median(ci, opening):
+    speedup = 0.88 if ci and ci[1] < 1 else 1.12
+    report = {"speedup": speedup, "speedup_ci": ci, "backend": CPU, "latency": {"baseline": {"runs": 3}}}
+    verdict = speed_verdict(report)
+    assert verdict.startswith(opening), verdict
+    assert "ort-cpu on this CPU, 2 cores" in verdict and "unreliable" not in verdict
+    gpu = speed_verdict(report | {"backend": GPU})
+    assert "ort-cuda-fp16 on NVIDIA H200" in gpu
     assert speed_verdict({"plan": {}}) is None  # nothing timed, nothing said
+
+
+def _fake_runner(ms: float):
+    class Runner:  # what time_interleaved needs of a Polygraphy runner
+        name = f"fake{ms}"
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def infer(self, feed, check_inputs=False):
+            return {}
+
+        def last_inference_time(self):
+            return ms / 1e3
+
+    return Runner()
+
+
+@pytest.mark.parametrize("load, busy", [(7.5, True), (0.2, False)])
+def test_a_busy_machine_makes_the_verdict_warn_that_the_figure_is_unreliable(monkeypatch, load, busy):
+    import os
+
+    import numpy as np
+
+    from hgdeploy.measure.results import Latency
+    from hgdeploy.measure.timing import time_interleaved
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))  # the machine probe, not the code under test
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    timed = time_interleaved({"baseline": _fake_runner(12.0), "patched": _fake_runner(10.0)},
+                             {"x": np.zeros(1, np.float32)}, warmup=1, runs=8)
+    report = Latency(dict(timed), load=timed.load).to_json() | {"backend": CPU}
+    assert report["load"]["start"] == report["load"]["end"] == load and report["load"]["cpus"] == 2
+    assert report["load"]["busy"] is busy and report["speedup_ci"] == pytest.approx([1.2, 1.2])
+    verdict = speed_verdict(report)
+    assert verdict.startswith("Faster here: the patched engine runs 1.20x")
+    assert ("The figure is unreliable: the machine is busy: its load average was 7.5 at the start" in verdict) is busy
+    wide = speed_verdict({"speedup": 1.2, "speedup_ci": [1.01, 1.5], "backend": CPU})  # an idle machine, rounds apart
+    assert "The figure is unreliable: the interval is wide (±20 %, more than ±10 %)" in wide
+
+
+def _fidelity(values: list[float], random_weights: bool = False) -> dict:
+    import numpy as np
+
+    fid = {"images": len(values), "cosine_mean": float(np.mean(values)), "cosine_min": min(values),
+           "per_image": [{"image": f"p{i}.jpg", "cosine": v} for i, v in enumerate(values)]}
+    if random_weights:
+        from hgdeploy.pipeline.context import STRUCTURE_ONLY
+
+        fid["structure_check_only"] = STRUCTURE_ONLY
+    return fid
+
+
+@pytest.mark.parametrize("values, clause", [
+    ([0.972, 0.975, 0.970, 0.9738], "; but fidelity cosine mean 0.9727 is below the budget cosine>=0.985"),
+    ([0.995, 0.996, 0.994, 0.995], "; fidelity cosine mean 0.9950 meets the budget cosine>=0.985"),
+    ([0.999, 0.975, 0.995, 0.983],
+     "; but fidelity cosine mean 0.9880 meets the budget cosine>=0.985 on these images only"),
+])
+def test_the_verdict_holds_fidelity_to_the_budget_in_the_same_sentence(values, clause):
+    from hgdeploy.measure.report import quality, quality_verdict
+    from hgdeploy.tune.space import DEFAULT_BUDGET, parse_budget
+
+    fid = _fidelity(values)
+    report = {"speedup": 1.12, "speedup_ci": [1.08, 1.16], "backend": CPU, "fidelity": fid,
+              "quality": quality(fid, parse_budget(DEFAULT_BUDGET))}
+    verdict = speed_verdict(report)
+    first = verdict.split(". ")[0]  # speed and quality in one sentence
+    assert first.startswith("Faster here: the patched engine runs 1.12x") and clause in first, verdict
+    assert report["quality"]["met"] is clause.endswith("meets the budget cosine>=0.985")
+    body = clause.removeprefix("; ").removeprefix("but ")
+    checked = quality_verdict(report)  # what `hgdeploy check`, which times nothing, ends with
+    assert checked.startswith("F" + body[1:]) and checked.endswith(".")
+
+
+def test_random_weights_make_the_quality_clause_a_structure_check():
+    from hgdeploy.measure.report import quality
+    from hgdeploy.tune.space import parse_budget
+
+    fid = _fidelity([0.97, 0.98], random_weights=True)
+    report = {"speedup": 0.9, "speedup_ci": [0.95, 1.02], "backend": CPU, "fidelity": fid,
+              "quality": quality(fid, parse_budget("cosine>=0.985"))}
+    first = speed_verdict(report).split(". ")[0]
+    assert "fidelity cosine mean 0.9750 is a structure check only, not held against the budget cosine>=0.985" in first
+    assert "random weights: these figures only show" in first and "below the budget" not in first
+
+
+def test_run_reports_the_interval_the_load_and_fidelity_against_the_budget(tmp_path):
+    """`hgdeploy run` end to end (the tiny timm recipe): report.json keeps every round, the interval and the load;
+    the summary opens with speed and quality in one sentence; check and bench end with their own clause."""
+    out = tmp_path / "out"
+    ran = hgdeploy_main("run", *TINY_TIMM, "--out", str(out), "--budget", "cosine>=0.999")
+    assert ran.returncode == 0, ran.stderr
+    r = json.loads((out / "report.json").read_text())
+    low, high = r["speedup_ci"]
+    assert 0 < low <= high and len(r["latency"]["baseline"]["rounds_ms"]) == r["latency"]["baseline"]["runs"] == 15
+    assert {"start", "end", "own_cores", "cpus", "busy"} <= set(r["load"]) and r["load"]["cpus"] >= 1
+    assert r["quality"]["budget"] == "cosine>=0.999" and r["quality"]["structure_check_only"]  # random weights
+    first = ran.stdout.split("## Summary\n\n")[1].split(". ")[0]
+    assert first.startswith(("Faster here: ", "No measurable change here: ", "No gain here: ")), first
+    assert "95 % CI" in first and "fidelity cosine mean" in first
+    assert "is a structure check only, not held against the budget cosine>=0.999" in first
+    assert speed_verdict(r) in (out / "report.md").read_text()
+
+    checked = hgdeploy_main("check", *TINY_TIMM, "--out", str(out))
+    assert checked.returncode == 0, checked.stderr
+    assert "Fidelity cosine mean" in checked.stdout and "not held against the budget cosine>=0.985" in checked.stdout
+    benched = hgdeploy_main("bench", *TINY_TIMM, "--out", str(out))
+    assert benched.returncode == 0, benched.stderr
+    assert "95 % CI" in benched.stdout and "fidelity is not measured by bench" in benched.stdout
 
 
 def _write_graph(path: Path, op: str) -> None:

@@ -66,6 +66,33 @@ def test_the_smoke_run_measures_every_step_and_renders_them(tmp_path):
     assert (tmp_path / "again" / "gpu.md").read_text() == md
 
 
+def _engine_step(recipe: str, plan: str, speedup: float, ci: list[float] | None, busy: bool = False) -> dict:
+    return {"recipe": recipe, "plan": plan, "form": "dense", "step": "engine", "setting": "fp16 fused, CUDA graph",
+            "latency_ms": {"baseline": 10.0, "patched": 10.0 / speedup}, "speedup": speedup, "speedup_ci": ci,
+            "load": {"start": 20.0 if busy else 0.5, "end": 20.0 if busy else 0.5, "own_cores": 1.0, "cpus": 16,
+                     "busy": busy},
+            "gflops": {"baseline": 2.0, "patched": 1.0}}
+
+
+def test_the_verdict_lines_read_each_best_plans_interval(tmp_path):
+    """The per-model verdict by the one rule: "gains" only when the best plan's whole interval clears 1; a median
+    above 1 whose interval holds 1 is no measurable change; a busy machine's figure is said to be unreliable."""
+    steps = [_engine_step("segmenter_vit_l16_ade20k", "recipe", 1.52, [1.47, 1.58]),
+             _engine_step("dinov2_s14_focus", "recipe", 1.04, [0.98, 1.09], busy=True),
+             _engine_step("dinov2_s14_focus", "iters 2, neighbourhood", 0.97, [0.95, 0.99])]
+    (tmp_path / "gpu.json").write_text(json.dumps({"steps": steps, "versions": {"gpu": "NVIDIA H200", "cpu_count": 16},
+                                                   "smoke": True}))
+    ran = report("--render", str(tmp_path / "gpu.json"), "--results", str(tmp_path), "--no-readme")
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    md = (tmp_path / "gpu.md").read_text()
+    assert "- segmenter_vit_l16_ade20k gains on this GPU: best 1.52× (95 % CI 1.47–1.58; recipe," in md
+    line = next(x for x in md.splitlines() if x.startswith("- dinov2_s14_focus "))
+    assert line.startswith("- dinov2_s14_focus shows no measurable change: the best plan's interval holds 1 on this "
+                           "GPU: best 1.04× (95 % CI 0.98–1.09; recipe,")
+    assert "The figure is unreliable: the machine is busy" in line
+    assert "| 1.52× (1.47–1.58) |" in md  # the table's speed-up cells carry their intervals
+
+
 @pytest.mark.skipif("CUDAExecutionProvider" in onnxruntime.get_available_providers(),
                     reason="this machine has ONNX Runtime's CUDA provider: the refusal is for machines without it")
 def test_without_a_cuda_provider_it_stops_in_one_line_before_any_work(tmp_path):

@@ -13,6 +13,7 @@ if TYPE_CHECKING:  # the deploy-side commands must run where torch cannot be imp
     from hgdeploy.core.recipe import Recipe
     from hgdeploy.graph.folder import ExportFolder
     from hgdeploy.measure.images import Photo
+    from hgdeploy.tune.space import Budget
 
 
 def recipe(args: argparse.Namespace) -> Recipe:
@@ -35,6 +36,13 @@ def engine(args: argparse.Namespace, rec: Recipe | None = None, runs_here: bool 
 
         check_engine_outputs(rec, profile)
     return profile
+
+
+def budget(args: argparse.Namespace) -> Budget:
+    """--budget (default: tune's DEFAULT_BUDGET), parsed as `hgdeploy tune` parses it."""
+    from hgdeploy.tune.space import DEFAULT_BUDGET, parse_budget
+
+    return parse_budget(args.budget if args.budget is not None else DEFAULT_BUDGET)
 
 
 def photos(args: argparse.Namespace) -> list[Photo]:

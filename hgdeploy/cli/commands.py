@@ -24,8 +24,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from hgdeploy.pipeline import commands
 
     rec = groups.recipe(args)
+    budget = groups.budget(args)
     engine, out = groups.engine(args, rec), groups.write_folder(args, rec)
-    report = commands.run(rec, engine, groups.photos(args), out)
+    report = commands.run(rec, engine, groups.photos(args), out, budget)
     written = sorted(p.name for p in out.iterdir() if p.suffix in (".onnx", ".data", ".json", ".md"))
     progress.info(f"wrote {out}/{', '.join(written)}")
     print(json.dumps(report.to_json(), indent=2) if args.json else render_summary(report.to_json()))
@@ -49,7 +50,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     engine = groups.engine(args)
     report = engines.optimize_export(groups.export_folder(args, rec, writes=True), engine).to_json()
     if args.json:
-        emit(report, True, ["optimize", "lint", "latency_ms", "latency", "speedup"])
+        emit(report, True, ["optimize", "lint", "latency_ms", "latency", "speedup", "speedup_ci", "load",
+                            "passes_speedup", "passes_speedup_ci"])
         return EXIT_OK
     emit(report, False, ["optimize", "lint"])
     print_bench(report)
@@ -66,13 +68,17 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from hgdeploy.measure.report import quality_verdict
     from hgdeploy.pipeline import commands
 
     rec = groups.recipe(args)
+    budget = groups.budget(args)
     engine = groups.engine(args, rec)
     folder = groups.export_folder(args, rec, engine=engine)
-    report = commands.check(rec, engine, groups.photos(args), folder)
-    emit(report.to_json(), args.json, ["weights", "plan", "parity", "fidelity"])
+    report = commands.check(rec, engine, groups.photos(args), folder, budget)
+    emit(report.to_json(), args.json, ["weights", "plan", "parity", "fidelity", "quality"])
+    if not args.json:
+        print(quality_verdict(report.to_json()))
     return parity_exit(report)
 
 
@@ -98,9 +104,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Engines only on an exported folder (no PyTorch needed); with --torch, or without a folder, via the models."""
     from hgdeploy.backends import require_profiler
 
+    from hgdeploy.measure.report import quality
+
     rec = groups.recipe(args)
     if args.batch is not None:
         return _bench_batches(args, rec)
+    budget = groups.budget(args)
     engines_only = args.out is not None and not args.torch
     engine = groups.engine(args) if engines_only else groups.engine(args, rec)
     if args.profile:
@@ -114,9 +123,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from hgdeploy.pipeline import commands
 
         report = commands.bench(rec, engine, folder, args.torch, args.profile).to_json()
+    report["quality"] = quality(None, budget)  # bench measures no fidelity: its verdict says where to get it
     if args.json:
-        emit(report, True, ["plan", "backend", "gflops", "latency_ms", "latency", "speedup", "speedup_torch",
-                            "profile"])
+        emit(report, True, ["plan", "backend", "gflops", "latency_ms", "latency", "speedup", "speedup_ci", "load",
+                            "speedup_torch", "speedup_torch_ci", "passes_speedup", "passes_speedup_ci", "profile"])
     else:
         print_bench(report)
         if "profile" in report:

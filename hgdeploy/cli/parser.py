@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 "scikit-image and imgviz)")
         if name in OUT_HELP:
             p.add_argument("--out", default=None, type=Path, metavar="DIR", help=OUT_HELP[name])
+        if name in ("run", "check", "bench"):
+            p.add_argument("--budget", default=None, metavar="METRIC>=VALUE",
+                           help="the fidelity budget the verdict holds the patched model to, as `hgdeploy tune` "
+                                "reads it: a mean meets it when its one-sided 90 %% confidence bound over the "
+                                "images does (default: cosine>=0.985; bench measures no fidelity and points to "
+                                "check)")
         if name == "eval":
             _add_eval(p)
         if name == "tune":

@@ -71,8 +71,9 @@ RUNNER_NAMES = {"baseline": "engine, baseline", "patched": "engine, patched (dep
 
 
 def print_bench(report: JsonObject) -> None:
-    """One row per runner, then the ratios and the verdict: what `hgdeploy bench` is for."""
-    from hgdeploy.measure.report import speed_verdict
+    """One row per runner, then the ratios with their intervals and the verdict (and what the graph passes did,
+    where the graph before them was timed): what `hgdeploy bench` and `optimize` are for."""
+    from hgdeploy.measure.report import passes_verdict, speed_verdict, speedup_text
 
     plan, g = report.get("plan") or {}, report.get("gflops") or {}
     backend = report.get("backend", {})
@@ -90,23 +91,31 @@ def print_bench(report: JsonObject) -> None:
            ([RUNNER_NAMES.get(k, k), f"{t['median_ms']:.2f}", f"{t['p90_ms']:.2f}", f"{t['min_ms']:.2f}", t["runs"]]
             for k, t in lat.items()), title=f"{backend.get('name', '')}: interleaved runs after warm-up",
            no_wrap=(0,))
-    print(f"speedup (baseline / patched median): {report['speedup']:.3f}x"
-          + (f"; torch eager: {report['speedup_torch']:.3f}x" if "speedup_torch" in report else ""))
+    print(f"speedup (baseline / patched median): {speedup_text(report['speedup'], report.get('speedup_ci'), 3)}"
+          + (f"; torch eager: {speedup_text(report['speedup_torch'], report.get('speedup_torch_ci'), 3)}"
+             if "speedup_torch" in report else ""))
     print(speed_verdict(report))
+    passes = passes_verdict(report)
+    if passes:
+        print(passes)
 
 
 def print_batches(report: JsonObject) -> None:
-    """One row per batch size: the medians, images/s and the speed-up; then the verdict at the largest batch."""
+    """One row per batch size: the medians, images/s and the speed-up (with its interval); then the largest."""
+    from hgdeploy.measure.report import band_words, speedup_text
+
     rows = report["batches"]
     torch = all("speedup_torch" in r for r in rows)
     header = ("batch", "baseline ms", "patched ms", "baseline img/s", "patched img/s", "speed-up")
     cells = [[str(r["batch"]), f"{r['latency_ms']['baseline']:.2f}", f"{r['latency_ms']['patched']:.2f}",
-              f"{r['images_per_s']['baseline']:.1f}", f"{r['images_per_s']['patched']:.1f}", f"{r['speedup']:.3f}x"]
-             + ([f"{r['speedup_torch']:.3f}x"] if torch else []) for r in rows]
+              f"{r['images_per_s']['baseline']:.1f}", f"{r['images_per_s']['patched']:.1f}",
+              speedup_text(r["speedup"], r.get("speedup_ci"), 3)]
+             + ([speedup_text(r["speedup_torch"], r.get("speedup_torch_ci"), 3)] if torch else []) for r in rows]
     table(header + (("torch speed-up",) if torch else ()), cells,
           title=f"{report.get('backend', {}).get('name', '')}: baseline and patched interleaved at each batch")
     best = max(rows, key=lambda r: r["speedup"])
-    print(f"largest speed-up: {best['speedup']:.3f}x at batch {best['batch']}")
+    print(f"largest speed-up: {speedup_text(best['speedup'], best.get('speedup_ci'), 3)} at batch {best['batch']}: "
+          f"{band_words(best.get('speedup_ci'))}")
 
 
 PART_NAMES = {"clustering": "clustering", "reconstruction": "reconstruction", "attention": "attention",
@@ -169,6 +178,7 @@ def print_eval(report: JsonObject) -> None:
 
 def print_tune(ledger: Ledger) -> None:
     """The timed plans by speed-up, then the verdict: what tune.md leads with."""
+    from hgdeploy.measure.report import relative_speed
     from hgdeploy.tune.report import plan_text
 
     budget = ledger.budget
@@ -185,7 +195,8 @@ def print_tune(ledger: Ledger) -> None:
         print("no plan is within the budget and faster than the unpatched model on this device: deploy the "
               "unpatched model or loosen the budget")
         return
-    print(f"best: {plan_text(best)}, {best.speedup:.3f}x, {budget.key} {(best.fidelity or {})[budget.key]:.4f}")
+    print(f"best: {plan_text(best)}, {relative_speed(best.speedup, best.speedup_ci)}, {budget.key} "
+          f"{(best.fidelity or {})[budget.key]:.4f}")
     hold = best.holdout
     if hold:
         value = hold["fidelity"].get(budget.key)

@@ -14,11 +14,16 @@ from hgdeploy.measure.results import Latency
 
 
 def batch_row(latency: Latency) -> JsonObject:
-    """One batch size: medians per batch, images/s and the speed-ups (patched over baseline)."""
+    """One batch size: medians per batch, images/s and the speed-ups (patched over baseline) with their
+    intervals."""
+    ci = latency.speedup_ci
     row: JsonObject = {"batch": latency.batch, "latency_ms": dict(latency.median_ms),
-                       "images_per_s": dict(latency.images_per_s), "speedup": latency.speedup}
+                       "images_per_s": dict(latency.images_per_s), "speedup": latency.speedup,
+                       "speedup_ci": None if ci is None else list(ci)}
     if latency.speedup_torch is not None:
+        torch_ci = latency.interval("torch_baseline", "torch_patched")
         row["speedup_torch"] = latency.speedup_torch
+        row["speedup_torch_ci"] = None if torch_ci is None else list(torch_ci)
     return row
 
 

@@ -16,7 +16,7 @@ from hgdeploy.core.files import JsonObject, staged_output, to_json, write_atomic
 from hgdeploy.core.recipe import Recipe
 from hgdeploy.graph.folder import ExportFolder, runs_twins
 from hgdeploy.measure.images import Photo
-from hgdeploy.measure.report import write_report
+from hgdeploy.measure.report import QualityBudget, quality, write_report
 from hgdeploy.measure.results import Report
 from hgdeploy.measure.throughput import batch_row, render_plot
 from hgdeploy.pipeline.context import load_context
@@ -24,8 +24,10 @@ from hgdeploy.pipeline.road import write_deployable
 from hgdeploy.pipeline import engines, steps
 
 
-def run(recipe: Recipe, engine: EngineProfile, photos: list[Photo], out: Path) -> Report:
-    """`hgdeploy run`: export, passes, check, FLOPs and bench into one output folder (staged: it appears whole)."""
+def run(recipe: Recipe, engine: EngineProfile, photos: list[Photo], out: Path,
+        budget: QualityBudget | None = None) -> Report:
+    """`hgdeploy run`: export, passes, check, FLOPs and bench into one output folder (staged: it appears whole);
+    with a `budget`, the fidelity held against it (report.json's quality, beside the speed in the verdict)."""
     ctx = load_context(recipe, engine, photos)
     estimate = steps.plan_memory(ctx, "run", ("export", "passes", "check", "latency"), torch_models=False)
     info = ctx.describe()
@@ -34,6 +36,7 @@ def run(recipe: Recipe, engine: EngineProfile, photos: list[Photo], out: Path) -
         folder, written = write_deployable(ctx.models, ctx.example, engine, stage, info.to_json() | recorded(estimate),
                                            dynamic_batch=recipe.dynamic_batch)
         report = report | written | steps.check(ctx, folder) | steps.flops(ctx)
+        report = report | judged(report, budget)
         feed = {INPUT_NAME: ctx.example.numpy()}
         del ctx  # the PyTorch models are not timed here: their memory goes before the engines' sessions
         release_memory()
@@ -41,6 +44,11 @@ def run(recipe: Recipe, engine: EngineProfile, photos: list[Photo], out: Path) -
         report = report | steps.measured_memory(estimate)
         write_report(stage, report.to_json())
     return report
+
+
+def judged(report: Report, budget: QualityBudget | None) -> Report:
+    """The report's fidelity held against the budget (nothing without one)."""
+    return Report() if budget is None else Report(quality=quality(report.fidelity, budget))
 
 
 def recorded(estimate: JsonObject) -> JsonObject:
@@ -62,11 +70,13 @@ def export(recipe: Recipe, engine: EngineProfile, out: Path) -> Report:
             | steps.measured_memory(estimate))
 
 
-def check(recipe: Recipe, engine: EngineProfile, photos: list[Photo], export: ExportFolder) -> Report:
-    """`hgdeploy check`: parity and fidelity of an exported folder on photos."""
+def check(recipe: Recipe, engine: EngineProfile, photos: list[Photo], export: ExportFolder,
+          budget: QualityBudget | None = None) -> Report:
+    """`hgdeploy check`: parity and fidelity of an exported folder on photos (held against `budget`, if any)."""
     ctx = load_context(recipe, engine, photos, export)
     estimate = steps.plan_memory(ctx, "check", ("check",))
-    return ctx.describe() | steps.check(ctx, export) | steps.measured_memory(estimate)
+    checked = steps.check(ctx, export)
+    return ctx.describe() | checked | judged(checked, budget) | steps.measured_memory(estimate)
 
 
 def flops(recipe: Recipe) -> Report:

@@ -24,7 +24,7 @@ from hgdeploy.graph.flops import onnx_gflops
 from hgdeploy.graph.folder import ExportFolder, runs_twins
 from hgdeploy.measure.profile import GraphProfile, Layers, Profiles, read_trace, summarise
 from hgdeploy.measure.results import Latency, Report
-from hgdeploy.measure.timing import Timing, machine_info, time_interleaved
+from hgdeploy.measure.timing import Timings, machine_info, time_interleaved
 
 
 def sessions(engine: EngineProfile) -> int:
@@ -56,9 +56,10 @@ def engine_runners(folder: ExportFolder, engine: EngineProfile,
 
 
 def time_runners(runners: dict[str, BaseRunner], feed: dict[str, np.ndarray], engine: EngineProfile,
-                 feeds: dict[str, dict[str, np.ndarray]] | None = None, what: str | None = None) -> dict[str, Timing]:
+                 feeds: dict[str, dict[str, np.ndarray]] | None = None, what: str | None = None) -> Timings:
     """The profile's warm-up and interleaved runs of every runner, with a progress bar; on a GPU on
-    device-resident inputs and outputs (no host copies). feeds: a feed of its own for some runners."""
+    device-resident inputs and outputs (no host copies). feeds: a feed of its own for some runners. The timings
+    keep each round's time and the machine's load around the run."""
     kwargs = {"copy_outputs_to_host": False} if engine.on_gpu else {}
     with progress.step(f"Timing {what or ', '.join(runners)} ({engine.warmup} warm-up, {engine.runs} interleaved "
                        f"runs)", total=engine.runs) as advance:
@@ -81,7 +82,8 @@ def time_engines(folder: ExportFolder, engine: EngineProfile, roles: tuple[str, 
     (zeros of the graphs' shape by default): what `hgdeploy bench`, `optimize`, `run` and the GPU report time."""
     runners = engine_runners(folder, engine, roles) | (extra or {})
     feed = feed if feed is not None else zeros_feed(folder.graphs["baseline"])
-    return Latency(time_runners(runners, feed, engine), batch=int(next(iter(feed.values())).shape[0]))
+    timed = time_runners(runners, feed, engine)
+    return Latency(dict(timed), batch=int(next(iter(feed.values())).shape[0]), load=timed.load)
 
 
 PROFILE_RUNS = 10  # profiled runs per graph, after the profile's warm-up
@@ -159,8 +161,8 @@ def optimize_export(folder: ExportFolder, engine: EngineProfile) -> Report:
         folder, twins = write_twins(folder, engine, ("patched",))
         folder = with_twins(folder, engine, ("baseline",))
     folder.write_manifest()
-    return Report(optimize=optimized, fusion=twins and twins.fusion, fp16=twins and twins.fp16,
-                  latency=time_engines(folder, engine), memory=memory)
+    return Report(backend=backend_info(engine), optimize=optimized, fusion=twins and twins.fusion,
+                  fp16=twins and twins.fp16, latency=time_engines(folder, engine), memory=memory)
 
 
 def build(folder: ExportFolder, engine: EngineProfile) -> Report:

@@ -17,7 +17,8 @@ from torch import nn
 from hgdeploy.backends import make_runner
 from hgdeploy.core import progress
 from hgdeploy.core.plan import parse_grid
-from hgdeploy.measure.timing import Timing
+from hgdeploy.measure.report import speedup_text
+from hgdeploy.measure.timing import Timing, speedup_interval
 from hgdeploy.pipeline import engines
 from hgdeploy.pipeline.context import Context
 from hgdeploy.pipeline.road import write_deployable
@@ -56,7 +57,8 @@ def time_group(ctx: Context, group: list[Row], models_for: dict[str, Callable[[]
 
 
 def record(ledger: Ledger, group: list[Row], timings: dict[str, Timing]) -> None:
-    """Each row's latency and speed-up against the unpatched model of the same run."""
+    """Each row's latency and speed-up against the unpatched model of the same run, with the speed-up's interval
+    from their paired rounds."""
     base_ms = timings["baseline"].median_ms
     if ledger.baseline is not None:
         ledger.baseline.latency_ms = base_ms
@@ -64,10 +66,14 @@ def record(ledger: Ledger, group: list[Row], timings: dict[str, Timing]) -> None
         t = timings[row.key]
         row.latency_ms, row.latency, row.baseline_latency_ms = t.median_ms, t.to_dict(), base_ms
         row.speedup = base_ms / t.median_ms
+        ci = speedup_interval(timings["baseline"].rounds_ms, t.rounds_ms)
+        row.speedup_ci = None if ci is None else list(ci)
         ledger.add(row)
-        progress.info(f"  {row.kind} {plan_text(row)}: {row.speedup:.3f}x ({t.median_ms:.1f} ms vs {base_ms:.1f} ms)")
+        progress.info(f"  {row.kind} {plan_text(row)}: {speedup_text(row.speedup, ci, 3)} ({t.median_ms:.1f} ms vs "
+                      f"{base_ms:.1f} ms)")
     best = select_best(ledger.rows, ledger.budget)
-    progress.info(f"  best so far: {plan_text(best)}, {best.speedup:.3f}x" if best and best.speedup
+    progress.info(f"  best so far: {plan_text(best)}, {speedup_text(best.speedup, best.speedup_ci, 3)}"
+                  if best and best.speedup
                   else "  best so far: none faster than the unpatched model within the budget")
 
 

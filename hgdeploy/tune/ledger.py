@@ -19,7 +19,7 @@ from hgdeploy.tune.space import Budget, parse_budget
 
 KINDS = ("clustering", "pool_bilinear", "downscale")
 # Keys a row has only once it is timed (or checked on held-out images): left out of tune.json until then.
-TIMED_KEYS = ("latency_ms", "latency", "baseline_latency_ms", "speedup", "holdout")
+TIMED_KEYS = ("latency_ms", "latency", "baseline_latency_ms", "speedup", "speedup_ci", "holdout")
 
 
 @dataclasses.dataclass
@@ -37,6 +37,7 @@ class Row:
     latency: JsonObject | None = None
     baseline_latency_ms: float | None = None
     speedup: float | None = None
+    speedup_ci: list[float] | None = None  # the speed-up's 95 % interval from the rounds (measure.timing)
     holdout: JsonObject | None = None
 
     def to_json(self) -> JsonObject:

@@ -9,6 +9,7 @@ import io
 import tomli_w
 
 from hgdeploy.core.files import JsonObject, write_atomic, write_atomic_bytes
+from hgdeploy.measure.report import relative_speed, speedup_text
 from hgdeploy.tune.ledger import Ledger, Row
 from hgdeploy.tune.select import faster_baselines, within, wins
 from hgdeploy.tune.space import Budget
@@ -65,17 +66,29 @@ def _value(row: Row | None, budget: Budget) -> float | None:
     return None if row is None else (row.fidelity or {}).get(budget.key)
 
 
+def _ci_cell(row: Row) -> str:
+    if row.speedup is None:
+        return "—"
+    return "too few rounds" if row.speedup_ci is None else f"{row.speedup_ci[0]:.2f}–{row.speedup_ci[1]:.2f}"
+
+
+def speed_of(row: Row) -> str:
+    """A timed row's speed-up against the unpatched model in words, with its interval (the one rule)."""
+    return "not timed" if row.speedup is None else relative_speed(row.speedup, row.speedup_ci)
+
+
 def rows_table(rows: list[Row], budget: Budget, best: Row | None) -> list[str]:
     """Timed rows by speed-up, then the others by GFLOPs."""
     timed = sorted((r for r in rows if r.speedup is not None), key=lambda r: -(r.speedup or 0))
     rest = sorted((r for r in rows if r.speedup is None), key=lambda r: r.gflops)
-    lines = [f"| kind | plan | GFLOPs | latency ms | speed-up | {budget.key} | {budget.confidence:.0%} bound | "
-             f"within budget |", "|---|---|---:|---:|---:|---:|---:|---|"]
+    lines = [f"| kind | plan | GFLOPs | latency ms | speed-up | speed-up 95 % CI | {budget.key} | "
+             f"{budget.confidence:.0%} bound | within budget |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in timed + rest:
         mark = " **(best)**" if best is not None and r.key == best.key else ""
         mark += " (recipe)" if r.recipe else ""
         lines.append(f"| {KIND_LABELS[r.kind]}{mark} | {plan_text(r)} | {r.gflops:.4g} | "
-                     f"{_num(r.latency_ms, '.1f')} | {_num(r.speedup, '.3f')} | {_num(_value(r, budget), '.4f')} | "
+                     f"{_num(r.latency_ms, '.1f')} | {_num(r.speedup, '.3f')} | {_ci_cell(r)} | "
+                     f"{_num(_value(r, budget), '.4f')} | "
                      f"{_num(budget.bound(r.fidelity) if r.fidelity else None, '.4f')} | "
                      f"{'yes' if within(r, budget) else 'no'} |")
     return lines
@@ -93,8 +106,8 @@ def verdict(ledger: Ledger) -> list[str]:
     if ledger.structure_check_only:
         lines += [f"Note: {ledger.structure_check_only}.", ""]
     if best is not None:
-        lines += [f"**Best plan:** {plan_text(best)}: {_num(best.speedup, '.3f')}x faster than the unpatched model "
-                  f"({_num(best.latency_ms, '.4g')} ms), {budget.key} {_num(_value(best, budget), '.4f')}, "
+        lines += [f"**Best plan:** {plan_text(best)}: {speed_of(best)}, "
+                  f"{_num(best.latency_ms, '.4g')} ms, {budget.key} {_num(_value(best, budget), '.4f')}, "
                   f"{best.gflops:.4g} GFLOPs. `best.toml` holds it as a recipe."]
         hold = best.holdout
         if hold:
@@ -106,11 +119,11 @@ def verdict(ledger: Ledger) -> list[str]:
                   "deploy the unpatched model (or loosen the budget)."]
     recipe = ledger.recipe_row()
     if recipe is not None:
-        lines += ["", f"The recipe's own plan: {_num(recipe.speedup, '.3f')}x, {budget.key} "
+        lines += ["", f"The recipe's own plan: {speed_of(recipe)}, {budget.key} "
                       f"{_num(_value(recipe, budget), '.4f')}."]
     for r in faster_baselines(ledger.rows, budget, best):
         lines += ["", f"Note: the baseline {KIND_LABELS[r.kind]} ({plan_text(r)}) is within the budget and "
-                      f"faster ({_num(r.speedup, '.3f')}x)."]
+                      f"faster by the medians ({speedup_text(r.speedup or 0.0, r.speedup_ci, 3)})."]
     return lines
 
 

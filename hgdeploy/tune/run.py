@@ -21,6 +21,7 @@ from hgdeploy.core.recipe import Recipe
 from hgdeploy.families.catalogue import get_family
 from hgdeploy.measure.flops import count_gflops_fast
 from hgdeploy.measure.images import Photo
+from hgdeploy.measure.report import speedup_text
 from hgdeploy.pipeline.context import STRUCTURE_ONLY, Context, load_context
 from hgdeploy.pipeline.steps import backend_info
 from hgdeploy.tune.latency import latency_phase
@@ -129,5 +130,6 @@ def header(ledger: Ledger, images: int) -> list[str]:
     budget, best = ledger.budget, ledger.best
     return [f"Tuned by hgdeploy tune from recipe {ledger.context['recipe']} for {ledger.context['engine']}, budget "
             f"{budget}, on {images} images.",
-            f"Measured speed-up {best.speedup:.3f}x, {budget.key} {(best.fidelity or {})[budget.key]:.4f}."
+            f"Measured speed-up {speedup_text(best.speedup, best.speedup_ci, 3)}, {budget.key} "
+            f"{(best.fidelity or {})[budget.key]:.4f}."
             if best and best.speedup else "No plan was within the budget and faster."]

@@ -39,6 +39,9 @@ DEFAULT_TIMED = 6
 
 
 DEFAULT_CONFIDENCE = 0.9
+# The budget the README's examples tune to, and what `run`, `check` and `bench` hold fidelity against without
+# --budget.
+DEFAULT_BUDGET = "cosine>=0.985"
 
 
 @dataclass(frozen=True)
