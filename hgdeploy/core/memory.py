@@ -184,11 +184,14 @@ GB = 2**30
 BASE_GB = 1.2  # the interpreter with torch, transformers, onnx and ONNX Runtime imported (measured: 1.0-1.2 GB)
 # Each step's need in weights (W, the model's fp32 parameters and buffers) and activations (A, the peak of live
 # tensors in one PyTorch forward at the export batch, `measure.activations`), fitted to the steps' measured peaks
-# (report.json's memory.steps) of DINOv2-S at 518 px, SwinV2-L at 544 px and SAM ViT-H at 240 px on this machine:
+# (report.json's memory.steps; scripts/recipe_memory.py) of SwinV2-L at 544 px (W 0.73 GB, A 1.49 GB: export 6.0,
+# check 8.9, timing 9.5 GB) and SAM ViT-H at 240 px (W 2.4 GB: export 12.6 GB) on a 2-core, 24 GB machine:
 EXPORT_W, EXPORT_A = 5.0, 1.0  # the models (W) + torch.onnx's exported program and protobuf (~4 W) + one trace
 PASSES_W = 3.5  # the models + the graph and graph-surgeon's copy of it
-SESSION_W, RUN_A = 1.3, 1.6  # an ONNX Runtime session holds its graph (~1.3 W); a run needs ~1.6 A on top
-ARENA_A = 1.6  # ...which a session under LEAN_GRAPH_BYTES keeps in its arena between runs
+# An ONNX Runtime session holds its graph (~1.3 W); running the models and engines needs ~4.3 A on top: PyTorch's
+# and ORT's activations and the heap they leave behind (glibc keeps freed pages in pieces it cannot hand back).
+SESSION_W, RUN_A = 1.3, 4.3
+ARENA_A = 1.6  # what a session under LEAN_GRAPH_BYTES keeps in its arena between runs
 
 
 @dataclass(frozen=True)
@@ -210,14 +213,14 @@ def estimate_steps(need: Need, steps: tuple[str, ...], sessions: int = 2, torch_
                    lean: bool = False) -> dict[str, float]:
     """GB each of a command's `steps` is expected to peak at: "export", "passes", "check", "latency".
 
-    sessions: ONNX Runtime sessions timed side by side; torch_models: the PyTorch models stay loaded; lean: the
-    graphs are over LEAN_GRAPH_BYTES (no arena between runs)."""
+    sessions: ONNX Runtime sessions timed side by side; torch_models: the PyTorch models stay loaded while the
+    engines are timed; lean: the graphs are over LEAN_GRAPH_BYTES (no arena between runs)."""
     w, a = need.weights / GB, need.activations / GB
     models = w if torch_models else 0.0
     held = SESSION_W * w + (0.0 if lean else ARENA_A * a)
     table = {"export": BASE_GB + EXPORT_W * w + EXPORT_A * a,
              "passes": BASE_GB + PASSES_W * w,
-             "check": BASE_GB + models + SESSION_W * w + RUN_A * a,
+             "check": BASE_GB + w + SESSION_W * w + RUN_A * a,  # parity needs the PyTorch models
              "latency": BASE_GB + models + (sessions - 1) * held + SESSION_W * w + RUN_A * a}
     return {step: round(table[step], 2) for step in steps}
 
