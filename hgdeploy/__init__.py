@@ -50,6 +50,7 @@ PUBLIC = {
     "backend_info": "hgdeploy.pipeline.engines", "profile_engines": "hgdeploy.pipeline.engines",
     "tables": "hgdeploy.evaluation.report",
     "SAMPLE_LAYOUTS": "hgdeploy.evaluation.samples", "WRITERS": "hgdeploy.evaluation.samples",
+    "SAMPLE_RECIPES": "hgdeploy.evaluation.samples",
     "write_saliency": "hgdeploy.evaluation.samples",
     "KIND_LABELS": "hgdeploy.tune.report", "plan_text": "hgdeploy.tune.report", "wins": "hgdeploy.tune.select",
     "Ledger": "hgdeploy.tune.ledger",

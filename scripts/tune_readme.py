@@ -83,7 +83,9 @@ def block(result: dict, minutes: float | None) -> str:
     v, m = ledger.backend["versions"], ledger.backend["machine"]
     lines += ["", f"At equal cost, clustering keeps a higher cosine than average-pool + bilinear in {pw} of {pn} "
                   f"(alpha, grid) points and than the downscaled input in {dw} of {dn}. {scored} clustering plans "
-                  f"scored, {len(ledger.pruned)} pruned, {len(timed)} timed; state: {ledger.state}"
+                  f"scored, {len(ledger.pruned)} pruned, "
+                  + (f"{len(ledger.skipped)} skipped for time, " if ledger.skipped else "")
+                  + f"{len(timed)} timed; state: {ledger.state}"
                   + (f", {minutes:.1f} min wall-clock" if minutes else "") + ".",
               "", f"Produced by `python scripts/tune_readme.py`, which runs "
                   f"`{shlex.join(command(Path('TUNE'), Path('HELDOUT'), OUT.relative_to(REPO)))}` "

@@ -193,8 +193,8 @@ def test_bad_datasets_are_one_line_errors_with_nothing_written(tmp_path):
     assert "must have the image's size" in _eval_fails(root)
     (root / "annotations/validation/a.png").unlink()
     assert "a.png not found" in _eval_fails(root)
-    depth = write_layout(tmp_path / "nyu", "nyuv2", LABELS["nyuv2"])
-    assert "--layout nyuv2" in _eval_fails(depth)  # millimetres or metres x 256: the folder cannot say
+    depth = write_layout(tmp_path / "depthmaps", "nyuv2", LABELS["nyuv2"])
+    assert "--layout nyuv2" in _eval_fails(depth)  # millimetres or metres x 256: neither the folders nor the name say
     assert "scores depth" in _eval_fails(depth, "--layout", "nyuv2")  # a segmenter has no depth output... yet
     assert "not a folder" in _eval_fails(tmp_path / "nowhere")
 
@@ -202,6 +202,34 @@ def test_bad_datasets_are_one_line_errors_with_nothing_written(tmp_path):
 def test_a_model_and_a_layout_with_other_class_counts_are_refused():
     with pytest.raises(UserError, match="predicts 150 classes but the voc layout has 21"):
         make_scorer("segmentation", ds.LAYOUTS["voc"], 150)
+
+
+def test_a_class_count_mismatch_is_refused_before_loading_or_exporting_with_nothing_written(tmp_path, monkeypatch):
+    """An ADE20K model on a VOC folder: told from the recipe (a checkpoint's variant.yml when there is one), before
+    the model is loaded, exported or the run folder is made."""
+    from hgdeploy.evaluation import run as evaluation
+
+    def no(what: str):  # noqa: ANN202
+        def refuse(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            raise AssertionError(f"eval {what} before refusing the dataset")
+        return refuse
+
+    monkeypatch.setattr(evaluation, "load_context", no("loaded the model"))
+    monkeypatch.setattr(evaluation, "write_deployable", no("exported"))
+    root = write_layout(tmp_path / "voc", "voc", LABELS["voc"])
+    out = tmp_path / "runs" / "segmenter" / "eval"
+    result = hgdeploy("eval", *SEGMENTER, "--dataset", str(root), "--out", str(out))
+    assert result.returncode == 2 and "predicts 150 classes but the voc layout has 21" in result.stderr
+    assert not (tmp_path / "runs").exists()  # not even the run folder
+    with pytest.raises(AssertionError, match="loaded the model"):  # 21 classes pass: loading comes next
+        hgdeploy("eval", *SEGMENTER, "--set", "model.num_classes=21", "--dataset", str(root), "--out", str(out))
+
+
+def test_depth_folders_named_for_their_dataset_tell_their_encoding(tmp_path):
+    """images/ + depth/ is NYUv2's layout or KITTI's: the folder's name says which (the sample writer's nyuv2)."""
+    for name, layout in (("nyuv2", "nyuv2"), ("nyu_depth_v2", "nyuv2"), ("KITTI_val", "kitti")):
+        assert ds.open_dataset(write_layout(tmp_path / name, layout, LABELS[layout]), None)[0].name == layout
+    assert ds.open_dataset(write_nyuv2(tmp_path / "samples" / "nyuv2"), None)[0].name == "nyuv2"
 
 
 def test_the_real_voc_sample_reads_as_voc(tmp_path):

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from hgdeploy.core.recipe import load_recipe
 from hgdeploy.tune.downscale import resize_output, smaller_sizes
 from hgdeploy.tune.ledger import Row
 from hgdeploy.tune.report import best_recipe
-from hgdeploy.tune.select import matched, select_best
+from hgdeploy.tune.select import matched, select_best, to_time
 from hgdeploy.tune.space import candidates, default_space, parse_budget, read_space
 
 TINY_SPACE = """[space]
@@ -133,6 +134,21 @@ def test_the_best_plan_is_within_budget_and_faster_and_baselines_are_matched_at_
     assert good["pool_bilinear"]["clustering_better"] and good["downscale"]["clustering_better"]
 
 
+def test_the_cheapest_plans_and_their_matched_baselines_are_timed_first():
+    budget = parse_budget("cosine>=0.985")
+    rows = [_row("clustering", "cheap", 40, 0.99, grid="24x24"), _row("clustering", "mid", 42, 0.99),
+            _row("clustering", "blurry", 30, 0.9, grid="20x20"),
+            _row("pool_bilinear", "pool24", 39.9, 0.9, grid="24x24"),
+            _row("pool_bilinear", "pool28", 41.9, 0.9), _row("downscale", "d41", 41, 0.97),
+            _row("downscale", "d43", 43, 0.975), _row("clustering", "recipe", 43.5, 0.99, speedup=1.1)]
+    rows[-1].recipe = True
+    must, more = to_time(rows, budget, baseline_gflops=55, timed=1)
+    assert [r.key for r in must] == ["cheap", "pool24", "d41"] and more == []  # the recipe's is timed already
+    must, more = to_time(rows, budget, baseline_gflops=55, timed=6)
+    assert [r.key for r in must][:3] == ["cheap", "pool24", "d41"] and {"mid", "pool28", "d43"} <= {r.key for r in must}
+    assert "blurry" not in {r.key for r in must + more}  # outside the budget: never timed
+
+
 def test_best_toml_is_a_recipe_the_other_commands_take(tmp_path):
     rec = load_recipe(None)
     row = {"plan": {"alpha": 5, "grid": "24x24", "reconstruct_after": 12, "iters": 3, "tau": 0.07, "k": 4,
@@ -194,7 +210,16 @@ def test_tune_measures_plans_and_baselines_writes_its_files_and_resumes(tmp_path
     assert result["comparison"] and result["state"] == "done"
     assert "random weights" in result["structure_check_only"]  # fidelity of random weights says nothing
 
-    again = hgdeploy_main(*args, "--json")  # same folder: every row is found again, nothing re-timed
+    built = []  # same folder: every row is found again, nothing is built, scored or timed again (baselines included)
+    with pytest.MonkeyPatch.context() as mp:
+        from hgdeploy.tune import replay, score
+
+        for where, name in ((score, "patch_for"), (score, "downscale_outputs"), (replay.PrefixCache, "run")):
+            real = getattr(where, name)
+            mp.setattr(where, name, lambda *a, real=real, name=name, **k: built.append(name) or real(*a, **k))
+        again = hgdeploy_main(*args, "--json")
+    assert again.returncode == 0, again.stderr
+    assert built == [], built
     resumed = json.loads(again.stdout)
     assert resumed["resumed_rows"] == len(result["rows"])
     assert {r["key"]: r.get("latency_ms") for r in resumed["rows"]} == {r["key"]: r.get("latency_ms")
@@ -240,3 +265,103 @@ def test_ctrl_c_keeps_a_valid_tune_json_and_the_rerun_resumes(tmp_path, two_phot
     assert rerun.returncode == 0, rerun.stderr
     resumed = json.loads(rerun.stdout)
     assert resumed["resumed_rows"] >= 2 and resumed["state"] == "done" and resumed["best"] is not None
+
+
+# ------------------------------------------------------------------------------------------- --time-limit
+
+# Enough plans that scoring them all (0.5-1 s each on TINY_TIMM) takes longer than the limit below.
+BIG_SPACE = """[space]
+alpha = [1, 2, 3]
+grid = ["3x3", "2x2", "1x1"]
+iters = [1, 2]
+reconstruct_from = ["nearest", "neighbourhood"]
+timed = 2
+"""
+LIMIT_MIN = 0.5  # 30 s: loading, the recipe's plan and the time kept for the rest take about 20 s on 2 busy cores
+EXPORT_S = 2.0  # what each export of the fake engine below takes
+
+
+@pytest.fixture(scope="module")
+def fake_engine():
+    """An engine whose exports take EXPORT_S each and whose timings are pinned (every plan 8 ms against the
+    unpatched model's 10 ms): no graph is written, so what a timing costs is known and the time logic, not a
+    shared machine's export speed, decides whether a test keeps its limit."""
+    from hgdeploy.measure.timing import Timing
+    from hgdeploy.pipeline import engines
+    from hgdeploy.tune import latency
+
+    class Export:  # what the export road returns: the graphs a profile runs
+        def baseline_graph(self, engine):  # noqa: ANN001, ANN202
+            return Path("baseline.onnx")
+
+        def patched_graph(self, engine):  # noqa: ANN001, ANN202
+            return Path("patched.onnx")
+
+    def export(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        time.sleep(EXPORT_S)
+        return Export(), None
+
+    def timed(runners, feed, engine, feeds=None, what=None):  # noqa: ANN001, ANN202
+        time.sleep(0.05 * len(runners))
+        return {k: Timing(10.0 if k == "baseline" else 8.0, 10.0, 1.0, 15) for k in runners}
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(latency, "write_deployable", export)
+        mp.setattr(latency, "make_runner", lambda path, engine: path)
+        mp.setattr(engines, "zeros_feed", lambda path: {})
+        mp.setattr(engines, "time_runners", timed)
+        yield
+
+
+@pytest.fixture(scope="module")
+def limited_run(tmp_path_factory, two_photos, fake_engine):
+    """A sweep of BIG_SPACE under --time-limit LIMIT_MIN: its folder, the finished command and its wall time."""
+    root = tmp_path_factory.mktemp("limited")
+    space = root / "space.toml"
+    space.write_text(BIG_SPACE)
+    args = ["tune", *TINY_TIMM, "--images", str(two_photos), "--budget", "cosine>=0.5", "--space", str(space),
+            "--out", str(root / "tune"), "--time-limit", str(LIMIT_MIN)]
+    began = time.monotonic()
+    done = hgdeploy_main(*args)
+    return root / "tune", args, done, time.monotonic() - began
+
+
+def test_tune_keeps_its_time_limit_and_times_the_cheapest_plans_with_their_baselines(limited_run):
+    out, _, done, wall = limited_run
+    assert done.returncode == 0, done.stderr
+    assert wall <= 1.1 * LIMIT_MIN * 60, (wall, done.stderr)
+    result = json.loads((out / "tune.json").read_text())
+    rows = {r["key"]: r for r in result["rows"]}
+    budget = parse_budget("cosine>=0.5")
+    fits = sorted((r for r in rows.values() if r["kind"] == "clustering" and budget.met(r["fidelity"])
+                   and r["gflops"] < result["baseline"]["gflops"]), key=lambda r: r["gflops"])
+    assert fits and fits[0].get("speedup") is not None  # the cheapest plan within the budget is timed
+    matched_twins = next(c for c in result["comparison"] if c["key"] == fits[0]["key"])
+    for name in ("pool_bilinear", "downscale"):  # and its baselines at equal cost, scored and timed
+        assert rows[matched_twins[name]["key"]].get("speedup") is not None, name
+    # what the limit left out is "skipped for time", apart from the pruned plans, in tune.json, tune.md and stdout
+    assert result["skipped"] and all(s["reason"].startswith("skipped for time") for s in result["skipped"])
+    assert {s["key"] for s in result["skipped"]}.isdisjoint(p["key"] for p in result["pruned"])
+    assert not [p for p in result["pruned"] if "time" in p["reason"]]
+    assert result["state"] == "stopped at --time-limit"
+    assert "Skipped for time" in (out / "tune.md").read_text()
+    assert "skipped for time" in done.stdout
+
+
+def test_an_interrupted_resume_leaves_no_conclusion_of_the_earlier_run(limited_run, monkeypatch):
+    from hgdeploy.tune import replay
+
+    out, args, first, _ = limited_run
+    assert first.returncode == 0 and {"tune.md", "tune.png", "best.toml"} <= {p.name for p in out.iterdir()}
+    folder = out.stat().st_ino
+
+    def interrupted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(replay.PrefixCache, "__init__", interrupted)  # Ctrl-C while the resumed run starts
+    again = hgdeploy_main(*args)
+    assert again.returncode == 130, again.stderr
+    saved = json.loads((out / "tune.json").read_text())
+    assert saved["state"] == "interrupted" and saved["best"] is None
+    assert not {"tune.md", "tune.png", "best.toml"} & {p.name for p in out.iterdir()}  # none contradicts it
+    assert out.stat().st_ino == folder and not [p for p in out.parent.iterdir() if p.name.startswith(".")]

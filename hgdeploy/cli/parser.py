@@ -153,7 +153,10 @@ def _add_tune(p: argparse.ArgumentParser) -> None:
                         "reconstruct_from, form, tau (numbers or \"auto\"), baselines (pool_bilinear, downscale), "
                         "timed (how many plans within the budget are timed, cheapest first)")
     p.add_argument("--time-limit", type=float, default=None, metavar="MIN",
-                   help="stop measuring after MIN minutes and choose among what was measured (default: 30)")
+                   help="the whole run, loading included, ends within 1.1 x MIN minutes; the time for timing "
+                        "the cheapest plans within the budget with their matched baselines, the held-out check and "
+                        "the files is kept from the start, and the plans it leaves out are reported as skipped for "
+                        "time (README, 'Choosing a plan'; default: 30)")
     p.add_argument("--holdout", default=None, metavar="DIR",
                    help="photos the sweep does not tune on: the best plan's fidelity on them is reported, and exit "
                         "is 1 when it misses the budget there")

@@ -191,6 +191,9 @@ def print_tune(ledger: Ledger) -> None:
     scored = sum(1 for r in ledger.rows if r.kind == "clustering")
     print(f"{scored} clustering plans scored, {len(ledger.pruned)} pruned, {len(timed)} rows timed "
           f"({ledger.state}, {ledger.elapsed_s / 60:.1f} min)")
+    if ledger.skipped:
+        print(f"skipped for time: {ledger.skipped_count('scoring')} plans and baselines not scored, "
+              f"{ledger.skipped_count('timing')} scored rows not timed (the same command resumes them)")
     if best is None or best.speedup is None:
         print("no plan is within the budget and faster than the unpatched model on this device: deploy the "
               "unpatched model or loosen the budget")

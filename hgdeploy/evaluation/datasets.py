@@ -172,16 +172,25 @@ LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (
 )}
 
 
+# images/ + depth/ is NYUv2's layout or KITTI's, which differ only in the encoding: the folder's name tells them
+# apart (datasets/nyuv2, nyu_depth_v2, KITTI_val, ...), else --layout must.
+DEPTH_NAMES = (("nyuv2", "nyu"), ("kitti", "kitti"))
+
+
 def detect(root: Path) -> str:
-    """The layout a folder has, when its structure says so unambiguously."""
+    """The layout a folder has, when its structure says so unambiguously, or for depth maps its name."""
     signs = [("ade20k", "annotations/validation"), ("cityscapes", "gtFine/val"),
              ("pascal_context", "SegmentationClassContext"), ("voc", "SegmentationClass"), ("saliency", "masks")]
     for name, sub in signs:
         if (root / sub).is_dir():
             return name
     if (root / "depth").is_dir():
-        raise UserError(f"{root} holds depth maps: say which encoding with --layout nyuv2 (millimetres) or "
-                        f"--layout kitti (metres x 256)")
+        folder = root.resolve().name.lower()
+        named = [layout for layout, word in DEPTH_NAMES if word in folder]
+        if len(named) == 1:
+            return named[0]
+        raise UserError(f"{root} holds depth maps but its name says neither nyu nor kitti: say which encoding with "
+                        f"--layout nyuv2 (millimetres) or --layout kitti (metres x 256)")
     if (root / "images").is_dir():
         raise UserError(f"{root}/images has no ground-truth folder beside it that a layout knows; pass --layout "
                         f"({', '.join(LAYOUTS)}), or --dataset {root / 'images'} --layout folder")

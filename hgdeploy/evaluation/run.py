@@ -151,15 +151,50 @@ class EvalData:
 
 def read_dataset(path: str, layout_name: str | None, limit: int | None, recipe: Recipe) -> EvalData:
     """The dataset's layout (given or told by its folders) and samples (the first `limit`), the recipe family's
-    output it scores, and every ground-truth file read once: all before a model is loaded."""
+    output it scores and, for segmentation, that the model predicts the layout's classes (from the recipe and the
+    checkpoint's description), the sliding window's stride, and every ground-truth file read once: all before a
+    model is loaded or anything is written."""
     layout, samples = ds.open_dataset(path, layout_name)
     if limit is not None:
         if limit < 1:
             raise UserError(f"--limit {limit}: give a positive number of images")
         samples = samples[:limit]
-    output, kind = dense_output(get_family(recipe.family), layout)
+    family = get_family(recipe.family)
+    output, kind = dense_output(family, layout)
+    if kind == "segmentation" and family.classes is not None:
+        check_classes(family.classes(recipe.checkpoint, recipe.options), layout)
+    if family.inference == "slide":
+        check_stride(recipe.data.get("eval", {}), recipe.input_size)
     check_truth(layout, samples)
     return EvalData(str(path), layout, samples, output, kind)
+
+
+def check_classes(classes: int | None, layout: ds.Layout) -> None:
+    """A segmentation model scored against a layout's ground truth must predict that layout's classes."""
+    if classes is not None and layout.task is not None and classes != layout.num_classes:
+        raise UserError(f"the model predicts {classes} classes but the {layout.name} layout has "
+                        f"{layout.num_classes}; evaluate a model trained on {layout.name} (README, \"Evaluate on a "
+                        f"dataset\": the bundled recipe for each sample dataset), or its images alone with "
+                        f"--dataset IMAGE_FOLDER --layout folder (agreement only)")
+
+
+def model_classes(ctx: Context, output: str) -> int:
+    """Channels of a loaded model's segmentation output, from one forward on the meta device (no compute): for a
+    family that cannot tell its classes before loading."""
+    from hgdeploy.measure.flops import meta_copy
+
+    model = meta_copy(ctx.models.baseline)
+    with torch.no_grad():
+        outs = model(ctx.example[:1].to("meta"))
+    return int(dict(zip(ctx.models.family.output_names, outs))[output].shape[1])
+
+
+def check_stride(settings: dict[str, Any], size: tuple[int, int]) -> None:
+    """[eval] window_stride: at most the window (the input size), else windows would leave pixels unseen."""
+    stride = settings.get("window_stride", size[0]), settings.get("window_stride", size[1])
+    if stride[0] > size[0] or stride[1] > size[1]:
+        raise UserError(f"eval.window_stride = {stride[0]} is larger than the {size[0]}x{size[1]} window: "
+                        f"windows would leave pixels unseen; give a stride of at most {min(size)}")
 
 
 @contextlib.contextmanager
@@ -190,9 +225,8 @@ def inference(ctx: Context, data: EvalData) -> Inference:
     settings, pre = ctx.recipe.data.get("eval", {}), ctx.models.preprocess
     how = Inference(ctx.models.family.inference, data.output, data.kind, pre,
                     (settings.get("window_stride", pre.size[0]), settings.get("window_stride", pre.size[1])))
-    if how.mode == "slide" and (how.stride[0] > pre.size[0] or how.stride[1] > pre.size[1]):
-        raise UserError(f"eval.window_stride = {how.stride[0]} is larger than the {pre.size[0]}x{pre.size[1]} window: "
-                        f"windows would leave pixels unseen; give a stride of at most {min(pre.size)}")
+    if how.mode == "slide":
+        check_stride(settings, pre.size)
     return how
 
 
@@ -209,29 +243,39 @@ def evaluate(recipe: Recipe, engine: EngineProfile, data: EvalData, export: Expo
     """`hgdeploy eval`: every sample through the unpatched and patched PyTorch models and the engine, scored;
     eval.json, eval.md, eval.png (and predictions/) staged into `out`, which appears whole."""
     ctx = load_context(recipe, engine, export=export)
+    if data.kind == "segmentation" and ctx.models.family.classes is None:  # not told before loading: now, first
+        check_classes(model_classes(ctx, data.output), data.layout)
     how = inference(ctx, data)
     report: dict[str, Any] = ctx.describe().to_json() | {"backend": backend_info(ctx)}
-    with graphs_to_score(ctx) as folder, staged_output(out) as stage:
+    with graphs_to_score(ctx) as folder:
         graph = folder.patched_graph(engine)
         scorer = scorer_for(ctx, data, graph)
-        torch_side = torch_runners(ctx, reference_on_device=True)
-        report["torch_device"] = "gpu" if torch_side["torch_patched"].on_cuda else "cpu"
-        runners = {"unpatched": torch_side["torch_baseline"], "patched": torch_side["torch_patched"],
-                   "engine": make_runner(graph, engine)}
-        with contextlib.ExitStack() as stack:
-            for r in runners.values():
-                stack.enter_context(r)
-            rows, memory = run_dataset(data.samples, runners, how, scorer, stage if save_predictions else None,
-                                       f"{data.layout.name}, {engine.name} engine")
-            panels = [(label, data.samples[i], *one_image(data.samples[i], runners, how, scorer))
-                      for label, i in pick_figure_images(rows, scorer)]
-        report |= scores(data, how, scorer, graph, rows) | {"gate": gate(scorer, report | scorer.metrics(), engine),
-                                                            "memory": memory}
-        if not ctx.pretrained:
-            report["structure_check_only"] = STRUCTURE_ONLY
-        report["per_image"] = [{"image": s.stem} | r for s, r in zip(data.samples, rows)]
-        eval_report.write(stage, report, panels, data.kind)
+        with staged_output(out) as stage:
+            _evaluate(ctx, data, how, scorer, graph, report, stage, save_predictions)
     return report
+
+
+def _evaluate(ctx: Context, data: EvalData, how: Inference, scorer: Scorer, graph: Path, report: dict[str, Any],
+              stage: Path, save_predictions: bool) -> None:
+    """The three models over the dataset, scored; the report and its files written into `stage`."""
+    engine = ctx.engine
+    torch_side = torch_runners(ctx, reference_on_device=True)
+    report["torch_device"] = "gpu" if torch_side["torch_patched"].on_cuda else "cpu"
+    runners = {"unpatched": torch_side["torch_baseline"], "patched": torch_side["torch_patched"],
+               "engine": make_runner(graph, engine)}
+    with contextlib.ExitStack() as stack:
+        for r in runners.values():
+            stack.enter_context(r)
+        rows, memory = run_dataset(data.samples, runners, how, scorer, stage if save_predictions else None,
+                                   f"{data.layout.name}, {engine.name} engine")
+        panels = [(label, data.samples[i], *one_image(data.samples[i], runners, how, scorer))
+                  for label, i in pick_figure_images(rows, scorer)]
+    report |= scores(data, how, scorer, graph, rows) | {"gate": gate(scorer, report | scorer.metrics(), engine),
+                                                        "memory": memory}
+    if not ctx.pretrained:
+        report["structure_check_only"] = STRUCTURE_ONLY
+    report["per_image"] = [{"image": s.stem} | r for s, r in zip(data.samples, rows)]
+    eval_report.write(stage, report, panels, data.kind)
 
 
 def scores(data: EvalData, how: Inference, scorer: Scorer, graph: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:

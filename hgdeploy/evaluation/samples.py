@@ -14,6 +14,12 @@ import numpy as np
 from PIL import Image
 
 SAMPLE_LAYOUTS = ("saliency", "voc", "nyuv2")
+# Which bundled recipe can score each sample (README, "Evaluate on a dataset"): only the default ships its weights.
+SAMPLE_RECIPES = {
+    "saliency": "dinov2_s14_focus, the default recipe (its weights ship)",
+    "voc": "no bundled recipe (none predicts VOC's 21 classes); a Segmenter checkpoint trained on VOC",
+    "nyuv2": "dpt_hybrid_nyuv2 or depth_anything_small, with the checkpoint you pass (--set model.checkpoint=...)",
+}
 
 
 def _samples() -> dict[str, dict[str, np.ndarray]]:

@@ -76,6 +76,16 @@ def load(checkpoint: str | None, input_size: tuple[int, int], options: Section) 
     return Mask2FormerSemantic(hf, input_size).eval()
 
 
+def classes(checkpoint: str | None, options: Section) -> int | None:
+    """The semantic map's classes: num_labels of the checkpoint's config.json, else of model.arch (no weights);
+    None without either (loading then names what is missing)."""
+    if checkpoint:
+        folder = hf_folder.checkpoint_folder(checkpoint)
+        return int(hf_folder.read_config(folder, "mask2former", _classes()[0], "mask2former").num_labels)
+    arch = options.get("arch")
+    return int(ARCHS[arch]()["num_labels"]) if arch in ARCHS else None
+
+
 def tiny() -> tuple[Mask2FormerSemantic, tuple[int, int]]:
     config_class, model_class = _classes()
     return Mask2FormerSemantic(randomised(model_class(config_class(**_tiny_config()))), (64, 64)).eval(), (64, 64)
@@ -87,5 +97,5 @@ FAMILY = Family(
     outputs=(("class_logits", "classification"), ("mask_logits", "features"), ("semantic", "segmentation")),
     load=load, patch=lambda model, plan: patch_model(model, plan, Mask2FormerSemantic, "mask2former"),
     facts=lambda model: stage_facts(model, "bilinear"), tiny=tiny, write_checkpoint=hf_folder.write_checkpoint,
-    options=("arch",), tunable=False, parts=(("backbone", "hf.model.pixel_level_module.encoder"),),
+    options=("arch",), tunable=False, parts=(("backbone", "hf.model.pixel_level_module.encoder"),), classes=classes,
 )

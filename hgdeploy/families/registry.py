@@ -39,7 +39,10 @@ class Family:
     depth output is, "metric" (metres) or "disparity" (relative inverse depth); a recipe's [eval] may say
     otherwise for its weights. parts: (label, submodule path) pairs `hgdeploy flops` also counts on their own
     (Mask2Former's backbone: the authors publish its FLOPs alone). tunable: `hgdeploy tune` can sweep its plans
-    (it replays the blocks of a plain-ViT span; window spans are not swept yet).
+    (it replays the blocks of a plain-ViT span; window spans are not swept yet). classes(checkpoint, options):
+    the number of classes its segmentation output predicts, read from the recipe and a checkpoint's own
+    description (variant.yml, config.json) without loading weights, so that `hgdeploy eval` refuses a dataset of
+    another class count before any work; None where a family cannot tell (eval then checks the loaded model).
     """
 
     name: str
@@ -56,6 +59,7 @@ class Family:
     depth_output: str = "metric"
     parts: tuple[tuple[str, str], ...] = ()
     tunable: bool = True
+    classes: Callable[[str | None, Section], int | None] | None = None
 
     def __post_init__(self) -> None:
         for _, kind in self.outputs:

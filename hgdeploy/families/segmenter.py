@@ -101,6 +101,13 @@ def config_from_options(options: Section, input_size: tuple[int, int]) -> NetCon
     return config_for(arch, options.get("num_classes", 150), input_size, decoder, options.get("decoder_layers", 2))
 
 
+def segmenter_classes(checkpoint: str | None, options: Section) -> int:
+    """n_cls of the checkpoint's variant.yml, else model.num_classes (default 150): no weights read."""
+    if checkpoint:
+        return read_variant(checkpoint_files(checkpoint)[1]).n_cls
+    return int(options.get("num_classes", 150))
+
+
 def load_segmenter(checkpoint: str | None, input_size: tuple[int, int], options: Section) -> Segmenter:
     """From an official checkpoint (variant.yml decides the architecture) or random weights for `model.arch`."""
     if checkpoint:
@@ -197,4 +204,5 @@ FAMILY = Family(
     write_checkpoint=write_checkpoint,
     options=("arch", "num_classes", "decoder", "decoder_layers"),
     reconstruct_on=("logits", "features"),
+    classes=segmenter_classes,
 )

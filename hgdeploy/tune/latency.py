@@ -1,13 +1,15 @@
 """The latency phase of `hgdeploy tune`: the rows worth timing, taken down the one export road
 (`pipeline.road.write_deployable`: export, graph passes, the profile's precision) and timed with the engine
 profile in groups interleaved with the unpatched model, so every speed-up is a ratio measured in one run.
+
+A `Bench` exports the unpatched graph once and times groups against it, measuring on the run's clock what one
+export and one graph's share of a timing run cost: the first group (the recipe's plan alone, timed before the
+sweep) gives the estimates the time kept for the later phases rests on.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -22,11 +24,10 @@ from hgdeploy.measure.timing import Timing, speedup_interval
 from hgdeploy.pipeline import engines
 from hgdeploy.pipeline.context import Context
 from hgdeploy.pipeline.road import write_deployable
+from hgdeploy.tune.clock import GROUP, Clock
 from hgdeploy.tune.ledger import Ledger, Row
 from hgdeploy.tune.report import plan_text
-from hgdeploy.tune.select import select_best, to_time
-
-GROUP = 4  # plans timed per interleaved run with the unpatched model
+from hgdeploy.tune.select import select_best
 
 
 def export_graph(ctx: Context, row: Row, model: nn.Module, folder: Path) -> Path:
@@ -43,17 +44,46 @@ def export_graph(ctx: Context, row: Row, model: nn.Module, folder: Path) -> Path
     return export.patched_graph(engine)
 
 
-def time_group(ctx: Context, group: list[Row], models_for: dict[str, Callable[[], nn.Module]], base_graph: Path,
-               folder: Path, what: str) -> dict[str, Timing]:
-    """One interleaved run: the group's graphs and the unpatched graph, timed together."""
-    graphs: dict[str, Path] = {}
-    with progress.step(f"Exporting {len(group)} plans (ONNX, graph passes)"), progress.muted():
-        for j, row in enumerate(group):
-            graphs[row.key] = export_graph(ctx, row, models_for[row.key](), folder / f"g{j}")
-    runners = {"baseline": make_runner(base_graph, ctx.engine)}
-    runners |= {key: make_runner(path, ctx.engine) for key, path in graphs.items()}
-    feeds = {k: engines.zeros_feed(p) for k, p in graphs.items()}
-    return engines.time_runners(runners, engines.zeros_feed(base_graph), ctx.engine, feeds, what=what)
+@dataclasses.dataclass
+class Bench:
+    """Groups of rows timed against the unpatched graph (exported once, on first use) in `folder`."""
+
+    ctx: Context
+    ledger: Ledger
+    clock: Clock
+    folder: Path
+    model_for: Callable[[Row], nn.Module]
+    base_graph: Path | None = None
+    groups: int = 0
+
+    def baseline(self) -> Path:
+        if self.base_graph is None:
+            with progress.step("Exporting the unpatched model"), progress.muted(), self.clock.measure("export"):
+                base, _ = write_deployable(self.ctx.models, self.ctx.example, self.ctx.engine,
+                                           self.folder / "baseline", roles=("baseline",))
+            self.base_graph = base.baseline_graph(self.ctx.engine)
+        return self.base_graph
+
+    def cost(self, rows: int) -> float:
+        """The estimated seconds of timing `rows` more rows (the unpatched graph's export included if not done)."""
+        return self.clock.timing_s(rows, self.base_graph is not None)
+
+    def time(self, group: list[Row], what: str) -> None:
+        """One interleaved run: the group's graphs and the unpatched graph, timed together, recorded in the rows."""
+        base = self.baseline()
+        self.groups += 1
+        graphs: dict[str, Path] = {}
+        with progress.step(f"Exporting {len(group)} plans (ONNX, graph passes)"), progress.muted():
+            for j, row in enumerate(group):
+                with self.clock.measure("export"):
+                    graphs[row.key] = export_graph(self.ctx, row, self.model_for(row),
+                                                   self.folder / f"group{self.groups}" / f"g{j}")
+        with self.clock.measure("time", share=len(group) + 1):
+            runners = {"baseline": make_runner(base, self.ctx.engine)}
+            runners |= {key: make_runner(path, self.ctx.engine) for key, path in graphs.items()}
+            feeds = {k: engines.zeros_feed(p) for k, p in graphs.items()}
+            timings = engines.time_runners(runners, engines.zeros_feed(base), self.ctx.engine, feeds, what=what)
+        record(self.ledger, group, timings)
 
 
 def record(ledger: Ledger, group: list[Row], timings: dict[str, Timing]) -> None:
@@ -77,27 +107,25 @@ def record(ledger: Ledger, group: list[Row], timings: dict[str, Timing]) -> None
                   else "  best so far: none faster than the unpatched model within the budget")
 
 
-def latency_phase(ctx: Context, ledger: Ledger, models_for: dict[str, Callable[[], nn.Module]], timed: int,
-                  limit_s: float) -> None:
-    """Time the chosen rows GROUP at a time until done or until the next group would pass --time-limit."""
-    assert ledger.baseline is not None
-    queue = [r for r in to_time(ledger.rows, ledger.budget, ledger.baseline.gflops, timed) if r.key in models_for]
+def latency_phase(bench: Bench, must: list[Row], more: list[Row], keep: float) -> None:
+    """Time `must` (the cheapest plans within the budget and their baselines: their time was kept) and then
+    `more` (the recipe's plan, the next cheapest plans), GROUP at a time; a group of `more` rows runs only when
+    its estimated cost and `keep` (the held-out check and the files) fit before --time-limit."""
+    queue, reserved = [*must, *more], {r.key for r in must}
     if not queue:
         return
-    progress.info(f"Timing {len(queue)} plans on {ctx.engine.name}, {GROUP} at a time interleaved with the "
-                  f"unpatched model")
-    group_s: list[float] = []
-    with tempfile.TemporaryDirectory(prefix="hgdeploy-tune-") as tmp:
-        with progress.step("Exporting the unpatched model"), progress.muted():
-            base, _ = write_deployable(ctx.models, ctx.example, ctx.engine, Path(tmp) / "baseline",
-                                       roles=("baseline",))
-        for start in range(0, len(queue), GROUP):
-            if ledger.elapsed() + max(group_s, default=0.0) > limit_s:
-                ledger.stopped = f"--time-limit reached: {len(queue) - start} of {len(queue)} plans were not timed"
-                progress.info(f"note: {ledger.stopped}")
-                return
-            began, group = time.monotonic(), queue[start:start + GROUP]
-            timings = time_group(ctx, group, models_for, base.baseline_graph(ctx.engine), Path(tmp) / f"group{start}",
-                                 what=f"plans {start + 1}-{start + len(group)} of {len(queue)} and the unpatched model")
-            record(ledger, group, timings)
-            group_s.append(time.monotonic() - began)
+    progress.info(f"Timing {len(queue)} plans on {bench.ctx.engine.name}, {GROUP} at a time interleaved with the "
+                  f"unpatched model ({len(must)} of them always: the cheapest within the budget and their baselines)")
+    done = 0
+    while done < len(queue):
+        group = queue[done:done + GROUP]
+        while group and group[-1].key not in reserved and not bench.clock.fits(bench.cost(len(group)), keep):
+            group.pop()  # the extra rows that do not fit; reserved rows are always timed
+        if not group:
+            break
+        bench.time(group, what=f"plans {done + 1}-{done + len(group)} of {len(queue)} and the unpatched model")
+        done += len(group)
+    for row in queue[done:]:
+        bench.ledger.skip(row.kind, row.key, row.plan, "timing")
+    if done < len(queue):
+        progress.info(f"note: {len(queue) - done} of {len(queue)} plans skipped for time (not timed)")

@@ -3,7 +3,12 @@
 A row is one measured plan: kind "clustering", "pool_bilinear" or "downscale", its [cluster] values (or the
 input size), GFLOPs, fidelity on the tuning images and, when timed, latency and speed-up against the unpatched
 model timed interleaved with it. The ledger is rewritten to tune.json after every measured row, so Ctrl-C keeps
-what was measured, and the same command with the same folder resumes from it (rows are found again by key).
+what was measured, and the same command with the same folder resumes from it: the earlier run's scored rows are
+the new ledger's first rows, and a phase measures only what no row holds yet (rows are found by key).
+
+Plans a run did not measure are listed apart, by why: `pruned` (a larger grid at the same alpha already missed the
+budget, or not a valid plan for the model) and `skipped` (skipped for time: --time-limit left no room to score or
+to time them; a resumed run tries them again).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 
 from hgdeploy.core.errors import UserError
 from hgdeploy.core.files import JsonObject, to_json, write_atomic
+from hgdeploy.tune.clock import Clock
 from hgdeploy.tune.space import Budget, parse_budget
 
 KINDS = ("clustering", "pool_bilinear", "downscale")
@@ -72,6 +78,7 @@ class Ledger:
     folder: Path
     rows: list[Row] = dataclasses.field(default_factory=list)
     pruned: list[JsonObject] = dataclasses.field(default_factory=list)
+    skipped: list[JsonObject] = dataclasses.field(default_factory=list)
     resumed_rows: int = 0
     downscale_gflops: dict[str, float] = dataclasses.field(default_factory=dict)
     state: str = "running"
@@ -81,11 +88,20 @@ class Ledger:
     structure_check_only: str | None = None
     stopped: str | None = None
     elapsed_s: float = 0.0
+    costs: dict[str, float] = dataclasses.field(default_factory=dict)
+    limit_s: float | None = None
     started: float = dataclasses.field(default_factory=time.monotonic)
+    clock: Clock | None = None  # the run's clock: its elapsed time and measured costs go into tune.json
 
     def elapsed(self) -> float:
         """Seconds since this run started (a resumed run counts its own time)."""
-        return time.monotonic() - self.started
+        return self.clock.elapsed() if self.clock is not None else time.monotonic() - self.started
+
+    def row(self, key: str) -> Row | None:
+        """The row measured under `key` (scored, with its per-image values), or None: what a phase asks before it
+        builds or scores anything, so that no row is measured twice."""
+        found = next((r for r in self.rows if r.key == key), None)
+        return found if found is not None and found.reusable() else None
 
     def add(self, row: Row) -> Row:
         """Record a measured row (replacing one with its key) and save: an interrupted sweep keeps it."""
@@ -96,12 +112,24 @@ class Ledger:
     def prune(self, key: str, plan: JsonObject, reason: str) -> None:
         self.pruned.append({"key": key, "plan": plan, "reason": reason})
 
+    def skip(self, kind: str, key: str | None, plan: JsonObject, phase: str) -> None:
+        """A plan or baseline --time-limit left no room for: not scored (phase "scoring") or scored but not timed
+        (phase "timing")."""
+        self.skipped.append({"key": key, "kind": kind, "plan": plan, "phase": phase,
+                             "reason": f"skipped for time: not {'scored' if phase == 'scoring' else 'timed'} "
+                                       f"within --time-limit"})
+
+    def skipped_count(self, phase: str) -> int:
+        return sum(1 for s in self.skipped if s["phase"] == phase)
+
     def recipe_row(self) -> Row | None:
         return next((r for r in self.rows if r.recipe), None)
 
     def save(self) -> None:
         """tune.json alone, after every measured row."""
         self.elapsed_s = self.elapsed()
+        if self.clock is not None:
+            self.costs, self.limit_s = self.clock.saved(), self.clock.limit_s
         self.folder.mkdir(parents=True, exist_ok=True)
         write_atomic(self.folder / "tune.json", to_json(self.to_json()))
 
@@ -109,7 +137,8 @@ class Ledger:
         out: JsonObject = {"tool": "hgdeploy tune", "state": self.state, "context": self.context,
                            "budget": str(self.budget), "confidence": self.budget.confidence, "space": self.space,
                            "backend": self.backend, "rows": [r.to_json() for r in self.rows],
-                           "pruned": self.pruned, "best": self.best.to_json() if self.best else None,
+                           "pruned": self.pruned, "skipped": self.skipped,
+                           "best": self.best.to_json() if self.best else None,
                            "resumed_rows": self.resumed_rows, "downscale_gflops": self.downscale_gflops}
         if self.structure_check_only:
             out["structure_check_only"] = self.structure_check_only
@@ -119,7 +148,9 @@ class Ledger:
             out["stopped"] = self.stopped
         if self.comparison is not None:
             out["comparison"] = self.comparison
-        return out | {"elapsed_s": self.elapsed_s}
+        if self.limit_s is not None:
+            out["time_limit_s"] = self.limit_s
+        return out | {"elapsed_s": self.elapsed_s, "costs": self.costs}
 
     @classmethod
     def from_json(cls, data: JsonObject, folder: Path) -> Ledger:
@@ -129,11 +160,13 @@ class Ledger:
         base = data.get("baseline")
         return cls(context=data["context"], budget=parse_budget(data["budget"], data["confidence"]),
                    space=data["space"], backend=data["backend"], folder=folder, rows=rows,
-                   pruned=list(data["pruned"]), resumed_rows=data.get("resumed_rows", 0),
+                   pruned=list(data["pruned"]), skipped=list(data.get("skipped", [])),
+                   resumed_rows=data.get("resumed_rows", 0),
                    downscale_gflops=dict(data.get("downscale_gflops", {})), state=data["state"],
                    baseline=Unpatched(**base) if base else None, best=best, comparison=data.get("comparison"),
                    structure_check_only=data.get("structure_check_only"), stopped=data.get("stopped"),
-                   elapsed_s=data.get("elapsed_s", 0.0))
+                   elapsed_s=data.get("elapsed_s", 0.0), costs=dict(data.get("costs", {})),
+                   limit_s=data.get("time_limit_s"))
 
 
 def earlier(folder: Path, context: JsonObject) -> Ledger | None:

@@ -5,6 +5,7 @@ best.toml (the best plan as a recipe). Rendering only: what is best and what is 
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import tomli_w
 
@@ -150,6 +151,18 @@ def comparison_table(ledger: Ledger) -> list[str]:
     return lines
 
 
+def skipped_lines(ledger: Ledger) -> list[str]:
+    """What --time-limit left out, apart from the pruned plans: not scored, or scored and not timed."""
+    if not ledger.skipped:
+        return []
+    scoring = [s for s in ledger.skipped if s["phase"] == "scoring"]
+    plans = sum(1 for s in scoring if s["kind"] == "clustering")
+    timing = ledger.skipped_count("timing")
+    limit = f"{ledger.limit_s / 60:g} min" if ledger.limit_s else "the limit"
+    return ["", f"Skipped for time (--time-limit {limit}): {plans} plans and {len(scoring) - plans} baselines not "
+                f"scored, {timing} scored rows not timed. The same command with the same --out resumes them."]
+
+
 def render_markdown(ledger: Ledger, plot: str | None) -> str:
     lines = verdict(ledger)
     if plot:
@@ -157,8 +170,9 @@ def render_markdown(ledger: Ledger, plot: str | None) -> str:
     lines += ["", "## Measured plans", ""] + rows_table(ledger.rows, ledger.budget, ledger.best)
     lines += comparison_table(ledger)
     if ledger.pruned:
-        lines += ["", f"{len(ledger.pruned)} plans were not run: "
+        lines += ["", f"{len(ledger.pruned)} plans were pruned (not run): "
                   + "; ".join(sorted({str(p['reason']) for p in ledger.pruned})) + "."]
+    lines += skipped_lines(ledger)
     backend, ctx = ledger.backend, ledger.context
     machine, v = backend.get("machine", {}), backend.get("versions", {})
     lines += ["", f"Measured by `hgdeploy tune` with the {ctx['engine']} profile ({backend.get('device', '?')}, "
@@ -229,14 +243,28 @@ def _y_range(budget: Budget) -> tuple[float, float]:
     return 0.0, budget.value + 4 * margin
 
 
+OUTPUTS = ("tune.png", "tune.md", "best.toml")  # what a finished run concludes from tune.json
+
+
+def remove_outputs(folder: Path) -> list[str]:
+    """Remove the files a finished run derives from tune.json (those that exist; their names returned): a run
+    that resumes, or stops before its end, leaves tune.json alone, never files that concluded another run."""
+    removed = [n for n in OUTPUTS if (folder / n).exists()]
+    for name in OUTPUTS:
+        (folder / name).unlink(missing_ok=True)
+    return removed
+
+
 def write_results(ledger: Ledger, recipe_values: JsonObject, header: list[str]) -> None:
-    """tune.json always; tune.md and tune.png; best.toml when there is a best plan (a stale one is removed)."""
+    """tune.json with the conclusion first, then tune.png, tune.md and best.toml (when there is a best plan), each
+    written atomically in place: the folder never goes away, and tune.md or best.toml exist only beside the
+    tune.json they come from (the run removed the earlier ones when it started)."""
     folder = ledger.folder
     folder.mkdir(parents=True, exist_ok=True)
+    ledger.save()
     write_atomic_bytes(folder / "tune.png", render_plot(ledger))
     write_atomic(folder / "tune.md", render_markdown(ledger, "tune.png"))
     if ledger.best is not None:
         write_atomic(folder / "best.toml", best_recipe(recipe_values, ledger.best.plan, header))
     else:
         (folder / "best.toml").unlink(missing_ok=True)
-    ledger.save()

@@ -6,11 +6,18 @@ fewest and the first to miss the budget rules out the rest. The parameter-free b
 way: average pooling + bilinear upsampling at each scored alpha and grid, and the unpatched model on the
 smallest input with at least each plan's GFLOPs. tau = "auto" is calibrated by `patch.tau` (the one
 calibration), on the cached tokens entering the clustering layer.
+
+Nothing is measured twice: a phase asks the ledger for a row's key before it builds any model (a resumed run's
+rows are there from the start), and no model is kept: `Scorer.model_for` builds a row's model again from its
+plan when it is timed. Every step is timed on the run's `Clock`; a step that does not fit before --time-limit,
+with the time kept for the later phases, is skipped for time (listed apart from the pruned plans).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import time
 from typing import Callable
 
 import torch
@@ -28,6 +35,7 @@ from hgdeploy.measure.images import Photo, to_batch
 from hgdeploy.patch.patched import patch_for
 from hgdeploy.patch.tau import probe, tau_from_tokens
 from hgdeploy.pipeline.context import Context
+from hgdeploy.tune.clock import Clock
 from hgdeploy.tune.downscale import resize_output, smaller_sizes
 from hgdeploy.tune.ledger import Ledger, Row
 from hgdeploy.tune.replay import PrefixCache, clustered_span, find_blocks
@@ -35,22 +43,19 @@ from hgdeploy.tune.report import cluster_section, plan_text
 from hgdeploy.tune.select import cheapest_within, within
 from hgdeploy.tune.space import Space, candidates, plan_key, pool_request
 
-FIDELITY_SHARE = 0.5  # of --time-limit: after it the fidelity phase stops, so that plans still get timed
 # Plan values a row keeps (the others are the model's facts, the same for every row).
 FACT_KEYS = ("token_grid", "depth", "device", "num_tokens")
+BASELINE_KINDS = ("pool_bilinear", "downscale")
 
 
 @dataclasses.dataclass
 class Scorer:
-    """What the phases share: the context, the ledger they fill, the earlier run's rows to reuse, and for every
-    row that may be timed, how to get its model back."""
+    """What the phases share: the context, the ledger they fill (holding the earlier run's rows), the clock."""
 
     ctx: Context
     space: Space
     ledger: Ledger
-    done: dict[str, Row]
-    limit_s: float
-    models_for: dict[str, Callable[[], nn.Module]] = dataclasses.field(default_factory=dict)
+    clock: Clock
 
     def cache(self, images: torch.Tensor, upto: int) -> PrefixCache:
         models = self.ctx.models
@@ -73,23 +78,35 @@ class Scorer:
         plan, model = patch_for(m.family, m.baseline, m.facts, request, self.ctx.engine.device)
         return plan, model, source
 
+    def model_for(self, row: Row) -> nn.Module:
+        """A measured row's model, built again from its plan (tau as calibrated, the form as resolved): what the
+        latency phase exports. The recipe's row is the loaded patched model."""
+        m = self.ctx.models
+        if row.recipe:
+            return m.patched
+        if row.kind == "downscale":
+            return downscale_model(self, parse_grid(row.plan["input_size"]))[0]
+        request = PlanRequest.from_section(cluster_section(row.plan))
+        return patch_for(m.family, m.baseline, m.facts, request, self.ctx.engine.device)[1]
+
     def measure_plan(self, cache: PrefixCache, kind: str, key: str, request: PlanRequest,
                      recipe: bool = False) -> Row:
-        if recipe:
-            plan, model, source = self.ctx.models.plan, self.ctx.models.patched, "recipe"
-        else:
-            plan, model, source = self.patched(cache, request)
-        self.models_for[key] = lambda: model
-        old = self.done.get(key)
-        if old is not None and old.reusable():
-            return self.ledger.add(dataclasses.replace(old, recipe=recipe))
-        forms = sorted({m.form for m in model.modules() if isinstance(m, TokenClustering)})
-        values = {k: v for k, v in plan.to_dict().items() if k not in FACT_KEYS}
-        return self.ledger.add(Row(
-            key=key, kind=kind, baseline=kind != "clustering", recipe=recipe,
-            plan=values | {"tau_source": source, "clustering_form": ",".join(forms) or None},
-            gflops=count_gflops_fast(model, self.ctx.example).total,
-            fidelity=self.score(cache, cache.run(model, plan.alpha))))
+        """The plan's row: the ledger's when it has one (nothing is built), else the plan patched and scored."""
+        old = self.ledger.row(key)
+        if old is not None:
+            return old
+        with self.clock.measure("score"):
+            if recipe:
+                plan, model, source = self.ctx.models.plan, self.ctx.models.patched, "recipe"
+            else:
+                plan, model, source = self.patched(cache, request)
+            forms = sorted({m.form for m in model.modules() if isinstance(m, TokenClustering)})
+            values = {k: v for k, v in plan.to_dict().items() if k not in FACT_KEYS}
+            row = Row(key=key, kind=kind, baseline=kind != "clustering", recipe=recipe,
+                      plan=values | {"tau_source": source, "clustering_form": ",".join(forms) or None},
+                      gflops=count_gflops_fast(model, self.ctx.example).total,
+                      fidelity=self.score(cache, cache.run(model, plan.alpha)))
+        return self.ledger.add(row)
 
     def row_line(self, row: Row, count: str) -> None:
         budget = self.ledger.budget
@@ -102,49 +119,72 @@ class Scorer:
                          if best else ""), markup=False)
 
 
-def fidelity_phase(s: Scorer, cache: PrefixCache) -> None:
-    """The recipe's plan, then every candidate; a grid that misses the budget rules out the smaller ones."""
+def recipe_key(s: Scorer) -> str:
+    return plan_key("clustering", s.ctx.recipe.request)
+
+
+def recipe_phase(s: Scorer, cache: PrefixCache) -> Row:
+    """The recipe's own plan, scored first (its cost is the first estimate of a plan's)."""
+    kind = "clustering" if s.ctx.models.plan.method == "cluster" else "pool_bilinear"
+    had = s.ledger.row(recipe_key(s)) is not None
+    row = s.measure_plan(cache, kind, recipe_key(s), s.ctx.recipe.request, recipe=True)
+    s.row_line(row, "[recipe, from the earlier run]" if had else "[recipe]")
+    return row
+
+
+def fidelity_phase(s: Scorer, cache: PrefixCache, keep: Callable[[], float]) -> None:
+    """Every candidate after the recipe's plan; a grid that misses the budget rules out the smaller ones. A plan
+    is scored only when its cost and `keep()` (the time the later phases need) fit before --time-limit."""
     recipe, budget = s.ctx.recipe, s.ledger.budget
     todo = list(candidates(s.space, recipe.request, s.ctx.models.facts))
     failed: set[tuple[object, ...]] = set()
     progress.info(f"Scoring {len(todo)} plans on {len(s.ctx.photos)} images (budget {budget}); within one "
                   f"alpha and set of options, a grid that misses the budget rules out the smaller ones")
-    recipe_key = plan_key("clustering", recipe.request)
-    kind = "clustering" if s.ctx.models.plan.method == "cluster" else "pool_bilinear"
-    s.row_line(s.measure_plan(cache, kind, recipe_key, recipe.request, recipe=True), "[recipe]")
+    reused = skipped = 0
     for i, cand in enumerate(todo, 1):
-        if cand.key == recipe_key:
+        if cand.key == recipe_key(s):
             continue
         plan = {"alpha": cand.request.alpha, "grid": f"{cand.request.grid[0]}x{cand.request.grid[1]}"}
         if cand.group in failed:
             s.ledger.prune(cand.key, plan, "a larger grid at the same alpha and options already missed the budget")
             continue
-        if s.ledger.elapsed() > FIDELITY_SHARE * s.limit_s:
-            s.ledger.prune(cand.key, plan, f"the fidelity phase reached {FIDELITY_SHARE:.0%} of --time-limit")
+        row = s.ledger.row(cand.key)
+        if row is not None:
+            reused += 1
+        elif not s.clock.fits(s.clock.cost("score"), keep()):
+            s.ledger.skip("clustering", cand.key, plan, "scoring")
+            skipped += 1
             continue
-        try:
-            row = s.measure_plan(cache, "clustering", cand.key, cand.request)
-        except UserError as exc:
-            s.ledger.prune(cand.key, plan, f"not a valid plan for this model ({exc})")
-            continue
-        s.row_line(row, f"[{i}/{len(todo)}]")
+        else:
+            try:
+                row = s.measure_plan(cache, "clustering", cand.key, cand.request)
+            except UserError as exc:
+                s.ledger.prune(cand.key, plan, f"not a valid plan for this model ({exc})")
+                continue
+            s.row_line(row, f"[{i}/{len(todo)}]")
         if not within(row, budget):
             failed.add(cand.group)
+    if reused:
+        progress.info(f"  {reused} plans scored by the earlier run were reused, not scored again")
+    if skipped:
+        progress.info(f"note: {skipped} plans skipped for time: scoring them would not leave the "
+                      f"{keep():.0f} s the cheapest plans' baselines, their timing and the files need")
 
 
-def pool_phase(s: Scorer, cache: PrefixCache) -> None:
-    """Average pooling + bilinear upsampling at every scored clustering plan's alpha, grid and rebuild layer."""
-    if "pool_bilinear" not in s.space.baselines:
-        return
-    seen: dict[str, PlanRequest] = {}
-    for row in [r for r in s.ledger.rows if r.kind == "clustering"]:
-        p = row.plan
-        request = pool_request(PlanRequest(p["alpha"], parse_grid(p["grid"]), p["reconstruct_after"],
-                                           {"k": p["k"], "reconstruct_on": p["reconstruct_on"]}))
-        seen.setdefault(plan_key("pool_bilinear", request), request)
-    progress.info(f"Scoring the average-pool + bilinear baseline at {len(seen)} alpha and grid points")
-    for i, (key, request) in enumerate(seen.items(), 1):
-        s.row_line(s.measure_plan(cache, "pool_bilinear", key, request), f"[{i}/{len(seen)}]")
+# ------------------------------------------------------------------------------------------------ baselines
+
+
+def pool_twin(s: Scorer, cache: PrefixCache, row: Row) -> Row:
+    """Average pooling + bilinear upsampling at a clustering row's alpha, grid and rebuild layer."""
+    p = row.plan
+    request = pool_request(PlanRequest(p["alpha"], parse_grid(p["grid"]), p["reconstruct_after"],
+                                       {"k": p["k"], "reconstruct_on": p["reconstruct_on"]}))
+    key = plan_key("pool_bilinear", request)
+    had = s.ledger.row(key)
+    twin = s.measure_plan(cache, "pool_bilinear", key, request)
+    if had is None:
+        s.row_line(twin, "[baseline]")
+    return twin
 
 
 def downscale_model(s: Scorer, size: tuple[int, int]) -> tuple[nn.Module, Preprocess]:
@@ -157,30 +197,46 @@ def size_gflops(s: Scorer, size: tuple[int, int]) -> float:
     """The unpatched model's GFLOPs at an input size (kept in the ledger: a resumed run does not count again)."""
     name = f"{size[0]}x{size[1]}"
     if name not in s.ledger.downscale_gflops:
-        model, pre = downscale_model(s, size)
-        s.ledger.downscale_gflops[name] = count_gflops_fast(model, torch.zeros(1, 3, *pre.size)).total
+        with s.clock.measure("count"):
+            model, pre = downscale_model(s, size)
+            s.ledger.downscale_gflops[name] = count_gflops_fast(model, torch.zeros(1, 3, *pre.size)).total
     return s.ledger.downscale_gflops[name]
 
 
-def downscale_sizes(s: Scorer) -> dict[tuple[int, int], float]:
-    """For every scored plan's GFLOPs, the smallest input size with at least as many: size -> its GFLOPs."""
-    targets = sorted({r.gflops for r in s.ledger.rows if r.kind == "clustering"}, reverse=True)
-    if not targets:
-        return {}
-    chosen: dict[tuple[int, int], float] = {}
-    with progress.step("Finding the input sizes with the GFLOPs of the scored plans"):
-        sizes = list(smaller_sizes(s.ctx.recipe.input_size, s.ctx.models.facts.token_grid))
-        flops: list[float] = []
-        for size in sizes:  # descending sizes, descending GFLOPs: stop below the cheapest plan
-            flops.append(size_gflops(s, size))
-            if flops[-1] < targets[-1]:
-                break
-        for t in targets:
-            fit = [(g, size) for g, size in zip(flops, sizes) if g >= t]
-            if fit:
-                g, size = min(fit)
-                chosen[size] = g
-    return chosen
+def input_sizes(s: Scorer) -> list[tuple[int, int]]:
+    """The downscaled inputs a plan is matched to, largest first."""
+    return list(smaller_sizes(s.ctx.recipe.input_size, s.ctx.models.facts.token_grid))
+
+
+def down_size(s: Scorer, gflops: float, count: bool = True) -> tuple[tuple[int, int], float] | None:
+    """The smallest input size with at least `gflops` GFLOPs and its GFLOPs (None when even the largest smaller
+    size has fewer). Sizes descend and so do their GFLOPs: a bisection counts a few of them, each once (what a
+    bisection that counted any cost is recorded). Without `count`, only sizes counted before are read
+    (LookupError when another is needed)."""
+    sizes = input_sizes(s)
+    began, counted = time.monotonic(), []
+
+    def at(size: tuple[int, int]) -> float:
+        known = f"{size[0]}x{size[1]}" in s.ledger.downscale_gflops
+        if not known and not count:
+            raise LookupError(size)
+        if not known:
+            counted.append(size)
+        return size_gflops(s, size)
+
+    found = None
+    if sizes and at(sizes[0]) >= gflops:
+        lo, hi = 0, len(sizes) - 1  # at(sizes[lo]) >= gflops throughout
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if at(sizes[mid]) >= gflops:
+                lo = mid
+            else:
+                hi = mid - 1
+        found = sizes[lo], at(sizes[lo])
+    if counted:
+        s.clock.record("size", time.monotonic() - began)
+    return found
 
 
 def downscale_outputs(s: Scorer, cache: PrefixCache, size: tuple[int, int]) -> tuple[list[JsonObject], str]:
@@ -197,33 +253,85 @@ def downscale_outputs(s: Scorer, cache: PrefixCache, size: tuple[int, int]) -> t
     return outs, f"{grid[0]}x{grid[1]}"
 
 
-def downscale_phase(s: Scorer, cache: PrefixCache) -> None:
-    """The unpatched model on the smallest input with at least each scored plan's GFLOPs."""
-    if "downscale" not in s.space.baselines:
-        return
-    chosen = downscale_sizes(s)
-    progress.info(f"Scoring the downscaled input at {len(chosen)} sizes")
-    for i, (size, g) in enumerate(sorted(chosen.items(), reverse=True), 1):
-        key = plan_key("downscale", input_size=size)
-        s.models_for[key] = lambda size=size: downscale_model(s, size)[0]  # loaded again only if timed
-        old = s.done.get(key)
-        if old is not None and old.reusable():
-            s.ledger.add(old)
-            continue
+def down_twin(s: Scorer, cache: PrefixCache, row: Row) -> Row | None:
+    """The unpatched model on the smallest input with at least a clustering row's GFLOPs (None: no such size)."""
+    found = down_size(s, row.gflops)
+    if found is None:
+        return None
+    size, g = found
+    key = plan_key("downscale", input_size=size)
+    old = s.ledger.row(key)
+    if old is not None:
+        return old
+    with s.clock.measure("down"):
         outs, grid = downscale_outputs(s, cache, size)
-        row = s.ledger.add(Row(key=key, kind="downscale", baseline=True, recipe=False,
-                               plan={"input_size": f"{size[0]}x{size[1]}", "token_grid": grid}, gflops=g,
-                               fidelity=s.score(cache, outs)))
-        s.row_line(row, f"[{i}/{len(chosen)}]")
+        twin = Row(key=key, kind="downscale", baseline=True, recipe=False,
+                   plan={"input_size": f"{size[0]}x{size[1]}", "token_grid": grid}, gflops=g,
+                   fidelity=s.score(cache, outs))
+    s.ledger.add(twin)
+    s.row_line(twin, "[baseline]")
+    return twin
+
+
+def baseline_cost(s: Scorer, kind: str) -> float:
+    """What scoring one baseline of `kind` is estimated to cost: a pooling plan as a plan; a downscaled input as
+    its size's bisection (a GFLOPs count per step) and its run (a load and a pass over the photos), each as
+    measured once it has been."""
+    clock = s.clock
+    if kind == "pool_bilinear":
+        return clock.cost("score")
+    steps = math.ceil(math.log2(max(len(input_sizes(s)), 1))) + 1
+    count = clock.cost("count", clock.cost("load"))
+    return clock.cost("size", steps * count) + clock.cost("down", count + clock.cost("cache"))
+
+
+def baseline_phase(s: Scorer, cache: PrefixCache, must: list[Row], keep: Callable[[], float]) -> None:
+    """The baselines of `must` first (the cheapest plans within the budget: their time was kept), then those of
+    every other scored plan, cheapest first, each when its cost and `keep()` fit before --time-limit."""
+    kinds = [k for k in BASELINE_KINDS if k in s.space.baselines]
+    if not kinds:
+        return
+    others = sorted((r for r in s.ledger.rows if r.kind == "clustering" and r.fidelity
+                     and all(r.key != m.key for m in must)), key=lambda r: r.gflops)
+    progress.info(f"Scoring the baselines at equal cost ({', '.join(kinds)}): those of the {len(must)} cheapest "
+                  f"plans within the budget, then of the other {len(others)} plans while time is left")
+    skipped = 0
+    reserved = {r.key for r in must}
+    for row in [*must, *others]:
+        for kind in kinds:
+            if row.key not in reserved and not has_twin(s, row, kind) and not s.clock.fits(baseline_cost(s, kind),
+                                                                                            keep()):
+                s.ledger.skip(kind, None, {"matching": row.key, "gflops": row.gflops}, "scoring")
+                skipped += 1
+                continue
+            (pool_twin if kind == "pool_bilinear" else down_twin)(s, cache, row)
+    if skipped:
+        progress.info(f"note: {skipped} baselines skipped for time (the comparison at equal cost lists the rest)")
+
+
+def has_twin(s: Scorer, row: Row, kind: str) -> bool:
+    """Whether the row's matched baseline costs nothing: the ledger holds it (or no input size matches), known
+    without building or counting anything."""
+    if kind == "pool_bilinear":
+        p = row.plan
+        request = pool_request(PlanRequest(p["alpha"], parse_grid(p["grid"]), p["reconstruct_after"],
+                                           {"k": p["k"], "reconstruct_on": p["reconstruct_on"]}))
+        return s.ledger.row(plan_key("pool_bilinear", request)) is not None
+    try:
+        found = down_size(s, row.gflops, count=False)
+    except LookupError:
+        return False
+    return found is None or s.ledger.row(plan_key("downscale", input_size=found[0])) is not None
 
 
 def holdout(s: Scorer, best: Row, photos: list[Photo]) -> JsonObject:
     """The best plan scored on images it was not tuned on, against the budget's plain mean."""
     m = s.ctx.models
-    cache = s.cache(to_batch(photos, m.preprocess), best.plan["alpha"])
-    request = PlanRequest.from_section(cluster_section(best.plan))
-    plan, model = patch_for(m.family, m.baseline, m.facts, request, s.ctx.engine.device)
-    fid = s.score(cache, cache.run(model, plan.alpha), [ph.name for ph in photos])
+    with s.clock.measure("holdout"):
+        cache = s.cache(to_batch(photos, m.preprocess), best.plan["alpha"])
+        request = PlanRequest.from_section(cluster_section(best.plan))
+        plan, model = patch_for(m.family, m.baseline, m.facts, request, s.ctx.engine.device)
+        fid = s.score(cache, cache.run(model, plan.alpha), [ph.name for ph in photos])
     mean = dataclasses.replace(s.ledger.budget, confidence=0.5)  # a check of the estimate: its plain mean
     return {"images": len(photos), "names": [ph.name for ph in photos], "fidelity": fid,
             "within_budget": mean.met(fid)}

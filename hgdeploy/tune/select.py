@@ -11,7 +11,7 @@ from hgdeploy.core.files import JsonObject
 from hgdeploy.tune.ledger import Row
 from hgdeploy.tune.space import Budget
 
-BASELINES_MATCHED = 3  # the cheapest timed plans whose pooling and downscaled baselines are timed too
+BASELINES_MATCHED = 3  # the cheapest plans within the budget always timed, with their pooling and downscaled baselines
 
 
 def within(row: Row, budget: Budget) -> bool:
@@ -71,20 +71,40 @@ def wins(comparison: list[JsonObject], name: str) -> tuple[int, int]:
     return sum(pairs), len(pairs)
 
 
-def to_time(rows: list[Row], budget: Budget, baseline_gflops: float, timed: int) -> list[Row]:
-    """The rows to time, in order: the `timed` cheapest clustering plans within the budget and cheaper than the
-    unpatched model, the recipe's plan, and the baselines matched to the cheapest few; rows timed already not."""
-    fit = sorted((r for r in rows if r.kind == "clustering" and within(r, budget) and r.gflops < baseline_gflops),
-                 key=lambda r: r.gflops)[:timed]
-    chosen = list(fit)
-    recipe = next((r for r in rows if r.recipe), None)
-    if recipe is not None and recipe not in chosen:
-        chosen.append(recipe)
-    by_key = {c["key"]: c for c in matched(rows, budget)}
-    for r in fit[:BASELINES_MATCHED]:
-        for name in ("pool_bilinear", "downscale"):
-            other = (by_key.get(r.key) or {}).get(name)
-            twin = next((x for x in rows if other and x.key == other["key"]), None)
-            if twin is not None and twin not in chosen:
-                chosen.append(twin)
-    return [r for r in chosen if r.speedup is None]
+def fits_cheapest(rows: list[Row], budget: Budget, baseline_gflops: float) -> list[Row]:
+    """Clustering plans within the budget and cheaper than the unpatched model, cheapest first."""
+    return sorted((r for r in rows if r.kind == "clustering" and within(r, budget) and r.gflops < baseline_gflops),
+                  key=lambda r: r.gflops)
+
+
+def twins(rows: list[Row], row: Row, budget: Budget) -> dict[str, Row | None]:
+    """A clustering row's matched baselines among `rows`: kind -> row (None where not scored yet)."""
+    entry = next((c for c in matched(rows, budget) if c["key"] == row.key), {})
+    by_key = {r.key: r for r in rows}
+    return {name: by_key.get((entry.get(name) or {}).get("key")) for name in ("pool_bilinear", "downscale")}
+
+
+def must_count(timed: int) -> int:
+    """How many of the cheapest plans within the budget are always timed, with their matched baselines."""
+    return min(timed, BASELINES_MATCHED)
+
+
+def to_time(rows: list[Row], budget: Budget, baseline_gflops: float, timed: int) -> tuple[list[Row], list[Row]]:
+    """The rows to time, in order, as (must, more): must, the cheapest `must_count(timed)` clustering plans within
+    the budget and cheaper than the unpatched model, each followed by its matched baselines (their time is
+    reserved from the start); more, the recipe's plan and the next cheapest plans up to `timed` (timed while
+    --time-limit allows). Rows timed already are left out."""
+    fit = fits_cheapest(rows, budget, baseline_gflops)[:timed]
+    must: list[Row] = []
+    more: list[Row] = []
+    for r in fit[:must_count(timed)]:
+        _add(must, [r, *twins(rows, r, budget).values()])
+    _add(more, [next((x for x in rows if x.recipe), None), *fit], must)
+    return [r for r in must if r.speedup is None], [r for r in more if r.speedup is None]
+
+
+def _add(into: list[Row], rows: list[Row | None], besides: list[Row] | None = None) -> None:
+    """Append each row not yet in `into` or `besides` (by key)."""
+    for r in rows:
+        if r is not None and all(r.key != x.key for x in [*into, *(besides or [])]):
+            into.append(r)
