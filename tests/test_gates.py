@@ -77,6 +77,6 @@ def test_check_exits_1_with_one_line_on_an_engine_graph_changed_after_export(tin
     done = hgdeploy_main(*args, str(bad))
     report = json.loads(done.stdout)["parity"]
     assert done.returncode == 1 and not report["passed"] and report["engine_model"] == engine_model
-    lines = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith(("✓", "note:"))]
+    lines = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith(("✓", "note:", "memory:"))]
     assert len(lines) == 1 and lines[0].startswith("hgdeploy: parity failed: logits: "), done.stderr
     assert ("cosine" in lines[0]) == (report["cosine_min"] < report["thresholds"]["cosine_min"])

@@ -279,16 +279,18 @@ timed = 2
 """
 LIMIT_MIN = 0.5  # 30 s: loading, the recipe's plan and the time kept for the rest take about 20 s on 2 busy cores
 EXPORT_S = 2.0  # what each export of the fake engine below takes
+SCORE_S = 0.5  # what the fake engine adds to each plan's scoring: 47 plans cannot all be scored within the limit
 
 
 @pytest.fixture(scope="module")
 def fake_engine():
-    """An engine whose exports take EXPORT_S each and whose timings are pinned (every plan 8 ms against the
-    unpatched model's 10 ms): no graph is written, so what a timing costs is known and the time logic, not a
-    shared machine's export speed, decides whether a test keeps its limit."""
+    """An engine whose exports take EXPORT_S each, whose scoring takes SCORE_S more, and whose timings are pinned
+    (every plan 8 ms against the unpatched model's 10 ms): no graph is written, so what a step costs is known and the
+    time logic, not the machine's speed, decides whether a test keeps its limit (a fast CI machine scored all 47
+    plans of the tiny model within 30 s, and nothing was left to skip)."""
     from hgdeploy.measure.timing import Timing
     from hgdeploy.pipeline import engines
-    from hgdeploy.tune import latency
+    from hgdeploy.tune import latency, score
 
     class Export:  # what the export road returns: the graphs a profile runs
         def baseline_graph(self, engine):  # noqa: ANN001, ANN202
@@ -305,7 +307,14 @@ def fake_engine():
         time.sleep(0.05 * len(runners))
         return {k: Timing(10.0 if k == "baseline" else 8.0, 10.0, 1.0, 15) for k in runners}
 
+    scored = score.Scorer.score
+
+    def slow_score(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        time.sleep(SCORE_S)
+        return scored(self, *args, **kwargs)
+
     with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(score.Scorer, "score", slow_score)
         mp.setattr(latency, "write_deployable", export)
         mp.setattr(latency, "make_runner", lambda path, engine: path)
         mp.setattr(engines, "zeros_feed", lambda path: {})

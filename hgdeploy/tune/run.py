@@ -94,8 +94,8 @@ def start_ledger(ctx: Context, budget: Budget, space: Space, photos: list[Photo]
         progress.info(f"Resuming: {len(rows)} rows of the earlier run in {folder}/tune.json ({timed} timed) are "
                       f"kept and not measured again" + (f"; its {', '.join(removed)} are removed until this run "
                                                         f"writes its own" if removed else ""))
-    ledger.save()
-    return ledger
+        ledger.save()  # tune.json says at once that the removed conclusions are gone
+    return ledger  # a new run's folder appears with its first measured row: a refused --budget leaves nothing
 
 
 def must_reserve(scorer: Scorer, bench: Bench, final_s: float) -> float:
