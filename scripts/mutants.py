@@ -19,7 +19,7 @@ markers.
     python scripts/mutants.py                      # every module (about 40 min on 2 busy cores)
     python scripts/mutants.py --only layers/tau.py  # one module (no README, no results file)
     python scripts/mutants.py --list               # the mutants, no tests run
-    python scripts/mutants.py --recheck            # rerun the survivors of scripts/results/mutants.json (~15 min)
+    python scripts/mutants.py --recheck            # rerun the survivors of scripts/results/mutants.json (~8 min)
 """
 
 from __future__ import annotations
@@ -232,12 +232,12 @@ def run_tests(root: Path, args: list[str], timeout: float, log: Path) -> tuple[s
                 del sys.modules[name]
             sys.dont_write_bytecode = True
             os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
-            os.environ["PYTHONPATH"] = str(root)
-            sys.path.insert(0, str(root))
+            os.environ["PYTHONPATH"] = str(root)  # for the commands the tests start
             os.chdir(root)
             import pytest
 
-            code = int(pytest.main(["-x", "-q", "-p", "no:cacheprovider", *args]))
+            # pytest's own pythonpath option puts the copy first on the path, ahead of the installed package
+            code = int(pytest.main(["-x", "-q", "-p", "no:cacheprovider", "-o", f"pythonpath={root}", *args]))
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
