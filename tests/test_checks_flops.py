@@ -8,7 +8,19 @@ import torch
 from torch import nn
 
 from hgdeploy.layers import TokenClustering
-from hgdeploy.measure.checks import cosine, fidelity, heatmap_iou, parity, token_cosine
+from hgdeploy.measure.checks import (
+    cosine,
+    depth_metrics,
+    fidelity,
+    heatmap_iou,
+    heatmap_metrics,
+    outputs_of,
+    parity,
+    per_image,
+    run_all,
+    segmentation_metrics,
+    token_cosine,
+)
 from hgdeploy.measure.flops import count_gflops
 
 
@@ -19,6 +31,9 @@ def test_cosine_and_token_cosine():
     swapped = a[:, ::-1]
     assert token_cosine(a, swapped) == pytest.approx(0.0)  # per token: orthogonal
     assert cosine(a, swapped) == pytest.approx(0.0)
+    zero = np.zeros_like(a)
+    assert cosine(zero, zero) == 1.0  # both zero: the same output, as the docstring says
+    assert cosine(zero, a) == 0.0 and cosine(a, zero) == 0.0  # one zero: no direction in common
 
 
 def test_heatmap_iou():
@@ -28,6 +43,30 @@ def test_heatmap_iou():
     b[..., :1, :] = 0.9  # 4 pixels, all inside a
     assert heatmap_iou(a, b) == pytest.approx(0.5)
     assert heatmap_iou(np.zeros(4), np.zeros(4)) == 1.0
+    # "thresholded at": a pixel at exactly the threshold is not salient, in either map
+    assert heatmap_iou(np.array([0.5, 0.9]), np.array([0.9, 0.5])) == 0.0
+
+
+def test_a_heatmap_at_exactly_the_threshold_has_no_salient_pixel_and_no_iou():
+    """heatmap_metrics counts salient pixels as heatmap_iou does (above the threshold): a map sitting at 0.5
+    has none, so its IoU is undefined rather than the 1.0 of two empty masks."""
+    flat = np.full((1, 1, 10, 10), 0.5)
+    assert heatmap_metrics(flat, flat) == {"heatmap_iou": None, "heatmap_mae": 0.0}
+    one = flat.copy()
+    one[..., 0, 0] = 0.9  # 1 % salient: the IoU is defined
+    assert heatmap_metrics(one, one)["heatmap_iou"] == 1.0
+
+
+def test_label_agreement_and_depth_error_by_hand():
+    b = np.zeros((1, 3, 2, 2))
+    b[0, 0] = 1.0  # every pixel: class 0
+    p = b.copy()
+    p[0, 2, 1, 1] = 2.0  # one pixel of four now says class 2
+    assert segmentation_metrics(p, b)["label_agreement"] == 0.75
+    depth = np.array([[1.0, 2.0], [3.0, 4.0]])
+    assert depth_metrics(depth, depth) == {"cosine": 1.0, "depth_rel_error": 0.0}
+    off = depth + np.array([[0.5, -0.5], [0.0, 0.0]])  # mean |error| 0.25, mean |depth| 2.5
+    assert depth_metrics(off, depth)["depth_rel_error"] == pytest.approx(0.1)
 
 
 def test_parity_passes_and_fails_on_thresholds():
@@ -60,6 +99,54 @@ def test_fidelity_summary():
     fid = fidelity(patched, base, {"t": "tokens", "h": "heatmap"}, ["img"])
     assert fid["cosine_mean"] == pytest.approx(1.0)
     assert fid["heatmap_iou"] == 0.0 and fid["heatmap_mae"] == pytest.approx(0.8)
+
+
+def test_fidelity_takes_the_worst_image_in_each_metrics_direction_and_counts_the_undefined():
+    """Three images of a depth map and a heatmap. Depth: patched = baseline, 2 x baseline, baseline + 1 on one
+    pixel (cosine 1, 1, 5 / (2 sqrt 7); relative error 0, 1, 1/4). The third image's heatmap is flat at 0.1: no
+    salient pixel, its IoU undefined."""
+    ones, hot = np.ones((1, 2, 2)), np.full((1, 1, 10, 10), 0.9)
+    bump = ones.copy()
+    bump[0, 0, 0] = 2.0
+    base = [{"d": ones, "h": hot}, {"d": ones, "h": hot}, {"d": ones, "h": np.full_like(hot, 0.1)}]
+    patched = [{"d": ones, "h": hot}, {"d": 2 * ones, "h": np.where(np.arange(100).reshape(hot.shape) < 50, 0.9, 0.0)},
+               {"d": bump, "h": hot}]
+    fid = fidelity(patched, base, {"d": "depth", "h": "heatmap"}, ["a", "b", "c"])
+    cosines, errors, ious = [1.0, 1.0, 5 / (2 * np.sqrt(7))], [0.0, 1.0, 0.25], [1.0, 0.5]
+    assert [r["cosine"] for r in fid["per_image"]] == pytest.approx(cosines)
+    assert [r["depth_rel_error"] for r in fid["per_image"]] == pytest.approx(errors)
+    assert fid["cosine_mean"] == pytest.approx(np.mean(cosines)) and fid["cosine_min"] == pytest.approx(min(cosines))
+    assert fid["depth_rel_error"] == pytest.approx(np.mean(errors)) and fid["depth_rel_error_max"] == 1.0
+    assert [r["heatmap_iou"] for r in fid["per_image"]] == [*ious, None]
+    assert fid["heatmap_iou"] == pytest.approx(np.mean(ious)) and fid["heatmap_iou_min"] == min(ious)
+    assert fid["heatmap_iou_undefined"] == 1 and "cosine_undefined" not in fid
+    assert "heatmap_mae_max" not in fid and "heatmap_mae_min" not in fid
+
+
+def test_per_image_splits_batches_and_drops_the_images_that_fill_the_last_one():
+    first = {"y": np.arange(6.0).reshape(2, 3)}
+    last = {"y": np.array([[6.0, 7.0, 8.0], [0.0, 1.0, 2.0]])}  # image 4 repeats image 1 to fill the batch
+    images = per_image([first, last], 3)
+    assert len(images) == 3 and all(i["y"].shape == (1, 3) for i in images)
+    np.testing.assert_array_equal(np.concatenate([i["y"] for i in images]), np.arange(9.0).reshape(3, 3))
+
+
+def _sqrt_runner():
+    from onnx import TensorProto, helper
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    graph = helper.make_graph([helper.make_node("Sqrt", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return OnnxrtRunner(SessionFromOnnx(model.SerializeToString(), providers=["CPUExecutionProvider"]), name="sqrt")
+
+
+def test_run_all_returns_finite_outputs_and_refuses_nan():
+    results = run_all([_sqrt_runner()], [{"x": np.array([4.0, 9.0], np.float32)}])
+    np.testing.assert_array_equal(outputs_of(results, "sqrt")[0]["y"], [2.0, 3.0])
+    with pytest.raises(ArithmeticError, match="NaN or Inf"):
+        run_all([_sqrt_runner()], [{"x": np.array([4.0, -1.0], np.float32)}])  # sqrt(-1): NaN
 
 
 class _Attn(nn.Module):

@@ -14,6 +14,7 @@ import pytest
 from onnx import TensorProto, helper
 from scipy import stats
 
+from hgdeploy.core.errors import UserError
 from hgdeploy.evaluation.metrics import SaliencyTotals
 from hgdeploy.graph.passes import PassContext, drop_softmax_invariant_terms
 from hgdeploy.tune.space import parse_budget
@@ -45,6 +46,16 @@ def test_saliency_mae_and_max_f_over_a_dataset_by_hand():
     assert scores["maxF"] == pytest.approx(max(f_beta(0.5, 1), f_beta(0.5, 0.5)))
     assert scores["maxF"] == pytest.approx(0.65 / 1.15)
     assert scores["maxF"] < (one["maxF"] + two["maxF"]) / 2 - 0.2  # not the mean of per-image maxF
+
+
+def test_saliency_mae_against_another_models_map_by_hand():
+    """With a reference map (another model's 8-bit map as the reference), MAE is the mean |pred - ref| / 255 over
+    the pixels, and the F-measure still reads the mask: pred 200, 100 against ref 100, 100 is (100 + 0) / 255 / 2."""
+    mask = np.array([[True, False]])
+    pred, ref = np.array([[200, 100]], np.uint8), np.array([[100, 100]], np.uint8)
+    got = SaliencyTotals().add(mask, pred, ref)
+    assert got["MAE"] == pytest.approx(100 / 255 / 2)
+    assert got["maxF"] == pytest.approx(f_beta(1, 1))  # t in 101..200: the salient pixel alone
 
 
 def test_saliency_max_f_averages_each_images_curves_whatever_its_size():
@@ -92,6 +103,31 @@ def test_a_budget_on_an_error_takes_the_upper_bound_and_one_image_or_a_worst_cas
     assert budget.bound(_fidelity([0.04], "depth_rel_error")) == 0.04  # one image: no spread to bound
     worst = parse_budget("cosine_min>=0.98")
     assert worst.bound({"cosine_min": 0.981, "per_image": [{"cosine": 0.981}, {"cosine": 0.999}]}) == 0.981
+
+
+def test_the_budget_bound_of_two_images_is_already_the_t_bound():
+    """Two images are the fewest with a spread: the bound is Student's t with one degree of freedom, not the mean."""
+    values = [0.99, 0.98]
+    lower = stats.ttest_1samp(values, 0.0, alternative="greater").confidence_interval(confidence_level=0.9).low
+    assert parse_budget("cosine>=0.985").bound(_fidelity(values)) == pytest.approx(lower, rel=1e-12)
+    assert lower < 0.985 - 0.01
+
+
+def test_a_budget_is_met_at_exactly_its_value_in_either_direction():
+    """">=" and "<=" are inclusive: a bound equal to the budget's value meets it, the next float past it does not
+    (confidence 0.5: the bound is the plain mean)."""
+    for text, at, past in (("cosine>=0.985", 0.985, np.nextafter(0.985, 0)),
+                           ("depth_rel_error<=0.05", 0.05, np.nextafter(0.05, 1))):
+        budget, key = parse_budget(text, 0.5), text.split("<")[0].split(">")[0]
+        assert budget.met(_fidelity([at], key)) and not budget.met(_fidelity([past], key))
+
+
+@pytest.mark.parametrize("confidence", [0.4999, 1.0, 1.5])
+def test_a_budget_confidence_outside_half_to_one_is_refused(confidence):
+    """--confidence is a one-sided level: 0.5 (the plain mean) up to, not including, 1 (an infinite bound)."""
+    with pytest.raises(UserError, match="--confidence"):
+        parse_budget("cosine>=0.985", confidence)
+    assert parse_budget("cosine>=0.985", 0.5).confidence == 0.5 and parse_budget("cosine>=0.985", 0.999)
 
 
 # ------------------------------------------------------------------------------------- the softmax pass

@@ -13,7 +13,7 @@ import pytest
 from conftest import TINY_TIMM, hgdeploy_main
 from onnx import numpy_helper
 
-from hgdeploy.measure.checks import parity
+from hgdeploy.measure.checks import cosine, parity
 
 
 def test_parity_fails_on_the_cosine_alone():
@@ -51,6 +51,22 @@ def test_parity_fails_on_the_abs_error_alone_and_the_bound_grows_with_the_output
     assert run(max_abs=0.05, max_abs_rel=0.01, per_output_max_abs={"y": 0.2}).passed  # 0.2 + 0.1
     assert not run(max_abs=0.05, max_abs_rel=0.01, per_output_max_abs={"other": 0.2}).passed  # not this output's
 
+
+
+def test_parity_passes_at_exactly_its_bounds_and_failures_agree_with_the_verdict():
+    """The bounds are inclusive (cosine >= cosine_min, abs error <= its bound): an engine exactly at both passes,
+    and failures() names nothing; a hair past either fails, and failures() names that bound only."""
+    ref = [{"y": np.array([3.0, 4.0])}]
+    eng = [{"y": np.array([3.0, 4.5])}]  # abs error 0.5
+    cos = cosine(eng[0]["y"], ref[0]["y"])
+    assert cos == pytest.approx(ref[0]["y"] @ eng[0]["y"] / (5.0 * np.linalg.norm(eng[0]["y"])), rel=1e-15)
+    at = parity(eng, ref, cosine_min=cos, max_abs=0.5)
+    assert at.cosine_min == cos and at.max_abs == 0.5
+    assert at.passed and at.failures() == []
+    past_cos = parity(eng, ref, cosine_min=np.nextafter(cos, 2.0), max_abs=0.5)
+    past_abs = parity(eng, ref, cosine_min=cos, max_abs=np.nextafter(0.5, 0.0))
+    assert not past_cos.passed and [f.split(":")[1].split()[0] for f in past_cos.failures()] == ["cosine"]
+    assert not past_abs.passed and [f.split(":")[1].split()[0] for f in past_abs.failures()] == ["max"]
 
 def _corrupted_copy(folder, dest, graph: str) -> None:
     """`folder` with `graph`'s largest weight negated; the other files hard-linked (copied where links fail)."""

@@ -10,10 +10,12 @@ from hgdeploy.layers import (
     TokenClustering,
     TokenReconstruction,
     choose_form,
+    clustering_macs,
     neighbour_table,
     neighbourhood_mask,
     pooling_matrix,
 )
+from hgdeploy.measure.flops import count_gflops
 
 GRIDS = [((32, 32), (24, 24)), ((40, 40), (28, 28)), ((16, 16), (8, 8)), ((7, 9), (3, 4)), ((30, 30), (20, 20))]
 
@@ -47,11 +49,6 @@ def test_local_and_dense_forms_agree(token_grid, grid, tau):
     dense = TokenClustering(token_grid, grid, 5, 3, tau, form="dense").double()
     local = TokenClustering(token_grid, grid, 5, 3, tau, form="local").double()
     torch.testing.assert_close(local(z), dense(z), rtol=1e-9, atol=1e-9)
-
-
-def test_auto_form_picks_the_cheaper_form():
-    assert TokenClustering((32, 32), (24, 24), 5, 5, 1.0).form == "local"
-    assert TokenClustering((7, 9), (3, 4), 5, 5, 1.0).form == "dense"
 
 
 def test_clustering_moves_centres_towards_their_tokens():
@@ -114,9 +111,26 @@ def test_neighbourhood_reconstruction_identity_and_support(variant):
     assert (w[0][~cells[1]] < 1e-12).all()  # cells off the grid get nothing
 
 
+@pytest.mark.parametrize("form", ["dense", "local"])
+def test_the_form_choice_counts_the_multiply_adds_torch_counts(form):
+    """clustering_macs, which picks the form, against torch's own count of the layer's forward (one multiply-add =
+    one FLOP), on a non-divisible grid: the pooling, then per round the E-step's and the M-step's products."""
+    token_grid, grid, lam, iters, C = (7, 9), (3, 4), 3, 2, 5
+    tables = TokenClustering(token_grid, grid, lam, iters, 1.0, form="local")
+    J, T, P = tables.cand.shape[1], tables.inv_token.shape[1], tables.pool_col.shape[1]
+    macs = clustering_macs(63, 12, C, J, T, P, iters)
+    layer = TokenClustering(token_grid, grid, lam, iters, 1.0, form=form)
+    assert count_gflops(layer, torch.randn(1, 63, C)).total * 1e9 == pytest.approx(macs[form], rel=1e-9)
+
+
 def test_auto_form_is_dense_on_a_gpu_and_cheapest_on_a_cpu():
     macs = {"dense": 100, "local": 10}
     assert choose_form("auto", macs, "cpu")[0] == "local" and choose_form("auto", macs, "gpu")[0] == "dense"
+    assert choose_form("auto", {"dense": 10, "local": 100}, "cpu")[0] == "dense"
+    # a layer decides on its own multiply-adds: many tokens per cluster favour the local form, few the dense one
+    assert TokenClustering((32, 32), (24, 24), 5, 5, 1.0).form == "local"
+    assert TokenClustering((7, 9), (3, 4), 5, 5, 1.0).form == "dense"
+    assert TokenClustering((32, 32), (24, 24), 5, 5, 1.0, device="gpu").form == "dense"
     form, why = choose_form("local", macs, "gpu")
     assert form == "local" and "set by cluster.form" in why  # a form the recipe forces is kept
     assert "the local form needs 0.10x the multiply-adds" in choose_form("auto", macs, "gpu")[1]

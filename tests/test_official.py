@@ -135,6 +135,18 @@ def test_own_cells_official_is_torch_nearest_on_every_grid_pair_up_to_96():
     assert differ == 35
 
 
+
+def test_own_cells_official_keep_torchs_cap_where_the_float32_product_reaches_the_grid():
+    """ATen caps the nearest index at src - 1. floor(i * scale) cannot reach src below 2^23 tokens a side, but
+    5 -> 9718272 (the smallest such size for 5, by a scan of the float32 products) has a product for the last token
+    that rounds up to 5, and torch reads cell 4 there."""
+    H, h = 9_718_272, 5
+    scale = torch.tensor(float(h), dtype=torch.float32) / H
+    assert int(torch.floor(torch.tensor(float(H - 1)) * scale)) == h  # uncapped, the last token would read cell 5
+    label = F.interpolate(torch.arange(h, dtype=torch.float32).view(1, 1, h), size=H, mode="nearest").view(-1)
+    rows, _ = own_cells((H, 1), (h, 1), official=True)
+    assert int(rows[-1]) == int(label[-1]) == h - 1 and torch.equal(rows, label.long())
+
 def _tied_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(s_alpha [4, 4], z [6, 4], s_refined [4, 6]): integer coordinates, so equal squared distances are equal in
     float32 too. k = 2: token 0 is at distance 1 from centres 0, 1, 2; token 3 has centre 0 nearest, then 1 and 2

@@ -20,6 +20,7 @@ from hgdeploy.graph.passes import (
     drop_softmax_invariant_terms,
     fold_constants,
     fp16_safe_masks,
+    import_graph,
     mark_precision,
     optimize,
 )
@@ -111,6 +112,59 @@ def test_drop_softmax_invariant_terms_keeps_terms_that_vary_along_the_axis():
     assert "ReduceSum" in _ops(out)
 
 
+def test_a_term_is_dropped_only_where_it_broadcasts_along_the_softmax_axis():
+    """softmax over axis 1 of [1, 4, 3] logits = (x + b) + c: c [3] broadcasts along axes 0 and 1 (a lower rank
+    counts from the right), so the softmax cannot see it; b [4, 3] has the same rank as the axes it covers and
+    varies along axis 1: it stays."""
+    nodes = [helper.make_node("Add", ["x", "b"], ["xb"], name="add_b"),
+             helper.make_node("Add", ["xb", "c"], ["logits"], name="add_c"),
+             helper.make_node("Softmax", ["logits"], ["y"], axis=1, name="softmax")]
+    model = _model(nodes, [_vi("x", [1, 4, 3]), _vi("b", [4, 3]), _vi("c", [3])], [_vi("y", [1, 4, 3])])
+    out, ctx = _apply(drop_softmax_invariant_terms, model)
+    assert "removed 1" in ctx.notes[0] and [n.name for n in out.graph.node] == ["add_b", "softmax"]
+    rng = np.random.default_rng(2)
+    feed = {"x": rng.standard_normal((1, 4, 3)).astype(np.float32), "b": 3 * rng.standard_normal((4, 3)).astype(
+        np.float32), "c": 3 * rng.standard_normal(3).astype(np.float32)}
+    np.testing.assert_allclose(_run(out, feed)[0], _run(model, feed)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_term_inside_a_product_with_a_constant_factor_first_is_dropped():
+    """softmax(f * (x + n)) with f a scalar constant and n [1, 4, 1] constant along the last axis: f * n is an
+    additive term the softmax cannot see, whichever side of the Mul the factor is written on."""
+    f = numpy_helper.from_array(np.array([0.5], np.float32), "f")
+    nodes = [helper.make_node("Add", ["x", "n"], ["xn"], name="add_n"),
+             helper.make_node("Mul", ["f", "xn"], ["logits"], name="scale"),
+             helper.make_node("Softmax", ["logits"], ["y"], axis=-1, name="softmax")]
+    model = _model(nodes, [_vi("x", [1, 4, 3]), _vi("n", [1, 4, 1])], [_vi("y", [1, 4, 3])], [f])
+    out, ctx = _apply(drop_softmax_invariant_terms, model)
+    assert "removed 1" in ctx.notes[0] and _ops(out) == ["Mul", "Softmax"]
+    rng = np.random.default_rng(3)
+    feed = {"x": rng.standard_normal((1, 4, 3)).astype(np.float32), "n": 5 * rng.standard_normal((1, 4, 1)).astype(
+        np.float32)}
+    np.testing.assert_allclose(_run(out, feed)[0], _run(model, feed)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_import_graph_types_every_tensor_from_shape_inference():
+    """A graph saved without value_info (onnx.helper writes none): graph-surgeon alone leaves the intermediate
+    tensors untyped; import_graph gives each the type and shape onnx's own shape inference gives it, and keeps
+    what the file declares."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("ReduceSum", ["r"], ["y"], keepdims=0, name="sum")]
+    graph = helper.make_graph(nodes, "t", [_vi("x", [2, 3])], [_vi("y", [])],
+                              initializer=[numpy_helper.from_array(np.ones((3, 5), np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert gs.import_onnx(model).tensors()["h"].dtype is None  # what the passes would see without it
+    inferred = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+                for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    assert inferred == {"h": [2, 5], "r": [2, 5]}
+    tensors = import_graph(model).tensors()
+    for name, shape in inferred.items():
+        assert tensors[name].dtype == np.float32 and list(tensors[name].shape) == shape
+    assert list(tensors["x"].shape) == [2, 3] and list(tensors["y"].shape) == []
+    assert isinstance(tensors["w"], gs.Constant) and tensors["w"].values.shape == (3, 5)
+
+
 def _export_clustering(tmp_path, form):
     class Wrap(torch.nn.Module):
         def __init__(self):
@@ -143,11 +197,66 @@ def test_fp16_safe_masks_replaces_huge_penalties():
     np.testing.assert_allclose(_run(out, {"x": x})[0], _run(model, {"x": x})[0], atol=1e-7)
 
 
+def _masked(op, value, masks=1):
+    """softmax over the last axis of x op p, `masks` times over (each a [1, 4, 3] penalty with `value` in its last
+    column, all alike), summed: what the exporter writes once per clustering iteration."""
+    penalty = np.zeros((1, 4, 3), np.float32)
+    penalty[0, :, 2] = value
+    nodes, inits, outs = [], [], []
+    for i in range(masks):
+        nodes += [helper.make_node(op, ["x", f"p{i}"], [f"l{i}"], name=f"mask{i}"),
+                  helper.make_node("Softmax", [f"l{i}"], [f"s{i}"], axis=-1, name=f"softmax{i}")]
+        inits.append(numpy_helper.from_array(penalty, f"p{i}"))
+        outs.append(f"s{i}")
+    nodes.append(helper.make_node("Sum", outs, ["y"], name="sum"))
+    scopes = {n.name: ["", "c"] for n in nodes}
+    return _model(nodes, [_vi("x", [1, 4, 3])], [_vi("y", [1, 4, 3])], inits), scopes
+
+
+@pytest.mark.parametrize(("op", "value"), [("Sub", 1e16), ("Add", -1e16), ("Add", 1e16), ("Sub", -1e16)])
+def test_fp16_safe_masks_fills_on_the_side_the_penalty_pushes(op, value):
+    """x - 1e16 and x + -1e16 push the masked logits down (a mask); x + 1e16 and x - -1e16 push them up (the masked
+    entries take the whole softmax): the Where's fill must keep that side, and the result."""
+    model, scopes = _masked(op, value)
+    out, _ = _apply(fp16_safe_masks, model, scopes, [{"scope": "c", "kind": "clustering"}])
+    assert "Where" in _ops(out)
+    x = np.random.default_rng(4).standard_normal((1, 4, 3)).astype(np.float32)
+    want = _run(model, {"x": x})[0]
+    assert (want[..., 2] > 0.99).all() == ((value > 0) == (op == "Add"))  # which side this case is on
+    np.testing.assert_allclose(_run(out, {"x": x})[0], want, atol=1e-7)
+
+
+def test_fp16_safe_masks_counts_what_it_rewrote_and_shares_one_keep_constant():
+    model, scopes = _masked("Sub", 1e16, masks=3)
+    out, ctx = _apply(fp16_safe_masks, model, scopes, [{"scope": "c", "kind": "clustering"}])
+    wheres = [n for n in out.graph.node if n.op_type == "Where"]
+    assert len(wheres) == 3 and ctx.notes == ["fp16_safe_masks: rewrote 3 masking penalties"]
+    assert len({n.input[0] for n in wheres}) == 1  # one keep mask for the three
+    _, ctx = _apply(fp16_safe_masks, *_masked("Sub", 1e16), [{"scope": "c", "kind": "clustering"}])
+    assert ctx.notes == ["fp16_safe_masks: rewrote 1 masking penalty"]
+
+
+def test_fp16_safe_masks_accepts_the_fp16_maximum_and_refuses_what_lies_beyond():
+    """65504 is float16's largest finite value: a clustering constant holding it is safe; 70000 is not (and is no
+    masking penalty, whose other entries are 0, so the pass cannot rewrite it)."""
+    assert FP16_MAX == float(np.finfo(np.float16).max)
+    for value, safe in ((FP16_MAX, True), (-FP16_MAX, True), (7e4, False)):
+        c = numpy_helper.from_array(np.array([1.0, value], np.float32), "k")
+        model = _model([helper.make_node("Mul", ["x", "k"], ["y"], name="scale")], [_vi("x", [2])], [_vi("y", [2])],
+                       [c])
+        if safe:
+            _apply(fp16_safe_masks, model, {"scale": ["", "c"]}, [{"scope": "c", "kind": "clustering"}])
+        else:
+            with pytest.raises(ExportError, match="outside fp16 range"):
+                _apply(fp16_safe_masks, model, {"scale": ["", "c"]}, [{"scope": "c", "kind": "clustering"}])
+
+
 def test_mark_precision_marks_only_the_layers_and_their_fp16_safe_sums_apart():
     model = _softmax_with_norm_term()
     scopes = {"sub": ["", "enc.clustering"], "softmax": ["", "enc.clustering", "enc.clustering.fp16_mix"],
               "sq": ["", "enc.block"]}
-    out, _ = _apply(mark_precision, model, scopes, [{"scope": "enc.clustering", "kind": "clustering"}])
+    out, ctx = _apply(mark_precision, model, scopes, [{"scope": "enc.clustering", "kind": "clustering"}])
+    assert ctx.notes == ["mark_precision: 1 nodes kept in fp32, 1 fp16-safe"]
     names = {n.name for n in out.graph.node}
     assert f"{FP32_MARKER}/sub" in names and f"{FP16_MARKER}/softmax" in names and "sq" in names
     in_layer, fp32 = is_layer_node(out), is_fp32_layer_node(out)

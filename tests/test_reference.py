@@ -184,18 +184,25 @@ def test_reconstruction_from_the_k_nearest_centres_by_the_definition(token_grid,
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("variant", ["softmax", "official"])
 @pytest.mark.parametrize("token_grid,grid,lam,tau", [((8, 8), (4, 4), 3, 1.5), ((7, 9), (3, 4), 3, 1.5),
                                                      ((10, 10), (4, 4), 5, 1.0)])
-def test_reconstruction_from_the_neighbourhood_by_the_definition(token_grid, grid, lam, tau):
+def test_reconstruction_from_the_neighbourhood_by_the_definition(token_grid, grid, lam, tau, variant):
     """The lambda x lambda cells around each token's own cell as the candidates (plan reconstruct_from
-    "neighbourhood"), built by spans.vit as a plan builds it."""
+    "neighbourhood"), built by spans.vit as a plan builds it; "official": exp(-d^2 / tau) of every candidate,
+    L2-normalised (here most tokens' weights have a norm below 1, so dividing by it matters)."""
     z, s, refined = _clustered(token_grid, grid, lam, 2, 2.0, seed=11)
-    want, weights = ref_reconstruct(z, s, refined, tau, None, lambda p: ref_cells(p, token_grid, grid, lam))
-    assert_soft(weights)
+    want, weights = ref_reconstruct(z, s, refined, tau, None, lambda p: ref_cells(p, token_grid, grid, lam), variant)
+    if variant == "softmax":
+        assert_soft(weights)
+    else:
+        norms = [math.sqrt(sum(math.exp(-sqdist(z[p], s[m]) / tau) ** 2 for m in ref_cells(p, token_grid, grid, lam)))
+                 for p in range(len(z))]
+        assert np.mean(np.array(norms) < 1) > 0.5 and min(norms) > 1e-6  # far from underflow
     plan = ClusterPlan(token_grid=token_grid, grid=grid, alpha=1, reconstruct_after=2, depth=2, neighbours=lam,
-                       tau=tau, k=4, reconstruct_from="neighbourhood")
+                       tau=tau, k=4, reconstruct_from="neighbourhood", reconstruction=variant)
     layer = reconstruction_for(plan).double()
-    assert layer.candidates == "neighbourhood"
+    assert layer.candidates == "neighbourhood" and layer.variant == variant
     got = layer(*(torch.from_numpy(a)[None] for a in (refined, z, s)))[0].numpy()
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
 

@@ -38,6 +38,43 @@ def test_auto_tau_reaches_the_target_sharpness_and_scales_with_the_features(form
     assert calibrate_tau(layer, _tokens(10.0)) == pytest.approx(100 * tau, rel=0.01)  # tau ~ squared feature scale
 
 
+def test_auto_tau_follows_features_far_from_unit_scale():
+    """tau ~ squared feature scale over 16 orders of magnitude: the bisection's bracket comes from the tokens'
+    own distances (a fixed bracket around 1 would cap tau at its ends)."""
+    layer = TokenClustering((12, 12), (6, 6), 3, 3, 1.0, "local")
+    tau = calibrate_tau(layer, _tokens())
+    for scale in (1e-4, 1e4):
+        assert calibrate_tau(layer, _tokens(scale)) == pytest.approx(scale**2 * tau, rel=0.01)
+
+
+def test_auto_tau_reads_its_scale_from_the_tokens_that_are_not_on_a_centre():
+    """Tokens that sit exactly on their initial centre (a flat cell) have distance 0 and no scale: the scale is the
+    median over the others."""
+    torch.manual_seed(1)
+    z = torch.randn(1, 4, 4, 8)
+    for rows, cols in ((slice(0, 2), slice(0, 2)), (slice(0, 2), slice(2, 4)), (slice(2, 4), slice(0, 2))):
+        z[:, rows, cols] = torch.randn(1, 1, 1, 8)  # three flat cells: 12 of 16 tokens exactly on their cell's mean
+    z = z.reshape(1, 16, 8)
+    layer = TokenClustering((4, 4), (2, 2), 3, 1, 1.0, "dense")
+    tau = calibrate_tau(layer, z)
+    assert layer_sharpness(TokenClustering((4, 4), (2, 2), 3, 1, tau, "dense"), z) == pytest.approx(
+        TAU_SHARPNESS, abs=0.01)
+
+
+@pytest.mark.parametrize("form", ["dense", "local"])
+def test_auto_tau_when_every_token_is_exactly_on_its_centre(form):
+    """One token a cell with small-integer features: every token's distance to its own centre is exactly 0 in
+    float32, so the tokens give no scale from their nearest centres; tau still brings the layer's first soft
+    assignment (over the neighbouring cells) to the target sharpness."""
+    torch.manual_seed(2)
+    z = torch.randint(-3, 4, (1, 16, 8)).float()
+    layer = TokenClustering((4, 4), (4, 4), 3, 1, 1.0, form)
+    assert (layer.initial_distances(z).amin(-1) == 0).all()
+    tau = calibrate_tau(layer, z)
+    assert layer_sharpness(TokenClustering((4, 4), (4, 4), 3, 1, tau, form), z) == pytest.approx(TAU_SHARPNESS,
+                                                                                                 abs=0.01)
+
+
 def test_dense_and_local_forms_calibrate_alike():
     z = _tokens()
     dense, local = (TokenClustering((12, 12), (6, 6), 3, 3, 1.0, f) for f in ("dense", "local"))

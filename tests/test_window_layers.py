@@ -64,6 +64,20 @@ def test_kept_clusters_are_those_whose_cell_starts_inside_the_map():
     assert not dropped[:4].any() and not last[:, 0].any() and last[:, 1:].all()
 
 
+@pytest.mark.parametrize("form", ["dense", "local"])
+def test_one_cluster_a_window_is_the_windows_mean(form):
+    """cluster_window runs 1..window: k = 1 is one cluster a window, and k-means with one cluster is its tokens'
+    mean (every token's only candidate; the M-step's weighted mean of all of them), whatever tau."""
+    x = _map(H=12, W=18)
+    clusters, _, s = WindowTokenClustering((12, 18), 6, 1, 3, 2, 0.5, form)(x)
+    mean = torch.nn.functional.avg_pool2d(x.permute(0, 3, 1, 2), 6).permute(0, 2, 3, 1)  # [2, 2, 3, 8]
+    assert clusters.shape == mean.shape and s.shape == (12, 1, 8)
+    torch.testing.assert_close(clusters, mean, rtol=1e-5, atol=1e-5)
+    for bad in (0, 7):
+        with pytest.raises(ValueError, match="must be in 1..6"):
+            WindowTokenClustering((12, 18), 6, bad, 3, 2, 0.5, form)
+
+
 @pytest.mark.parametrize("candidates", ["nearest", "neighbourhood"])
 def test_no_token_is_rebuilt_from_a_dropped_cluster(candidates):
     from hgdeploy.layers import neighbour_table
