@@ -187,3 +187,59 @@ def test_what_the_readme_commands_write_is_git_ignored():
     for path in ("datasets/voc/images/a.jpg", "runs/dinov2_s14_focus/report.json"):
         ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO_ROOT)
         assert ignored.returncode == 0, f"{path} is not git-ignored"
+
+
+# --- a run never replaces an earlier report without a word (issue 28, item 7) -----------------------------------
+
+
+@pytest.fixture
+def fake_run(monkeypatch, tmp_path):
+    """`hgdeploy run` in a fresh working directory with the pipeline replaced by one that writes report.json with
+    the photos' names: the CLI's choice of folder and its notes are what is tested (seconds, no model)."""
+    from types import SimpleNamespace
+
+    from hgdeploy.pipeline import commands
+
+    class Done:
+        parity = SimpleNamespace(passed=True)
+
+        def __init__(self, images):
+            self.images = images
+
+        def to_json(self):
+            return {"images": self.images}
+
+    def run(rec, engine, photos, out, budget):  # noqa: ANN001, ANN202
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps({"images": [p.name for p in photos]}))
+        return Done([p.name for p in photos])
+
+    monkeypatch.setattr(commands, "run", run)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_a_run_on_your_photos_keeps_the_report_of_the_run_on_the_sample_photos(fake_run, two_photos):
+    first = hgdeploy_main("run", *TINY_TIMM, "--json")
+    assert first.returncode == 0, first.stderr
+    samples = json.loads((fake_run / "runs/timm_vit_b16/report.json").read_text())["images"]
+    assert len(samples) > 2
+    mine = hgdeploy_main("run", *TINY_TIMM, "--images", str(two_photos), "--json")
+    assert mine.returncode == 0, mine.stderr
+    folder = fake_run / "runs" / f"timm_vit_b16-{two_photos.name}"
+    assert json.loads((folder / "report.json").read_text())["images"] == sorted(p.name for p in two_photos.iterdir())
+    assert json.loads((fake_run / "runs/timm_vit_b16/report.json").read_text())["images"] == samples  # kept
+    note = [line for line in mine.stderr.splitlines() if line.startswith("note: no --out")]
+    assert len(note) == 1 and f"runs/timm_vit_b16-{two_photos.name}" in note[0] and "--out" in note[0], mine.stderr
+    assert "no --out" not in first.stderr  # the sample photos' run goes where it always went, without a note
+
+
+def test_a_report_of_other_photos_is_named_before_it_is_replaced(fake_run, two_photos):
+    out = fake_run / "mine"
+    assert hgdeploy_main("run", *TINY_TIMM, "--out", str(out), "--json").returncode == 0
+    again = hgdeploy_main("run", *TINY_TIMM, "--out", str(out), "--json")  # the same photos: a rerun, no note
+    assert again.returncode == 0 and "note:" not in again.stderr, again.stderr
+    other = hgdeploy_main("run", *TINY_TIMM, "--images", str(two_photos), "--out", str(out), "--json")
+    assert other.returncode == 0, other.stderr
+    notes = [line for line in other.stderr.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "earlier run on other photos" in notes[0] and "replaces it" in notes[0], other.stderr
