@@ -243,3 +243,59 @@ def test_a_report_of_other_photos_is_named_before_it_is_replaced(fake_run, two_p
     assert other.returncode == 0, other.stderr
     notes = [line for line in other.stderr.splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and "earlier run on other photos" in notes[0] and "replaces it" in notes[0], other.stderr
+
+
+def tune_ledger(folder: Path, recipe_values: dict, recipe_name: str, rows: list, best: int | None = 0):
+    """A finished tune run's ledger built in code (no sweep): what `hgdeploy tune` hands its report writers."""
+    from hgdeploy.tune.ledger import Ledger, Unpatched
+    from hgdeploy.tune.space import parse_budget
+
+    ledger = Ledger(context={"recipe": recipe_name, "values": recipe_values, "engine": "ort-cpu",
+                             "images": [{"name": f"{i}.jpg"} for i in range(6)]},
+                    budget=parse_budget("cosine>=0.985"), space={},
+                    backend={"device": "cpu", "machine": {"cpu_count": 2}, "versions": {}}, folder=folder, rows=rows,
+                    state="done", baseline=Unpatched(gflops=54.6, latency_ms=600.0), comparison=[])
+    ledger.best = rows[best] if best is not None else None
+    return ledger
+
+
+def tune_row(key, kind, cosine, gflops=43.0, speedup=None, alpha=5, grid="28x28"):
+    from hgdeploy.tune.ledger import Row
+
+    plan = {"input_size": "476x476"} if kind == "downscale" else {
+        "alpha": alpha, "grid": grid, "reconstruct_after": 12, "iters": 3, "tau": 0.05, "k": 4, "neighbours": 5,
+        "reconstruction": "softmax", "reconstruct_on": "features", "reconstruct_from": "nearest",
+        "method": "pool_bilinear" if kind == "pool_bilinear" else "cluster", "clustering_form": "local"}
+    per_image = [{"cosine_mean": cosine + d} for d in (-0.001, 0.0, 0.001)]
+    return Row(key=key, kind=kind, plan=plan, gflops=gflops, fidelity={"cosine_mean": cosine, "per_image": per_image},
+               speedup=speedup, latency_ms=None if speedup is None else 600.0 / speedup)
+
+
+def test_each_tuned_recipe_runs_into_its_own_folder_not_runs_best(fake_run):
+    """issue 28: every best.toml ran into runs/best/, so the second tuned file's run replaced the first's."""
+    from hgdeploy.core.recipe import load_recipe
+    from hgdeploy.tune.report import write_results
+    from hgdeploy.tune.run import header
+
+    tiny = TINY_TIMM[1:]
+    rec = load_recipe(TINY_TIMM[0], [tiny[i + 1] for i in range(0, len(tiny), 2)])
+    folders = []
+    for name, alpha in (("a", 1), ("b", 2)):  # the same recipe tuned twice (other budgets): two plans
+        ledger = tune_ledger(fake_run / f"tune_{name}", rec.data, rec.name,
+                             [tune_row("best", "clustering", 0.99, speedup=1.2, alpha=alpha, grid="3x3")])
+        write_results(ledger, rec.data, header(ledger, 6))
+        done = hgdeploy_main("run", str(fake_run / f"tune_{name}" / "best.toml"), "--json")
+        assert done.returncode == 0, done.stderr
+        written = [line for line in done.stderr.splitlines() if line.startswith("wrote ")]
+        assert len(written) == 1, done.stderr
+        folders.append(Path(written[0].split()[1]).parent)
+    assert folders[0] != folders[1] and not (fake_run / "runs" / "best").exists()
+    for folder, alpha in zip(folders, (1, 2)):
+        assert folder.parent == Path("runs") and folder.name.startswith(f"timm_vit_b16-tuned-a{alpha}-3x3-"), folder
+        assert (fake_run / folder / "report.json").is_file()
+
+
+def test_a_tuned_name_that_is_no_folder_name_is_one_line(fake_run):
+    result = hgdeploy_main("run", *TINY_TIMM, "--set", "tuned.name=../elsewhere")
+    assert "tuned.name" in one_line_error(result) and "folder name" in result.stderr
+    assert not (fake_run / "runs").exists() and not (fake_run.parent / "elsewhere").exists()

@@ -4,7 +4,10 @@ best.toml (the best plan as a recipe). Rendering only: what is best and what is 
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import re
 from pathlib import Path
 
 import tomli_w
@@ -36,12 +39,26 @@ def cluster_section(plan: JsonObject) -> JsonObject:
     return section
 
 
-def best_recipe(recipe_values: JsonObject, plan: JsonObject, header: list[str]) -> str:
+def best_recipe(recipe_values: JsonObject, plan: JsonObject, header: list[str], recipe_name: str) -> str:
     """A recipe any command takes: the tuned recipe's values with the best plan's [cluster] (no [ci]: CI
-    shapes belong to the bundled recipes)."""
-    data = {k: v for k, v in recipe_values.items() if k not in ("cluster", "ci")}
+    shapes belong to the bundled recipes) and a [tuned] table: the recipe it comes from and its name, which gives
+    the commands' default folder (runs/<name>, not runs/best for every tuned file)."""
+    data = {k: v for k, v in recipe_values.items() if k not in ("cluster", "ci", "tuned")}
     data["cluster"] = cluster_section(plan)
-    return "".join(f"# {line}\n" for line in header) + "\n" + tomli_w.dumps(data)
+    origin = recipe_values.get("tuned", {}).get("recipe", recipe_name)  # a tuned recipe tuned again: its origin
+    data = {"tuned": {"recipe": origin, "name": tuned_name(origin, data)}} | data
+    lines = [*header, f"Commands given this file use runs/{data['tuned']['name']}/ as their default folder ([tuned] "
+                      f"name); --out chooses another."]
+    return "".join(f"# {line}\n" for line in lines) + "\n" + tomli_w.dumps(data)
+
+
+def tuned_name(origin: str, data: JsonObject) -> str:
+    """<recipe>-tuned-a<alpha>-<grid>-<6 hex digits of the values>: readable, and two tuned files with other
+    values never share a folder."""
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:6]
+    cluster = data["cluster"]
+    name = f"{origin}-tuned-a{cluster['alpha']}-{cluster['grid']}-{digest}"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).lstrip("._-") or f"tuned-{digest}"
 
 
 # ---------------------------------------------------------------------------------------------- tune.md
@@ -265,6 +282,7 @@ def write_results(ledger: Ledger, recipe_values: JsonObject, header: list[str]) 
     write_atomic_bytes(folder / "tune.png", render_plot(ledger))
     write_atomic(folder / "tune.md", render_markdown(ledger, "tune.png"))
     if ledger.best is not None:
-        write_atomic(folder / "best.toml", best_recipe(recipe_values, ledger.best.plan, header))
+        write_atomic(folder / "best.toml", best_recipe(recipe_values, ledger.best.plan, header,
+                                                       ledger.context["recipe"]))
     else:
         (folder / "best.toml").unlink(missing_ok=True)
