@@ -299,3 +299,40 @@ def test_a_tuned_name_that_is_no_folder_name_is_one_line(fake_run):
     result = hgdeploy_main("run", *TINY_TIMM, "--set", "tuned.name=../elsewhere")
     assert "tuned.name" in one_line_error(result) and "folder name" in result.stderr
     assert not (fake_run / "runs").exists() and not (fake_run.parent / "elsewhere").exists()
+
+
+# --- eval's stdout shows what eval.md shows ---------------------------------------------------------------------
+
+
+def eval_report(gate_passed: bool = True) -> dict:
+    """An eval report as `hgdeploy eval` returns it (saliency, 2 images), built in code."""
+    metrics = {"unpatched": {"MAE": 0.3564, "maxF": 0.85}, "patched": {"MAE": 0.35571, "maxF": 0.8525},
+               "engine": {"MAE": 0.35572, "maxF": 85.25}}  # 85.25: a percent-scale value keeps its 4 decimals too
+    agreement = {"patched": {"MAE": 0.0162, "maxF": 0.97684}, "engine": {"MAE": 0.0162, "maxF": 0.9768},
+                 "engine_vs_patched": {"MAE": 0.0, "maxF": 1.0}}
+    return {"recipe": {"name": "dinov2_s14_focus"}, "backend": {"name": "ort-cpu"},
+            "dataset": {"path": "datasets/saliency", "layout": "saliency", "images": 2},
+            "metrics": metrics, "agreement": agreement,
+            "gate": {"metric": "agreement.engine_vs_patched.maxF", "value": 1.0, "task_agreement_min": 0.99,
+                     "passed": gate_passed}}
+
+
+def test_eval_prints_the_tables_eval_md_has(capsys):
+    """issue 28: eval's stdout table mixed precisions (0.3557, 85.25, 1) and lacked Δ patched and the "vs unpatched"
+    labels of eval.md."""
+    from hgdeploy.cli.show import print_eval
+    from hgdeploy.evaluation.report import tables
+
+    report = eval_report()
+    print_eval(report)
+    shown = capsys.readouterr().out
+    md_rows = [line for line in tables(report) if line.startswith("| ") and not line.startswith("| metric")]
+    assert len(md_rows) == 4
+    printed = [[c.strip() for c in line.strip().strip("│").split("│")] for line in shown.splitlines()
+               if line.strip().startswith("│")]
+    for md in md_rows:  # every row of eval.md, cell for cell, in the printed tables
+        assert [c.strip() for c in md.strip("|").split("|")] in printed, (md, shown)
+    for label in ("Δ patched", "Δ engine", "patched vs unpatched", "engine vs unpatched", "engine vs patched"):
+        assert label in shown and label in "\n".join(tables(report)), label
+    assert "85.2500" in shown and "+0.0025" in shown and "-0.0007" in shown
+    assert "Task gate: agreement.engine_vs_patched.maxF = 1.0000 >= 0.99: passed." in shown

@@ -1,5 +1,6 @@
-"""eval.json (for tools), eval.md (metric x {unpatched, patched, engine} with deltas) and eval.png (a few
-images side by side: image | ground truth | unpatched | patched | engine). No torch."""
+"""eval.json (for tools), eval.md (metric x {unpatched, patched, engine} with deltas; `hgdeploy eval` prints the
+same tables from the same rows) and eval.png (a few images side by side: image | ground truth | unpatched | patched
+| engine). No torch."""
 
 from __future__ import annotations
 
@@ -28,30 +29,55 @@ def _delta(a: Any, b: Any) -> str:
     return "—" if a is None or b is None else f"{b - a:+.4f}"
 
 
+TRUTH_TITLE = "Against the ground truth"
+AGREEMENT_TITLE = "Agreement (one model's predictions taken as the other's labels)"
+
+
+def truth_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """(header, rows) of metric x {unpatched, patched, engine} with the deltas against the unpatched model, every
+    value as eval.md and stdout both show it (None for a layout without ground truth)."""
+    metrics = report.get("metrics")
+    if not metrics:
+        return None
+    rows = []
+    for name in metrics["unpatched"]:
+        u, p, e = (metrics[m][name] for m in MODELS)
+        arrow = " (lower is better)" if name in LOWER_IS_BETTER else ""
+        rows.append([f"{name}{arrow}", _fmt(u), _fmt(p), _fmt(e), _delta(u, p), _delta(u, e)])
+    return ["metric", "unpatched", "patched", "engine", "Δ patched", "Δ engine"], rows
+
+
+def agreement_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the agreement between the models: patched vs unpatched, engine vs unpatched, engine vs
+    patched."""
+    agreement = report["agreement"]
+    return (["metric", *(AGREEMENT_LABELS[a] for a in AGREEMENTS)],
+            [[n, *(_fmt(agreement[a].get(n)) for a in AGREEMENTS)] for n in agreement["patched"]])
+
+
+def gate_sentence(report: dict[str, Any], markdown: bool = True) -> str:
+    """The task gate: the engine's agreement with patched PyTorch held to the profile's task_agreement_min."""
+    g = report["gate"]
+    failed = "**FAILED**" if markdown else "FAILED"
+    verdict = (f">= {g['task_agreement_min']}: " + ("passed" if g["passed"] else failed)
+               if g["task_agreement_min"] is not None else "(no parity.task_agreement_min in this profile)")
+    return f"Task gate: {g['metric']} = {_fmt(g['value'])} {verdict}."
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return (["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+            + ["| " + " | ".join(row) + " |" for row in rows])
+
+
 def tables(report: dict[str, Any], heading: str = "##") -> list[str]:
     """Markdown: metric x {unpatched, patched, engine} with deltas, the agreement table and the task gate
-    (eval.md's head; scripts/readme_eval.py puts the same into README)."""
+    (eval.md's head; scripts/readme_eval.py puts the same into README, `hgdeploy eval` prints the same tables)."""
     lines: list[str] = []
-    metrics = report.get("metrics")
-    if metrics:
-        names = list(metrics["unpatched"])
-        lines += [f"{heading} Against the ground truth", "", "| metric | unpatched | patched | engine | Δ patched | Δ engine |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        for name in names:
-            u, p, e = (metrics[m][name] for m in MODELS)
-            arrow = " (lower is better)" if name in LOWER_IS_BETTER else ""
-            lines.append(f"| {name}{arrow} | {_fmt(u)} | {_fmt(p)} | {_fmt(e)} | {_delta(u, p)} | {_delta(u, e)} |")
-        lines.append("")
-    agreement = report["agreement"]
-    names = list(agreement["patched"])
-    lines += [f"{heading} Agreement (one model's predictions taken as the other's labels)", "",
-              "| metric | " + " | ".join(AGREEMENT_LABELS[a] for a in AGREEMENTS) + " |",
-              "|---|" + "---:|" * len(AGREEMENTS)]
-    lines += [f"| {n} | " + " | ".join(_fmt(agreement[a].get(n)) for a in AGREEMENTS) + " |" for n in names]
-    g = report["gate"]
-    verdict = (f">= {g['task_agreement_min']}: " + ("passed" if g["passed"] else "**FAILED**")
-               if g["task_agreement_min"] is not None else "(no parity.task_agreement_min in this profile)")
-    lines += ["", f"Task gate: {g['metric']} = {_fmt(g['value'])} {verdict}.", ""]
+    truth = truth_table(report)
+    if truth is not None:
+        lines += [f"{heading} {TRUTH_TITLE}", "", *_markdown_table(*truth), ""]
+    lines += [f"{heading} {AGREEMENT_TITLE}", "", *_markdown_table(*agreement_table(report))]
+    lines += ["", gate_sentence(report), ""]
     return lines
 
 
