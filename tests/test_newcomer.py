@@ -336,3 +336,36 @@ def test_eval_prints_the_tables_eval_md_has(capsys):
         assert label in shown and label in "\n".join(tables(report)), label
     assert "85.2500" in shown and "+0.0025" in shown and "-0.0007" in shown
     assert "Task gate: agreement.engine_vs_patched.maxF = 1.0000 >= 0.99: passed." in shown
+
+
+# --- tune.png says what it draws off the scale, and both panels have a legend ------------------------------------
+
+
+def test_tune_png_names_the_points_off_its_scale_and_both_panels_have_a_legend(tmp_path, monkeypatch):
+    """issue 28: avg-pool + bilinear points (cosine 0.85-0.89) were drawn at 0.925 without a word, and the right
+    panel had no legend."""
+    from matplotlib.figure import Figure
+
+    from hgdeploy.tune.report import render_plot
+
+    rows = [tune_row("best", "clustering", 0.989, 40.7, speedup=1.24), tune_row("c2", "clustering", 0.991, 43.0, 1.13),
+            tune_row("p1", "pool_bilinear", 0.8647, 41.4, speedup=1.31), tune_row("p2", "pool_bilinear", 0.8816, 43.4),
+            tune_row("p3", "pool_bilinear", 0.8500, 39.0), tune_row("d1", "downscale", 0.9766, 43.8, speedup=1.25)]
+    drawn = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: drawn.append(fig) or real(fig, *a, **k))
+    png = render_plot(tune_ledger(tmp_path, {}, "r", rows))
+    assert png.startswith(b"\x89PNG") and len(drawn) == 1
+    left, right = drawn[0].axes
+    for ax, off in ((left, 3), (right, 1)):
+        low, _ = ax.get_ylim()
+        ys = [y for c in ax.collections for _, y in c.get_offsets()]
+        assert all(y >= low for y in ys)  # nothing is drawn outside the panel...
+        title = ax.get_title()  # ...and what sits on its edge is said, with the true range
+        assert f"{off} point{'s' if off > 1 else ''} below 0.925" in title, title
+        assert ("0.8500–0.8816" if off == 3 else "0.8647–0.8647") in title, title
+        legend = ax.get_legend()
+        assert legend is not None, ax.get_title()
+        labels = {t.get_text() for t in legend.get_texts()}
+        assert {"clustering", "unpatched", "best", "budget cosine>=0.985"} <= labels, labels
+        assert any("avg-pool + bilinear" in label and "off the scale" in label for label in labels), labels
