@@ -369,3 +369,66 @@ def test_tune_png_names_the_points_off_its_scale_and_both_panels_have_a_legend(t
         labels = {t.get_text() for t in legend.get_texts()}
         assert {"clustering", "unpatched", "best", "budget cosine>=0.985"} <= labels, labels
         assert any("avg-pool + bilinear" in label and "off the scale" in label for label in labels), labels
+
+
+# --- eval.png shows where the engine differs and each row's figure -----------------------------------------------
+
+
+def figure_rows(kind: str):
+    """Two rows of eval.png (24x32 images) built in code: the engine differs from the unpatched model on 6 pixels."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from hgdeploy.evaluation.report import FigureRow
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for label, value in (("worst", 97.5), ("median", 99.25)):
+        if kind == "segmentation":
+            unpatched = rng.integers(0, 5, (24, 32))
+            target = (unpatched.copy(), np.zeros((24, 32), bool))
+        elif kind == "depth":
+            unpatched = rng.uniform(1, 10, (24, 32)).astype(np.float32)
+            target = (unpatched.copy(), np.ones((24, 32), bool))
+        else:
+            unpatched = rng.integers(0, 255, (24, 32)).astype(np.uint8)  # +1 stays in uint8
+            target = (unpatched > 127, None)
+        engine = unpatched.copy()
+        if kind == "depth":
+            engine[:2, :3] += 0.5
+        else:
+            engine[:2, :3] = (engine[:2, :3].astype(np.int64) + 1) % (5 if kind == "segmentation" else 256)
+        preds = {"unpatched": unpatched, "patched": engine.copy(), "engine": engine}
+        image = Image.fromarray(rng.integers(0, 256, (24, 32, 3)).astype(np.uint8))
+        rows.append(FigureRow(label, SimpleNamespace(stem=f"img_{label}"), image, target, preds,
+                              {"segmentation": "aAcc", "depth": "delta1"}.get(kind, "MAE"),
+                              {"patched": value, "engine": value - 0.5}))
+    return rows
+
+
+@pytest.mark.parametrize("kind", ["segmentation", "depth", "heatmap"])
+def test_eval_png_has_a_difference_column_and_each_rows_metric(kind):
+    """issue 28: eval.png showed patched and engine side by side with no difference map or per-row metric."""
+    import io
+
+    from PIL import Image
+
+    from hgdeploy.evaluation.report import PANEL_HEIGHT, difference, render_figure, row_title
+
+    rows = figure_rows(kind)
+    png = Image.open(io.BytesIO(render_figure(rows, kind)))
+    panel = round(32 * PANEL_HEIGHT / 24)  # each panel at PANEL_HEIGHT, aspect kept
+    assert png.width == 6 * panel  # image | ground truth | unpatched | patched | engine | difference
+    assert png.height > 2 * (PANEL_HEIGHT + 16)  # and a title line above each row
+    rgb, caption, summary = difference(kind, rows[0].preds["engine"], rows[0].preds["unpatched"])
+    changed = (rgb != 255).any(-1)
+    assert changed.sum() == 6 and changed[:2, :3].all()  # exactly where the engine differs
+    assert caption == ("engine != unpatched" if kind == "segmentation" else "|engine - unpatched|")
+    expected = {"segmentation": f"{6 / 768:.1%} of pixels changed label", "depth": "max 0.5 ",
+                "heatmap": f"max {1 / 255:.3g} "}[kind]
+    assert expected in summary, summary
+    title = row_title(rows[0], summary)
+    metric = {"segmentation": "aAcc", "depth": "delta1"}.get(kind, "MAE")
+    assert title.startswith(f"worst image by engine vs unpatched {metric}: img_worst") and summary in title
+    assert f"patched vs unpatched {97.5:.4f}" in title and f"engine vs unpatched {97.0:.4f}" in title, title
