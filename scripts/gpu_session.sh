@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared run on a GPU machine reached through the offline kit (../shared/gpu/README.md), sized for a short
+# One prepared run on a GPU machine (reached through the project's offline GPU kit, not part of this repository), sized for a short
 # lease: the GPU report first (the acceptance figures: Segmenter ViT-L/16 640 in fp16 and fp32 on ONNX Runtime
 # CUDA, then the default recipe's plans), then the GPU test module, each under its own time limit. Everything
 # lands in the results folder as it is measured: gpu.json / gpu.md (scripts/gpu_report.py), pytest-gpu.log,

@@ -121,3 +121,5 @@ def test_an_export_folder_refuses_what_it_cannot_be(small_export, tmp_path):
     with pytest.raises(UserError, match="hgdeploy export --engine ort-cuda-fp16"):
         fp32_only.patched_graph(profile)
     assert recipe_difference({"ci": {"set": ["a"]}, "x": {"k": 1}}, {"x": {"k": 1}}) is None
+    tuned = {"tuned": {"recipe": "r", "name": "r-tuned-a5-28x28-abcdef"}, "x": {"k": 1}}  # best.toml's origin
+    assert recipe_difference(tuned, {"x": {"k": 1}}) is None and recipe_difference({"x": {"k": 1}}, tuned) is None

@@ -154,11 +154,15 @@ def test_best_toml_is_a_recipe_the_other_commands_take(tmp_path):
     row = {"plan": {"alpha": 5, "grid": "24x24", "reconstruct_after": 12, "iters": 3, "tau": 0.07, "k": 4,
                     "form": "auto", "clustering_form": "local", "method": "cluster", "neighbours": 5}}
     path = tmp_path / "best.toml"
-    path.write_text(best_recipe(rec.data, row["plan"], ["tuned in a test"]))
+    path.write_text(best_recipe(rec.data, row["plan"], ["tuned in a test"], rec.name))
     best = load_recipe(str(path))
     assert (best.request.alpha, best.request.grid, best.request.options["tau"], best.request.options["form"]) == \
         (5, (24, 24), 0.07, "local")
     assert best.data["model"] == rec.data["model"] and "ci" not in best.data
+    assert best.data["tuned"]["recipe"] == rec.name and best.name.startswith(f"{rec.name}-tuned-a5-24x24-")
+    again = tmp_path / "again.toml"  # a tuned recipe tuned again names the recipe it all comes from
+    again.write_text(best_recipe(best.data, {**row["plan"], "alpha": 4}, ["tuned twice"], best.name))
+    assert load_recipe(str(again)).name.startswith(f"{rec.name}-tuned-a4-24x24-")
 
 
 def _tune_args(tmp_path, two_photos, budget="cosine>=0.5"):

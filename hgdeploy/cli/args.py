@@ -5,6 +5,8 @@ every mistake is named before anything is loaded or written; the recipe is read 
 from __future__ import annotations
 
 import argparse
+import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -59,6 +61,48 @@ def write_folder(args: argparse.Namespace, rec: Recipe, subfolder: str | None = 
 
     default = output_folder(rec.name, None) / subfolder if subfolder else output_folder(rec.name, None)
     return check_output_folder(args.out if args.out is not None else default)
+
+
+def run_folder(args: argparse.Namespace, rec: Recipe, run_photos: list[Photo]) -> Path:
+    """`run`'s --out. Without it: runs/<recipe> for the sample photos, runs/<recipe>-<folder name> for --images DIR,
+    so that a run on your photos never replaces the report of the run on the sample photos (or on another folder),
+    said on stderr. Any folder that already holds the report of a run on other photos is named before it is
+    replaced."""
+    from hgdeploy.core import progress
+    from hgdeploy.core.files import check_output_folder
+    from hgdeploy.graph.folder import output_folder
+
+    if args.out is not None:
+        out = check_output_folder(args.out)
+    else:
+        out = check_output_folder(output_folder(default_run_name(rec.name, args.images), None))
+        if args.images is not None:
+            progress.info(f"note: no --out: this run on {args.images} writes {out} (the run on the sample photos "
+                          f"keeps {output_folder(rec.name, None)}; --out DIR to choose)", markup=False)
+    earlier = earlier_images(out)
+    names = [p.name for p in run_photos]
+    if earlier is not None and earlier != names:
+        shown = ", ".join(earlier[:3]) + (", ..." if len(earlier) > 3 else "")
+        progress.info(f"note: {out} holds the report of an earlier run on other photos ({len(earlier)}: {shown}); "
+                      f"this run replaces it (--out DIR keeps both)", markup=False)
+    return out
+
+
+def default_run_name(recipe_name: str, images: str | None) -> str:
+    """runs/ sub-folder of a run without --out: the recipe's name, with the --images folder's name after it."""
+    if images is None:
+        return recipe_name
+    tag = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(images).resolve().name).strip("._") or "images"
+    return f"{recipe_name}-{tag}"
+
+
+def earlier_images(out: Path) -> list[str] | None:
+    """The photos the report.json already in `out` was made on (None without a readable one)."""
+    try:
+        images = json.loads((out / "report.json").read_text()).get("images")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return [str(i) for i in images] if isinstance(images, list) else None
 
 
 def export_folder(args: argparse.Namespace, rec: Recipe, out: Path | None = None, writes: bool = False,

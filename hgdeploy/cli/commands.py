@@ -25,8 +25,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     rec = groups.recipe(args)
     budget = groups.budget(args)
-    engine, out = groups.engine(args, rec), groups.write_folder(args, rec)
-    report = commands.run(rec, engine, groups.photos(args), out, budget)
+    engine = groups.engine(args, rec)
+    photos = groups.photos(args)
+    out = groups.run_folder(args, rec, photos)
+    report = commands.run(rec, engine, photos, out, budget)
     written = sorted(p.name for p in out.iterdir() if p.suffix in (".onnx", ".data", ".json", ".md"))
     progress.info(f"wrote {out}/{', '.join(written)}")
     print(json.dumps(report.to_json(), indent=2) if args.json else render_summary(report.to_json()))

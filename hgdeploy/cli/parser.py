@@ -28,7 +28,8 @@ COMMANDS_HELP = {
               "profile's settings as the onnxruntime backend has them) and a README on starting and querying it",
 }
 OUT_HELP = {  # what --out means to each command: where it writes, or where it reads the export from
-    "run": f"output folder for the ONNX files and reports ({DEFAULT_OUT_HELP})",
+    "run": "output folder for the ONNX files and reports (default: runs/<recipe name>, or runs/<recipe name>-<DIR's "
+           "name> for --images DIR, so that a run on your photos keeps the sample photos' report)",
     "export": f"output folder for baseline.onnx and patched.onnx ({DEFAULT_OUT_HELP})",
     "optimize": f"folder holding the export; patched.opt.onnx is written there ({DEFAULT_OUT_HELP})",
     "build": f"folder holding the export; engines and engine.<profile>.json are written there ({DEFAULT_OUT_HELP})",

@@ -152,26 +152,19 @@ def print_profile(profile: JsonObject) -> None:
 
 
 def print_eval(report: JsonObject) -> None:
-    """The metric x model table, then the agreement table and the gate: what eval.md leads with."""
-    from hgdeploy.evaluation.scoring import AGREEMENTS, MODELS
+    """The tables eval.md leads with, from the same rows (the same precision, the Δ columns, the "vs unpatched"
+    labels), then the gate."""
+    from hgdeploy.evaluation.report import AGREEMENT_TITLE, TRUTH_TITLE, agreement_table, gate_sentence, truth_table
 
     d = report["dataset"]
     print(f"{report['recipe']['name']} on {d['path']} ({d['layout']}, {d['images']} images), engine "
           f"{report['backend']['name']}")
-    if report.get("metrics"):
-        m = report["metrics"]
-        table(("metric", *MODELS, "Δ engine"), ([k, *(m[x][k] for x in MODELS),
-                                                  None if m["engine"][k] is None or m["unpatched"][k] is None
-                                                  else m["engine"][k] - m["unpatched"][k]] for k in m["unpatched"]),
-               title="against the ground truth", no_wrap=(0,))
-    a = report["agreement"]
-    table(("metric", *(k.replace("_", " ") for k in AGREEMENTS)), ([k, *(a[x][k] for x in AGREEMENTS)]
-                                                                   for k in a["patched"]),
-           title="agreement between the models", no_wrap=(0,))
-    g = report["gate"]
-    print(f"task gate {g['metric']}: {cell(g['value'])}"
-          + (f" >= {g['task_agreement_min']}: {'passed' if g['passed'] else 'FAILED'}"
-             if g["task_agreement_min"] is not None else " (no task_agreement_min in this profile)"))
+    truth = truth_table(report)
+    if truth is not None:
+        table(truth[0], truth[1], title=TRUTH_TITLE, no_wrap=(0,))
+    header, rows = agreement_table(report)
+    table(header, rows, title=AGREEMENT_TITLE, no_wrap=(0,))
+    print(gate_sentence(report, markdown=False))
     if report.get("structure_check_only"):
         print(f"note: {report['structure_check_only']}")
 

@@ -8,6 +8,7 @@ error with a suggestion, never silently ignored.
 from __future__ import annotations
 
 import copy
+import re
 import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,11 +46,15 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
              "disparity_shift": (float, int)},
     # --set overrides that give the recipe's small CI shape (tests export every recipe at it).
     "ci": {"set": (list,)},
+    # Written by `hgdeploy tune` into best.toml: the recipe it was tuned from, and the name (runs/<name>) the
+    # commands use for this file's default folder in place of the file's stem ("best").
+    "tuned": {"recipe": (str,), "name": (str,)},
 }
 REQUIRED = {"model": ("family", "input_size"), "cluster": ("alpha", "grid")}
 # [model] keys every family takes; the others are family options.
 GENERIC_MODEL_KEYS = ("family", "checkpoint", "input_size", "batch")
 MAX_BATCH = 1024
+FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 DYNAMIC, DYNAMIC_EXAMPLE = "dynamic", 2
 
 
@@ -174,6 +179,9 @@ def validate_data(data: dict[str, Section], where: str) -> None:
                         f"output + shift)); give both, or neither for a least-squares fit per image")
     if ev.get("window_stride", 1) < 1:
         raise UserError(f"{where}: eval.window_stride must be a positive number of pixels")
+    name = data.get("tuned", {}).get("name")
+    if name is not None and not FOLDER_NAME.fullmatch(name):
+        raise UserError(f"{where}: tuned.name = {name!r} must be a folder name (letters, digits, '.', '_', '-')")
     ci = data.get("ci", {}).get("set", [])
     if not all(isinstance(v, str) for v in ci):
         raise UserError(f"{where}: ci.set must be a list of 'section.key=value' strings")
@@ -206,6 +214,6 @@ def load_recipe(name_or_path: str | None = None, overrides: list[str] | tuple[st
         raise UserError(f"model.batch = {batch!r} in {path}: give the images per engine run, 1 to {MAX_BATCH}, or "
                         f'"{DYNAMIC}" for a batch axis')
     # Parsed now, once: a bad size or grid fails before any model is loaded.
-    return Recipe(path=str(path), name=path.stem, data=data,
+    return Recipe(path=str(path), name=data.get("tuned", {}).get("name", path.stem), data=data,
                   input_size=parse_grid(data["model"]["input_size"], "model.input_size"),
                   request=PlanRequest.from_section(data["cluster"]))

@@ -268,7 +268,7 @@ def _evaluate(ctx: Context, data: EvalData, how: Inference, scorer: Scorer, grap
             stack.enter_context(r)
         rows, memory = run_dataset(data.samples, runners, how, scorer, stage if save_predictions else None,
                                    f"{data.layout.name}, {engine.name} engine")
-        panels = [(label, data.samples[i], *one_image(data.samples[i], runners, how, scorer))
+        panels = [figure_row(label, data.samples[i], rows[i], runners, how, scorer)
                   for label, i in pick_figure_images(rows, scorer)]
     report |= scores(data, how, scorer, graph, rows) | {"gate": gate(scorer, report | scorer.metrics(), engine),
                                                         "memory": memory}
@@ -296,6 +296,15 @@ def gate(scorer: Scorer, report: dict[str, Any], engine: EngineProfile) -> dict[
     passed = True if threshold is None or value is None else value >= threshold
     return {"metric": f"agreement.engine_vs_patched.{scorer.gate}" + (" / 100" if scorer.gate == "mIoU" else ""),
             "value": value, "task_agreement_min": threshold, "passed": passed}
+
+
+def figure_row(label: str, sample: ds.Sample, row: dict[str, Any], runners: dict[str, Any], how: Inference,
+               scorer: Scorer) -> eval_report.FigureRow:
+    """One row of eval.png: the sample run again through the three models, with the per-image agreement it was
+    picked by (scorer.worst) for the patched model and the engine against the unpatched one."""
+    metric = scorer.worst[0]
+    agreement = {a: (row["agreement"][a] or {}).get(metric) for a in ("patched", "engine")}
+    return eval_report.FigureRow(label, sample, *one_image(sample, runners, how, scorer), metric, agreement)
 
 
 def one_image(sample: ds.Sample, runners: dict[str, Any], how: Inference, scorer: Scorer) -> tuple[Any, Any, dict]:

@@ -155,9 +155,9 @@ UNSET_MEANS = {"model.batch": 1}
 
 
 def recipe_difference(recorded: JsonObject, now: JsonObject) -> tuple[str, JsonValue, JsonValue] | None:
-    """The first recipe value (section.key, as exported, as asked now) that differs; [ci] and [eval] do not
-    change an export and do not count."""
-    for section in sorted((set(recorded) | set(now)) - {"ci", "eval"}):
+    """The first recipe value (section.key, as exported, as asked now) that differs; [ci], [eval] and [tuned] (a
+    tuned file's origin and folder name) do not change an export and do not count."""
+    for section in sorted((set(recorded) | set(now)) - {"ci", "eval", "tuned"}):
         old, new = recorded.get(section, {}), now.get(section, {})
         for key in sorted(set(old) | set(new)):
             default = UNSET_MEANS.get(f"{section}.{key}")

@@ -4,7 +4,10 @@ best.toml (the best plan as a recipe). Rendering only: what is best and what is 
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import re
 from pathlib import Path
 
 import tomli_w
@@ -36,12 +39,26 @@ def cluster_section(plan: JsonObject) -> JsonObject:
     return section
 
 
-def best_recipe(recipe_values: JsonObject, plan: JsonObject, header: list[str]) -> str:
+def best_recipe(recipe_values: JsonObject, plan: JsonObject, header: list[str], recipe_name: str) -> str:
     """A recipe any command takes: the tuned recipe's values with the best plan's [cluster] (no [ci]: CI
-    shapes belong to the bundled recipes)."""
-    data = {k: v for k, v in recipe_values.items() if k not in ("cluster", "ci")}
+    shapes belong to the bundled recipes) and a [tuned] table: the recipe it comes from and its name, which gives
+    the commands' default folder (runs/<name>, not runs/best for every tuned file)."""
+    data = {k: v for k, v in recipe_values.items() if k not in ("cluster", "ci", "tuned")}
     data["cluster"] = cluster_section(plan)
-    return "".join(f"# {line}\n" for line in header) + "\n" + tomli_w.dumps(data)
+    origin = recipe_values.get("tuned", {}).get("recipe", recipe_name)  # a tuned recipe tuned again: its origin
+    data = {"tuned": {"recipe": origin, "name": tuned_name(origin, data)}} | data
+    lines = [*header, f"Commands given this file use runs/{data['tuned']['name']}/ as their default folder ([tuned] "
+                      f"name); --out chooses another."]
+    return "".join(f"# {line}\n" for line in lines) + "\n" + tomli_w.dumps(data)
+
+
+def tuned_name(origin: str, data: JsonObject) -> str:
+    """<recipe>-tuned-a<alpha>-<grid>-<6 hex digits of the values>: readable, and two tuned files with other
+    values never share a folder."""
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:6]
+    cluster = data["cluster"]
+    name = f"{origin}-tuned-a{cluster['alpha']}-{cluster['grid']}-{digest}"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).lstrip("._-") or f"tuned-{digest}"
 
 
 # ---------------------------------------------------------------------------------------------- tune.md
@@ -186,15 +203,18 @@ COLOURS = {"clustering": "tab:blue", "pool_bilinear": "tab:orange", "downscale":
 
 def render_plot(ledger: Ledger) -> bytes:
     """Two panels: fidelity against GFLOPs (every scored row) and speed-up against fidelity (timed rows), each
-    with the budget line and the unpatched model's point; the best plan circled."""
+    with the budget line, the unpatched model's point and a legend; the best plan circled. Points far from the
+    budget are drawn on the panel's edge as triangles pointing where they are, and the panel's title says how many
+    and their range."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
     budget, best = ledger.budget, ledger.best
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6))
     lo, hi = _y_range(budget)
+    clipped: dict[int, list[float]] = {id(left): [], id(right): []}
     for kind, colour in COLOURS.items():
         scored = [r for r in ledger.rows if r.kind == kind and _value(r, budget) is not None]
         timed = [r for r in scored if r.speedup is not None]
@@ -205,9 +225,11 @@ def render_plot(ledger: Ledger) -> bytes:
                 ax.scatter([getattr(r, x) for r in inside], [_value(r, budget) for r in inside], s=size, color=colour,
                            label=KIND_LABELS[kind])
             if outside:  # far from the budget: drawn on the edge, pointing where they are
-                ax.scatter([getattr(r, x) for r in outside],
-                           [lo if (_value(r, budget) or 0.0) < lo else hi for r in outside], s=size, color=colour,
-                           marker="v" if budget.op == ">=" else "^", label=None if inside else KIND_LABELS[kind])
+                values = [_value(r, budget) or 0.0 for r in outside]
+                clipped[id(ax)] += values
+                ax.scatter([getattr(r, x) for r in outside], [lo if v < lo else hi for v in values], s=size,
+                           color=colour, marker="v" if budget.op == ">=" else "^",
+                           label=f"{KIND_LABELS[kind]} (off the scale)")
     full = 0.0 if budget.op == "<=" else 1.0
     if ledger.baseline is not None:
         left.scatter([ledger.baseline.gflops], [full], marker="*", s=120, color="black", label="unpatched")
@@ -216,21 +238,32 @@ def render_plot(ledger: Ledger) -> bytes:
         left.scatter([best.gflops], [_value(best, budget)], s=140, facecolors="none", edgecolors="red", label="best")
         right.scatter([best.speedup], [_value(best, budget)], s=140, facecolors="none", edgecolors="red",
                       label="best")
-    for ax, xlabel in ((left, "GFLOPs"), (right, f"speed-up on {ledger.context['engine']}")):
+    titles = ((left, "fidelity at each cost (tuning images)"), (right, "timed plans"))
+    for (ax, title), xlabel in zip(titles, ("GFLOPs", f"speed-up on {ledger.context['engine']}")):
         ax.axhline(budget.value, color="grey", linestyle="--", linewidth=1, label=f"budget {budget}")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"{budget.key} vs unpatched")
         ax.grid(alpha=0.3)
         ax.set_ylim(lo - 0.02 * (hi - lo), hi + 0.02 * (hi - lo))
+        note = off_scale_note(clipped[id(ax)], lo, hi)
+        ax.set_title(title + (f"\n{note}" if note else ""), fontsize=9)
     right.axvline(1.0, color="grey", linestyle=":", linewidth=1)
-    left.legend(fontsize=7, loc="lower right")
-    left.set_title("fidelity at each cost (tuning images)", fontsize=9)
-    right.set_title("timed plans", fontsize=9)
+    left.legend(fontsize=7, loc="center right")
+    right.legend(fontsize=7, loc="center right")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return buf.getvalue()
+
+
+def off_scale_note(values: list[float], lo: float, hi: float) -> str:
+    """What a panel's edge triangles stand for: how many points lie beyond its fidelity range, and their range."""
+    below, above = [v for v in values if v < lo], [v for v in values if v > hi]
+    parts = [f"{len(vs)} point{'s' if len(vs) > 1 else ''} {where} {edge:.3f} ({min(vs):.4f}–{max(vs):.4f}) drawn "
+             f"on the {side} edge" for vs, where, edge, side in ((below, "below", lo, "lower"),
+                                                                  (above, "above", hi, "upper")) if vs]
+    return "; ".join(parts)
 
 
 def _y_range(budget: Budget) -> tuple[float, float]:
@@ -265,6 +298,7 @@ def write_results(ledger: Ledger, recipe_values: JsonObject, header: list[str]) 
     write_atomic_bytes(folder / "tune.png", render_plot(ledger))
     write_atomic(folder / "tune.md", render_markdown(ledger, "tune.png"))
     if ledger.best is not None:
-        write_atomic(folder / "best.toml", best_recipe(recipe_values, ledger.best.plan, header))
+        write_atomic(folder / "best.toml", best_recipe(recipe_values, ledger.best.plan, header,
+                                                       ledger.context["recipe"]))
     else:
         (folder / "best.toml").unlink(missing_ok=True)
