@@ -133,12 +133,51 @@ def test_graphs_over_2_gb_go_through_the_passes_and_fp16_with_external_weights(s
             np.testing.assert_array_equal(got, want)  # the same graph as the in-memory export's
     assert not list(folder.glob(".*staging*"))
 
-    monkeypatch.undo()  # small again: written inline, and the earlier .data file goes
+    monkeypatch.undo()  # the export small and inline again: so is the passes' result, and the earlier .data goes
+    onnx.save_model(onnx.load(str(small_export / "patched.onnx")), str(folder / "patched.onnx"))
+    (folder / "patched.onnx.data").unlink()
     optimize_patched(export)
     assert not (folder / "patched.opt.onnx.data").exists()
     for got, want in zip(_outputs(folder / "patched.opt.onnx", x), _outputs(small_export / "patched.opt.onnx", x),
                          strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+def test_the_passes_leave_external_weights_on_disk_and_copy_them_file_to_file(tmp_path, monkeypatch):
+    """A graph whose weights are in a .data file is optimized without loading them: a pass that needs a value
+    reads it from the graph's folder (whatever the working directory), and the result's weights are copied
+    into a .data file of its own, each tensor page-aligned, bit for bit."""
+    from onnx import numpy_helper
+
+    from hgdeploy.core.contract import EXTERNAL_ALIGN, save_onnx
+    from hgdeploy.graph.passes import import_graph, optimize
+
+    w = np.random.default_rng(1).standard_normal((3, 5000), dtype=np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Relu", ["m"], ["y"])],
+                              "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5000])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(w[:, :300].copy(), "w2")])
+    source = tmp_path / "src" / "g.onnx"
+    source.parent.mkdir()
+    onnx.save_model(helper.make_model(graph), str(source), save_as_external_data=True, location="g.onnx.data",
+                    size_threshold=0)
+    monkeypatch.chdir(tmp_path)  # not the graph's folder
+    model = onnx.load(str(source), load_external_data=False)
+    assert not model.graph.initializer[0].raw_data
+    values = import_graph(model, source.parent).tensors()["w"].values
+    np.testing.assert_array_equal(values, w)
+
+    out, _ = optimize(onnx.load(str(source), load_external_data=False), weights_dir=source.parent)
+    target = save_onnx(out, tmp_path / "dst" / "g.opt.onnx", weights_dir=source.parent)
+    data = target.with_name("g.opt.onnx.data")
+    offsets = [int(e.value) for t in onnx.load(str(target), load_external_data=False).graph.initializer
+               for e in t.external_data if e.key == "offset"]
+    assert data.exists() and offsets and all(o % EXTERNAL_ALIGN == 0 for o in offsets)
+    loaded = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(target)).graph.initializer}
+    np.testing.assert_array_equal(loaded["w"], w)
+    x = np.ones((2, 3), np.float32)
+    got = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, np.maximum(x @ w, 0), rtol=1e-5)
 
 
 def test_tensor_bytes_counts_initializers_constants_and_subgraphs():

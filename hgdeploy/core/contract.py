@@ -187,16 +187,29 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
                for t in all_tensors(model.graph))
 
 
-def save_onnx(model: onnx.ModelProto, path: Path) -> Path:
+def save_onnx(model: onnx.ModelProto, path: Path, weights_dir: Path | None = None) -> Path:
     """Write `model` to `path` atomically, with its weights in `<path>.data` when protobuf's 2 GB limit forces it
     (onnx's external data; a stale `.data` from an earlier, larger graph is removed).
 
-    Saving with external data moves the weights out of `model`: its large tensors then refer to the file.
+    Saving with external data moves the weights out of `model`: its large tensors then refer to the file. A model
+    loaded with its weights left on disk (onnx.load(..., load_external_data=False)) keeps them there: each tensor
+    is copied from its file under `weights_dir` into `<path>.data`, a chunk at a time, so saving a ViT-H's graph
+    never holds its 2.4 GB in memory.
     """
     path, data = Path(path), external_data_file(path)
-    external = tensor_bytes(model) > INLINE_LIMIT_BYTES
+    on_disk = []
+    for tensor in all_tensors(model.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            if any(entry.key == "location" for entry in tensor.external_data):
+                on_disk.append(tensor)
+            else:  # graph-surgeon re-made it from values a pass read, and kept the old data_location
+                tensor.data_location = onnx.TensorProto.DEFAULT
+    external = bool(on_disk) or tensor_bytes(model) > INLINE_LIMIT_BYTES
     with staged_file(path) as tmp:
-        if external:
+        if on_disk:
+            copy_external_data(on_disk, Path(weights_dir or path.parent), tmp.with_name(data.name))
+            tmp.write_bytes(model.SerializeToString())
+        elif external:
             onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data.name, size_threshold=EXTERNAL_MIN_BYTES)
         else:
@@ -204,6 +217,34 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> Path:
     if not external:
         data.unlink(missing_ok=True)
     return path
+
+
+EXTERNAL_ALIGN = 4096  # each tensor starts on a page in a .data file we write (ONNX Runtime can map it)
+COPY_CHUNK = 64 << 20
+
+
+def copy_external_data(tensors: list[onnx.TensorProto], source_dir: Path, data: Path) -> None:
+    """Copy each tensor's external bytes (its `location` under `source_dir`) into the file `data`, a chunk at a
+    time, and point the tensor there. onnx has no such copy: its savers read every tensor into memory first."""
+    with open(data, "wb") as out:
+        for tensor in tensors:
+            info = {entry.key: entry.value for entry in tensor.external_data}
+            length = int(info["length"]) if "length" in info else (
+                math.prod(tensor.dims) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize)
+            out.write(b"\0" * (-out.tell() % EXTERNAL_ALIGN))
+            offset = out.tell()
+            with open(source_dir / info["location"], "rb") as src:
+                src.seek(int(info.get("offset", 0)))
+                left = length
+                while left:
+                    chunk = src.read(min(left, COPY_CHUNK))
+                    if not chunk:
+                        raise ExportError(f"{info['location']} ends before the weights of {tensor.name}")
+                    out.write(chunk)
+                    left -= len(chunk)
+            del tensor.external_data[:]
+            for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(length))):
+                tensor.external_data.add(key=key, value=value)
 
 
 def external_data_file(path: Path) -> Path:

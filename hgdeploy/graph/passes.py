@@ -9,12 +9,15 @@ torch: the clustering form is chosen once, when the model is patched, not here.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnx_graphsurgeon as gs
 
 from hgdeploy.core.contract import (
@@ -43,9 +46,22 @@ class PassContext:
     scopes: dict[str, list[str]]
     specs: list[dict]
     notes: list[str] = field(default_factory=list)
+    weights_dir: Path | None = None  # where weights left on disk are (optimize's weights_dir)
 
 
-def import_graph(model: onnx.ModelProto) -> gs.Graph:
+class ExternalValues(gs.ir.tensor.LazyValues):
+    """graph-surgeon's lazy constant for a tensor whose bytes are in a file beside the graph: loaded from that
+    folder when a pass asks (graph-surgeon looks in the working directory), exported as the same reference."""
+
+    def __init__(self, tensor: onnx.TensorProto, folder: Path):
+        super().__init__(tensor)
+        self.folder = Path(folder)
+
+    def load(self) -> np.ndarray:
+        return np.array(onnx.numpy_helper.to_array(self.tensor, base_dir=str(self.folder)))
+
+
+def import_graph(model: onnx.ModelProto, weights_dir: Path | None = None) -> gs.Graph:
     """graph-surgeon's graph of `model`, every tensor typed and shaped by onnx's shape inference.
 
     Inference runs on a weightless copy (shapes_of) and its types are set on the graph's variables, so the
@@ -53,6 +69,10 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
     2.5 GB of weights otherwise cost another 2.5 GB here.
     """
     graph = gs.import_onnx(model)
+    for tensor in graph.tensors().values():
+        lazy = getattr(tensor, "_values", None)
+        if isinstance(lazy, gs.ir.tensor.LazyValues) and lazy.tensor.data_location == onnx.TensorProto.EXTERNAL:
+            tensor._values = ExternalValues(lazy.tensor, weights_dir or Path.cwd())
     inferred = gs.import_onnx(shapes_of(model)).tensors()
     for name, tensor in graph.tensors().items():
         known = inferred.get(name)
@@ -90,19 +110,19 @@ def fold_constants(graph: gs.Graph, ctx: PassContext) -> gs.Graph:
     FOLD_MAX_BYTES a result."""
     before = len(graph.nodes)
     _quiet_onnxruntime()
-    graph.fold_constants(error_ok=False, size_threshold=FOLD_MAX_BYTES).cleanup().toposort()
+    # graph-surgeon folds in ONNX Runtime sessions made from bytes, which look for weights left on disk in the
+    # working directory
+    with contextlib.chdir(ctx.weights_dir or Path.cwd()):
+        graph.fold_constants(error_ok=False, size_threshold=FOLD_MAX_BYTES).cleanup().toposort()
     ctx.notes.append(f"fold_constants: {before} -> {len(graph.nodes)} nodes")
     return graph
 
 
 def _along(t: gs.Tensor, axis: int, rank: int) -> bool:
     """True when `t` broadcasts along `axis` of a rank-`rank` result, i.e. it is constant along it."""
-    if isinstance(t, gs.Constant):
-        shape = list(t.values.shape)
-    elif t.shape is None:
+    if t.shape is None:
         return False  # unknown shape: assume it varies
-    else:
-        shape = list(t.shape)
+    shape = list(t.shape)  # a constant's too: its values may be weights left on disk
     neg = axis - rank if axis >= 0 else axis  # broadcasting aligns shapes from the right
     return -neg > len(shape) or shape[neg] == 1
 
@@ -252,10 +272,13 @@ PASSES: list[tuple[str, Pass]] = [
 ]
 
 
-def optimize(model: onnx.ModelProto, passes: list[tuple[str, Pass]] | None = None) -> tuple[onnx.ModelProto, list[str]]:
-    """Run the passes in order; returns the new model (metadata kept) and what each pass did."""
-    ctx = PassContext(node_scopes(model), read_clustering_specs(model))
-    graph = import_graph(model)
+def optimize(model: onnx.ModelProto, passes: list[tuple[str, Pass]] | None = None,
+             weights_dir: Path | None = None) -> tuple[onnx.ModelProto, list[str]]:
+    """Run the passes in order; returns the new model (metadata kept) and what each pass did. A `model` loaded
+    without its external weights reads them from `weights_dir` if a pass needs their values; the new model
+    refers to the same files (save_onnx copies them)."""
+    ctx = PassContext(node_scopes(model), read_clustering_specs(model), weights_dir=weights_dir)
+    graph = import_graph(model, weights_dir)
     for _, run in passes or PASSES:
         graph = run(graph, ctx)
     out = gs.export_onnx(graph)

@@ -13,7 +13,7 @@ import onnx
 from polygraphy.backend.base import BaseRunner
 
 from hgdeploy.backends import EngineProfile, backend_versions, end_profiling, make_runner, require_profiler
-from hgdeploy.backends.onnxrt import LEAN_GRAPH_BYTES
+from hgdeploy.backends.onnxrt import LEAN_GRAPH_BYTES, graph_bytes
 from hgdeploy.core import progress
 from hgdeploy.core.contract import INPUT_NAME, graph_sha256, is_layer_node, node_scopes, read_clustering_specs
 from hgdeploy.core.files import JsonObject, to_json, write_atomic
@@ -27,14 +27,25 @@ from hgdeploy.measure.results import Latency, Report
 from hgdeploy.measure.timing import Timings, machine_info, time_interleaved
 
 
-def sessions(engine: EngineProfile) -> int:
+def sessions(engine: EngineProfile, lean: bool = False) -> int:
     """ONNX Runtime sessions timed side by side: baseline and patched, and the patched graph before the passes for a
-    plain fp32 profile (ExportFolder.engine_graphs)."""
-    return 2 if runs_twins(engine) else 3
+    plain fp32 profile (ExportFolder.engine_graphs) unless the graphs are `lean` (see in_pairs)."""
+    return 2 if runs_twins(engine) or lean else 3
+
+
+EVERY_GRAPH = ("baseline", "patched", "patched_unoptimized")
+
+
+def in_pairs(folder: ExportFolder, engine: EngineProfile) -> bool:
+    """Graphs over LEAN_GRAPH_BYTES on the CPU are timed two at a time: each ONNX Runtime session holds about 1.5x
+    its weights and a run adds its activations (SwinV2-L at 544 px: 1.4 GB a session, 3.9 GB a run), so a third
+    session (three in all) took `hgdeploy run swinv2_l_coco` at its [ci] shape to 9.5 GB. `run` and `bench` then time
+    baseline and patched; `optimize`, whose question is the passes and which holds no PyTorch model, all three."""
+    return not engine.on_gpu and graph_bytes(folder.graphs["patched"]) >= LEAN_GRAPH_BYTES
 
 
 def plan_folder_memory(folder: ExportFolder, engine: EngineProfile, command: str,
-                       steps: tuple[str, ...]) -> JsonObject | None:
+                       steps: tuple[str, ...], every_graph: bool = False) -> JsonObject | None:
     """A deploy-side command's estimate from what the export recorded of its model (weights, activations), said
     and, when it cannot fit, refused before any session; None for an export that recorded nothing (older)."""
     recorded = folder.info.get("memory")
@@ -42,8 +53,10 @@ def plan_folder_memory(folder: ExportFolder, engine: EngineProfile, command: str
         return None
     need = Need.from_json(recorded)
     size = tuple(folder.info.get("preprocess", {}).get("size", (0, 0)))
-    estimate = estimate_memory(need, f"hgdeploy {command} {folder.path}", size, steps, sessions(engine), False,
-                               lean=need.weights >= LEAN_GRAPH_BYTES)
+    lean = need.weights >= LEAN_GRAPH_BYTES
+    held = sessions(engine, lean and not every_graph)
+    estimate = estimate_memory(need, f"hgdeploy {command} {folder.path}", size, steps, held, False,
+                               lean=lean)
     progress.info(estimate.pop("said"), markup=False)
     return estimate
 
@@ -80,6 +93,10 @@ def time_engines(folder: ExportFolder, engine: EngineProfile, roles: tuple[str, 
                  feed: dict[str, np.ndarray] | None = None, extra: dict[str, BaseRunner] | None = None) -> Latency:
     """The engines of a folder (or `roles` of them, and `extra` runners beside them) timed interleaved on `feed`
     (zeros of the graphs' shape by default): what `hgdeploy bench`, `optimize`, `run` and the GPU report time."""
+    if roles is None and in_pairs(folder, engine) and "patched_unoptimized" in folder.engine_graphs(engine):
+        roles = ("baseline", "patched")
+        progress.info("The patched graph before the passes is not timed beside them: graphs this large are timed "
+                      "two at a time, to hold two sessions at once (`hgdeploy optimize` times the passes)")
     runners = engine_runners(folder, engine, roles) | (extra or {})
     feed = feed if feed is not None else zeros_feed(folder.graphs["baseline"])
     timed = time_runners(runners, feed, engine)
@@ -154,7 +171,7 @@ def bench_export(folder: ExportFolder, engine: EngineProfile, profile: bool = Fa
 
 def optimize_export(folder: ExportFolder, engine: EngineProfile) -> Report:
     """`hgdeploy optimize`: the passes on folder/patched.onnx, then the engines before and after, timed."""
-    memory = plan_folder_memory(folder, engine, "optimize", ("passes", "latency"))
+    memory = plan_folder_memory(folder, engine, "optimize", ("passes", "latency"), every_graph=True)
     folder, optimized = optimize_patched(folder)
     twins = None
     if runs_twins(engine):  # the patched twins came from the old graph; a baseline twin may not be there yet
@@ -162,7 +179,7 @@ def optimize_export(folder: ExportFolder, engine: EngineProfile) -> Report:
         folder = with_twins(folder, engine, ("baseline",))
     folder.write_manifest()
     return Report(backend=backend_info(engine), optimize=optimized, fusion=twins and twins.fusion,
-                  fp16=twins and twins.fp16, latency=time_engines(folder, engine), memory=memory)
+                  fp16=twins and twins.fp16, latency=time_engines(folder, engine, EVERY_GRAPH), memory=memory)
 
 
 def build(folder: ExportFolder, engine: EngineProfile) -> Report:

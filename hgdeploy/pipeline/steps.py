@@ -109,8 +109,9 @@ def plan_memory(ctx: Context, command: str, steps: tuple[str, ...], torch_models
     export or session. Returns the estimate for report.json's memory section (an export records it too, for
     the commands that read the export)."""
     need = memory_need(ctx)
+    lean = need.weights >= LEAN_GRAPH_BYTES
     estimate = estimate_memory(need, f"hgdeploy {command} {ctx.recipe.name}", ctx.models.preprocess.size, steps,
-                               sessions(ctx.engine), torch_models, lean=need.weights >= LEAN_GRAPH_BYTES)
+                               sessions(ctx.engine, lean), torch_models, lean=lean)
     progress.info(estimate.pop("said"), markup=False)
     return estimate
 
