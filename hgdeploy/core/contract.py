@@ -207,7 +207,8 @@ def save_onnx(model: onnx.ModelProto, path: Path, weights_dir: Path | None = Non
     external = bool(on_disk) or tensor_bytes(model) > INLINE_LIMIT_BYTES
     with staged_file(path) as tmp:
         if on_disk:
-            copy_external_data(on_disk, Path(weights_dir or path.parent), tmp.with_name(data.name))
+            big = [t for t in all_tensors(model.graph) if len(t.raw_data) >= EXTERNAL_MIN_BYTES]  # made by a pass
+            copy_external_data(on_disk, Path(weights_dir or path.parent), tmp.with_name(data.name), big)
             tmp.write_bytes(model.SerializeToString())
         elif external:
             onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -223,10 +224,20 @@ EXTERNAL_ALIGN = 4096  # each tensor starts on a page in a .data file we write (
 COPY_CHUNK = 64 << 20
 
 
-def copy_external_data(tensors: list[onnx.TensorProto], source_dir: Path, data: Path) -> None:
+def copy_external_data(tensors: list[onnx.TensorProto], source_dir: Path, data: Path,
+                       inline: list[onnx.TensorProto] = ()) -> None:
     """Copy each tensor's external bytes (its `location` under `source_dir`) into the file `data`, a chunk at a
-    time, and point the tensor there. onnx has no such copy: its savers read every tensor into memory first."""
+    time, and point the tensor there; move the `inline` tensors' raw bytes there too. onnx has no such copy: its
+    savers read every tensor into memory first."""
     with open(data, "wb") as out:
+        for tensor in inline:
+            out.write(b"\0" * (-out.tell() % EXTERNAL_ALIGN))
+            offset, length = out.tell(), len(tensor.raw_data)
+            out.write(tensor.raw_data)
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(length))):
+                tensor.external_data.add(key=key, value=value)
         for tensor in tensors:
             info = {entry.key: entry.value for entry in tensor.external_data}
             length = int(info["length"]) if "length" in info else (

@@ -124,10 +124,10 @@ def with_twins(folder: ExportFolder, engine: Engine,
 @releases_memory
 def _fused_graph(source: Path, target: Path) -> tuple[Path, FusionSummary]:
     """One graph with its attention fused, saved and checked."""
-    model = onnx.load(str(source))
+    model = onnx.load(str(source), load_external_data=False)  # weights over 2 GB stay on disk, as in the passes
     with progress.step(f"Fusing attention: {source.name} -> {target.name}"):
-        fused, summary = fuse_attention(model, target.name)
-    save_onnx(fused, target)
+        fused, summary = fuse_attention(model, target.name, weights_dir=source.parent)
+    save_onnx(fused, target, weights_dir=source.parent)
     check_model(target)
     return target, summary
 

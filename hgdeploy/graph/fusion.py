@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -383,12 +384,14 @@ def _exported(graph: gs.Graph, model: onnx.ModelProto, origin: dict[str, str]) -
     return out
 
 
-def fuse_attention(model: onnx.ModelProto, name: str | None = None) -> tuple[onnx.ModelProto, FusionSummary]:
+def fuse_attention(model: onnx.ModelProto, name: str | None = None,
+                   weights_dir: Path | None = None) -> tuple[onnx.ModelProto, FusionSummary]:
     """`model` with every provable attention block as one com.microsoft MultiHeadAttention node, and what was
-    found, fused and left (with reasons). The clustering/reconstruction layers are never touched."""
+    found, fused and left (with reasons). The clustering/reconstruction layers are never touched. Weights left on
+    disk are read from `weights_dir` where a projection is cut (passes.optimize has the same rule)."""
     in_layer = is_layer_node(model)
     protos = {n.name: n for n in model.graph.node}
-    graph = import_graph(model)
+    graph = import_graph(model, weights_dir)
     summary = FusionSummary(name or model.graph.name or "graph")
     outputs = {t.name for t in graph.outputs}
     rw = Rewrites()
