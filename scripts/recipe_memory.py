@@ -9,6 +9,7 @@ some recipes or modes keeps the others' rows) and the README block between the r
     python scripts/recipe_memory.py                      # every recipe, both modes (hours on 2 cores)
     python scripts/recipe_memory.py --modes ci           # the [ci] runs only (about 40 minutes)
     python scripts/recipe_memory.py --recipes sam_vit_h swinv2_l_coco --modes real
+    python scripts/recipe_memory.py --modes ci --quick   # fewer timed runs: the same peaks, sooner
 """
 
 from __future__ import annotations
@@ -36,10 +37,25 @@ MODES = ("ci", "real")
 LIMIT_S = 3600  # one command's wall-clock limit
 
 
-def measure(recipe: str, mode: str, root: Path) -> dict:
+QUICK = (1, 3)  # --quick: warm-up and timed runs of each engine (the default profile has 3 and 15)
+
+
+def quick_profile(root: Path) -> Path:
+    """The default engine profile with QUICK timing: the same sessions at once, so the same peak, in less time."""
+    text = (REPO / "engines" / "ort-cpu.toml").read_text()
+    text = re.sub(r"^warmup = \d+", f"warmup = {QUICK[0]}", text, flags=re.M)
+    text = re.sub(r"^runs = \d+", f"runs = {QUICK[1]}", text, flags=re.M)
+    path = root / "ort-cpu-quick.toml"
+    path.write_text(text)
+    return path
+
+
+def measure(recipe: str, mode: str, root: Path, engine: Path | None = None) -> dict:
     """One command under /usr/bin/time -v: `run` at the [ci] shape, `export` at the recipe's own size."""
     rec = load_recipe(recipe)
     sets = [a for s in rec.ci_overrides for a in ("--set", s)] if mode == "ci" else []
+    if engine is not None and mode == "ci":
+        sets += ["--engine", str(engine)]
     command = "run" if mode == "ci" else "export"
     out = root / f"{recipe}-{mode}"
     stats, log = root / "time.txt", root / f"{recipe}-{mode}.log"
@@ -73,12 +89,17 @@ def render(rows: list[dict], machine: dict) -> str:
         result = "ok" if r["exit"] == 0 else ("refused up front (exit 2)" if r.get("error") and r["exit"] == 2
                                               else f"exit {r['exit']}")
         est = f"{r['estimate_gb']:.1f} GB" if r.get("estimate_gb") else "—"
-        lines.append(f"| {r['recipe']} | {'run' if r['mode'] == 'ci' else 'export'} ({r['mode']}) | {r['input_size']} "
+        mark = "*" if r.get("quick") and r["mode"] == "ci" else ""
+        lines.append(f"| {r['recipe']}{mark} | {'run' if r['mode'] == 'ci' else 'export'} ({r['mode']}) | {r['input_size']} "
                      f"| {est} | {r['peak_gb']:.1f} GB | {r['seconds'] / 60:.1f} min | {result} |")
     lines += ["", f"Measured by `python scripts/recipe_memory.py` on {machine['cpus']} CPU cores with "
               f"{machine['memory_gb']:.0f} GB of memory, Python {machine['python']}; peak = /usr/bin/time's maximum "
               "resident set size; estimate = what hgdeploy said before the heavy work (a command whose estimate "
               "exceeds the machine's memory is refused with it)."]
+    if any(r.get("quick") for r in rows):
+        lines.append(f"Rows marked * timed each engine {QUICK[0]}+{QUICK[1]} runs (`--quick`) instead of the default "
+                     "profile's 3+15: the same sessions are held at once, so the same peak, but a shorter wall time "
+                     "than a default `run`.")
     return "\n".join(lines)
 
 
@@ -87,14 +108,18 @@ def main() -> int:
     parser.add_argument("--recipes", nargs="+", default=sorted(p.stem for p in (REPO / "export").glob("*.toml")))
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--no-readme", action="store_true", help="print the table, write nothing")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"time each engine {QUICK[0]}+{QUICK[1]} runs instead of the profile's 3+15 (the same "
+                             "peak: the sessions held at once do not change)")
     args = parser.parse_args()
     old = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"rows": []}
     rows = {(r["recipe"], r["mode"]): r for r in old["rows"]}
     root = Path(tempfile.mkdtemp(prefix="hgdeploy-recipe-memory-"))
+    engine = quick_profile(root) if args.quick else None
     try:
         for mode in args.modes:
             for recipe in args.recipes:
-                row = measure(recipe, mode, root)
+                row = measure(recipe, mode, root, engine) | {"quick": args.quick}
                 print(json.dumps({k: v for k, v in row.items() if k != "steps"}), flush=True)
                 rows[(recipe, mode)] = row
                 if not args.no_readme:  # each row kept as it comes: a long sweep stopped halfway keeps its rows

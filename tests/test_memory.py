@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -128,3 +129,14 @@ def test_an_export_keeps_no_weight_of_the_model_alive(tmp_path):
     del model
     gc.collect()
     assert weight() is None, "the exported model's weights are still referenced after the export"
+
+
+def test_a_command_started_by_a_big_process_reports_its_own_peak():
+    """getrusage's maxrss survives exec on Linux: a command started by a 600 MB process said its peak was 600 MB
+    (a pytest worker's 2.6 GB showed up as the export's peak). The peak is the program's own high-water mark."""
+    if not Path("/proc/self/status").exists():
+        pytest.skip("no /proc: the peak is getrusage's there")
+    block = np.ones(600 * 2**20 // 8)  # 600 MB, touched
+    code = "from hgdeploy.core.memory import peak_rss_mb; print(peak_rss_mb())"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert float(child.stdout) < 400, f"the child reported {child.stdout.strip()} MB beside a {block.nbytes >> 20} MB parent"

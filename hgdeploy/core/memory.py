@@ -48,9 +48,16 @@ def releases_memory(step: Callable[P, R]) -> Callable[P, R]:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+    """This process's peak resident memory so far: Linux's VmHWM, the high-water mark of this program's own
+    memory. getrusage's maxrss is not that: Linux carries it across exec, so a command started by a 2.6 GB
+    process (a pytest worker; Python spawns with vfork) reported a 2.6 GB peak of its own. Elsewhere maxrss
+    (macOS reports bytes)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
+    except (OSError, StopIteration, ValueError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
 
 def rss_mb() -> float:
