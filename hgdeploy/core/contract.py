@@ -197,17 +197,18 @@ def save_onnx(model: onnx.ModelProto, path: Path, weights_dir: Path | None = Non
     never holds its 2.4 GB in memory.
     """
     path, data = Path(path), external_data_file(path)
-    on_disk = []
+    on_disk, big = [], []  # weights still in a file; large tensors in memory (a pass made them)
     for tensor in all_tensors(model.graph):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             if any(entry.key == "location" for entry in tensor.external_data):
                 on_disk.append(tensor)
-            else:  # graph-surgeon re-made it from values a pass read, and kept the old data_location
-                tensor.data_location = onnx.TensorProto.DEFAULT
+                continue
+            tensor.data_location = onnx.TensorProto.DEFAULT  # graph-surgeon re-made it from values a pass read
+        if len(tensor.raw_data) >= EXTERNAL_MIN_BYTES:
+            big.append(tensor)
     external = bool(on_disk) or tensor_bytes(model) > INLINE_LIMIT_BYTES
     with staged_file(path) as tmp:
         if on_disk:
-            big = [t for t in all_tensors(model.graph) if len(t.raw_data) >= EXTERNAL_MIN_BYTES]  # made by a pass
             copy_external_data(on_disk, Path(weights_dir or path.parent), tmp.with_name(data.name), big)
             tmp.write_bytes(model.SerializeToString())
         elif external:
@@ -229,21 +230,23 @@ def copy_external_data(tensors: list[onnx.TensorProto], source_dir: Path, data: 
     """Copy each tensor's external bytes (its `location` under `source_dir`) into the file `data`, a chunk at a
     time, and point the tensor there; move the `inline` tensors' raw bytes there too. onnx has no such copy: its
     savers read every tensor into memory first."""
+    def start(tensor: onnx.TensorProto, length: int) -> None:  # the tensor's bytes go next, page-aligned
+        out.write(b"\0" * (-out.tell() % EXTERNAL_ALIGN))
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        del tensor.external_data[:]
+        for key, value in (("location", data.name), ("offset", str(out.tell())), ("length", str(length))):
+            tensor.external_data.add(key=key, value=value)
+
     with open(data, "wb") as out:
         for tensor in inline:
-            out.write(b"\0" * (-out.tell() % EXTERNAL_ALIGN))
-            offset, length = out.tell(), len(tensor.raw_data)
+            start(tensor, len(tensor.raw_data))
             out.write(tensor.raw_data)
             tensor.ClearField("raw_data")
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(length))):
-                tensor.external_data.add(key=key, value=value)
         for tensor in tensors:
             info = {entry.key: entry.value for entry in tensor.external_data}
             length = int(info["length"]) if "length" in info else (
                 math.prod(tensor.dims) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize)
-            out.write(b"\0" * (-out.tell() % EXTERNAL_ALIGN))
-            offset = out.tell()
+            start(tensor, length)
             with open(source_dir / info["location"], "rb") as src:
                 src.seek(int(info.get("offset", 0)))
                 left = length
@@ -253,9 +256,6 @@ def copy_external_data(tensors: list[onnx.TensorProto], source_dir: Path, data: 
                         raise ExportError(f"{info['location']} ends before the weights of {tensor.name}")
                     out.write(chunk)
                     left -= len(chunk)
-            del tensor.external_data[:]
-            for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(length))):
-                tensor.external_data.add(key=key, value=value)
 
 
 def external_data_file(path: Path) -> Path:

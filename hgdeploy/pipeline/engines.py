@@ -39,7 +39,7 @@ EVERY_GRAPH = ("baseline", "patched", "patched_unoptimized")
 def in_pairs(folder: ExportFolder, engine: EngineProfile) -> bool:
     """Graphs over LEAN_GRAPH_BYTES on the CPU are timed two at a time: each ONNX Runtime session holds about 1.5x
     its weights and a run adds its activations (SwinV2-L at 544 px: 1.4 GB a session, 3.9 GB a run), so a third
-    session (three in all) took `hgdeploy run swinv2_l_coco` at its [ci] shape to 9.5 GB. `run` and `bench` then time
+    session took `hgdeploy run swinv2_l_coco` at its [ci] shape to 9.5 GB. `run` and `bench` then time
     baseline and patched; `optimize`, whose question is the passes and which holds no PyTorch model, all three."""
     return not engine.on_gpu and graph_bytes(folder.graphs["patched"]) >= LEAN_GRAPH_BYTES
 
