@@ -14,11 +14,10 @@ from hgdeploy.measure.checks import (
     fidelity,
     heatmap_iou,
     heatmap_metrics,
-    outputs_of,
     parity,
     per_image,
-    run_all,
     segmentation_metrics,
+    stream_all,
     token_cosine,
 )
 from hgdeploy.measure.flops import count_gflops
@@ -131,22 +130,34 @@ def test_per_image_splits_batches_and_drops_the_images_that_fill_the_last_one():
     np.testing.assert_array_equal(np.concatenate([i["y"] for i in images]), np.arange(9.0).reshape(3, 3))
 
 
-def _sqrt_runner():
+def _sqrt_runner(name: str):
     from onnx import TensorProto, helper
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
     graph = helper.make_graph([helper.make_node("Sqrt", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    return OnnxrtRunner(SessionFromOnnx(model.SerializeToString(), providers=["CPUExecutionProvider"]), name="sqrt")
+    return OnnxrtRunner(SessionFromOnnx(model.SerializeToString(), providers=["CPUExecutionProvider"]), name=name)
 
 
-def test_run_all_returns_finite_outputs_and_refuses_nan():
-    results = run_all([_sqrt_runner()], [{"x": np.array([4.0, 9.0], np.float32)}])
-    np.testing.assert_array_equal(outputs_of(results, "sqrt")[0]["y"], [2.0, 3.0])
-    with pytest.raises(ArithmeticError, match="NaN or Inf"):
-        run_all([_sqrt_runner()], [{"x": np.array([4.0, -1.0], np.float32)}])  # sqrt(-1): NaN
+def test_stream_all_yields_one_image_at_a_time_and_refuses_nan():
+    fed = []
+
+    def feeds():  # batches of 2; the last is filled up with image 1, which must not count twice
+        for batch in (np.arange(6.0).reshape(2, 3), np.array([[6.0, 7.0, 8.0], [0.0, 1.0, 2.0]])):
+            fed.append(batch)
+            yield {"x": (batch ** 2).astype(np.float32)}
+
+    stream = stream_all([_sqrt_runner("a"), _sqrt_runner("b")], feeds(), 3)
+    first = next(stream)
+    assert len(fed) == 1, "the second batch ran before the first image was read"
+    images = [first, *stream]
+    assert len(images) == 3 and all(set(i) == {"a", "b"} and i["b"]["y"].shape == (1, 3) for i in images)
+    for runner in ("a", "b"):
+        np.testing.assert_allclose(np.concatenate([i[runner]["y"] for i in images]), np.arange(9.0).reshape(3, 3))
+    with pytest.raises(ArithmeticError, match="a produced NaN or Inf in y"):
+        list(stream_all([_sqrt_runner("a")], [{"x": np.full((2, 3), -1.0, np.float32)}], 2))  # sqrt(-1): NaN
 
 
 class _Attn(nn.Module):

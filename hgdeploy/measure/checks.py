@@ -1,16 +1,17 @@
 """Parity (engine vs PyTorch) and fidelity (patched vs unpatched PyTorch) on the same inputs.
 
-Polygraphy's Comparator feeds every runner the same inputs and checks for NaN/Inf; the metrics
-(cosine, max abs error, heatmap IoU) are ours because Polygraphy has no cosine or IoU.
+Every runner is a Polygraphy runner fed the same inputs; they are streamed image by image here rather than
+through Polygraphy's Comparator, which holds every output of every runner until the end. The metrics (cosine,
+max abs error, heatmap IoU) are ours because Polygraphy has no cosine or IoU.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from contextlib import ExitStack
+from typing import Iterable, Iterator
 
 import numpy as np
-from polygraphy.comparator import Comparator, RunResults
 
 from hgdeploy.core.files import JsonObject
 
@@ -46,16 +47,33 @@ def heatmap_iou(a: np.ndarray, b: np.ndarray, threshold: float = HEATMAP_THRESHO
     return 1.0 if union == 0 else float(np.logical_and(ma, mb).sum() / union)
 
 
-def run_all(runners: list, feeds: Iterable[dict[str, np.ndarray]]) -> RunResults:
-    """Feed the same inputs to every runner (Polygraphy Comparator) and reject NaN/Inf outputs."""
-    results = Comparator.run(runners, data_loader=list(feeds))
-    if not Comparator.validate(results, check_inf=True, check_nan=True):
-        raise ArithmeticError("a runner produced NaN or Inf outputs; see the log above")
-    return results
+def stream_all(runners: list, feeds: Iterable[dict[str, np.ndarray]],
+               count: int) -> Iterator[dict[str, dict[str, np.ndarray]]]:
+    """Feed the same inputs to every runner, all active at once, and yield one image at a time (runner name ->
+    its outputs, each array with a batch axis of 1), the first `count` images; NaN/Inf outputs are refused.
 
-
-def outputs_of(results: RunResults, runner_name: str) -> list[dict[str, np.ndarray]]:
-    return [dict(it.items()) for it in results[runner_name]]
+    Polygraphy's Comparator.run keeps every output of every runner until the end: three runners' outputs of
+    all the photos of a big model (SwinV2-L's feature maps) held together. Here an image's outputs are dropped
+    once its caller has read them, so parity and fidelity hold one image's outputs at a time.
+    """
+    with ExitStack() as stack:
+        for runner in runners:
+            stack.enter_context(runner)
+        seen = 0
+        for feed in feeds:
+            outputs = {}
+            for runner in runners:
+                out = {name: np.array(array) for name, array in runner.infer(feed).items()}
+                bad = [name for name, array in out.items() if not np.all(np.isfinite(array))]
+                if bad:
+                    raise ArithmeticError(f"{runner.name} produced NaN or Inf in {', '.join(bad)}")
+                outputs[runner.name] = out
+            images = {name: per_image([out], count - seen) for name, out in outputs.items()}
+            for image in zip(*images.values()):
+                yield dict(zip(images, image))
+                seen += 1
+            if seen == count:
+                return
 
 
 def per_image(outputs: list[dict[str, np.ndarray]], count: int) -> list[dict[str, np.ndarray]]:
@@ -99,29 +117,45 @@ class Parity:
         return out | {k: v for k, v in extra.items() if v is not None}
 
 
-def parity(engine: list[dict[str, np.ndarray]], reference: list[dict[str, np.ndarray]],
-           cosine_min: float, max_abs: float, per_output_max_abs: dict[str, float] | None = None,
-           max_abs_rel: float = 0.0) -> Parity:
-    """Worst cosine and largest abs error over all outputs and inputs, passed against the thresholds.
+ParityTerms = dict[str, tuple[float, float, float]]
+
+
+def parity_terms(engine: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> ParityTerms:
+    """One image's cosine, largest abs error and scale (largest |reference|) per output: what parity keeps of it."""
+    return {name: (cosine(engine[name], ref), float(np.max(np.abs(engine[name].astype(np.float64) - ref))),
+                   float(np.max(np.abs(ref)))) for name, ref in reference.items()}
+
+
+def parity_of(terms: list[ParityTerms], cosine_min: float, max_abs: float,
+              per_output_max_abs: dict[str, float] | None = None, max_abs_rel: float = 0.0) -> Parity:
+    """Worst cosine and largest abs error over all outputs and images, passed against the thresholds.
 
     An output's abs-error bound is its own entry in per_output_max_abs (else max_abs) plus max_abs_rel times
-    its scale, the largest |reference| over the inputs: an fp16 engine's error grows with the output's
+    its scale, the largest |reference| over the images: an fp16 engine's error grows with the output's
     magnitude (DINOv2 tokens of |x| ~ 10, a heatmap in [0, 1], Segmenter's logits), and one profile must fit
     every model, whose outputs it cannot name.
     """
     bounds = per_output_max_abs or {}
     per_output: dict[str, dict[str, float]] = {}
     passed = True
-    for name in reference[0]:
-        cos = min(cosine(e[name], r[name]) for e, r in zip(engine, reference))
-        err = max(float(np.max(np.abs(e[name].astype(np.float64) - r[name]))) for e, r in zip(engine, reference))
-        scale = max(float(np.max(np.abs(r[name]))) for r in reference)
+    for name in terms[0]:
+        cos = min(t[name][0] for t in terms)
+        err = max(t[name][1] for t in terms)
+        scale = max(t[name][2] for t in terms)
         bound = bounds.get(name, max_abs) + max_abs_rel * scale
         per_output[name] = {"cosine_min": cos, "max_abs": err, "scale": scale, "max_abs_threshold": bound}
         passed = passed and cos >= cosine_min and err <= bound
     cmin = min(v["cosine_min"] for v in per_output.values())
     amax = max(v["max_abs"] for v in per_output.values())
     return Parity(cmin, amax, passed, cosine_min, max_abs, per_output, max_abs_rel)
+
+
+def parity(engine: list[dict[str, np.ndarray]], reference: list[dict[str, np.ndarray]],
+           cosine_min: float, max_abs: float, per_output_max_abs: dict[str, float] | None = None,
+           max_abs_rel: float = 0.0) -> Parity:
+    """parity_of over lists of outputs held together (tests, small runs)."""
+    return parity_of([parity_terms(e, r) for e, r in zip(engine, reference)], cosine_min, max_abs,
+                     per_output_max_abs, max_abs_rel)
 
 
 def _f64(a: np.ndarray) -> np.ndarray:
@@ -172,21 +206,23 @@ METRICS = {"tokens": tokens_metrics, "heatmap": heatmap_metrics, "segmentation":
 LOWER_IS_BETTER = ("_mae", "_error")
 
 
-def fidelity(patched: list[dict[str, np.ndarray]], baseline: list[dict[str, np.ndarray]],
-             kinds: dict[str, str], names: list[str]) -> JsonObject:
-    """Patched vs unpatched outputs per image, with the metrics of each output's kind.
+FidelityRow = dict[str, str | float | None]
 
-    The summary has the mean of every metric ("cosine" -> cosine_mean, others by their own name, as
-    the reports have always used) and the worst image ("_min", or "_max" where lower is better), over
-    the images where the metric is defined; "<metric>_undefined" counts the others.
-    """
-    per_image: list[dict[str, str | float | None]] = []
-    for name, p, b in zip(names, patched, baseline):
-        row: dict[str, str | float | None] = {"image": name}
-        for out, kind in kinds.items():
-            for metric, value in METRICS[kind](p[out], b[out]).items():
-                row.setdefault(metric, value)  # the first output of a kind names the metric
-        per_image.append(row)
+
+def fidelity_row(name: str, patched: dict[str, np.ndarray], baseline: dict[str, np.ndarray],
+                 kinds: dict[str, str]) -> FidelityRow:
+    """One image's metrics, patched vs unpatched, by each output's kind (the first output of a kind names it)."""
+    row: FidelityRow = {"image": name}
+    for out, kind in kinds.items():
+        for metric, value in METRICS[kind](patched[out], baseline[out]).items():
+            row.setdefault(metric, value)
+    return row
+
+
+def fidelity_of(per_image: list[FidelityRow]) -> JsonObject:
+    """The summary of the per-image rows: the mean of every metric ("cosine" -> cosine_mean, others by their own
+    name, as the reports have always used) and the worst image ("_min", or "_max" where lower is better), over
+    the images where the metric is defined; "<metric>_undefined" counts the others."""
     summary: JsonObject = {"images": len(per_image)}
     metrics = [k for k in (per_image[0] if per_image else {}) if k != "image"]
     for metric in metrics:
@@ -201,3 +237,9 @@ def fidelity(patched: list[dict[str, np.ndarray]], baseline: list[dict[str, np.n
             summary[f"{metric}_undefined"] = len(per_image) - len(values)
     summary["per_image"] = per_image
     return summary
+
+
+def fidelity(patched: list[dict[str, np.ndarray]], baseline: list[dict[str, np.ndarray]],
+             kinds: dict[str, str], names: list[str]) -> JsonObject:
+    """fidelity_of over lists of outputs held together (tune's scoring, tests)."""
+    return fidelity_of([fidelity_row(n, p, b, kinds) for n, p, b in zip(names, patched, baseline)])

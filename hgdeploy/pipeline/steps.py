@@ -15,7 +15,7 @@ from hgdeploy.core.contract import INPUT_NAME
 from hgdeploy.core.files import JsonObject
 from hgdeploy.core.memory import STEPS, Need, estimate_memory, peak_rss_mb
 from hgdeploy.graph.folder import ExportFolder
-from hgdeploy.measure.checks import fidelity, outputs_of, parity, per_image, run_all
+from hgdeploy.measure.checks import fidelity_of, fidelity_row, parity_of, parity_terms, stream_all
 from hgdeploy.measure.activations import activation_bytes
 from hgdeploy.measure.flops import count_gflops_fast
 from hgdeploy.measure.results import Report
@@ -50,13 +50,16 @@ def check(ctx: Context, folder: ExportFolder) -> Report:
     runners = [torch_side["torch_patched"], make_runner(graph, ctx.engine), torch_side["torch_baseline"]]
     feeds = ctx.feeds()
     batches = f" in {len(feeds)} batches of {ctx.recipe.batch}" if ctx.recipe.batch > 1 else ""
+    e, outputs, names = ctx.engine, ctx.models.family.outputs, [p.name for p in ctx.photos]
+    terms, rows = [], []
     with progress.step(f"Running {len(ctx.photos)} images{batches} through PyTorch (baseline, patched) and the "
                        f"{ctx.engine.name} engine"):
-        results = run_all(runners, feeds)
-    torch_patched, engine, torch_base = (per_image(outputs_of(results, r.name), len(ctx.photos)) for r in runners)
-    e, outputs = ctx.engine, ctx.models.family.outputs
-    par = parity(engine, torch_patched, e.cosine_min, e.max_abs, e.max_abs_bounds(outputs), e.max_abs_rel)
-    fid = fidelity(torch_patched, torch_base, dict(outputs), [p.name for p in ctx.photos])
+        for name, image in zip(names, stream_all(runners, feeds, len(ctx.photos))):
+            patched = image[runners[0].name]
+            terms.append(parity_terms(image[runners[1].name], patched))
+            rows.append(fidelity_row(name, patched, image[runners[2].name], dict(outputs)))
+    par = parity_of(terms, e.cosine_min, e.max_abs, e.max_abs_bounds(outputs), e.max_abs_rel)
+    fid = fidelity_of(rows)
     if not ctx.pretrained:
         fid["structure_check_only"] = STRUCTURE_ONLY
     device = "gpu" if torch_side["torch_patched"].on_cuda else "cpu"
