@@ -241,15 +241,12 @@ def test_bad_checkpoints_give_one_line_errors_naming_the_problem(family: Family,
             assert f"has shape {(shape[0] + 1, *shape[1:])}, the model expects {shape}" in message, message
 
 
-# The real architectures at their [ci] shapes: two stay in the default suite (a plain ViT and Segmenter's, ~35 s on
-# 2 cores); the others take 12 minutes and 12 GB together (SwinV2-L, SAM ViT-H and Mask2Former's Swin-L alone 5 min),
-# which the default suite cannot afford (<= 10 min, <= 8 GB). `python -m pytest -m recipes` runs them all; every
-# family's structure is checked in the default suite on its tiny model above.
-IN_DEFAULT_SUITE = {"timm_vit_b16", "segmenter_vit_b16_ade20k"}
-
-
-@pytest.mark.parametrize("recipe", [r if r in IN_DEFAULT_SUITE else pytest.param(r, marks=pytest.mark.recipes)
-                                    for r in RECIPES])
+# The real architectures at their [ci] shapes take 12 minutes and 12 GB together (SwinV2-L, SAM ViT-H and
+# Mask2Former's Swin-L alone 5 min; even the plain ViT-B and Segmenter's ViT-B ~37 s), which the default suite
+# cannot afford (<= 10 min, <= 8 GB): `python -m pytest -m recipes` runs them all. Every family's structure is
+# checked in the default suite on its tiny model above, and the real default ViT end to end by test_cli.py.
+@pytest.mark.recipes
+@pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_exports_and_matches_onnxruntime_at_its_ci_shape(recipe: str, tmp_path: Path):
     rec = load_recipe(recipe)
     rec = load_recipe(recipe, rec.ci_overrides)
