@@ -36,7 +36,7 @@ PUBLIC = {
     "count_gflops_fast": "hgdeploy.measure.flops",
     "load_photos": "hgdeploy.measure.images", "sample_photos": "hgdeploy.measure.images",
     "to_batch": "hgdeploy.measure.images",
-    "speedup_interval": "hgdeploy.measure.timing",
+    "speedup_interval": "hgdeploy.measure.timing", "MIN_ROUNDS": "hgdeploy.measure.timing",
     "speed_band": "hgdeploy.measure.report", "ci_text": "hgdeploy.measure.report",
     "reliability": "hgdeploy.measure.report",
     "load_context": "hgdeploy.pipeline.context",

