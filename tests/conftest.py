@@ -67,6 +67,20 @@ def tiny_export(tmp_path_factory) -> Path:
     return out
 
 
+# TINY_TIMM with a dynamic batch axis (model.batch = "dynamic"), exported once by `dynamic_export`.
+DYNAMIC = [*TINY_TIMM, "--set", "model.batch=dynamic"]
+
+
+@pytest.fixture(scope="session")
+def dynamic_export(tmp_path_factory) -> Path:
+    """DYNAMIC exported once for the default profile, for the tests of what a dynamic batch axis becomes (the
+    graphs at several batches, Triton's dynamic batcher). Read it; do not write into it."""
+    out = tmp_path_factory.mktemp("dynamic") / "out"
+    done = hgdeploy_main("export", *DYNAMIC, "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    return out
+
+
 @pytest.fixture(scope="session")
 def two_photos(tmp_path_factory) -> Path:
     """A folder with two of the bundled sample photos as JPEG files, the way users bring theirs."""

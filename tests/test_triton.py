@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import TINY_TIMM, hgdeploy_main
+from conftest import DYNAMIC, TINY_TIMM, hgdeploy_main
 from google.protobuf import text_format
 from onnx import TensorProto, helper
 
@@ -252,17 +252,14 @@ def run_graph(path: Path, x: np.ndarray) -> list[np.ndarray]:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": x})
 
 
-def test_a_dynamic_batch_export_is_served_with_the_dynamic_batcher(tmp_path, schema):
+def test_a_dynamic_batch_export_is_served_with_the_dynamic_batcher(dynamic_export, tmp_path, schema):
     """model.batch = "dynamic" (a first axis named batch): Triton owns that axis (max_batch_size = --max-batch,
     dims without it, the dynamic batcher), and the served model takes a batch of 3 as the export does."""
-    sets = ["model.batch=dynamic"]
-    recipe = [*TINY_TIMM, *(a for s in sets for a in ("--set", s))]
-    assert hgdeploy_main("export", *recipe, "--out", str(tmp_path / "export")).returncode == 0
-    done = hgdeploy_main("triton", *recipe, "--out", str(tmp_path / "export"), "--repo", str(tmp_path / "repo"),
+    done = hgdeploy_main("triton", *DYNAMIC, "--out", str(dynamic_export), "--repo", str(tmp_path / "repo"),
                          "--max-batch", "4")
     assert done.returncode == 0, done.stderr
     x = np.random.default_rng(0).standard_normal((3, 3, 64, 64)).astype(np.float32)
-    for role, graph in engine_graphs(tmp_path / "export", "ort-cpu", *sets).items():
+    for role, graph in engine_graphs(dynamic_export, "ort-cpu", "model.batch=dynamic").items():
         model = tmp_path / "repo" / f"timm_vit_b16_{role}"
         config = parse((model / "config.pbtxt").read_text(), schema)
         assert config.max_batch_size == 4 and config.HasField("dynamic_batching")
