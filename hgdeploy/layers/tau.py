@@ -23,6 +23,13 @@ def sharpness(distances: Tensor, tau: float) -> float:
 TAU_SHARPNESS = 0.6
 
 
+# A token on its initial centre (a flat cell) has distance 0, which float32 computes as |z|^2 + |c|^2 - 2 z.c:
+# rounding leaves up to ~1e-7 of the tokens' squared norm, positive or not, depending on the CPU's summation
+# order (a test of three flat cells passed on one machine and took that noise as its scale on another). Distances
+# below this share of the mean squared norm are taken as 0.
+ON_CENTRE = 1e-5
+
+
 def calibrate_tau(layer: TokenClustering, z: Tensor, target: float = TAU_SHARPNESS) -> float:
     """The temperature at which `layer`'s first soft assignment of the tokens `z` has mean largest weight
     `target`. Sharpness falls monotonically as tau grows, so a bisection on log(tau) finds it; the scale
@@ -30,7 +37,8 @@ def calibrate_tau(layer: TokenClustering, z: Tensor, target: float = TAU_SHARPNE
     with torch.no_grad():
         d = layer.initial_distances(z)
         nearest = d.amin(-1)
-        scale = float(nearest[nearest > 0].median()) if bool((nearest > 0).any()) else 1.0
+        off = nearest > ON_CENTRE * float((z.double() ** 2).sum(-1).mean())
+        scale = float(nearest[off].median()) if bool(off.any()) else 1.0
         lo, hi = math.log(scale * 1e-6), math.log(scale * 1e6)
         for _ in range(40):
             mid = (lo + hi) / 2
