@@ -102,7 +102,7 @@ def test_parse_batches():
 
 
 def test_bench_times_each_batch_and_writes_rows_and_plot(tmp_path):
-    done = hgdeploy_main("bench", *TINY_TIMM, "--batch", "1,3", "--out", str(tmp_path / "bench"))
+    done = hgdeploy_main("bench", *TINY_TIMM, "--batch", "1,3", "--torch", "--out", str(tmp_path / "bench"))
     assert done.returncode == 0, done.stderr
     assert "baseline img/s" in done.stdout and "largest speed-up:" in done.stdout
     rows = json.loads((tmp_path / "bench" / "batch.json").read_text())["batches"]
@@ -111,6 +111,7 @@ def test_bench_times_each_batch_and_writes_rows_and_plot(tmp_path):
         for key in ("baseline", "patched"):
             assert r["images_per_s"][key] == pytest.approx(r["batch"] * 1000 / r["latency_ms"][key])
         assert r["speedup"] == pytest.approx(r["latency_ms"]["baseline"] / r["latency_ms"]["patched"])
+        assert r["speedup_torch"] == pytest.approx(r["latency_ms"]["torch_baseline"] / r["latency_ms"]["torch_patched"])
     assert (tmp_path / "bench" / "batch.png").read_bytes()[:4] == b"\x89PNG"
 
 
