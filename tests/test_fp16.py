@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -210,13 +211,23 @@ def test_a_gpu_profile_says_in_one_line_that_there_is_no_gpu(fp16_export, comman
 
 
 @pytest.fixture(scope="module")
-def fused_export(tmp_path_factory) -> tuple[Path, dict]:
-    """`hgdeploy export --engine ort-cuda-fp16`: the fused twins ONNX Runtime profiles run, and the report."""
+def fused_export(tmp_path_factory, small_export) -> tuple[Path, dict]:
+    """The fused twins ONNX Runtime's GPU profile (ort-cuda-fp16) runs, and what the export reports of them: made
+    from conftest's export for the GPU (the same plan, the same fp32 graphs) by the function the export road calls
+    for them (graph.deploy.write_twins), in a folder of their own without the plain fp16 twins. The road itself with
+    a fused fp16 profile is run by test_gpu_report.py's smoke run."""
+    from hgdeploy.backends import load_profile
+    from hgdeploy.graph.deploy import write_twins
+    from hgdeploy.graph.folder import ExportFolder
+    from hgdeploy.measure.results import Report
+
     out = tmp_path_factory.mktemp("fused") / "out"
-    done = hgdeploy("export", *[a for s in SMALL_EXPORT for a in ("--set", s)], "--engine", "ort-cuda-fp16",
-                    "--out", str(out), "--json")
-    assert done.returncode == 0, done.stderr
-    return out, json.loads(done.stdout)
+    out.mkdir()
+    for name in ("baseline.onnx", "patched.onnx", "patched.opt.onnx"):
+        shutil.copy2(small_export / name, out / name)
+    folder, twins = write_twins(ExportFolder.scan(out), load_profile("ort-cuda-fp16"))
+    folder.write_manifest()
+    return out, Report(fusion=twins.fusion, fp16=twins.fp16).to_json()
 
 
 def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
