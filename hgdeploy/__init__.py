@@ -54,7 +54,7 @@ PUBLIC = {
     "write_saliency": "hgdeploy.evaluation.samples",
     "KIND_LABELS": "hgdeploy.tune.report", "plan_text": "hgdeploy.tune.report", "wins": "hgdeploy.tune.select",
     "Ledger": "hgdeploy.tune.ledger",
-    "quiet_libraries": "hgdeploy.cli.main",
+    "quiet_libraries": "hgdeploy.core.progress",
 }
 
 __all__ = ["ROOMS", *sorted(PUBLIC)]

@@ -140,3 +140,63 @@ def test_a_command_started_by_a_big_process_reports_its_own_peak():
     code = "from hgdeploy.core.memory import peak_rss_mb; print(peak_rss_mb())"
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert float(child.stdout) < 400, f"the child reported {child.stdout.strip()} MB beside a {block.nbytes >> 20} MB parent"
+
+
+def _run_in_process(out: Path, fresh: bool, monkeypatch) -> dict:
+    from hgdeploy.backends import load_profile
+    from hgdeploy.core.process import CHILD_PEAKS
+    from hgdeploy.core.recipe import load_recipe
+    from hgdeploy.measure.images import sample_photos
+    from hgdeploy.pipeline import commands
+
+    CHILD_PEAKS.clear()
+    monkeypatch.setattr(commands, "FRESH_PROCESS_BYTES", 0 if fresh else 1 << 60)
+    recipe = load_recipe(TINY_TIMM[0], TINY_TIMM[2::2])
+    report = commands.run(recipe, load_profile(), sample_photos()[:2], out).to_json()
+    CHILD_PEAKS.clear()
+    return report
+
+
+def test_a_big_models_run_exports_and_checks_in_processes_of_their_own_with_the_same_results(tmp_path, monkeypatch):
+    """Above FRESH_PROCESS_BYTES `run` exports and checks in fresh processes (an export's leftover heap would
+    come on top of every later step): the report names both processes with their peaks, the command's peak
+    counts what this process held meanwhile, and the graphs, parity and fidelity are those of a run in one process
+    (the children load the same seeded weights and calibrate the same tau)."""
+    import onnx
+
+    alone = _run_in_process(tmp_path / "fresh", True, monkeypatch)
+    together = _run_in_process(tmp_path / "one", False, monkeypatch)
+    processes = alone["memory"]["processes"]
+    assert [p["step"] for p in processes] == ["export", "check"], processes
+    assert all(0 < p["peak_gb"] < p["with_the_command_gb"] <= alone["memory"]["peak_gb"] for p in processes)
+    steps = [s["step"] for s in alone["memory"]["steps"]]
+    assert any(s.startswith("Exporting patched.onnx") for s in steps) and any(s.startswith("Running 2 images") for s in steps)
+    assert "processes" not in together["memory"]
+    for name in ("baseline.onnx", "patched.opt.onnx", "patched.fused.onnx"):
+        a, b = (onnx.load(str(tmp_path / run / name)) for run in ("fresh", "one"))
+        assert [(t.name, t.raw_data) for t in a.graph.initializer] == [(t.name, t.raw_data) for t in b.graph.initializer]
+    assert alone["fidelity"]["per_image"] == together["fidelity"]["per_image"]
+    assert alone["parity"]["per_output"] == together["parity"]["per_output"] and alone["parity"]["passed"]
+    assert alone["gflops"] == together["gflops"] and alone["plan"] == together["plan"]
+
+
+def test_a_step_in_its_own_process_raises_its_error_here_and_a_killed_one_is_named():
+    from hgdeploy.core.process import CHILD_PEAKS, in_fresh_process
+
+    with pytest.raises(UserError, match="no such recipe"):
+        in_fresh_process("export", _fails_as_a_user_error)
+    with pytest.raises(RuntimeError, match="the check step's process ended without a result: killed"):
+        in_fresh_process("check", _killed)
+    assert in_fresh_process("flops", divmod, 7, 2) == (3, 1)
+    assert [c.step for c in CHILD_PEAKS[-2:]] == ["export", "flops"]
+    CHILD_PEAKS.clear()
+
+
+def _fails_as_a_user_error() -> None:
+    raise UserError("no such recipe: it is only a test")
+
+
+def _killed() -> None:
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)

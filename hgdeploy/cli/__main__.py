@@ -4,4 +4,5 @@ import sys
 
 from hgdeploy.cli.main import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not again in the processes a command starts (multiprocessing's spawn)
+    sys.exit(main())

@@ -10,16 +10,7 @@ from __future__ import annotations
 from hgdeploy.cli.commands import COMMANDS
 from hgdeploy.cli.parser import build_parser
 from hgdeploy.core.errors import EXIT_USAGE, exit_code
-
-
-def quiet_libraries() -> None:
-    """Polygraphy and graph-surgeon log to stdout at INFO/WARNING; the CLI shows its own progress
-    on stderr and keeps stdout for results. (ONNX Runtime is quieted where its sessions are made.)"""
-    from onnx_graphsurgeon.logger import G_LOGGER as GS_LOGGER
-    from polygraphy.logger import G_LOGGER
-
-    G_LOGGER.module_severity = G_LOGGER.ERROR
-    GS_LOGGER.severity = GS_LOGGER.ERROR
+from hgdeploy.core.progress import quiet_libraries
 
 
 def main(argv: list[str] | None = None) -> int:

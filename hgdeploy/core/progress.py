@@ -53,3 +53,14 @@ def step(description: str, total: int | None = None) -> Iterator:
 def info(message: str, markup: bool = True) -> None:
     """A line on stderr; markup=False for text with brackets of its own ("[3/8]", "[cluster]")."""
     console.print(message, markup=markup)
+
+
+def quiet_libraries() -> None:
+    """Polygraphy and graph-surgeon log to stdout at INFO/WARNING; the CLI (and every process a command starts)
+    shows its own progress on stderr and keeps stdout for results. (ONNX Runtime is quieted where its sessions
+    are made.)"""
+    from onnx_graphsurgeon.logger import G_LOGGER as GS_LOGGER
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.ERROR
+    GS_LOGGER.severity = GS_LOGGER.ERROR

@@ -10,8 +10,10 @@ import tempfile
 from pathlib import Path
 
 from hgdeploy.backends import EngineProfile, load_profile
+from hgdeploy.backends.onnxrt import LEAN_GRAPH_BYTES
 from hgdeploy.core.contract import INPUT_NAME
 from hgdeploy.core.memory import release_memory
+from hgdeploy.core.process import in_fresh_process
 from hgdeploy.core.files import JsonObject, staged_output, to_json, write_atomic, write_atomic_bytes
 from hgdeploy.core.recipe import Recipe
 from hgdeploy.graph.folder import ExportFolder, runs_twins
@@ -23,27 +25,60 @@ from hgdeploy.pipeline.context import load_context
 from hgdeploy.pipeline.road import write_deployable
 from hgdeploy.pipeline import engines, steps
 
+# Weights from which `run` exports and checks in processes of their own (core.process): the graphs and sessions of
+# such a model are large enough that the heap an export leaves behind (2-2.7 GB for SwinV2-L) would come on top of
+# every later step. The same line as the lean ONNX Runtime sessions (backends.onnxrt.LEAN_GRAPH_BYTES): both mark
+# the models whose sessions and graphs count in GB. A small model loads in seconds; loading it twice more would
+# cost more than it saves.
+FRESH_PROCESS_BYTES = LEAN_GRAPH_BYTES
+
 
 def run(recipe: Recipe, engine: EngineProfile, photos: list[Photo], out: Path,
         budget: QualityBudget | None = None) -> Report:
     """`hgdeploy run`: export, passes, check, FLOPs and bench into one output folder (staged: it appears whole);
-    with a `budget`, the fidelity held against it (report.json's quality, beside the speed in the verdict)."""
+    with a `budget`, the fidelity held against it (report.json's quality, beside the speed in the verdict).
+    A big model (weights of FRESH_PROCESS_BYTES or more) is exported and checked each in a process of its own."""
     ctx = load_context(recipe, engine, photos)
     estimate = steps.plan_memory(ctx, "run", ("export", "passes", "check", "latency"), torch_models=False)
     info = ctx.describe()
     report = info | Report(backend=steps.backend_info(ctx), images=[p.name for p in photos])
+    fresh = steps.memory_need(ctx).weights >= FRESH_PROCESS_BYTES
+    recorded_info = info.to_json() | recorded(estimate)
     with staged_output(out) as stage:
-        folder, written = write_deployable(ctx.models, ctx.example, engine, stage, info.to_json() | recorded(estimate),
-                                           dynamic_batch=recipe.dynamic_batch)
-        report = report | written | steps.check(ctx, folder) | steps.flops(ctx)
+        if fresh:
+            counted = steps.flops(ctx)
+            feed = {INPUT_NAME: ctx.example.numpy()}
+            del ctx  # this process holds no model while the others export and check
+            release_memory()
+            folder, written = in_fresh_process("export", exported_for_run, recipe, engine, photos, stage,
+                                               recorded_info)
+            report = report | written | in_fresh_process("check", checked_export, recipe, engine, photos, folder)
+            report = report | counted
+        else:
+            folder, written = write_deployable(ctx.models, ctx.example, engine, stage, recorded_info,
+                                               dynamic_batch=recipe.dynamic_batch)
+            report = report | written | steps.check(ctx, folder) | steps.flops(ctx)
+            feed = {INPUT_NAME: ctx.example.numpy()}
+            del ctx  # the PyTorch models are not timed here: their memory goes before the engines' sessions
+            release_memory()
         report = report | judged(report, budget)
-        feed = {INPUT_NAME: ctx.example.numpy()}
-        del ctx  # the PyTorch models are not timed here: their memory goes before the engines' sessions
-        release_memory()
         report = report | Report(latency=engines.time_engines(folder, engine, feed=feed))
         report = report | steps.measured_memory(estimate)
         write_report(stage, report.to_json())
     return report
+
+
+def exported_for_run(recipe: Recipe, engine: EngineProfile, photos: list[Photo], folder: Path,
+                     info: JsonObject) -> tuple[ExportFolder, Report]:
+    """run's export road in a process of its own: the models loaded there again (the same seeded weights, the
+    same calibrated tau), then exported into `folder` with `info` recorded."""
+    ctx = load_context(recipe, engine, photos)
+    return write_deployable(ctx.models, ctx.example, engine, folder, info, dynamic_batch=recipe.dynamic_batch)
+
+
+def checked_export(recipe: Recipe, engine: EngineProfile, photos: list[Photo], folder: ExportFolder) -> Report:
+    """run's parity and fidelity in a process of its own, as `hgdeploy check` on the folder just written."""
+    return steps.check(load_context(recipe, engine, photos, folder), folder)
 
 
 def judged(report: Report, budget: QualityBudget | None) -> Report:

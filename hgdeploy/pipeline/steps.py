@@ -14,6 +14,7 @@ from hgdeploy.core import progress
 from hgdeploy.core.contract import INPUT_NAME
 from hgdeploy.core.files import JsonObject
 from hgdeploy.core.memory import STEPS, Need, estimate_memory, peak_rss_mb
+from hgdeploy.core.process import CHILD_PEAKS
 from hgdeploy.graph.folder import ExportFolder
 from hgdeploy.measure.checks import fidelity_of, fidelity_row, parity_of, parity_terms, stream_all
 from hgdeploy.measure.activations import activation_bytes
@@ -120,5 +121,11 @@ def plan_memory(ctx: Context, command: str, steps: tuple[str, ...], torch_models
 
 
 def measured_memory(estimate: JsonObject) -> Report:
-    """report.json's memory section: the estimate, each step's measured peak, the process's peak."""
-    return Report(memory=estimate | {"steps": STEPS.to_json(), "peak_gb": round(peak_rss_mb() / 1024, 2)})
+    """report.json's memory section: the estimate, each step's measured peak, the command's peak: this process's,
+    or, where a step ran in a process of its own, that process's peak with what this one held meanwhile."""
+    own = peak_rss_mb() / 1024
+    children: JsonObject = {"processes": [{"step": c.step, "peak_gb": round(c.peak_gb, 2),
+                                           "with_the_command_gb": round(c.summed_gb, 2)} for c in CHILD_PEAKS]}
+    peak = max([own, *(c.summed_gb for c in CHILD_PEAKS)])
+    return Report(memory=estimate | {"steps": STEPS.to_json(), "peak_gb": round(peak, 2)}
+                  | (children if CHILD_PEAKS else {}))
