@@ -5,9 +5,11 @@ and the hgdeploy commands a script runs as child processes. Scripts import it as
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -56,3 +58,38 @@ def run_child(cmd: list[str], **popen: Any) -> subprocess.CompletedProcess:
                 child.communicate()
             raise
     return subprocess.CompletedProcess(cmd, child.returncode, out, err)
+
+
+def tree_rss_gb(pid: int) -> float:
+    """The summed resident memory (GB) of `pid` and all its descendants now, read from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    total_kb, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            status = Path(f"/proc/{current}/status").read_text()
+        except OSError:
+            continue
+        found = re.search(r"^VmRSS:\s+(\d+)", status, flags=re.M)
+        total_kb += int(found.group(1)) if found else 0
+        todo += children.get(current, [])
+    return total_kb / 1024 ** 2
+
+
+def run_sampled(cmd: list[str], every_s: float = 0.5, **popen: Any) -> tuple[int, float]:
+    """Run `cmd` to its end: (exit code, the largest summed resident memory of its process tree, in GB, sampled
+    every `every_s`). /usr/bin/time's maximum is one process's: a command whose steps run in processes of their
+    own (`run` on a big model), or pytest's workers, need the sum."""
+    summed = 0.0
+    with subprocess.Popen(cmd, **popen) as proc:
+        while proc.poll() is None:
+            summed = max(summed, tree_rss_gb(proc.pid))
+            time.sleep(every_s)
+    return proc.returncode, summed

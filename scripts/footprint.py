@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import replace_block
+from common import replace_block, run_sampled
 from version_matrix import snapshot
 
 from hgdeploy import exit_code, write_atomic
@@ -40,40 +40,14 @@ def timed(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> dict:
     """Wall seconds, peak memory (GB: the summed RSS of its process tree, sampled every 0.5 s, or /usr/bin/time's
     largest process if higher) and exit code of `cmd`; its output goes to `log`."""
     stats = log.with_suffix(".time")
-    start, summed = time.perf_counter(), 0.0
+    start = time.perf_counter()
     with open(log, "w") as fh:
-        proc = subprocess.Popen(["/usr/bin/time", "-v", "-o", str(stats), *cmd], cwd=cwd, env=env, stdout=fh,
-                                stderr=subprocess.STDOUT)
-        while proc.poll() is None:  # pytest's workers run side by side: what the machine needs is their sum
-            summed = max(summed, tree_rss_gb(proc.pid))
-            time.sleep(0.5)
+        code, summed = run_sampled(["/usr/bin/time", "-v", "-o", str(stats), *cmd], cwd=cwd, env=env, stdout=fh,
+                                   stderr=subprocess.STDOUT)
     text = stats.read_text()
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1)) / 1024 ** 2
     return {"seconds": round(time.perf_counter() - start, 1), "peak_rss_gb": round(max(rss, summed), 2),
-            "largest_process_gb": round(rss, 2), "exit": proc.returncode}
-
-
-def tree_rss_gb(pid: int) -> float:
-    """The summed resident memory (GB) of `pid` and all its descendants now, read from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(entry))
-    total_kb, todo = 0, [pid]
-    while todo:
-        current = todo.pop()
-        try:
-            status = Path(f"/proc/{current}/status").read_text()
-        except OSError:
-            continue
-        found = re.search(r"^VmRSS:\s+(\d+)", status, flags=re.M)
-        total_kb += int(found.group(1)) if found else 0
-        todo += children.get(current, [])
-    return total_kb / 1024 ** 2
+            "largest_process_gb": round(rss, 2), "exit": code}
 
 
 def slowest(log: str) -> list[dict]:

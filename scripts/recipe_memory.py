@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import publish
+from common import publish, run_sampled
 
 from hgdeploy import exit_code, load_recipe, machine_memory_gb
 
@@ -63,13 +63,14 @@ def measure(recipe: str, mode: str, root: Path, engine: Path | None = None) -> d
            "hgdeploy.cli", command, recipe, *sets, "--out", str(out), "--json"]
     start = time.perf_counter()
     with open(log, "w") as fh:
-        code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ, NO_COLOR="1")).returncode
+        code, summed = run_sampled(cmd, stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ, NO_COLOR="1"))
     text = log.read_text()
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", stats.read_text())
+    largest = int(rss.group(1)) / 2**20 if rss else 0.0
     row = {"recipe": recipe, "mode": mode, "command": f"hgdeploy {command} {recipe} {' '.join(sets)}".strip(),
            "input_size": "x".join(map(str, load_recipe(recipe, rec.ci_overrides if mode == "ci" else []).input_size)),
            "exit": code, "seconds": round(time.perf_counter() - start, 1),
-           "peak_gb": round(int(rss.group(1)) / 2**20, 2) if rss else None}
+           "peak_gb": round(max(largest, summed), 2), "largest_process_gb": round(largest, 2)}
     estimate = re.search(r"needs about ([0-9.]+) GB", text)
     row["estimate_gb"] = float(estimate.group(1)) if estimate else None
     refused = re.search(r"hgdeploy: error: (.*)", text)
@@ -93,8 +94,8 @@ def render(rows: list[dict], machine: dict) -> str:
         lines.append(f"| {r['recipe']}{mark} | {'run' if r['mode'] == 'ci' else 'export'} ({r['mode']}) | {r['input_size']} "
                      f"| {est} | {r['peak_gb']:.1f} GB | {r['seconds'] / 60:.1f} min | {result} |")
     lines += ["", f"Measured by `python scripts/recipe_memory.py` on {machine['cpus']} CPU cores with "
-              f"{machine['memory_gb']:.0f} GB of memory, Python {machine['python']}; peak = /usr/bin/time's maximum "
-              "resident set size; estimate = what hgdeploy said before the heavy work (a command whose estimate "
+              f"{machine['memory_gb']:.0f} GB of memory, Python {machine['python']}; peak = the summed resident memory of "
+              "the command's processes (sampled every 0.5 s) or /usr/bin/time's largest process if higher; estimate = what hgdeploy said before the heavy work (a command whose estimate "
               "exceeds the machine's memory is refused with it)."]
     if any(r.get("quick") for r in rows):
         lines.append(f"Rows marked * timed each engine {QUICK[0]}+{QUICK[1]} runs (`--quick`) instead of the default "
