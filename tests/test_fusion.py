@@ -13,7 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import TINY_TIMM, hgdeploy_main
+from conftest import hgdeploy_main
 from onnx import TensorProto, helper, numpy_helper
 
 from hgdeploy.core.contract import INPUT_NAME, check_model, is_layer_node, save_onnx
@@ -33,11 +33,11 @@ GRAPHS = ("baseline.onnx", "patched.onnx", "patched.opt.onnx")
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory, small_export) -> dict[str, Path]:
+def exports(tmp_path_factory, small_export, tiny_export) -> dict[str, Path]:
     """Export folders (graphs after the passes included) of tiny timm and the small Segmenter; DINOv2 is the
-    session's small export of the default recipe."""
-    folders = {"dinov2": small_export}
-    for name, args in (("timm", TINY_TIMM), ("segmenter", SMALL_SEGMENTER)):
+    session's small export of the default recipe, timm the session's tiny export."""
+    folders = {"dinov2": small_export, "timm": tiny_export}
+    for name, args in (("segmenter", SMALL_SEGMENTER),):
         out = tmp_path_factory.mktemp(f"fusion_{name}") / "out"
         done = hgdeploy_main("export", *args, "--engine", "ort-cuda-fp16", "--out", str(out))
         assert done.returncode == 0, done.stderr
