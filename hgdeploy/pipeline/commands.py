@@ -22,7 +22,7 @@ from hgdeploy.measure.report import QualityBudget, quality, write_report
 from hgdeploy.measure.results import Report
 from hgdeploy.measure.throughput import batch_row, render_plot
 from hgdeploy.pipeline.context import load_context
-from hgdeploy.pipeline.road import write_deployable
+from hgdeploy.pipeline.road import export_graphs, finish_deployable, write_deployable
 from hgdeploy.pipeline import engines, steps
 
 # Weights from which `run` exports and checks in processes of their own (core.process): the graphs and sessions of
@@ -71,9 +71,13 @@ def run(recipe: Recipe, engine: EngineProfile, photos: list[Photo], out: Path,
 def exported_for_run(recipe: Recipe, engine: EngineProfile, photos: list[Photo], folder: Path,
                      info: JsonObject) -> tuple[ExportFolder, Report]:
     """run's export road in a process of its own: the models loaded there again (the same seeded weights, the
-    same calibrated tau), then exported into `folder` with `info` recorded."""
+    same calibrated tau), exported into `folder` with `info` recorded, and dropped before the passes and twins,
+    which need the graphs alone."""
     ctx = load_context(recipe, engine, photos)
-    return write_deployable(ctx.models, ctx.example, engine, folder, info, dynamic_batch=recipe.dynamic_batch)
+    graphs = export_graphs(ctx.models, ctx.example, folder, info, dynamic_batch=recipe.dynamic_batch)
+    del ctx
+    release_memory()
+    return finish_deployable(graphs, engine)
 
 
 def checked_export(recipe: Recipe, engine: EngineProfile, photos: list[Photo], folder: ExportFolder) -> Report:

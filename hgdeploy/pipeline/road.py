@@ -32,6 +32,13 @@ def write_deployable(models: Models, example: torch.Tensor, engine: EngineProfil
     with fused_attention, fp16 for an fp16 profile); manifest.json. Returns the
     folder and what the passes and the fp16 conversion reported. With `dynamic_batch` the graphs take any batch on
     their first axis (BATCH_AXIS; the example's batch must be at least 2)."""
+    export = export_graphs(models, example, folder, info, roles, dynamic_batch)
+    return finish_deployable(export, engine, roles, passes)
+
+
+def export_graphs(models: Models, example: torch.Tensor, folder: Path, info: JsonObject | None = None,
+                  roles: tuple[str, ...] = BOTH, dynamic_batch: bool = False) -> ExportFolder:
+    """The first half of the road, the only one that needs the models: each role exported and checked."""
     export = ExportFolder(Path(folder))
     for role in roles:
         target = export.target(role)
@@ -39,6 +46,12 @@ def write_deployable(models: Models, example: torch.Tensor, engine: EngineProfil
             path = export_onnx(getattr(models, role), example, target, models.family.output_names, info,
                                dynamic_batch=dynamic_batch)
         export = export.with_graph(role, path)
+    return export
+
+
+def finish_deployable(export: ExportFolder, engine: EngineProfile, roles: tuple[str, ...] = BOTH,
+                      passes: bool = True) -> tuple[ExportFolder, Report]:
+    """The second half, on the graphs alone (a caller may drop its models first): passes, twins, manifest."""
     report = Report()
     if passes and "patched" in roles:
         export, optimized = optimize_patched(export)
