@@ -162,10 +162,11 @@ def test_a_big_models_run_exports_and_checks_in_processes_of_their_own_with_the_
     report = commands.run(recipe, load_profile(), sample_photos()[:2], tmp_path / "out").to_json()
     CHILD_PEAKS.clear()
     processes = report["memory"]["processes"]
-    assert [p["step"] for p in processes] == ["export", "check"], processes
+    assert [p["step"] for p in processes] == ["export", "passes", "check"], processes
     assert all(0 < p["peak_gb"] < p["with_the_command_gb"] <= report["memory"]["peak_gb"] for p in processes)
     steps = [s["step"] for s in report["memory"]["steps"]]
     assert any(s.startswith("Exporting patched.onnx") for s in steps) and any(s.startswith("Running 2 images") for s in steps)
+    assert any(s.startswith("Fusing attention: patched.opt.onnx") for s in steps)
     for name in ("baseline.onnx", "patched.opt.onnx", "patched.fused.onnx"):
         a, b = (onnx.load(str(folder / name)) for folder in (tmp_path / "out", tiny_export))
         assert [(t.name, t.raw_data) for t in a.graph.initializer] == [(t.name, t.raw_data) for t in b.graph.initializer]

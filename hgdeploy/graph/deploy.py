@@ -13,7 +13,7 @@ import onnx
 from hgdeploy.core import progress
 from hgdeploy.core.contract import check_model, is_fp32_layer_node, is_layer_node, save_onnx
 from hgdeploy.core.files import JsonObject
-from hgdeploy.core.memory import releases_memory
+from hgdeploy.core.memory import release_memory, releases_memory
 from hgdeploy.graph.flops import FlopCount, onnx_gflops
 from hgdeploy.graph.folder import Engine, ExportFolder, runs_twins, twin_role
 from hgdeploy.graph.fp16 import FP32_OPS, Fp16Summary, to_fp16
@@ -76,12 +76,15 @@ def optimize_patched(folder: ExportFolder) -> tuple[ExportFolder, Optimized]:
     model = onnx.load(str(source), load_external_data=False)
     with progress.step(f"Optimizing {source.name}: {', '.join(name for name, _ in PASSES)}"):
         out, notes = optimize(model, weights_dir=source.parent)
+    counted = (len(model.graph.node), len(out.graph.node), onnx_gflops(model, is_layer_node(model)),
+               onnx_gflops(out, is_layer_node(out)))
+    del model  # one graph in memory while the result is saved and checked (the checker reads the file again)
     target = save_onnx(out, folder.target("optimized"), weights_dir=source.parent)
-    check_model(target)
     findings = [format_finding(f) for f in lint_model(out, DEFAULT_MAJOR)]
-    return folder.with_graph("optimized", target), Optimized(
-        notes, len(model.graph.node), len(out.graph.node), onnx_gflops(model, is_layer_node(model)),
-        onnx_gflops(out, is_layer_node(out)), target.name, findings)
+    del out
+    release_memory()
+    check_model(target)
+    return folder.with_graph("optimized", target), Optimized(notes, *counted, target.name, findings)
 
 
 def write_twins(folder: ExportFolder, engine: Engine,
@@ -127,7 +130,10 @@ def _fused_graph(source: Path, target: Path) -> tuple[Path, FusionSummary]:
     model = onnx.load(str(source), load_external_data=False)  # weights over 2 GB stay on disk, as in the passes
     with progress.step(f"Fusing attention: {source.name} -> {target.name}"):
         fused, summary = fuse_attention(model, target.name, weights_dir=source.parent)
+    del model  # the source and the fused graph each hold the weights: one is enough to save, none to check
     save_onnx(fused, target, weights_dir=source.parent)
+    del fused
+    release_memory()
     check_model(target)
     return target, summary
 

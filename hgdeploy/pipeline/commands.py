@@ -37,7 +37,8 @@ def run(recipe: Recipe, engine: EngineProfile, photos: list[Photo], out: Path,
         budget: QualityBudget | None = None) -> Report:
     """`hgdeploy run`: export, passes, check, FLOPs and bench into one output folder (staged: it appears whole);
     with a `budget`, the fidelity held against it (report.json's quality, beside the speed in the verdict).
-    A big model (weights of FRESH_PROCESS_BYTES or more) is exported and checked each in a process of its own."""
+    A big model (weights of FRESH_PROCESS_BYTES or more) is exported, passed and checked each in a process of its
+    own."""
     ctx = load_context(recipe, engine, photos)
     estimate = steps.plan_memory(ctx, "run", ("export", "passes", "check", "latency"), torch_models=False)
     info = ctx.describe()
@@ -50,8 +51,8 @@ def run(recipe: Recipe, engine: EngineProfile, photos: list[Photo], out: Path,
             feed = {INPUT_NAME: ctx.example.numpy()}
             del ctx  # this process holds no model while the others export and check
             release_memory()
-            folder, written = in_fresh_process("export", exported_for_run, recipe, engine, photos, stage,
-                                               recorded_info)
+            graphs = in_fresh_process("export", exported_for_run, recipe, engine, photos, stage, recorded_info)
+            folder, written = in_fresh_process("passes", finish_deployable, graphs, engine)
             report = report | written | in_fresh_process("check", checked_export, recipe, engine, photos, folder)
             report = report | counted
         else:
@@ -69,15 +70,13 @@ def run(recipe: Recipe, engine: EngineProfile, photos: list[Photo], out: Path,
 
 
 def exported_for_run(recipe: Recipe, engine: EngineProfile, photos: list[Photo], folder: Path,
-                     info: JsonObject) -> tuple[ExportFolder, Report]:
-    """run's export road in a process of its own: the models loaded there again (the same seeded weights, the
-    same calibrated tau), exported into `folder` with `info` recorded, and dropped before the passes and twins,
-    which need the graphs alone."""
+                     info: JsonObject) -> ExportFolder:
+    """The first half of run's export road in a process of its own: the models loaded there again (the same seeded
+    weights, the same calibrated tau) and exported into `folder` with `info` recorded. The passes and twins, which
+    need the graphs alone, run in another fresh process: after the export even dropping the models left SwinV2-L's
+    process at 2.7 GB, and its attention fusion peaked at 7.0 GB on top of that."""
     ctx = load_context(recipe, engine, photos)
-    graphs = export_graphs(ctx.models, ctx.example, folder, info, dynamic_batch=recipe.dynamic_batch)
-    del ctx
-    release_memory()
-    return finish_deployable(graphs, engine)
+    return export_graphs(ctx.models, ctx.example, folder, info, dynamic_batch=recipe.dynamic_batch)
 
 
 def checked_export(recipe: Recipe, engine: EngineProfile, photos: list[Photo], folder: ExportFolder) -> Report:
