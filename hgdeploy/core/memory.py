@@ -195,7 +195,7 @@ BASE_GB = 1.2  # the interpreter with torch, transformers, onnx and ONNX Runtime
 # check 8.9, timing 9.5 GB) and SAM ViT-H at 240 px (W 2.4 GB: export 12.6 GB) on a 2-core, 24 GB machine:
 EXPORT_W, EXPORT_A = 5.0, 1.0  # the models (W) + torch.onnx's exported program and protobuf (~4 W) + one trace
 PASSES_W = 3.5  # the models + the graph and graph-surgeon's copy of it
-# Weights over protobuf's limit (core.contract.INLINE_LIMIT_BYTES) stay on disk: the exporter writes them tensor by
+# Weights from core.contract.EXTERNAL_DATA_BYTES on stay on disk: the exporter writes them tensor by
 # tensor, the passes and the fusion copy them file to file. SAM ViT-H at 240 px (W 2.4 GB): export 3.4, passes
 # 3.4 GB, where the in-memory road held 12.6 and 10.5 GB. What remains is the PyTorch models themselves.
 ON_DISK_EXPORT_W, ON_DISK_PASSES_W = 1.0, 1.2
@@ -226,10 +226,10 @@ def estimate_steps(need: Need, steps: tuple[str, ...], sessions: int = 2, torch_
 
     sessions: ONNX Runtime sessions timed side by side; torch_models: the PyTorch models stay loaded while the
     engines are timed; lean: the graphs are over LEAN_GRAPH_BYTES (no arena between runs)."""
-    from hgdeploy.core.contract import INLINE_LIMIT_BYTES
+    from hgdeploy.core.contract import EXTERNAL_DATA_BYTES
 
     w, a = need.weights / GB, need.activations / GB
-    on_disk = need.weights > INLINE_LIMIT_BYTES
+    on_disk = need.weights >= EXTERNAL_DATA_BYTES
     models = w if torch_models else 0.0
     held = SESSION_W * w + (0.0 if lean else ARENA_A * a)
     table = {"export": BASE_GB + (ON_DISK_EXPORT_W if on_disk else EXPORT_W) * w + EXPORT_A * a,

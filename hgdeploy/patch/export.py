@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hgdeploy.core.contract import (BATCH_AXIS, CLUSTERING_METADATA, EXPORT_METADATA, INLINE_LIMIT_BYTES, INPUT_NAME,
+from hgdeploy.core.contract import (BATCH_AXIS, CLUSTERING_METADATA, EXPORT_METADATA, EXTERNAL_DATA_BYTES, INPUT_NAME,
                                     check_model)
 from hgdeploy.core.recipe import MAX_BATCH
 from hgdeploy.core.files import staged_file
@@ -32,11 +32,11 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, output_name
 
     info: what the export was made from (recipe values, plan), recorded in the model's metadata.
     dynamic_batch: the first axis of the input and outputs is BATCH_AXIS, any batch (the example's must be >= 2).
-    external_data: weights in `<path>.data` beside the graph; None: only when protobuf's 2 GB limit forces it.
+    external_data: weights in `<path>.data` beside the graph; None: from EXTERNAL_DATA_BYTES of weights on.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    big = external_data if external_data is not None else weight_bytes(model) > INLINE_LIMIT_BYTES
+    big = external_data if external_data is not None else weight_bytes(model) >= EXTERNAL_DATA_BYTES
     with staged_file(path) as tmp:  # under its final name: external data files are referenced by name
         _export_and_save(model, example, tmp, output_names, info, big, dynamic_batch)
         forget_rewriter_matches()
