@@ -83,6 +83,7 @@ def measure(root: Path, tests: bool) -> dict:
         log = (root / "tests.log").read_text()
         summary = re.findall(r"^=+ (.*(?:passed|failed).*) in [0-9.]+s", log, flags=re.M)
         out["tests"]["summary"] = summary[-1] if summary else "?"
+        out["tests"]["failed"] = re.findall(r"^FAILED (\S+)", log, flags=re.M)  # the log goes with the venv
         out["tests"]["slowest"] = slowest(log)
         out["tests"]["tmp_gb"] = du(root / "tmp")
     versions = subprocess.run([py, "-c", "import torch, onnxruntime; print(torch.__version__, onnxruntime.__version__)"],
