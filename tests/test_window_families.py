@@ -52,19 +52,40 @@ def test_zero_reduction_reproduces_the_model_to_1e_5(name: str, alpha: int):
         assert float((got - want).abs().max() / want.abs().max()) < 1e-5
 
 
+# The plans the tiny exports are made with: the fp16 test below reads SwinV2's with the nearest reconstruction and
+# SAM's with the neighbourhood one from the same exports.
+CANDIDATES = {"mask2former": {}, "swinv2": {"neighbours": 3, "reconstruct_from": "nearest"},
+              "sam": {"neighbours": 3, "reconstruct_from": "neighbourhood"}}
+
+
+@pytest.fixture(scope="module")
+def tiny_exports(tmp_path_factory):
+    """name -> (family, model, patched model, input, patched.onnx): each family's tiny model clustered in stage 1
+    (alpha 1, window K - 2), exported once for the tests of this file."""
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            family = get_family(name)
+            model, size = family.tiny()
+            torch.manual_seed(0)
+            x = torch.randn(1, 3, *size)
+            K = family.facts(model).token_grid[0]
+            plan = _plan(family, model, 1, K - 2, tau=1.0, k=4, **CANDIDATES[name])
+            patched = family.patch(copy.deepcopy(model), plan).eval()
+            path = export_onnx(patched, x, tmp_path_factory.mktemp(name) / "patched.onnx", family.output_names)
+            made[name] = family, model, patched, x, path
+        return made[name]
+
+    return get
+
+
 @pytest.mark.parametrize("name", WINDOWED)
-def test_tiny_exports_keep_onnxruntime_parity_and_lint_clean(name: str, tmp_path):
-    family = get_family(name)
-    model, size = family.tiny()
-    torch.manual_seed(0)
-    x = torch.randn(1, 3, *size)
-    K = family.facts(model).token_grid[0]
-    patched = family.patch(copy.deepcopy(model), _plan(family, model, 1, K - 2, tau=1.0, k=4)).eval()
+def test_tiny_exports_keep_onnxruntime_parity_and_lint_clean(name: str, tmp_path, tiny_exports):
+    family, model, patched, x, patched_path = tiny_exports(name)
     assert any(float((a - b).abs().max()) > 1e-4 for a, b in zip(_run(patched, x), _run(model, x)))  # it clusters
-    # the patched graph only: it holds the family's wrapper and every window layer; the unpatched graph of each
-    # real architecture is exported and checked by `python -m pytest -m recipes` (test_families.py)
-    for key, m in (("patched", patched),):
-        path = export_onnx(m, x, tmp_path / f"{key}.onnx", family.output_names)
+    for key, m in (("baseline", model), ("patched", patched)):
+        path = patched_path if key == "patched" else export_onnx(m, x, tmp_path / f"{key}.onnx", family.output_names)
         assert [format_finding(f) for f in lint_path(path)] == []
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         got = session.run(list(family.output_names), {INPUT_NAME: x.numpy()})
@@ -96,9 +117,8 @@ def test_sam_weights_run_at_their_own_size(tmp_path):
         family.load(str(folder), (128, 128), {})
 
 
-@pytest.mark.parametrize(("name", "candidates"), [("swinv2", "nearest"), ("sam", "neighbourhood")])
-def test_fp16_graphs_run_the_window_layers_in_fp32_but_their_weighted_sums_and_stay_finite(name: str, candidates: str,
-                                                                                            tmp_path):
+@pytest.mark.parametrize("name", ["swinv2", "sam"])  # their candidates: CANDIDATES (nearest, neighbourhood)
+def test_fp16_graphs_run_the_window_layers_in_fp32_but_their_weighted_sums_and_stay_finite(name: str, tiny_exports):
     """The deployed (plain, TensorRT's) fp16 graph, converted as graph.deploy converts it: the passes rewrite every
     masking penalty (the dropped clusters' included); every node of the window layers (partition, padding, crop and
     the plain layers inside) computes in fp32 except the layers' weighted sums of tokens (hgdeploy_fp16), which
@@ -110,14 +130,8 @@ def test_fp16_graphs_run_the_window_layers_in_fp32_but_their_weighted_sums_and_s
     from hgdeploy.graph.fp16 import FP32_OPS, to_fp16
     from hgdeploy.graph.passes import optimize
 
-    family = get_family(name)
-    model, size = family.tiny()
-    torch.manual_seed(0)
-    x = torch.randn(1, 3, *size)
-    K = family.facts(model).token_grid[0]
-    plan = _plan(family, model, 1, K - 2, tau=1.0, k=4, neighbours=3, reconstruct_from=candidates)
-    patched = family.patch(copy.deepcopy(model), plan).eval()
-    optimized, notes = optimize(onnx.load(str(export_onnx(patched, x, tmp_path / "p.onnx", family.output_names))))
+    family, _, patched, x, path = tiny_exports(name)
+    optimized, notes = optimize(onnx.load(str(path)))
     kinds = {s["kind"] for s in read_clustering_specs(optimized)}
     assert {"window_clustering", "window_reconstruction", "clustering", "reconstruction"} <= kinds
     half, _ = to_fp16(optimized, is_fp32_layer_node(optimized), FP32_OPS)
