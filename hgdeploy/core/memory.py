@@ -203,6 +203,9 @@ ON_DISK_EXPORT_W, ON_DISK_PASSES_W = 1.0, 1.2
 # and ORT's activations and the heap they leave behind (glibc keeps freed pages in pieces it cannot hand back).
 SESSION_W, RUN_A = 1.3, 4.3
 ARENA_A = 1.6  # what a session under LEAN_GRAPH_BYTES keeps in its arena between runs
+# The command's own process while a step runs in a fresh one (core.process): the interpreter and libraries with no
+# model, measured 0.80-0.89 GB waiting in `run` for SwinV2-L, SAM ViT-H and SWAG ViT-H/14.
+WAITING_GB = 0.9
 
 
 @dataclass(frozen=True)
@@ -221,11 +224,12 @@ class Need:
 
 
 def estimate_steps(need: Need, steps: tuple[str, ...], sessions: int = 2, torch_models: bool = True,
-                   lean: bool = False) -> dict[str, float]:
+                   lean: bool = False, apart: bool = False) -> dict[str, float]:
     """GB each of a command's `steps` is expected to peak at: "export", "passes", "check", "latency".
 
     sessions: ONNX Runtime sessions timed side by side; torch_models: the PyTorch models stay loaded while the
-    engines are timed; lean: the graphs are over LEAN_GRAPH_BYTES (no arena between runs)."""
+    engines are timed; lean: the graphs are over LEAN_GRAPH_BYTES (no arena between runs); apart: export, passes
+    and check run each in a fresh process while the command's own waits (WAITING_GB on top of each)."""
     from hgdeploy.core.contract import EXTERNAL_DATA_BYTES
 
     w, a = need.weights / GB, need.activations / GB
@@ -236,22 +240,24 @@ def estimate_steps(need: Need, steps: tuple[str, ...], sessions: int = 2, torch_
              "passes": BASE_GB + (ON_DISK_PASSES_W if on_disk else PASSES_W) * w,
              "check": BASE_GB + w + SESSION_W * w + RUN_A * a,  # parity needs the PyTorch models
              "latency": BASE_GB + models + (sessions - 1) * held + SESSION_W * w + RUN_A * a}
+    if apart:
+        table = {step: gb + (WAITING_GB if step != "latency" else 0.0) for step, gb in table.items()}
     return {step: round(table[step], 2) for step in steps}
 
 
 def estimate_memory(need: Need, what: str, size: tuple[int, int], steps: tuple[str, ...], sessions: int,
-                    torch_models: bool, lean: bool) -> dict:
+                    torch_models: bool, lean: bool, apart: bool = False) -> dict:
     """The estimate of `what` (a command on a model at `size`); refused (UserError, one line: the need, the memory
     it may use, a smaller setting) when it exceeds that memory. Returns report.json's memory section before the
     measured peaks are added, with the line a command says on stderr (`said`)."""
     from hgdeploy.core.errors import UserError
 
-    estimate = estimate_steps(need, steps, sessions, torch_models, lean)
+    estimate = estimate_steps(need, steps, sessions, torch_models, lean, apart)
     worst = max(estimate, key=estimate.get)
     have, source = machine_memory_gb()
     said = f"memory: {what} needs about {estimate[worst]:.1f} GB at its peak ({worst}); {source}: {have:.1f} GB"
     if estimate[worst] > have:
-        smaller = smaller_setting(need, steps, sessions, torch_models, lean, size, have)
+        smaller = smaller_setting(need, steps, sessions, torch_models, lean, size, have, apart)
         raise UserError(f"{what} at {size[0]}x{size[1]} needs about {estimate[worst]:.1f} GB of memory and {source} "
                         f"is {have:.1f} GB; {smaller} (or set ${MEMORY_ENV} to plan with more)")
     return {"estimate_gb": estimate[worst], "estimate_steps": estimate, "memory_gb": round(have, 1),
@@ -259,15 +265,15 @@ def estimate_memory(need: Need, what: str, size: tuple[int, int], steps: tuple[s
 
 
 def smaller_setting(need: Need, steps: tuple[str, ...], sessions: int, torch_models: bool, lean: bool,
-                    size: tuple[int, int], have: float) -> str:
+                    size: tuple[int, int], have: float, apart: bool = False) -> str:
     """What would fit: the largest smaller input (multiples of 32, the same aspect) whose activations, taken as
     growing with the pixels, fit; or, when the weights alone do not, a bigger machine. With global attention the
     activations grow faster than the pixels, so the smaller input needs less than this says, never more."""
     def fits(h: int, w: int) -> bool:
         scaled = Need(need.weights, int(need.activations * h * w / (size[0] * size[1])))
-        return max(estimate_steps(scaled, steps, sessions, torch_models, lean).values()) <= have
+        return max(estimate_steps(scaled, steps, sessions, torch_models, lean, apart).values()) <= have
 
-    fixed = max(estimate_steps(Need(need.weights, 0), steps, sessions, torch_models, lean).values())
+    fixed = max(estimate_steps(Need(need.weights, 0), steps, sessions, torch_models, lean, apart).values())
     shrink = [(int(size[0] * f) // 32 * 32, int(size[1] * f) // 32 * 32) for f in (x / 64 for x in range(63, 0, -1))]
     smaller = next(((h, w) for h, w in shrink if h >= 32 and w >= 32 and fits(h, w)), None)
     if fixed >= have or smaller is None:

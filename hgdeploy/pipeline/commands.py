@@ -40,10 +40,11 @@ def run(recipe: Recipe, engine: EngineProfile, photos: list[Photo], out: Path,
     A big model (weights of FRESH_PROCESS_BYTES or more) is exported, passed and checked each in a process of its
     own."""
     ctx = load_context(recipe, engine, photos)
-    estimate = steps.plan_memory(ctx, "run", ("export", "passes", "check", "latency"), torch_models=False)
+    fresh = steps.memory_need(ctx).weights >= FRESH_PROCESS_BYTES
+    estimate = steps.plan_memory(ctx, "run", ("export", "passes", "check", "latency"), torch_models=False,
+                                 apart=fresh)
     info = ctx.describe()
     report = info | Report(backend=steps.backend_info(ctx), images=[p.name for p in photos])
-    fresh = steps.memory_need(ctx).weights >= FRESH_PROCESS_BYTES
     recorded_info = info.to_json() | recorded(estimate)
     with staged_output(out) as stage:
         if fresh:

@@ -108,14 +108,16 @@ def memory_need(ctx: Context) -> Need:
     return Need(weights, max(a if a is not None else weights for a in acts))
 
 
-def plan_memory(ctx: Context, command: str, steps: tuple[str, ...], torch_models: bool = True) -> JsonObject:
+def plan_memory(ctx: Context, command: str, steps: tuple[str, ...], torch_models: bool = True,
+                apart: bool = False) -> JsonObject:
     """The command's estimated peak, said on stderr; a command that would not fit is refused here, before any
     export or session. Returns the estimate for report.json's memory section (an export records it too, for
-    the commands that read the export)."""
+    the commands that read the export). apart: export, passes and check run in fresh processes (`run` on a big
+    model)."""
     need = memory_need(ctx)
     lean = need.weights >= LEAN_GRAPH_BYTES
     estimate = estimate_memory(need, f"hgdeploy {command} {ctx.recipe.name}", ctx.models.preprocess.size, steps,
-                               sessions(ctx.engine, lean), torch_models, lean=lean)
+                               sessions(ctx.engine, lean), torch_models, lean=lean, apart=apart)
     progress.info(estimate.pop("said"), markup=False)
     return estimate
 
