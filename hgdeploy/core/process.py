@@ -62,7 +62,8 @@ def in_fresh_process(step: str, fn: Callable[..., R], *args: object) -> R:
     child.start()
     send.close()
     try:
-        ok, value, steps, peak_mb = receive.recv()
+        with receive:
+            ok, value, steps, peak_mb = receive.recv()
     except EOFError:
         child.join()
         how = "killed (out of memory?)" if child.exitcode == -signal.SIGKILL else f"exit code {child.exitcode}"

@@ -21,6 +21,7 @@ from hgdeploy.measure.images import Photo
 from hgdeploy.measure.report import QualityBudget, quality, write_report
 from hgdeploy.measure.results import Report
 from hgdeploy.measure.throughput import batch_row, render_plot
+from hgdeploy.patch.export import weight_bytes
 from hgdeploy.pipeline.context import load_context
 from hgdeploy.pipeline.road import export_graphs, finish_deployable, write_deployable
 from hgdeploy.pipeline import engines, steps
@@ -40,7 +41,7 @@ def run(recipe: Recipe, engine: EngineProfile, photos: list[Photo], out: Path,
     A big model (weights of FRESH_PROCESS_BYTES or more) is exported, passed and checked each in a process of its
     own."""
     ctx = load_context(recipe, engine, photos)
-    fresh = steps.memory_need(ctx).weights >= FRESH_PROCESS_BYTES
+    fresh = weight_bytes(ctx.models.baseline) >= FRESH_PROCESS_BYTES  # plan_memory counts the activations
     estimate = steps.plan_memory(ctx, "run", ("export", "passes", "check", "latency"), torch_models=False,
                                  apart=fresh)
     info = ctx.describe()
