@@ -14,6 +14,7 @@ from torch import nn
 
 from hgdeploy.core.errors import UserError
 from hgdeploy.core.files import JsonObject
+from hgdeploy.core.memory import freeze_imports
 from hgdeploy.core.plan import ClusterPlan, ModelFacts
 from hgdeploy.core.preprocess import Preprocess
 from hgdeploy.core.recipe import Recipe
@@ -44,6 +45,7 @@ def build_models(recipe: Recipe, device: str = "cpu", calibration: Callable[[Pre
     tau = "auto" in the recipe: `tau` when given (the value an export recorded), else calibrated on the
     images `calibration(preprocess)` returns ([B, 3, H, W], prepared as the model expects) at layer alpha.
     """
+    freeze_imports()
     family = get_family(recipe.family)
     family.check_options(recipe.options)
     baseline = family.load(recipe.checkpoint, recipe.input_size, recipe.options).eval()
