@@ -36,7 +36,8 @@ limit_s() { python3 -c "print(int(float('$1') * 60))"; }
 timeout --signal=INT $(( $(limit_s "$report_min") + 180 )) \
   python3 scripts/gpu_report.py --results "$results" --no-readme --time-limit "$report_min"
 echo "gpu_report: exit $? after $(( $(date +%s) - start )) s"
+# -o addopts=: the GPU image has no pytest-xdist, whose -n 2 the project's addopts would pass (one file: one process)
 timeout --signal=INT "$(limit_s "$test_min")" \
-  python3 -m pytest tests/test_gpu.py -q -rs -p no:cacheprovider >"$results/pytest-gpu.log" 2>&1
+  python3 -m pytest tests/test_gpu.py -q -rs -p no:cacheprovider -o addopts= >"$results/pytest-gpu.log" 2>&1
 echo "pytest tests/test_gpu.py: exit $? ($(tail -n 1 "$results/pytest-gpu.log"))"
 echo "session: $(( $(date +%s) - start )) s"
