@@ -13,6 +13,7 @@ from polygraphy.backend.base import BaseRunner
 from hgdeploy.backends import machine
 from hgdeploy.backends.base import Backend
 from hgdeploy.backends.profile import ORT_OPT_LEVELS, EngineProfile, ProviderOptions
+from hgdeploy.core.contract import EXTERNAL_DATA_BYTES
 from hgdeploy.core.errors import UserError
 
 if TYPE_CHECKING:  # onnxruntime is imported where a session is made
@@ -29,7 +30,9 @@ QUIET = 3  # ONNX Runtime log severity: 3 = errors only; a provider that fails t
 # arena kept 4.7 GB of activations per idle session; lean, a session holds 1.4 GB and a run peaks at 3.9 GB, no
 # slower (10 s a run either way). Our own passes fold the patched graph up to FOLD_MAX_BYTES a result; on the default
 # model (88 MB, under the line) ORT's folding made no difference (564 vs 570 ms baseline, 509 vs 493 ms patched).
-LEAN_GRAPH_BYTES = 256 << 20
+# The line is the exports' external-data line (core.contract.EXTERNAL_DATA_BYTES): the models whose graphs count in
+# GB are kept on disk by the export, run lean here and have `run`'s steps in processes of their own.
+LEAN_GRAPH_BYTES = EXTERNAL_DATA_BYTES
 GPU_HINT = "replace onnxruntime with onnxruntime-gpu: pip uninstall -y onnxruntime && pip install onnxruntime-gpu"
 
 

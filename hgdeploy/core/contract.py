@@ -56,8 +56,8 @@ INLINE_LIMIT_BYTES = 1_800_000_000
 # From these weights on an export keeps them in `<file>.data` even below protobuf's limit: saving them inline
 # serialises every weight into one message, which held three copies at once (DPT-Large's export at its [ci] shape
 # peaked at 6.0 GB inline, 2.2 GB with external data: the exporter writes the file tensor by tensor, and the passes
-# and the fusion then copy the weights file to file). The same line as ONNX Runtime's lean sessions
-# (backends.onnxrt.LEAN_GRAPH_BYTES) and `run`'s fresh processes: the models whose graphs count in GB.
+# and the fusion then copy the weights file to file). ONNX Runtime's lean sessions (backends.onnxrt.LEAN_GRAPH_BYTES)
+# and `run`'s fresh processes take this line too: the models whose graphs count in GB.
 EXTERNAL_DATA_BYTES = 256 << 20
 # Tensors below this stay inside the graph even then: shapes, axes and scales the checks and lint read.
 EXTERNAL_MIN_BYTES = 1024
