@@ -20,6 +20,7 @@ markers.
     python scripts/mutants.py --only layers/tau.py  # one module (no README, no results file)
     python scripts/mutants.py --list               # the mutants, no tests run
     python scripts/mutants.py --recheck            # rerun the survivors of scripts/results/mutants.json (~8 min)
+    python scripts/mutants.py --only measure/checks.py --update  # run these modules again, keep the others' results
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from pathlib import Path
 
 from common import publish
 
-from hgdeploy import REPO_ROOT, exit_code
+from hgdeploy import REPO_ROOT, UserError, exit_code
 
 RESULTS = REPO_ROOT / "scripts" / "results" / "mutants.json"
 VERDICTS = REPO_ROOT / "scripts" / "mutants_verdicts.toml"
@@ -360,7 +361,12 @@ def main() -> int:
     parser.add_argument("--list", action="store_true", help="print the mutants, run nothing")
     parser.add_argument("--recheck", action="store_true", help="rerun the survivors of the results file")
     parser.add_argument("--check", action="store_true", help="print the README block, write nothing")
+    parser.add_argument("--update", action="store_true",
+                        help="with --only: those modules' results replace theirs in the results file (their code "
+                             "changed); the other modules' results and rechecks are kept")
     args = parser.parse_args()
+    if args.update and not args.only:
+        raise UserError("--update needs --only MODULE ...: the modules whose results it replaces")
     verdicts = load_verdicts()
     if args.recheck:
         return recheck(verdicts, args.check)
@@ -385,9 +391,35 @@ def main() -> int:
         for info in modules:
             scope, tests, _ = TARGETS[info["module"]]
             info |= try_module(root, info["module"], chosen[info["module"]], tests, Path(tmp) / "pytest.log")
-    result = summarise(modules, [m for module in names for m, _ in chosen[module]], verdicts)
+    tried = [m for module in names for m, _ in chosen[module]]
+    if args.update:
+        result = updated(modules, tried, verdicts)
+        publish(render(result), "mutants", README, RESULTS, result, args.check)
+        return 0
+    result = summarise(modules, tried, verdicts)
     publish(render(result), "mutants", README, RESULTS, result, args.check or args.only is not None)
     return 0
+
+
+def updated(modules: list[dict], tried: list[Mutant], verdicts: dict[str, dict]) -> dict:
+    """The results file with `modules` run again: their rows, mutants and survivors replaced, the other modules'
+    kept, with what their last recheck gave (a module whose code changed gets new mutant ids, which a recheck can
+    only call "no longer generated")."""
+    import json
+
+    old = json.loads(RESULTS.read_text())
+    names = {info["module"] for info in modules}
+    rows = {r["module"]: r for r in old["modules"] if r["module"] not in names} | {i["module"]: i for i in modules}
+    kept = [Mutant(**m) for m in old["mutants"] if m["module"] not in names]
+    result = summarise([rows[name] for name in TARGETS if name in rows], kept + tried, verdicts)
+    before = {s["id"]: s for s in old["survivors"] if s["module"] not in names}
+    for s in result["survivors"]:
+        s |= {k: before[s["id"]][k] for k in ("rechecked", "rechecked_killed_by", "line", "source")
+              if k in before.get(s["id"], {})}
+    rechecked = [s for s in result["survivors"] if "rechecked" in s]
+    if rechecked:
+        result["rechecked"] = {"tried": len(rechecked), "killed": sum(s["rechecked"] == "killed" for s in rechecked)}
+    return result
 
 
 def recheck(verdicts: dict[str, dict], check: bool) -> int:

@@ -9,6 +9,8 @@ from torch import nn
 
 from hgdeploy.layers import TokenClustering
 from hgdeploy.measure.checks import (
+    Parity,
+    classification_metrics,
     cosine,
     depth_metrics,
     fidelity,
@@ -158,6 +160,36 @@ def test_stream_all_yields_one_image_at_a_time_and_refuses_nan():
         np.testing.assert_allclose(np.concatenate([i[runner]["y"] for i in images]), np.arange(9.0).reshape(3, 3))
     with pytest.raises(ArithmeticError, match="a produced NaN or Inf in y"):
         list(stream_all([_sqrt_runner("a")], [{"x": np.full((2, 3), -1.0, np.float32)}], 2))  # sqrt(-1): NaN
+
+
+def test_stream_all_counts_every_image_across_several_batches():
+    """Five images in batches of 2: the third batch holds one image and a filler. Each batch's images are the count
+    still missing, so a miscount of the images seen drops real ones from the later batches."""
+    batches = [np.arange(6.0).reshape(2, 3) + 6 * i for i in range(3)]
+    batches[2][1] = 0.0  # the filler
+    images = list(stream_all([_sqrt_runner("a")], ({"x": (b ** 2).astype(np.float32)} for b in batches), 5))
+    assert len(images) == 5
+    np.testing.assert_allclose(np.concatenate([i["a"]["y"] for i in images]), np.arange(15.0).reshape(5, 3))
+
+
+def test_parity_json_names_the_engine_graph_and_the_reference_device_only_when_known():
+    base = {"cosine_min": 1.0, "max_abs": 0.0, "passed": True, "cosine_threshold": 0.999, "max_abs_threshold": 1e-3,
+            "per_output": {}}
+    known = Parity(**base, engine_model="patched.fused.onnx", reference_device="cpu").to_json()
+    assert (known["engine_model"], known["reference_device"]) == ("patched.fused.onnx", "cpu")
+    assert not {"engine_model", "reference_device"} & set(Parity(**base).to_json())
+
+
+def test_depth_error_is_relative_at_any_scale_and_top1_agreement_counts_equal_classes():
+    depth = np.array([[1.0, 2.0], [3.0, 4.0]])
+    off = depth + np.array([[0.5, -0.5], [0.0, 0.0]])
+    for scale in (1.0, 1e-3, 1e3):  # inverse depth of far scenes is small: the error is relative to its mean
+        assert depth_metrics(off * scale, depth * scale)["depth_rel_error"] == pytest.approx(0.1)
+    logits = np.eye(4)[None]  # four positions, classes 0..3
+    other = logits.copy()
+    other[0, 3] = [5.0, 0.0, 0.0, 0.0]  # the last position now says class 0
+    assert classification_metrics(other, logits)["top1_agreement"] == 0.75
+    assert classification_metrics(logits, logits)["top1_agreement"] == 1.0
 
 
 class _Attn(nn.Module):

@@ -16,6 +16,7 @@ from hgdeploy.graph.passes import (
     FP16_MAX,
     PASSES,
     PassContext,
+    _along,
     check_static,
     drop_softmax_invariant_terms,
     fold_constants,
@@ -128,20 +129,46 @@ def test_a_term_is_dropped_only_where_it_broadcasts_along_the_softmax_axis():
     np.testing.assert_allclose(_run(out, feed)[0], _run(model, feed)[0], rtol=1e-5, atol=1e-6)
 
 
-def test_a_term_inside_a_product_with_a_constant_factor_first_is_dropped():
-    """softmax(f * (x + n)) with f a scalar constant and n [1, 4, 1] constant along the last axis: f * n is an
-    additive term the softmax cannot see, whichever side of the Mul the factor is written on."""
+@pytest.mark.parametrize("op, factor_first", [("Mul", True), ("Mul", False), ("Div", False)])
+def test_a_term_inside_a_product_or_quotient_with_a_constant_factor_is_dropped(op, factor_first):
+    """softmax(f * (x + n)), softmax((x + n) * f) and softmax((x + n) / f) with f a scalar constant and n [1, 4, 1]
+    constant along the last axis: f * n (n / f) is an additive term the softmax cannot see, whichever side of the
+    Mul the factor is written on (the clustering's E-step divides its distances by tau)."""
     f = numpy_helper.from_array(np.array([0.5], np.float32), "f")
     nodes = [helper.make_node("Add", ["x", "n"], ["xn"], name="add_n"),
-             helper.make_node("Mul", ["f", "xn"], ["logits"], name="scale"),
+             helper.make_node(op, ["f", "xn"] if factor_first else ["xn", "f"], ["logits"], name="scale"),
              helper.make_node("Softmax", ["logits"], ["y"], axis=-1, name="softmax")]
     model = _model(nodes, [_vi("x", [1, 4, 3]), _vi("n", [1, 4, 1])], [_vi("y", [1, 4, 3])], [f])
     out, ctx = _apply(drop_softmax_invariant_terms, model)
-    assert "removed 1" in ctx.notes[0] and _ops(out) == ["Mul", "Softmax"]
+    assert "removed 1" in ctx.notes[0] and _ops(out) == [op, "Softmax"]
     rng = np.random.default_rng(3)
     feed = {"x": rng.standard_normal((1, 4, 3)).astype(np.float32), "n": 5 * rng.standard_normal((1, 4, 1)).astype(
         np.float32)}
     np.testing.assert_allclose(_run(out, feed)[0], _run(model, feed)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_lower_rank_term_is_constant_along_the_axes_it_lacks():
+    """Broadcasting aligns shapes from the right: a [5, 1] term of a rank-3 result covers axes 1 and 2, so it is
+    constant along axis 0 (given as 0 or as -3), and along axis 2, but not along axis 1."""
+    term = gs.Variable("t", dtype=np.float32, shape=[5, 1])
+    assert _along(term, 0, 3) and _along(term, -3, 3) and _along(term, 2, 3)
+    assert not _along(term, 1, 3) and not _along(term, -2, 3)
+
+
+def test_import_graph_reads_external_weights_from_the_graphs_folder_not_the_working_directory(tmp_path, monkeypatch):
+    """An export of a big model keeps its weights in `<graph>.onnx.data`: the passes read them from the graph's
+    folder wherever the command runs (graph-surgeon alone looks in the working directory)."""
+    w = numpy_helper.from_array(np.arange(4, dtype=np.float32), "w")
+    model = _model([helper.make_node("Add", ["x", "w"], ["y"], name="add")], [_vi("x", [4])], [_vi("y", [4])], [w])
+    folder = tmp_path / "export"
+    folder.mkdir()
+    onnx.save(model, folder / "m.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="m.onnx.data", size_threshold=0)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    graph = import_graph(onnx.load(folder / "m.onnx", load_external_data=False), folder)
+    np.testing.assert_array_equal(graph.tensors()["w"].values, np.arange(4, dtype=np.float32))
 
 
 def test_import_graph_types_every_tensor_from_shape_inference():

@@ -4,6 +4,7 @@ export's calibrated value is the one later commands use."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -73,6 +74,15 @@ def test_auto_tau_when_every_token_is_exactly_on_its_centre(form):
     tau = calibrate_tau(layer, z)
     assert layer_sharpness(TokenClustering((4, 4), (4, 4), 3, 1, tau, form), z) == pytest.approx(TAU_SHARPNESS,
                                                                                                  abs=0.01)
+
+
+def test_auto_tau_on_tokens_that_carry_nothing_comes_from_the_fallback_scale():
+    """All-zero tokens (a blank calibration batch): every distance is 0 and so is the tokens' squared norm, so no
+    token is off its centre and the scale falls back to 1: tau is a finite positive number, not the math domain
+    error of log(0) that a median over the on-centre tokens gives."""
+    layer = TokenClustering((4, 4), (2, 2), 3, 1, 1.0, "dense")
+    tau = calibrate_tau(layer, torch.zeros(1, 16, 8))
+    assert math.isfinite(tau) and tau > 0
 
 
 def test_dense_and_local_forms_calibrate_alike():
