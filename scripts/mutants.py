@@ -238,7 +238,8 @@ def run_tests(root: Path, args: list[str], timeout: float, log: Path) -> tuple[s
             import pytest
 
             # pytest's own pythonpath option puts the copy first on the path, ahead of the installed package
-            code = int(pytest.main(["-x", "-q", "-n", "0", "-p", "no:cacheprovider", "-o", f"pythonpath={root}", *args]))
+            code = int(pytest.main(["-x", "-q", "-n", "0", "-p", "no:cacheprovider", "-o", f"pythonpath={root}",
+                                    *args]))
         finally:
             sys.stdout.flush()
             sys.stderr.flush()

@@ -28,17 +28,16 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     """Freeze what the session holds once the tests are collected, with the libraries the tests load later already
     imported: each full garbage collection (release_memory's, between the steps of every in-process command, and
     Python's own) then walks the objects the tests make, not the ~500 000 of torch, timm, transformers and the ONNX
-    exporter. It took 0.3 s a collection, a third of a tiny export's time. The product freezes the same way before
-    it builds a model (core.memory.freeze_imports), which this session's commands then skip."""
-    import gc
-
+    exporter. It took 0.3 s a collection, a third of a tiny export's time. The product's own freeze before it builds
+    a model (core.memory.freeze_imports, here called early) then finds the session frozen and skips."""
     import onnxscript  # noqa: F401
     import timm  # noqa: F401
     import torch.onnx._internal.exporter._core  # noqa: F401
     import transformers  # noqa: F401
 
-    gc.collect()
-    gc.freeze()
+    from hgdeploy.core.memory import freeze_imports
+
+    freeze_imports()
 
 
 @pytest.fixture(scope="session")
